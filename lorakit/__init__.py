@@ -1,0 +1,19 @@
+"""lorakit: LoRA and its family for any PyTorch model, adapter files interchangeable with PEFT."""
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError, LorakitError, TargetError
+from lorakit.layer import LoraLayer
+from lorakit.model import LoraModel, get_lora_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LorakitError",
+    "TargetError",
+    "get_lora_model",
+]

@@ -1,0 +1,113 @@
+"""Putting adapters into a model and taking them out again, by module path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.adapter import Adapter
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, TargetError
+from lorakit.kinds import Kind
+from lorakit.layer import LoraLayer
+from lorakit.saved import SavedModule
+from lorakit.targets import find_module_targets, find_parameter_targets, logical_modules, modules_to_save
+from lorakit.variants import get_variant
+
+
+def inject_adapter(model: nn.Module, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
+    """Adds adapter `name` to every target of `config`, wrapping targets on first use."""
+    if config.target_parameters and config.lora_dropout:
+        raise ConfigError(
+            "lora_dropout must be 0 with target_parameters: those adapters act on the weight, "
+            "not on the layer input, so there is nothing to drop out"
+        )
+    targets = find_module_targets(model, config) + find_parameter_targets(model, config)
+    saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
+    variant = get_variant("lora")
+    for path, kind in targets:
+        layer = _wrapped(model, path, kind)
+        r, alpha = config.rank_and_alpha(path)
+        adapter = Adapter(
+            kind,
+            layer.weight,
+            r,
+            alpha,
+            config.scale(r, alpha),
+            config.lora_dropout,
+            variant,
+            init=config.init_lora_weights,
+            dtype=adapter_dtype,
+        )
+        layer.add_adapter(name, adapter)
+    for path in saved_paths:
+        saved = model.get_submodule(path)
+        if not isinstance(saved, SavedModule):
+            saved = SavedModule(saved)
+            _replace(model, path, saved)
+        saved.add_copy(name)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+    for _, saved in saved_modules(model):
+        if name in saved.copies:
+            del saved.copies[name]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for path, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield path, module
+
+
+def unwrap_all(model: nn.Module, keep: str = "original") -> nn.Module:
+    """Puts every base layer back in place of its LoraLayer, and one module in place of each SavedModule.
+
+    keep="active" keeps the active adapter's copy of each saved module (merge), "original" the original.
+    """
+    for path, layer in list(lora_layers(model)):
+        _replace(model, path, layer.unwrap())
+    for path, saved in list(saved_modules(model)):
+        _replace(model, path, saved.current() if keep == "active" else saved.original_module)
+    return model
+
+
+def _wrapped(model: nn.Module, path: str, kind: Kind) -> LoraLayer:
+    module = model.get_submodule(path)
+    if isinstance(module, LoraLayer):
+        if module.kind != kind:
+            raise TargetError(
+                f"{path} is already adapted as {module.kind.name}; it cannot also take a "
+                f"{kind.name} adapter (target a module or one of its parameters, not both)"
+            )
+        return module
+    layer = LoraLayer(module, kind)
+    _replace(model, path, layer)
+    return layer
+
+
+def _saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    wanted = modules_to_save(config)
+    paths = [p for p, _ in logical_modules(model) if any(p == w or p.endswith("." + w) for w in wanted)]
+    missing = [w for w in config.modules_to_save or [] if not any(p == w or p.endswith("." + w) for p in paths)]
+    if missing:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in logical_modules(model)})
+        raise TargetError(f"modules_to_save {missing} match no module; module names in this model: {names}")
+    return paths
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)

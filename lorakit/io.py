@@ -1,0 +1,134 @@
+"""Adapter folders in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+This module alone knows PEFT's key names. One function maps every live adapter tensor to its key, and
+both saving and loading go through it, so what is written is exactly what is read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+from lorakit.inject import lora_layers, saved_modules
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, Tensor]:
+    """PEFT key -> the live tensor it names, for adapter `name` of `model` (the unwrapped base)."""
+    tensors: dict[str, Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        if layer.kind.name == "embedding":
+            tensors[f"{_PREFIX}{path}.lora_embedding_A"] = adapter.lora_A
+            tensors[f"{_PREFIX}{path}.lora_embedding_B"] = adapter.lora_B
+        else:
+            tensors[f"{_PREFIX}{path}.lora_A.weight"] = adapter.lora_A
+            tensors[f"{_PREFIX}{path}.lora_B.weight"] = adapter.lora_B
+        if config.bias == "lora_only" and layer.bias is not None:
+            tensors[f"{_PREFIX}{path}.base_layer.bias"] = layer.bias
+    if config.bias == "all":
+        for param_path, param in model.named_parameters():
+            in_saved = ".copies." in param_path or ".original_module." in param_path  # saved below
+            if param_path.rsplit(".", 1)[-1] == "bias" and not in_saved:
+                tensors[_PREFIX + param_path] = param
+    for path, saved in saved_modules(model):
+        if name in saved.copies:
+            for key, value in saved.copies[name].state_dict(keep_vars=True).items():
+                tensors[f"{_PREFIX}{path}.{key}"] = value
+    return tensors
+
+
+def save_adapter(model: nn.Module, name: str, config: LoraConfig, directory: str | Path) -> None:
+    """Writes the adapter folder; each file goes to a temp file first and is renamed into place."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
+    _atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    text = json.dumps(config.to_dict() | {"inference_mode": True}, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_NAME, text.encode())
+
+
+def read_config(directory: str | Path) -> LoraConfig:
+    directory = _adapter_dir(directory)
+    return LoraConfig.from_json_file(directory / CONFIG_NAME)
+
+
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    directory = _adapter_dir(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterFileError(
+                f"{directory} holds adapter_model.bin, a pickle file, which lorakit never loads (it can run "
+                "code); convert it to adapter_model.safetensors with PEFT's save_pretrained"
+            )
+        raise AdapterFileError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: save it again"
+        ) from None
+
+
+def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[str, Tensor]) -> None:
+    """Copies file tensors into adapter `name`; checks every key and shape before changing anything."""
+    expected = adapter_tensors(model, name, config)
+    problems = []
+    missing = sorted(k for k in expected if k not in weights)
+    unexpected = sorted(k for k in weights if k not in expected)
+    if missing:
+        problems.append(f"missing from the file: {_few(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_few(unexpected)}")
+    for key, target in expected.items():
+        if key in weights and weights[key].shape != target.shape:
+            problems.append(
+                f"{key}: the file has shape {tuple(weights[key].shape)}, the model needs {tuple(target.shape)}"
+            )
+    if problems:
+        raise AdapterFileError(
+            "the adapter does not fit this base model (was it trained on another one?):\n  " + "\n  ".join(problems)
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in weights:
+                target.copy_(weights[key])
+
+
+def _adapter_dir(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder {directory} does not exist")
+    return directory
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

@@ -1,0 +1,122 @@
+"""The layer kinds LoRA can adapt, each a small table entry: factor shapes, contribution, delta layout.
+
+Every kind stores A as (r x in ...) and B as (out x r ...), PEFT's layout, so files map key for key.
+A kind that `acts_on_weight` has no contribution: W + dW replaces W (torch parametrization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit import ops
+from lorakit.errors import TargetError
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Plain linear: weight (out x in); contribution s * B(A(x))."""
+
+    name: str = "linear"
+    transposed: bool = False  # weight stored (in x out): GPT-2's Conv1D, embeddings
+    acts_on_weight: bool = False  # True: W + dW is substituted for W (parametrization), no contribution
+
+    def weight_name(self) -> str:
+        return "weight"
+
+    def in_out(self, weight: Tensor) -> tuple[int, int]:
+        out_f, in_f = weight.shape[:2]
+        return (out_f, in_f) if self.transposed else (in_f, out_f)
+
+    def factor_shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        in_f, out_f = self.in_out(weight)
+        return (r, in_f), (out_f, r)
+
+    def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
+        return ops.linear_contribution(x, lora_A, lora_B, scale)
+
+    def delta(self, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+        delta = ops.low_rank_delta(lora_A, lora_B, scale)
+        return delta.T if self.transposed else delta
+
+
+@dataclass(frozen=True)
+class EmbeddingKind(Kind):
+    """Embedding table (num x dim): A (r x num) is indexed by token id, B (dim x r)."""
+
+    name: str = "embedding"
+    transposed: bool = True
+
+    def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
+        return ops.embedding_contribution(x, lora_A, lora_B, scale, padding_idx=module.padding_idx)
+
+
+@dataclass(frozen=True)
+class ConvKind(Kind):
+    """ConvNd: A is a conv with the base's kernel, stride, padding and dilation; B a 1x1 conv."""
+
+    name: str = "conv"
+
+    def factor_shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_f, in_f, *kernel = weight.shape
+        return (r, in_f, *kernel), (out_f, r, *(1 for _ in kernel))
+
+    def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[lora_A.dim() - 2]
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        return ops.conv_contribution(
+            x, lora_A, lora_B, scale, conv, stride=module.stride, padding=padding, dilation=module.dilation
+        )
+
+
+@dataclass(frozen=True)
+class ParameterKind(Kind):
+    """Any 2-D weight used as (out x in), adapted by parametrization: W + dW replaces W in forward."""
+
+    name: str = "parameter"
+    acts_on_weight: bool = True
+    parameter: str = "weight"
+
+    def weight_name(self) -> str:
+        return self.parameter
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The kind for a module LoRA can wrap, or None."""
+    if isinstance(module, nn.Linear):
+        return Kind()
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.groups != 1:
+            raise TargetError(
+                f"{type(module).__name__} with groups={module.groups} is not supported; exclude it with exclude_modules"
+            )
+        return ConvKind()
+    if _is_transformers_conv1d(module):
+        return Kind(name="conv1d_transposed", transposed=True)
+    return None
+
+
+def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
+    weight = getattr(module, parameter, None)
+    if not isinstance(weight, nn.Parameter):
+        raise TargetError(f"{type(module).__name__} has no parameter named {parameter!r}")
+    if weight.dim() != 2:
+        raise TargetError(
+            f"target_parameters supports 2-D weights (out x in); {parameter!r} of "
+            f"{type(module).__name__} has shape {tuple(weight.shape)}"
+        )
+    return ParameterKind(parameter=parameter)
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # GPT-2's Conv1D is a linear layer whose weight is stored (in x out); matched by name so
+    # transformers stays an optional dependency.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")

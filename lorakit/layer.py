@@ -1,0 +1,119 @@
+"""LoraLayer: a base layer and its named adapters; one forward, one merge, for every kind.
+
+    forward(x) = base(x) + sum_{a active, not merged} s_a * B_a(A_a(dropout(x)))
+
+Kinds that act on the weight (target_parameters) get W + sum_a dW_a through torch parametrization
+instead, so the base module's own forward runs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lorakit import ops
+from lorakit.adapter import Adapter
+from lorakit.errors import LorakitError
+from lorakit.kinds import Kind
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, kind: Kind) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.enabled = True
+        if kind.acts_on_weight:
+            parametrize.register_parametrization(base_layer, kind.weight_name(), _WeightDelta(self))
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored base weight (merged adapters included, unmerged ones not)."""
+        name = self.kind.weight_name()
+        if parametrize.is_parametrized(self.base_layer, name):
+            return self.base_layer.parametrizations[name].original
+        return getattr(self.base_layer, name)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.kind.acts_on_weight:
+            return out  # the parametrization has already added the deltas to the weight
+        for adapter in self.live_adapters():
+            out = out + adapter.contribution(self.base_layer, x).to(out.dtype)
+        return out
+
+    def live_adapters(self) -> list[Adapter]:
+        """Adapters that take part in forward: enabled, active, present here and not merged."""
+        if not self.enabled:
+            return []
+        return [
+            self.adapters[name]
+            for name in self.active_adapters
+            if name in self.adapters and name not in self.merged_adapters
+        ]
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
+        del self.adapters[name]
+
+    def merge(self, names: list[str]) -> None:
+        """W <- W + sum dW for the named adapters not merged yet."""
+        names = self._unmerged(names)
+        ops.merge_delta_(self.weight, [self.adapters[n].delta_weight() for n in names])
+        self.merged_adapters.extend(names)
+
+    def check_mergeable(self, names: list[str]) -> None:
+        """Raises if merging the named adapters would put NaN or inf into the weight."""
+        deltas = [self.adapters[n].delta_weight().detach().float() for n in self._unmerged(names)]
+        if deltas and not torch.isfinite(self.weight.detach().float() + sum(deltas)).all():
+            raise LorakitError(
+                f"merging {self._unmerged(names)} would put NaN/inf into the weights of this "
+                f"{type(self.base_layer).__name__}; the adapter weights are broken, nothing was merged"
+            )
+
+    def _unmerged(self, names: list[str]) -> list[str]:
+        return [n for n in names if n in self.adapters and n not in self.merged_adapters]
+
+    def unmerge(self) -> None:
+        """W <- W - sum dW for every merged adapter: back to the base weight within one rounding step."""
+        deltas = [self.adapters[n].delta_weight() for n in self.merged_adapters]
+        ops.merge_delta_(self.weight, deltas, sign=-1)
+        self.merged_adapters = []
+
+    def unwrap(self) -> nn.Module:
+        """The base layer alone, with whatever is merged kept in its weight."""
+        name = self.kind.weight_name()
+        if parametrize.is_parametrized(self.base_layer, name):
+            parametrize.remove_parametrizations(self.base_layer, name, leave_parametrized=False)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class _WeightDelta(nn.Module):
+    """Parametrization W -> W + sum dW of the owning layer's live adapters."""
+
+    def __init__(self, layer: LoraLayer) -> None:
+        super().__init__()
+        # a plain attribute, not a submodule: the layer already owns this module (no cycle in state_dict)
+        self.__dict__["layer"] = layer
+
+    def forward(self, weight: Tensor) -> Tensor:
+        for adapter in self.layer.live_adapters():
+            weight = weight + adapter.delta_weight().to(weight.dtype)
+        return weight

@@ -1,0 +1,188 @@
+"""LoraModel: a base model with named adapters; which are active, trainable, merged; save and load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit import io, merge
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
+from lorakit.layer import LoraLayer
+from lorakit.saved import SavedModule
+
+
+class LoraModel(nn.Module):
+    """Wraps `model` (kept as `.model`, its modules adapted in place); forward passes straight through."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def config(self):
+        """The base model's (transformers) config, for code that expects model.config."""
+        return getattr(self.model, "config", None)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    # -- adapters by name ------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
+        """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable."""
+        if name in self.peft_config:
+            raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
+        inject_adapter(self.model, name, config, adapter_dtype)
+        self.peft_config[name] = config
+        self.set_adapter(self.active_adapters or name)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Makes `names` the active adapters (their contributions add up); only they train."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise LorakitError(f"unknown adapter(s) {unknown}; known: {sorted(self.peft_config)}")
+        self.active_adapters = names
+        for module in self._adapter_hosts():
+            module.active_adapters = list(names)
+        self._set_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise LorakitError(f"unknown adapter {name!r}; known: {sorted(self.peft_config)}")
+        remove_adapter(self.model, name)
+        del self.peft_config[name]
+        if not self.peft_config:  # the last one: the model goes back to its own modules
+            merge.unload(self.model)
+        remaining = [n for n in self.active_adapters if n != name]
+        if remaining or not self.peft_config:
+            self.active_adapters = remaining
+            for module in self._adapter_hosts():
+                module.active_adapters = list(remaining)
+        else:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Runs the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
+        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged_adapters})
+        merge.unmerge_adapters(self.model)
+        self._enable(False)
+        try:
+            yield
+        finally:
+            self._enable(True)
+            merge.merge_adapters(self.model, merged)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        merge.merge_adapters(self.model, adapter_names or self.active_adapters, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        merge.unmerge_adapters(self.model)
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """The base model's own class with the adapters folded in; no LoRA module left, no extra latency."""
+        return merge.merge_and_unload(self.model, adapter_names or self.active_adapters, safe=safe_merge)
+
+    def unload(self) -> nn.Module:
+        """The base model's own class as it was before any adapter."""
+        return merge.unload(self.model)
+
+    # -- files -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`."""
+        for name in selected_adapters or list(self.peft_config):
+            target = Path(directory) if name == "default" else Path(directory) / name
+            io.save_adapter(self.model, name, self.peft_config[name], target)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""
+        config = io.read_config(directory)
+        weights = io.read_weights(directory)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            io.load_weights(self.model, adapter_name, config, weights)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> LoraModel:
+        """Loads a lorakit or PEFT adapter folder onto `model`; frozen unless is_trainable."""
+        lora_model = cls(model)
+        lora_model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        return lora_model
+
+    # -- parameters ------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total); a module trained in full via modules_to_save counts once."""
+        originals = {id(p) for _, s in saved_modules(self.model) for p in s.original_module.parameters()}
+        params = [p for p in self.parameters() if id(p) not in originals]
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+
+    def _adapter_hosts(self) -> Iterator[LoraLayer | SavedModule]:
+        yield from (layer for _, layer in lora_layers(self.model))
+        yield from (saved for _, saved in saved_modules(self.model))
+
+    def _enable(self, enabled: bool) -> None:
+        for module in self._adapter_hosts():
+            module.enabled = enabled
+
+    def _set_trainable(self) -> None:
+        for name, config in self.peft_config.items():
+            train = name in self.active_adapters and not config.inference_mode
+            for _, layer in lora_layers(self.model):
+                if name in layer.adapters:
+                    layer.adapters[name].requires_grad_(train)
+                    if config.bias == "lora_only" and layer.bias is not None and train:
+                        layer.bias.requires_grad_(True)
+            for _, saved in saved_modules(self.model):
+                if name in saved.copies:
+                    saved.copies[name].requires_grad_(train)
+            if config.bias == "all" and train:
+                for path, param in self.model.named_parameters():
+                    if path.endswith("bias") and ".original_module." not in path:
+                        param.requires_grad_(True)
+
+
+def get_lora_model(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    adapter_dtype: torch.dtype | None = None,
+) -> LoraModel:
+    """Freezes `model`, adds adapter `adapter_name` from `config` and makes it active and trainable.
+
+    adapter_dtype: the factors' dtype; default fp32 (fp64 for fp64 models), as PEFT does.
+    """
+    lora_model = LoraModel(model)
+    lora_model.add_adapter(adapter_name, config, adapter_dtype)
+    return lora_model

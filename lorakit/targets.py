@@ -1,0 +1,196 @@
+"""Which modules and weights an adapter goes on: PEFT's matching rules, with errors that name the fix."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import TargetError
+from lorakit.kinds import Kind, kind_of, parameter_kind
+from lorakit.layer import LoraLayer
+from lorakit.saved import SavedModule
+
+# model_type -> default target_modules (PEFT's choices for the common architectures)
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "vit": ["query", "value"],
+    "falcon": ["query_key_value"],
+}
+
+# Task types whose heads train in full, as PEFT adds them to modules_to_save.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) as the user wrote the model: a LoraLayer or SavedModule stands for what it wraps."""
+
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, LoraLayer):
+                yield path, child.base_layer
+                yield from walk(f"{path}.base_layer", child.base_layer)
+            elif isinstance(child, SavedModule):
+                yield path, child.original_module
+            else:
+                yield path, child
+                yield from walk(path, child)
+
+    yield from walk("", model)
+
+
+def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, Kind]]:
+    """(path, kind) for every module the config's target_modules select."""
+    targets = _resolve_target_names(model, config)
+    if targets is None:
+        return []
+    saved = set(modules_to_save(config))
+    head = _output_head(model) if targets == "all-linear" else None
+    found, unsupported = [], []
+    for path, module in logical_modules(model):
+        if _matches_any(path, saved) or not _selected(path, module, targets, head, config):
+            continue
+        kind = kind_of(module)
+        if kind is None:
+            unsupported.append(f"{path} ({type(module).__name__})")
+        else:
+            found.append((path, kind))
+    if unsupported:
+        raise TargetError(
+            "target_modules selects modules LoRA cannot wrap: " + ", ".join(unsupported) + ". "
+            "Supported: Linear, Embedding, Conv1d/2d/3d, transformers Conv1D; to adapt a weight of "
+            "another module use target_parameters=['<module>.<parameter>']"
+        )
+    if not found and not config.target_parameters:
+        raise TargetError(_nothing_matched(model, targets))
+    if isinstance(targets, list):
+        _warn_unused_names(targets, [p for p, _ in found])
+    return found
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, Kind]]:
+    """(module path, kind) for every weight the config's target_parameters select."""
+    found = []
+    for target in config.target_parameters or []:
+        hits = [
+            (path, parameter_kind(module, name))
+            for path, module in logical_modules(model)
+            for name, _ in module.named_parameters(recurse=False)
+            if _suffix_match(f"{path}.{name}", target)
+        ]
+        if not hits:
+            params = [f"{p}.{n}" for p, m in logical_modules(model) for n, _ in m.named_parameters(recurse=False)]
+            close = difflib.get_close_matches(target, params, n=5, cutoff=0.4)
+            raise TargetError(
+                f"target_parameters entry {target!r} matches no parameter of the model"
+                + (f"; close: {close}" if close else "")
+            )
+        found.extend(hits)
+    return found
+
+
+def modules_to_save(config: LoraConfig) -> list[str]:
+    return list(config.modules_to_save or []) + TASK_HEADS.get(config.task_type or "", [])
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    raise TargetError(
+        f"no default target_modules for this model (model_type={model_type!r}); pass target_modules, "
+        "e.g. target_modules='all-linear' or the names that `lorakit inspect` suggests"
+    )
+
+
+def _resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+    if config.target_modules is not None:
+        return config.target_modules
+    if config.target_parameters:
+        return None
+    return default_targets(model)
+
+
+def _selected(path: str, module: nn.Module, targets, head: nn.Module | None, config: LoraConfig) -> bool:
+    if targets == "all-linear":
+        hit = (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head
+    elif isinstance(targets, str):
+        hit = re.fullmatch(targets, path) is not None
+    else:
+        hit = _matches_any(path, targets)
+    if not hit:
+        return False
+    excluded = config.exclude_modules
+    if excluded is not None and (
+        re.fullmatch(excluded, path) if isinstance(excluded, str) else _matches_any(path, excluded)
+    ):
+        return False
+    return config.layers_to_transform is None or _layer_index(path, config) in config.layers_to_transform
+
+
+def _layer_index(path: str, config: LoraConfig) -> int | None:
+    patterns = config.layers_pattern
+    if patterns is None:
+        match = re.match(r".*\.[^.]*\.(\d+)\.", path)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf".*\.{pattern}\.(\d+)\.", path)
+            if match:
+                break
+    return int(match.group(1)) if match else None
+
+
+def _suffix_match(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def _matches_any(path: str, names) -> bool:
+    return any(_suffix_match(path, name) for name in names)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _adaptable_names(model: nn.Module) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p, m in logical_modules(model) if kind_of(m) is not None})
+
+
+def _nothing_matched(model: nn.Module, targets) -> str:
+    candidates = _adaptable_names(model)
+    names = [targets] if isinstance(targets, str) else targets
+    close = sorted({c for n in names for c in difflib.get_close_matches(n, candidates, n=3, cutoff=0.5)})
+    hint = f" Did you mean {close}?" if close else ""
+    return (
+        f"target_modules {targets!r} matches no module LoRA can adapt.{hint} "
+        f"Adaptable module names in this model: {candidates}"
+    )
+
+
+def _warn_unused_names(targets: list[str], found_paths: list[str]) -> None:
+    unused = [t for t in targets if not any(_suffix_match(p, t) for p in found_paths)]
+    if unused:
+        warnings.warn(f"target_modules entries matched nothing and were ignored: {unused}", stacklevel=3)
