@@ -13,7 +13,7 @@ from lorakit.errors import ConfigError, TargetError
 from lorakit.kinds import Kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
-from lorakit.targets import find_module_targets, find_parameter_targets, logical_modules, modules_to_save
+from lorakit.targets import TASK_HEADS, find_module_targets, find_parameter_targets, logical_modules, modules_to_save
 from lorakit.variants import get_variant
 
 
@@ -100,7 +100,10 @@ def _wrapped(model: nn.Module, path: str, kind: Kind) -> LoraLayer:
 def _saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     wanted = modules_to_save(config)
     paths = [p for p, _ in logical_modules(model) if any(p == w or p.endswith("." + w) for w in wanted)]
-    missing = [w for w in config.modules_to_save or [] if not any(p == w or p.endswith("." + w) for p in paths)]
+    # a task's usual head names (PEFT writes them into the config) may be absent; other names may not
+    optional = TASK_HEADS.get(config.task_type or "", [])
+    required = [w for w in config.modules_to_save or [] if w not in optional]
+    missing = [w for w in required if not any(p == w or p.endswith("." + w) for p in paths)]
     if missing:
         names = sorted({p.rsplit(".", 1)[-1] for p, _ in logical_modules(model)})
         raise TargetError(f"modules_to_save {missing} match no module; module names in this model: {names}")

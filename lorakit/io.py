@@ -88,6 +88,7 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[str, Tensor]) -> None:
     """Copies file tensors into adapter `name`; checks every key and shape before changing anything."""
     expected = adapter_tensors(model, name, config)
+    weights = _without_peft_wrapper_names(weights)
     problems = []
     missing = sorted(k for k in expected if k not in weights)
     unexpected = sorted(k for k in weights if k not in expected)
@@ -108,6 +109,18 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
         for key, target in expected.items():
             if key in weights:
                 target.copy_(weights[key])
+
+
+def _without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    # With bias="all" PEFT also writes the biases inside its modules_to_save wrapper:
+    # "<m>.modules_to_save.bias" is the trained copy's bias (also under "<m>.bias"), and
+    # "<m>.original_module.bias" the frozen base's, which an adapter does not carry.
+    out = {}
+    for key, value in weights.items():
+        if ".original_module." in key:
+            continue
+        out.setdefault(key.replace(".modules_to_save.", "."), value)
+    return out
 
 
 def _adapter_dir(directory: str | Path) -> Path:

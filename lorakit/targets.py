@@ -182,7 +182,7 @@ def _adaptable_names(model: nn.Module) -> list[str]:
 def _nothing_matched(model: nn.Module, targets) -> str:
     candidates = _adaptable_names(model)
     names = [targets] if isinstance(targets, str) else targets
-    close = sorted({c for n in names for c in difflib.get_close_matches(n, candidates, n=3, cutoff=0.5)})
+    close = list(dict.fromkeys(c for n in names for c in difflib.get_close_matches(n, candidates, n=3, cutoff=0.5)))
     hint = f" Did you mean {close}?" if close else ""
     return (
         f"target_modules {targets!r} matches no module LoRA can adapt.{hint} "

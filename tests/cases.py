@@ -1,0 +1,170 @@
+"""One table of model x config that feeds the generic checks (parity with PEFT, merge, save/load)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ConvMLP(nn.Module):
+    """Every kind lorakit wraps: Embedding, Conv1d, Conv2d, Linear, plus a head for modules_to_save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 12, padding_idx=0)
+        self.conv1 = nn.Conv1d(12, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.lin1 = nn.Linear(12 + 4 * 2 * 3, 16)
+        self.lin2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (b, t, 12)
+        h = h + self.conv1(h.transpose(1, 2)).transpose(1, 2)
+        img = self.conv2(h[:, None, :4, :6])  # (b, 4, 2, 3)
+        h = torch.cat([h.mean(1), img.flatten(1)], dim=-1)
+        return self.head(torch.relu(self.lin2(torch.relu(self.lin1(h)))))
+
+
+def conv_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvMLP()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+
+
+def tiny_bert_cls() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+def mha_block() -> nn.Module:
+    torch.manual_seed(0)
+    return MHABlock()
+
+
+class MHABlock(nn.Module):
+    """A module whose weight is used in a matmul, not through nn.Linear: target_parameters territory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
+def ids_input(vocab: int) -> Callable[[], dict[str, torch.Tensor]]:
+    def make() -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        return {"input_ids": torch.randint(1, vocab, (2, 7), generator=gen)}
+
+    return make
+
+
+def positional(make: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], dict[str, torch.Tensor]]:
+    return lambda: {"ids": make()["input_ids"]}
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def output(result: Any) -> torch.Tensor:
+    return result.logits if hasattr(result, "logits") else result
+
+
+CASES = [
+    Case(
+        "convmlp",
+        conv_mlp,
+        positional(ids_input(20)),
+        {"target_modules": ["emb", "conv1", "conv2", "lin1", "lin2"], "modules_to_save": ["head"]},
+    ),
+    Case(
+        "convmlp-regex-rslora",
+        conv_mlp,
+        positional(ids_input(20)),
+        {"target_modules": r"lin\d|conv\d", "use_rslora": True, "lora_alpha": 5, "rank_pattern": {"lin2": 3}},
+    ),
+    Case("gpt2", tiny_gpt2, ids_input(64), {"target_modules": ["c_attn", "c_proj", "c_fc"]}),
+    Case("gpt2-default-embed", tiny_gpt2, ids_input(64), {"target_modules": ["c_attn", "wte"]}),
+    Case(
+        "bert-cls",
+        tiny_bert_cls,
+        ids_input(64),
+        {"target_modules": ["query", "value"], "task_type": "SEQ_CLS", "modules_to_save": ["classifier"]},
+    ),
+    Case(
+        "bert-bias-all",
+        tiny_bert_cls,
+        ids_input(64),
+        {"target_modules": ["query", "key"], "bias": "all", "task_type": "SEQ_CLS"},
+    ),
+    Case(
+        "llama-all-linear",
+        tiny_llama,
+        ids_input(64),
+        {"target_modules": "all-linear", "alpha_pattern": {"q_proj": 32}, "layers_to_transform": None},
+    ),
+    Case(
+        "llama-layer1",
+        tiny_llama,
+        ids_input(64),
+        {"target_modules": ["q_proj", "v_proj", "down_proj"], "layers_to_transform": [1], "r": 4},
+    ),
+    Case(
+        "mha-parameter",
+        mha_block,
+        positional(ids_input(20)),
+        {"target_modules": ["out"], "target_parameters": ["attn.in_proj_weight"]},
+    ),
+]

@@ -1,0 +1,238 @@
+"""Adapter files are PEFT's, both ways: same weights give the same outputs (fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit import AdapterFileError, LoraConfig, LoraModel, get_lora_model
+from lorakit import io as lorakit_io
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
+from tests.cases import CASES, Case, output
+
+ATOL = 1e-5
+
+
+def _perturb_saved_copies(model: LoraModel) -> None:
+    """Makes modules_to_save copies differ from the originals, so a test sees which one runs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".copies." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+
+
+def _ours(case: Case, **extra) -> LoraModel:
+    torch.manual_seed(2)
+    model = get_lora_model(case.build(), LoraConfig(init_lora_weights=False, **case.config, **extra))
+    _perturb_saved_copies(model)
+    return model.eval()
+
+
+def _run(model, case: Case) -> torch.Tensor:
+    with torch.no_grad():
+        return output(model(**case.inputs()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_our_files_load_in_peft_with_same_outputs(case: Case, tmp_path):
+    ours = _ours(case)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(case.build(), tmp_path).eval()
+    base = _run(case.build().eval(), case)
+    expected = _run(ours, case)
+    assert not torch.allclose(expected, base, atol=1e-4), "the adapter must change the output"
+    torch.testing.assert_close(_run(theirs, case), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_peft_files_load_in_ours_with_same_outputs(case: Case, tmp_path):
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(case.build(), peft.LoraConfig(init_lora_weights=False, **case.config))
+    _perturb_saved_copies_peft(theirs)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(case.build(), tmp_path).eval()
+    torch.testing.assert_close(_run(ours, case), _run(theirs, case), atol=ATOL, rtol=0)
+
+
+def _perturb_saved_copies_peft(model) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.add_(torch.randn_like(param) * 0.1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_same_weights_same_outputs_as_peft_in_memory(case: Case):
+    """PEFT builds its own layers from the same config; our tensors are copied in by key."""
+    ours = _ours(case)
+    theirs = peft.get_peft_model(case.build(), peft.LoraConfig(**case.config)).eval()
+    state = {k: v.detach() for k, v in adapter_tensors(ours.model, "default", ours.peft_config["default"]).items()}
+    result = peft.set_peft_model_state_dict(theirs, state)
+    assert not [k for k in result.unexpected_keys if "lora" in k]
+    torch.testing.assert_close(_run(theirs, case), _run(ours, case), atol=ATOL, rtol=0)
+
+
+def test_saved_keys_and_config_are_peft_names(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / WEIGHTS_NAME))
+    assert "base_model.model.lin1.lora_A.weight" in keys
+    assert "base_model.model.emb.lora_embedding_B" in keys
+    assert "base_model.model.head.weight" in keys
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["modules_to_save"] == ["head"]
+    assert peft.PeftConfig.from_pretrained(tmp_path).target_modules == {"emb", "conv1", "conv2", "lin1", "lin2"}
+
+
+def test_several_adapters_round_trip_both_ways(tmp_path):
+    case = next(c for c in CASES if c.name == "llama-all-linear")
+    torch.manual_seed(4)
+    ours = get_lora_model(case.build(), LoraConfig(init_lora_weights=False, target_modules=["q_proj"]))
+    ours.add_adapter("second", LoraConfig(init_lora_weights=False, r=3, target_modules=["v_proj", "up_proj"]))
+    ours.eval().save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "second" / WEIGHTS_NAME).exists()
+
+    theirs = peft.PeftModel.from_pretrained(case.build(), tmp_path / "ours").eval()
+    theirs.load_adapter(tmp_path / "ours" / "second", adapter_name="second")
+    back = LoraModel.from_pretrained(case.build(), tmp_path / "ours").eval()
+    back.load_adapter(tmp_path / "ours" / "second", "second")
+    for name in ("default", "second"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        back.set_adapter(name)
+        expected = _run(ours, case)
+        torch.testing.assert_close(_run(theirs, case), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(_run(back, case), expected, atol=ATOL, rtol=0)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = LoraModel.from_pretrained(case.build(), tmp_path / "theirs").eval()
+    again.load_adapter(tmp_path / "theirs" / "second", "second")
+    again.set_adapter("second")
+    torch.testing.assert_close(_run(again, case), expected, atol=ATOL, rtol=0)
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    frozen = LoraModel.from_pretrained(case.build(), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = LoraModel.from_pretrained(case.build(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] > 0
+
+
+def test_bf16_base_keeps_fp32_factors_and_saves_them(tmp_path):
+    case = CASES[0]
+    model = get_lora_model(case.build().to(torch.bfloat16), LoraConfig(**case.config))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    assert tensors["base_model.model.lin1.lora_A.weight"].dtype == torch.float32
+    assert copy.deepcopy(model)  # a LoraModel can be copied (parametrizations and all)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_adapter_from_another_base_names_each_tensor_and_both_shapes(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    case = next(c for c in CASES if c.name == "llama-layer1")
+    _ours(case).save_pretrained(tmp_path)
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    before = [type(m) for m in wider.modules()]
+    with pytest.raises(AdapterFileError) as err:
+        LoraModel.from_pretrained(wider, tmp_path)
+    message = str(err.value)
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight: the file has shape (4, 32)" in message
+    assert "the model needs (4, 48)" in message
+    assert [type(m) for m in wider.modules()] == before  # nothing left half-adapted
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    del tensors["base_model.model.lin1.lora_B.weight"]
+    tensors["base_model.model.lin9.lora_A.weight"] = torch.zeros(8, 16)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterFileError, match=r"missing from the file: base_model.model.lin1.lora_B.weight"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+    with pytest.raises(AdapterFileError, match=r"not in the model: base_model.model.lin9.lora_A.weight"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_file(tmp_path, damage):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    (tmp_path / WEIGHTS_NAME).rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        LoraModel.from_pretrained(CASES[0].build(), tmp_path / "nope")
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    case = CASES[0]
+    model = _ours(case)
+    model.save_pretrained(tmp_path)
+    good = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    def broken_write(fd, data):
+        os.write(fd, data[:10])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lorakit_io.os, "fdopen", lambda fd, mode: _Writer(fd, broken_write))
+    with torch.no_grad():
+        model.model.lin1.adapters["default"].lora_A.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+class _Writer:
+    def __init__(self, fd, write):
+        self.fd, self._write = fd, write
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+    def write(self, data):
+        self._write(self.fd, data)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.fd

@@ -1,0 +1,162 @@
+"""LoraModel behaviour: identity at init, what trains, adapters by name, enable/disable."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
+from tests.cases import CASES, Case, conv_mlp, ids_input, output, positional, tiny_bert_cls, tiny_llama
+
+
+def _run(model, case: Case) -> torch.Tensor:
+    with torch.no_grad():
+        return output(model(**case.inputs()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_identity_at_init_and_change_after_random_factors(case: Case):
+    base = case.build().eval()
+    expected = _run(base, case)
+    model = get_lora_model(case.build(), LoraConfig(**case.config)).eval()
+    assert torch.equal(_run(model, case), expected)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                for adapter in layer.adapters.values():
+                    adapter.lora_A.normal_()
+                    adapter.lora_B.normal_()
+    assert not torch.allclose(_run(model, case), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_only_adapters_train_and_base_weights_stay(case: Case):
+    torch.manual_seed(0)
+    config = LoraConfig(init_lora_weights=False, **case.config)
+    model = get_lora_model(case.build(), config).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    output(model(**case.inputs())).float().pow(2).mean().backward()
+    optimizer.step()
+
+    for name, param in model.named_parameters():
+        is_adapter = ".adapters." in name or ".copies." in name
+        is_bias = config.bias == "all" and name.endswith("bias") and ".original_module." not in name
+        should_train = is_adapter or is_bias
+        assert param.requires_grad == should_train, name
+        if not should_train:
+            assert param.grad is None, name
+            assert torch.equal(param, before[name]), name
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_trainable_count_equals_peft(case: Case):
+    ours = get_lora_model(case.build(), LoraConfig(**case.config))
+    theirs = peft.get_peft_model(case.build(), peft.LoraConfig(**case.config))
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_trainable_report_counts_saved_modules_once(capsys):
+    model = get_lora_model(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    base_total = sum(p.numel() for p in tiny_bert_cls().parameters())
+    lora = 2 * (4 * 32 + 32 * 4)  # two layers, A (4x32) + B (32x4)
+    head = 32 * 3 + 3
+    assert model.get_nb_trainable_parameters() == (lora + head, base_total + lora)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        f"trainable: {lora + head:,} / {base_total + lora:,} ({100 * (lora + head) / (base_total + lora):.2f}%)"
+    )
+
+
+def _two_adapters():
+    case = Case("mlp", conv_mlp, positional(ids_input(20)))
+    torch.manual_seed(0)
+    model = get_lora_model(case.build(), LoraConfig(init_lora_weights=False, target_modules=["lin1", "lin2"]))
+    model.add_adapter("b", LoraConfig(init_lora_weights=False, r=2, target_modules=["lin2", "conv1"]))
+    return model.eval(), case
+
+
+def test_added_adapter_is_inactive_until_set_and_contributions_add_up():
+    model, case = _two_adapters()
+    assert model.active_adapters == ["default"]
+    only_default = _run(model, case)
+    with model.disable_adapter():
+        base = _run(model, case)
+    model.set_adapter("b")
+    only_b = _run(model, case)
+    model.set_adapter(["default", "b"])
+    both = _run(model, case)
+    assert not torch.allclose(only_b, only_default)
+    # contributions are summed before the non-linear layers, so check layer by layer instead of outputs
+    x = torch.randn(3, 16)
+    layer = model.model.lin2
+    y_base = layer.base_layer(x)
+    parts = [layer.adapters[n].contribution(layer.base_layer, x) for n in ("default", "b")]
+    torch.testing.assert_close(layer(x), y_base + parts[0] + parts[1])
+    assert not torch.allclose(both, base)
+
+
+def test_set_adapter_switches_what_trains():
+    model, _ = _two_adapters()
+    model.set_adapter("b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.b." in n for n in trainable)
+
+
+def test_disable_adapter_gives_base_outputs_even_when_merged():
+    model, case = _two_adapters()
+    base = _run(case.build().eval(), case)
+    adapted = _run(model, case)
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(_run(model, case), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_run(model, case), adapted, atol=1e-5, rtol=0)
+    assert all(
+        layer.merged_adapters == ["default"]
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer)
+        if "default" in layer.adapters
+    )
+
+
+def test_delete_adapter_and_last_delete_restores_the_base_modules():
+    model, case = _two_adapters()
+    model.set_adapter(["default", "b"])
+    model.delete_adapter("default")
+    assert model.active_adapters == ["b"]
+    assert all("default" not in m.adapters for m in model.modules() if isinstance(m, LoraLayer))
+    model.delete_adapter("b")
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    torch.testing.assert_close(_run(model, case), _run(case.build().eval(), case))
+    with pytest.raises(LorakitError, match="unknown adapter"):
+        model.set_adapter("b")
+
+
+def test_adding_an_existing_name_is_refused():
+    model, _ = _two_adapters()
+    with pytest.raises(LorakitError, match="exists already"):
+        model.add_adapter("b", LoraConfig(target_modules=["lin1"]))
+
+
+def test_dropout_applies_in_train_mode_only():
+    torch.manual_seed(0)
+    model = get_lora_model(
+        nn.Sequential(nn.Linear(8, 8)), LoraConfig(target_modules=["0"], lora_dropout=0.5, init_lora_weights=False)
+    )
+    x = torch.randn(64, 8)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_llama_generate_passes_through():
+    model = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"])).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6)
+    assert model.config.model_type == "llama"

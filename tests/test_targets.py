@@ -1,0 +1,92 @@
+"""Target selection follows PEFT's rules; mistakes get one message naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import ConfigError, LoraConfig, LoraLayer, TargetError, get_lora_model
+from tests.cases import conv_mlp, mha_block, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+def _adapted(model) -> set[str]:
+    return {path.removeprefix("model.") for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_all_linear_skips_the_output_head():
+    model = get_lora_model(tiny_llama(), LoraConfig(target_modules="all-linear"))
+    adapted = _adapted(model)
+    assert "lm_head" not in adapted
+    assert len(adapted) == 2 * 7  # q k v o gate up down per layer
+    gpt2 = get_lora_model(tiny_gpt2(), LoraConfig(target_modules="all-linear"))
+    assert "lm_head" not in _adapted(gpt2) and "transformer.h.0.attn.c_attn" in _adapted(gpt2)
+
+
+def test_default_targets_come_from_the_architecture():
+    assert _adapted(get_lora_model(tiny_llama(), LoraConfig())) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    }
+    assert all(p.endswith(("query", "value")) for p in _adapted(get_lora_model(tiny_bert_cls(), LoraConfig())))
+
+
+def test_unknown_architecture_without_targets_says_to_pass_them():
+    with pytest.raises(TargetError, match="pass target_modules"):
+        get_lora_model(conv_mlp(), LoraConfig())
+
+
+def test_regex_layers_to_transform_and_exclude():
+    regex = get_lora_model(tiny_llama(), LoraConfig(target_modules=r".*\.1\.self_attn\.(q|k)_proj"))
+    assert _adapted(regex) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}
+    layers = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=0))
+    assert _adapted(layers) == {"model.layers.0.self_attn.q_proj"}
+    excluded = get_lora_model(tiny_llama(), LoraConfig(target_modules="all-linear", exclude_modules=["down_proj"]))
+    assert not any(p.endswith("down_proj") for p in _adapted(excluded))
+
+
+def test_target_matching_nothing_lists_close_candidates():
+    with pytest.raises(TargetError, match=r"Did you mean \['q_proj', .*Adaptable module names"):
+        get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_prj"]))
+
+
+def test_partly_matching_list_warns_about_the_rest():
+    with pytest.warns(UserWarning, match="query"):
+        get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "query"]))
+
+
+def test_unsupported_layer_kind_suggests_target_parameters():
+    with pytest.raises(TargetError, match=r"input_layernorm \(LlamaRMSNorm\).*target_parameters"):
+        get_lora_model(tiny_llama(), LoraConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(TargetError, match=r"attn \(MultiheadAttention\)"):
+        get_lora_model(mha_block(), LoraConfig(target_modules=["attn"]))
+
+
+def test_target_parameters_errors():
+    with pytest.raises(TargetError, match="close: .*attn.in_proj_weight"):
+        get_lora_model(mha_block(), LoraConfig(target_parameters=["attn.in_proj_weights"]))
+    with pytest.raises(TargetError, match="2-D"):
+        get_lora_model(mha_block(), LoraConfig(target_parameters=["attn.in_proj_bias"]))
+    with pytest.raises(ConfigError, match="lora_dropout must be 0"):
+        get_lora_model(mha_block(), LoraConfig(target_parameters=["attn.in_proj_weight"], lora_dropout=0.1))
+
+
+def test_modules_to_save_that_match_nothing():
+    with pytest.raises(TargetError, match="modules_to_save \\['clasifier'\\]"):
+        get_lora_model(tiny_bert_cls(), LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]))
+
+
+def test_a_failed_injection_leaves_the_model_untouched():
+    model = tiny_llama()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TargetError):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["nothing"]))
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_grouped_conv_is_refused_with_a_way_out():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
+    with pytest.raises(TargetError, match="groups=2.*exclude_modules"):
+        get_lora_model(model, LoraConfig(target_modules=["0", "1"]))
+    adapted = get_lora_model(model, LoraConfig(target_modules=["1"]))
+    assert _adapted(adapted) == {"1"}
+    assert adapted(torch.randn(1, 4, 5, 5)).shape == (1, 4, 3, 3)
