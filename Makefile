@@ -1,0 +1,28 @@
+# Every target sets itself up: a local .venv with the CPU build of torch (constraints.txt pins it).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+.PHONY: setup run test lint
+setup: $(STAMP)
+
+run: $(STAMP)  ## the main job on its embedded default
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)  ## lint, then the whole test suite
+	$(PY) -m ruff check lorakit tests benchmarks examples
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check lorakit tests benchmarks examples
+	$(PY) -m ruff format --check lorakit tests benchmarks examples
