@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
+SOURCES := $(wildcard lorakit tests benchmarks examples)
+
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_VERBOSITY ?= error
 
@@ -20,9 +22,9 @@ run: $(STAMP)  ## the main job on its embedded default
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)  ## lint, then the whole test suite
-	$(PY) -m ruff check lorakit tests benchmarks examples
+	$(PY) -m ruff check $(SOURCES)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check lorakit tests benchmarks examples
-	$(PY) -m ruff format --check lorakit tests benchmarks examples
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
