@@ -26,6 +26,8 @@ def inject_adapter(model: nn.Module, name: str, config: LoraConfig, adapter_dtyp
         )
     targets = find_module_targets(model, config) + find_parameter_targets(model, config)
     saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
+    if any(kind.name == "conv1d_transposed" for _, kind in targets):
+        config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
     variant = get_variant("lora")
     for path, kind in targets:
         layer = _wrapped(model, path, kind)

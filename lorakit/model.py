@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,7 @@ class LoraModel(nn.Module):
         """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable."""
         if name in self.peft_config:
             raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
+        config = dataclasses.replace(config)  # the model's own copy: injection may record facts in it
         inject_adapter(self.model, name, config, adapter_dtype)
         self.peft_config[name] = config
         self.set_adapter(self.active_adapters or name)
@@ -119,7 +121,7 @@ class LoraModel(nn.Module):
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
         try:
-            io.load_weights(self.model, adapter_name, config, weights)
+            io.load_weights(self.model, adapter_name, self.peft_config[adapter_name], weights)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
