@@ -13,7 +13,14 @@ from lorakit.errors import ConfigError, TargetError
 from lorakit.kinds import Kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
-from lorakit.targets import TASK_HEADS, find_module_targets, find_parameter_targets, logical_modules, modules_to_save
+from lorakit.targets import (
+    TASK_HEADS,
+    default_targets,
+    find_module_targets,
+    find_parameter_targets,
+    logical_modules,
+    modules_to_save,
+)
 from lorakit.variants import get_variant
 
 
@@ -26,6 +33,8 @@ def inject_adapter(model: nn.Module, name: str, config: LoraConfig, adapter_dtyp
         )
     targets = find_module_targets(model, config) + find_parameter_targets(model, config)
     saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
+    if config.target_modules is None and not config.target_parameters:
+        config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     if any(kind.name == "conv1d_transposed" for _, kind in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
     variant = get_variant("lora")
