@@ -141,7 +141,9 @@ class LoraConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"no adapter_config.json at {path}") from None
+            raise ConfigError(
+                f"no {path.name} at {path.parent}: is it an adapter folder written by save_pretrained?"
+            ) from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt") from None
         if not isinstance(data, dict):

@@ -176,7 +176,14 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _adaptable_names(model: nn.Module) -> list[str]:
-    return sorted({p.rsplit(".", 1)[-1] for p, m in logical_modules(model) if kind_of(m) is not None})
+    names = set()
+    for path, module in logical_modules(model):
+        try:
+            if kind_of(module) is not None:
+                names.add(path.rsplit(".", 1)[-1])
+        except TargetError:  # a kind we refuse (grouped conv) is no candidate, not the error to report
+            continue
+    return sorted(names)
 
 
 def _nothing_matched(model: nn.Module, targets) -> str:

@@ -90,3 +90,9 @@ def test_grouped_conv_is_refused_with_a_way_out():
     adapted = get_lora_model(model, LoraConfig(target_modules=["1"]))
     assert _adapted(adapted) == {"1"}
     assert adapted(torch.randn(1, 4, 5, 5)).shape == (1, 4, 3, 3)
+
+
+def test_a_mistyped_target_next_to_a_grouped_conv_still_gets_candidates():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(TargetError, match=r"matches no module.*names in this model: \['2'\]"):
+        get_lora_model(model, LoraConfig(target_modules=["nonexistent"]))

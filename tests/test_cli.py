@@ -1,0 +1,234 @@
+"""The CLI on real files: inspect, info, merge; bad input is one red line and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, load_model
+from transformers import GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit.cli import app
+from lorakit.io import WEIGHTS_NAME
+
+runner = CliRunner()
+
+FACTORY_SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(4, 8)
+            self.conv = nn.Conv2d(8, 2, 3, padding=1)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, x):  # (b, 5, 5, 4)
+            h = self.proj(x).permute(0, 3, 1, 2)
+            return self.head(self.conv(h).mean((2, 3)))
+
+
+    def build():
+        return Net()
+
+
+    def build_with(width):
+        return Net()
+
+
+    def build_lazy():
+        return nn.Sequential(nn.LazyLinear(4))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(gpt2_folder, tmp_path_factory):
+    """A lorakit adapter on c_attn and c_fc, with non-zero B so that merging changes the outputs."""
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel.from_pretrained(gpt2_folder)
+    lora = get_lora_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter")
+    lora.save_pretrained(folder)
+    return folder, lora.get_nb_trainable_parameters()[0]
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch, request):
+    """A module file on sys.path, named after the test so no test sees another's cached import."""
+    name = f"cli_factory_{request.node.name.split('[')[0]}"
+    (tmp_path / f"{name}.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _fails(args: list[str], message: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    return lines[0]
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+# -- inspect --------------------------------------------------------------------------------------------------------
+def test_inspect_transformers_folder_lists_modules_and_suggests_the_default(gpt2_folder):
+    out = _ok(["inspect", str(gpt2_folder)])
+    assert "c_attn  conv1d_transposed  32->96  3,168 params" in out
+    assert "0-1 (GPT2Block)  x2 identical" in out  # the two layers printed once
+    assert "lm_head  linear  32->100" in out and "output head, not in all-linear" in out
+    assert 'target_modules=["c_attn"]  # the gpt2 default, 2 modules' in out
+    assert 'target_modules="all-linear"  # every linear layer but the output head, 8 modules' in out
+    summary = out.split("by name", 1)[1]
+    assert any(line.split()[:2] == ["c_proj", "x2"] and "128->32" in line for line in summary.splitlines())
+
+
+def test_inspect_all_and_depth_change_the_tree(gpt2_folder):
+    every_layer = _ok(["inspect", str(gpt2_folder), "--all"])
+    assert "0 (GPT2Block)" in every_layer and "1 (GPT2Block)" in every_layer and "identical" not in every_layer
+    shallow = _ok(["inspect", str(gpt2_folder), "--depth", "1"])
+    tree = shallow.split("by name", 1)[0]
+    assert "transformer (GPT2Model)" in tree and "10 adaptable modules below" in tree and "c_attn" not in tree
+
+
+def test_inspect_factory_path(factory_module):
+    out = _ok(["inspect", f"{factory_module}:build"])
+    assert "Net  (" in out
+    assert "proj  linear  4->8  40 params" in out
+    assert "conv  conv  8->2 k3x3  146 params" in out
+    assert "no known default target_modules" in out and '"all-linear"' in out
+    assert _ok(["inspect", f"{factory_module}:Net"]) == out  # a class is a factory too
+
+
+# -- info -----------------------------------------------------------------------------------------------------------
+def test_info_on_a_lorakit_adapter(adapter):
+    folder, trainable = adapter
+    out = _ok(["info", str(folder)])
+    assert f"8 tensors, {trainable:,} parameters, float32" in out
+    rows = {
+        line.split()[0]: line.split()[1:] for line in out.split("by target module", 1)[1].splitlines() if line.strip()
+    }
+    assert rows["c_attn"] == ["x2", "4", f"{2 * (4 * 32 + 96 * 4):,}"]
+    assert rows["c_fc"] == ["x2", "4", f"{2 * (4 * 32 + 128 * 4):,}"]
+
+
+def test_info_on_a_peft_adapter_with_a_named_subadapter(gpt2_folder, tmp_path):
+    model = peft.get_peft_model(
+        GPT2LMHeadModel.from_pretrained(gpt2_folder), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"])
+    )
+    trainable = model.get_nb_trainable_parameters()[0]
+    model.add_adapter("second", peft.LoraConfig(r=3, target_modules=["c_attn"]))
+    model.save_pretrained(tmp_path)
+    out = _ok(["info", str(tmp_path)])
+    assert f"4 tensors, {trainable:,} parameters, float32" in out
+    assert ["lora_alpha", "4"] in [line.split() for line in out.splitlines()]
+    second = next(line for line in out.split("subfolders", 1)[1].splitlines() if line.strip().startswith("second"))
+    assert second.split() == ["second", "3", "8", "c_attn", f"{2 * (3 * 32 + 96 * 3):,}"]
+
+
+# -- merge ----------------------------------------------------------------------------------------------------------
+def test_merge_transformers_model_gives_the_adapted_outputs(gpt2_folder, adapter, tmp_path):
+    out = tmp_path / "merged"
+    _ok(["merge", str(gpt2_folder), str(adapter[0]), str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left behind
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    merged = _logits(GPT2LMHeadModel.from_pretrained(out), ids)
+    adapted = _logits(LoraModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_folder), adapter[0]), ids)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    assert not torch.allclose(merged, _logits(GPT2LMHeadModel.from_pretrained(gpt2_folder), ids), atol=1e-4)
+
+
+def test_merge_refuses_an_existing_folder_unless_overwrite(gpt2_folder, adapter, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(["merge", str(gpt2_folder), str(adapter[0]), str(out)], "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    _ok(["merge", str(gpt2_folder), str(adapter[0]), str(out), "--overwrite", "--dtype", "bfloat16"])
+    assert not (out / "keep.txt").exists()
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_merge_factory_model_writes_a_state_dict(factory_module, tmp_path):
+    module = __import__(factory_module)
+    torch.manual_seed(2)
+    lora = get_lora_model(module.build(), LoraConfig(target_modules=["proj", "conv"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    _ok(["merge", f"{factory_module}:build", str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    merged = module.build()
+    load_model(merged, tmp_path / "merged" / "model.safetensors")
+    x = torch.randn(2, 5, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), lora(x), atol=1e-5, rtol=0)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------------
+def test_missing_paths_are_one_line_and_exit_code_2(gpt2_folder, adapter, tmp_path):
+    _fails(["inspect", str(tmp_path / "nope")], "no folder")
+    _fails(["inspect", str(tmp_path)], "has no config.json")
+    _fails(["info", str(tmp_path / "nope")], "does not exist")
+    _fails(["info", str(tmp_path)], "no adapter_config.json")
+    _fails(["merge", str(gpt2_folder), str(tmp_path / "nope"), str(tmp_path / "out")], "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_factory_paths_are_one_line_and_exit_code_2(factory_module):
+    _fails(["inspect", "no_such_module_anywhere:build"], "cannot import 'no_such_module_anywhere'")
+    _fails(["inspect", f"{factory_module}:missing"], "has no 'missing'")
+    _fails(["inspect", f"{factory_module}:build_with"], "needs arguments")
+    _fails(["inspect", f"{factory_module}:torch"], "not a function or class")
+    _fails(["inspect", f"{factory_module}:build_lazy"], "run one forward pass")
+    _fails(["inspect", f"{factory_module}:"], "is not an import path")
+
+
+def test_corrupt_adapter_is_one_line_and_exit_code_2(gpt2_folder, adapter, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter[0], broken)
+    (broken / WEIGHTS_NAME).write_bytes((broken / WEIGHTS_NAME).read_bytes()[:40])
+    _fails(["info", str(broken)], "corrupt")
+    _fails(["merge", str(gpt2_folder), str(broken), str(tmp_path / "out")], "corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_for_another_model_is_one_line(factory_module, adapter, tmp_path):
+    line = _fails(["merge", f"{factory_module}:build", str(adapter[0]), str(tmp_path / "out")], "c_attn")
+    assert "match" in line or "fit" in line
+
+
+def test_python_m_lorakit_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorakit", "info", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: adapter folder {tmp_path / 'nope'} does not exist"]
