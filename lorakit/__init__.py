@@ -4,6 +4,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError, TargetError
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
+from lorakit.variants import VeraConfig
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "LoraModel",
     "LorakitError",
     "TargetError",
+    "VeraConfig",
     "get_lora_model",
 ]

@@ -51,6 +51,10 @@ class Adapter(nn.Module):
         """ΔW in the layout of the adapted weight."""
         return self.variant.delta_weight(self)
 
+    def weight_scale(self, weight: Tensor) -> Tensor | float:
+        """The factor merging applies to the rows of `weight` (1 for plain LoRA; DoRA's magnitude / norm)."""
+        return self.variant.weight_scale(self, weight)
+
     def extra_repr(self) -> str:
         return f"{self.variant.name}, r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
 

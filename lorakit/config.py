@@ -14,7 +14,8 @@ from lorakit.errors import ConfigError
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
+VARIANTS = ("lora", "lora_fa", "delta_lora")  # DoRA is PEFT's use_dora; VeRA has its own VeraConfig
 
 # Fields PEFT writes that carry bookkeeping, not behaviour; read and ignored whatever their value.
 _PEFT_BOOKKEEPING = {
@@ -52,6 +53,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
+    use_dora: bool = False
+    variant: str = "lora"
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     inference_mode: bool = False
@@ -69,8 +72,11 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_MODES:
-            raise ConfigError(f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in INIT_MODES and not _is_pissa_niter(self.init_lora_weights):
+            raise ConfigError(
+                f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_<K>', got {self.init_lora_weights!r}"
+            )
+        _check_variant(self)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
@@ -105,8 +111,9 @@ class LoraConfig:
         """The adapter_config.json content; readable by PEFT's LoraConfig."""
         out = dataclasses.asdict(self)
         out["peft_type"] = self.peft_type
-        out["use_dora"] = False
         out["lora_bias"] = False
+        if self.variant == "lora":
+            del out["variant"]  # plain LoRA files stay byte-for-byte PEFT's; PEFT ignores the field otherwise
         for key in ("target_modules", "exclude_modules"):
             if isinstance(out[key], list):
                 out[key] = sorted(out[key])
@@ -149,6 +156,34 @@ class LoraConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _is_pissa_niter(mode: Any) -> bool:
+    return isinstance(mode, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", mode) is not None
+
+
+def _check_variant(config: LoraConfig) -> None:
+    """Refuses variant combinations that make no sense, where they are chosen."""
+    if config.variant == "vera":
+        raise ConfigError(
+            "VeRA has its own config with PEFT's fields: use lorakit.VeraConfig(r=..., target_modules=...)"
+        )
+    if config.variant not in VARIANTS:
+        raise ConfigError(f"variant must be one of {VARIANTS}, got {config.variant!r} (DoRA is use_dora=True)")
+    if config.use_dora and config.variant != "lora":
+        raise ConfigError(
+            f"use_dora=True cannot be combined with variant={config.variant!r}: DoRA rescales W + dW by a trained "
+            "magnitude, which the other variant's update rule does not account for; choose one"
+        )
+    if config.use_dora and config.target_parameters:
+        raise ConfigError(
+            "use_dora=True does not work with target_parameters (as in PEFT): DoRA needs a layer's output, "
+            "target_parameters adapts a raw weight; target the module with target_modules instead"
+        )
+    if config.variant == "delta_lora" and config.target_parameters:
+        raise ConfigError(
+            "variant='delta_lora' updates a layer's weight in place; use target_modules, not target_parameters"
+        )
 
 
 def _check_rank(name: str, value: Any) -> None:

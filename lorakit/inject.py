@@ -21,10 +21,12 @@ from lorakit.targets import (
     logical_modules,
     modules_to_save,
 )
-from lorakit.variants import get_variant
+from lorakit.variants import VeraConfig, variant_for
 
 
-def inject_adapter(model: nn.Module, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
+def inject_adapter(
+    model: nn.Module, name: str, config: LoraConfig | VeraConfig, adapter_dtype: torch.dtype | None = None
+) -> None:
     """Adds adapter `name` to every target of `config`, wrapping targets on first use."""
     if config.target_parameters and config.lora_dropout:
         raise ConfigError(
@@ -37,7 +39,7 @@ def inject_adapter(model: nn.Module, name: str, config: LoraConfig, adapter_dtyp
         config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     if any(kind.name == "conv1d_transposed" for _, kind in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
-    variant = get_variant("lora")
+    variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
     for path, kind in targets:
         layer = _wrapped(model, path, kind)
         r, alpha = config.rank_and_alpha(path)
@@ -92,6 +94,11 @@ def unwrap_all(model: nn.Module, keep: str = "original") -> nn.Module:
     for path, saved in list(saved_modules(model)):
         _replace(model, path, saved.current() if keep == "active" else saved.original_module)
     return model
+
+
+def _base_module(model: nn.Module, path: str) -> nn.Module:
+    module = model.get_submodule(path)
+    return module.base_layer if isinstance(module, LoraLayer) else module
 
 
 def _wrapped(model: nn.Module, path: str, kind: Kind) -> LoraLayer:

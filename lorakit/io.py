@@ -19,27 +19,38 @@ from torch import Tensor, nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import lora_layers, saved_modules
+from lorakit.variants import VeraConfig
+from lorakit.variants.init import converted_config, converted_to_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_FACTOR_KEYS = {  # is the layer an embedding? -> adapter attribute -> PEFT's name
+    False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+}
+_CONFIG_CLASSES = {"LORA": LoraConfig, "VERA": VeraConfig}
 
 
-def adapter_tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str, Tensor]:
+def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig) -> dict[str, Tensor]:
     """PEFT key -> the live tensor it names, for adapter `name` of `model` (the unwrapped base)."""
     tensors: dict[str, Tensor] = {}
+    shared: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        if layer.kind.name == "embedding":
-            tensors[f"{_PREFIX}{path}.lora_embedding_A"] = adapter.lora_A
-            tensors[f"{_PREFIX}{path}.lora_embedding_B"] = adapter.lora_B
-        else:
-            tensors[f"{_PREFIX}{path}.lora_A.weight"] = adapter.lora_A
-            tensors[f"{_PREFIX}{path}.lora_B.weight"] = adapter.lora_B
+        # A and B under PEFT's names; a variant's own tensors (DoRA's lora_magnitude_vector, VeRA's
+        # vera_lambda_b/d) under their attribute names, which are PEFT's
+        for local, tensor in adapter.state_dict(keep_vars=True).items():
+            tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.name == 'embedding'].get(local, local)}"] = tensor
+        if adapter.variant.changes_base_weight:  # Delta-LoRA: the trained weight is part of the adapter
+            tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.weight
+        shared.update(adapter.variant.shared_tensors())
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{_PREFIX}{path}.base_layer.bias"] = layer.bias
+    if getattr(config, "save_projection", False):  # VeRA's shared pair, PEFT's "base_model.vera_A"
+        tensors.update({f"base_model.{key}": tensor for key, tensor in shared.items()})
     if config.bias == "all":
         for param_path, param in model.named_parameters():
             in_saved = ".copies." in param_path or ".original_module." in param_path  # saved below
@@ -52,19 +63,42 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig) -> dict[str
     return tensors
 
 
-def save_adapter(model: nn.Module, name: str, config: LoraConfig, directory: str | Path) -> None:
-    """Writes the adapter folder; each file goes to a temp file first and is renamed into place."""
+def save_adapter(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig | VeraConfig,
+    directory: str | Path,
+    initial: str | Path | None = None,
+) -> None:
+    """Writes the adapter folder; each file goes to a temp file first and is renamed into place.
+
+    initial: the folder of this adapter saved right after a PiSSA / OLoRA init; the file written is then a
+    plain LoRA of rank 2r against the original base weight (PEFT's path_initial_model_for_weight_conversion).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
+    if initial is not None:
+        tensors, config = converted_to_lora(tensors, read_weights(initial)), converted_config(config)
     _atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict() | {"inference_mode": True}, indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, text.encode())
 
 
-def read_config(directory: str | Path) -> LoraConfig:
+def read_config(directory: str | Path) -> LoraConfig | VeraConfig:
+    """The adapter's config, of the class its peft_type names (LORA or VERA)."""
     directory = _adapter_dir(directory)
-    return LoraConfig.from_json_file(directory / CONFIG_NAME)
+    path = directory / CONFIG_NAME
+    peft_type = _peft_type(path)
+    return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_json_file(path)
+
+
+def _peft_type(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "LORA"  # LoraConfig.from_json_file explains what is wrong with the file
+    return data.get("peft_type", "LORA") if isinstance(data, dict) else "LORA"
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:

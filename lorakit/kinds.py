@@ -41,6 +41,10 @@ class Kind:
         delta = ops.low_rank_delta(lora_A, lora_B, scale)
         return delta.T if self.transposed else delta
 
+    def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's product with `weight`, without bias (variants that rescale W x need it)."""
+        return F.linear(x, weight.T if self.transposed else weight)
+
 
 @dataclass(frozen=True)
 class EmbeddingKind(Kind):
@@ -51,6 +55,11 @@ class EmbeddingKind(Kind):
 
     def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
         return ops.embedding_contribution(x, lora_A, lora_B, scale, padding_idx=module.padding_idx)
+
+    def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(
+            x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+        )
 
 
 @dataclass(frozen=True)
@@ -64,15 +73,25 @@ class ConvKind(Kind):
         return (r, in_f, *kernel), (out_f, r, *(1 for _ in kernel))
 
     def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[lora_A.dim() - 2]
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
-        else:
-            padding = module.padding
+        x, padding = _padded(module, x)
         return ops.conv_contribution(
-            x, lora_A, lora_B, scale, conv, stride=module.stride, padding=padding, dilation=module.dilation
+            x, lora_A, lora_B, scale, _conv_fn(lora_A), stride=module.stride, padding=padding, dilation=module.dilation
         )
+
+    def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+        x, padding = _padded(module, x)
+        return _conv_fn(weight)(x, weight, None, module.stride, padding, module.dilation)
+
+
+def _conv_fn(weight: Tensor):
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+
+
+def _padded(module: nn.Module, x: Tensor) -> tuple[Tensor, object]:
+    # non-zero padding modes pad the input explicitly, as nn.ConvNd does
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+    return x, module.padding
 
 
 @dataclass(frozen=True)
@@ -89,7 +108,7 @@ class ParameterKind(Kind):
 
 def kind_of(module: nn.Module) -> Kind | None:
     """The kind for a module LoRA can wrap, or None."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):  # quantized: lorakit.quant
         return Kind()
     if isinstance(module, nn.Embedding):
         return EmbeddingKind()

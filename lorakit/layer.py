@@ -26,6 +26,7 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         self.enabled = True
         if kind.acts_on_weight:
             parametrize.register_parametrization(base_layer, kind.weight_name(), _WeightDelta(self))
@@ -71,27 +72,48 @@ class LoraLayer(nn.Module):
         del self.adapters[name]
 
     def merge(self, names: list[str]) -> None:
-        """W <- W + sum dW for the named adapters not merged yet."""
+        """W <- W + sum dW for the named adapters not merged yet (rows rescaled first where a variant asks)."""
         names = self._unmerged(names)
-        ops.merge_delta_(self.weight, [self.adapters[n].delta_weight() for n in names])
+        if not names:
+            return
+        weight = self.weight
+        scales = [self.adapters[n].weight_scale(weight) for n in names]
+        merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
+        self._store_weight(weight, merged)
+        self._merge_steps.append((names, scales))  # the scales depend on W, so unmerge needs these ones
         self.merged_adapters.extend(names)
 
     def check_mergeable(self, names: list[str]) -> None:
         """Raises if merging the named adapters would put NaN or inf into the weight."""
-        deltas = [self.adapters[n].delta_weight().detach().float() for n in self._unmerged(names)]
-        if deltas and not torch.isfinite(self.weight.detach().float() + sum(deltas)).all():
+        names = self._unmerged(names)
+        weight = self.weight
+        scales = [self.adapters[n].weight_scale(weight) for n in names]
+        merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
+        if names and not torch.isfinite(merged).all():
             raise LorakitError(
-                f"merging {self._unmerged(names)} would put NaN/inf into the weights of this "
+                f"merging {names} would put NaN/inf into the weights of this "
                 f"{type(self.base_layer).__name__}; the adapter weights are broken, nothing was merged"
             )
+
+    def _store_weight(self, weight: Tensor, value: Tensor) -> Tensor:
+        """A stored Parameter is updated in place (ties and optimizers keep it); a computed weight, such as
+        a 4-bit base's dequantized one, is assigned, so the base layer stores it its own way."""
+        with torch.no_grad():
+            if isinstance(weight, nn.Parameter):
+                return weight.copy_(value.to(weight.dtype))
+            setattr(self.base_layer, self.kind.weight_name(), value.to(weight.dtype))
+        return self.weight
 
     def _unmerged(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self.adapters and n not in self.merged_adapters]
 
     def unmerge(self) -> None:
         """W <- W - sum dW for every merged adapter: back to the base weight within one rounding step."""
-        deltas = [self.adapters[n].delta_weight() for n in self.merged_adapters]
-        ops.merge_delta_(self.weight, deltas, sign=-1)
+        weight = self.weight
+        for names, scales in reversed(self._merge_steps):
+            restored = ops.rescaled_unmerge(weight, scales, [self.adapters[n].delta_weight() for n in names])
+            weight = self._store_weight(weight, restored)
+        self._merge_steps = []
         self.merged_adapters = []
 
     def unwrap(self) -> nn.Module:

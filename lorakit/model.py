@@ -108,11 +108,21 @@ class LoraModel(nn.Module):
         return merge.unload(self.model)
 
     # -- files -----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`."""
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
+    ) -> None:
+        """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`.
+
+        path_initial_model_for_weight_conversion: as in PEFT, the folder saved right after a PiSSA / OLoRA init;
+        the adapter is then written as a plain LoRA against the original base weight.
+        """
         for name in selected_adapters or list(self.peft_config):
             target = Path(directory) if name == "default" else Path(directory) / name
-            io.save_adapter(self.model, name, self.peft_config[name], target)
+            initial = path_initial_model_for_weight_conversion
+            io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial)
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""

@@ -49,3 +49,31 @@ def merge_delta_(weight: Tensor, deltas: Sequence[Tensor], sign: int = 1) -> Non
         acc = acc + sign * delta.detach().to(acc.dtype)
     with torch.no_grad():
         weight.copy_(acc.to(weight.dtype))
+
+
+def rescaled_merge(weight: Tensor, scales: Sequence[Tensor | float], deltas: Sequence[Tensor]) -> Tensor:
+    """Semantics: W + sum_i ((m_i - 1) * W + m_i * dW_i), in fp32 (fp64 stays fp64).
+
+    m_i rescales the rows of W (DoRA's magnitude / norm, broadcast in W's layout); plain LoRA has m_i = 1,
+    which leaves W + sum dW_i bit for bit.
+    """
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = weight.detach().to(acc_dtype)
+    row_scale, shift = _row_scale_and_shift(scales, deltas, acc_dtype)
+    return acc * row_scale + shift
+
+
+def rescaled_unmerge(weight: Tensor, scales: Sequence[Tensor | float], deltas: Sequence[Tensor]) -> Tensor:
+    """Semantics: the inverse of rescaled_merge for the same m_i and dW_i: (W' - sum m_i dW_i) / (1 + sum (m_i - 1))."""
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    row_scale, shift = _row_scale_and_shift(scales, deltas, acc_dtype)
+    return (weight.detach().to(acc_dtype) - shift) / row_scale
+
+
+def _row_scale_and_shift(scales, deltas, dtype) -> tuple[Tensor | float, Tensor | float]:
+    row_scale, shift = 1.0, 0.0
+    for scale, delta in zip(scales, deltas, strict=True):
+        scale = scale.detach().to(dtype) if isinstance(scale, Tensor) else scale
+        row_scale = row_scale + (scale - 1.0)
+        shift = shift + scale * delta.detach().to(dtype)
+    return row_scale, shift

@@ -1,11 +1,34 @@
 """Variant strategies: how an adapter initialises, contributes to the forward pass and to the delta.
 
 Plain LoRA is the default strategy, so no call site branches on whether a variant is present.
+Grouped by where they act: the delta (DoRA, VeRA; rsLoRA is the config's scale), the init (PiSSA,
+OLoRA: variants/init.py), the optimizer (LoRA-FA; LoRA+ in lorakit/optim.py), after the step
+(Delta-LoRA), the base storage (QLoRA: lorakit/quant.py).
 """
 
-from lorakit.variants.lora import Lora, Variant
+from __future__ import annotations
 
-_REGISTRY: dict[str, Variant] = {"lora": Lora()}
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from lorakit.errors import TargetError
+from lorakit.kinds import Kind
+from lorakit.variants import delta_lora, lora_fa
+from lorakit.variants.delta_lora import DeltaLora
+from lorakit.variants.dora import Dora
+from lorakit.variants.lora import Lora, Variant
+from lorakit.variants.lora_fa import LoraFA
+from lorakit.variants.vera import Vera, VeraConfig
+
+Targets = list[tuple[str, Kind, nn.Module]]
+
+_REGISTRY: dict[str, Variant] = {"lora": Lora(), "dora": Dora(), "lora_fa": LoraFA(), "delta_lora": DeltaLora()}
+_CHECKS: dict[str, Callable[[Targets], None]] = {
+    "lora_fa": lora_fa.check_targets,
+    "delta_lora": delta_lora.check_targets,
+}
 
 
 def get_variant(name: str) -> Variant:
@@ -15,4 +38,25 @@ def get_variant(name: str) -> Variant:
         raise ValueError(f"unknown LoRA variant {name!r}; known: {sorted(_REGISTRY)}") from None
 
 
-__all__ = ["Lora", "Variant", "get_variant"]
+def variant_for(config: Any, targets: Targets) -> Variant:
+    """The strategy `config` asks for, checked against the targets before anything is changed."""
+    _check_weight_init(config, targets)
+    if config.variant == "vera":
+        return Vera.for_targets(config, targets)
+    name = "dora" if config.use_dora else config.variant
+    _CHECKS.get(name, lambda _: None)(targets)
+    return get_variant(name)
+
+
+def _check_weight_init(config: Any, targets: Targets) -> None:
+    mode = config.init_lora_weights
+    if isinstance(mode, str) and mode != "gaussian":
+        bad = [path for path, kind, _ in targets if kind.name in ("embedding", "conv")]
+        if bad:
+            raise TargetError(
+                f"init_lora_weights={mode!r} factorises a 2-D weight; {bad} are embeddings or convolutions: "
+                "exclude them, or use the default init"
+            )
+
+
+__all__ = ["DeltaLora", "Dora", "Lora", "LoraFA", "Variant", "Vera", "VeraConfig", "get_variant", "variant_for"]

@@ -8,12 +8,17 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from lorakit.variants.init import init_from_weight
+
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
 
 
 class Variant(Protocol):
+    """One strategy per variant, acting at one place: the delta, the init, the optimizer, the base storage."""
+
     name: str
+    changes_base_weight: bool  # True: training changes W itself, so an adapter file carries W too
 
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None: ...
 
@@ -21,16 +26,26 @@ class Variant(Protocol):
 
     def delta_weight(self, adapter: Adapter) -> Tensor: ...
 
+    def weight_scale(self, adapter: Adapter, weight: Tensor) -> Tensor | float: ...
+
+    def shared_tensors(self) -> dict[str, Tensor]: ...
+
 
 class Lora:
     name = "lora"
+    changes_base_weight = False
 
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
-        """B = 0 so training starts exactly at the base model; A random so gradients reach B."""
+        """B = 0 so training starts exactly at the base model; A random so gradients reach B.
+
+        "pissa", "pissa_niter_K" and "olora" take A, B from W's SVD / QR and leave the residual in W instead.
+        """
         if mode is False:
             return  # both factors keep their random init: a non-identity adapter (tests, debugging)
         with torch.no_grad():
-            if adapter.kind.name == "embedding":
+            if isinstance(mode, str) and mode != "gaussian":
+                init_from_weight(adapter, weight, mode)
+            elif adapter.kind.name == "embedding":
                 # the embedding table is looked up through A, so A is the zero factor (PEFT, loralib)
                 nn.init.zeros_(adapter.lora_A)
                 nn.init.normal_(adapter.lora_B)
@@ -46,3 +61,9 @@ class Lora:
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
         return adapter.kind.delta(adapter.lora_A, adapter.lora_B, adapter.scale)
+
+    def weight_scale(self, adapter: Adapter, weight: Tensor) -> float:
+        return 1.0
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        return {}

@@ -1,0 +1,71 @@
+"""DoRA (Liu et al. 2024), acting on the delta: W' = m * (W + dW) / ||W + dW||, per output feature.
+
+    y = W x + (m/n - 1) * (W x) + (m/n) * s * B(A(x)),    n = ||W + s B A|| (detached, as in the paper, 4.3)
+
+m (PEFT's lora_magnitude_vector) starts at n, so the adapter starts as the identity. Dropout, where set,
+applies to the input of both terms, as in PEFT. Written once for every kind: the kind supplies W x.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.variants.lora import Lora
+
+if TYPE_CHECKING:
+    from lorakit.adapter import Adapter
+
+
+class Dora:
+    name = "dora"
+    changes_base_weight = False
+
+    def __init__(self) -> None:
+        self._lora = Lora()  # A and B are LoRA's, initialised the same way
+
+    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
+        self._lora.init_weights(adapter, weight, mode)
+        norm = _column_norm(adapter, weight).to(adapter.lora_A.dtype)
+        adapter.lora_magnitude_vector = nn.Parameter(norm.reshape(_magnitude_shape(weight, norm)))
+
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+        kind = adapter.kind
+        weight = getattr(module, kind.weight_name())
+        ratio = adapter.lora_magnitude_vector / _column_norm(adapter, weight).reshape(
+            adapter.lora_magnitude_vector.shape
+        )
+        x = adapter.dropout(x)
+        base = kind.base_output(module, x, weight.to(adapter.lora_A.dtype))
+        lora = kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
+        return (ratio - 1) * base + ratio * lora
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        return self._lora.delta_weight(adapter)
+
+    def weight_scale(self, adapter: Adapter, weight: Tensor) -> Tensor:
+        """m / ||W + dW|| laid out along W's output axis, so W' = scale * (W + dW)."""
+        ratio = adapter.lora_magnitude_vector.detach().flatten() / _column_norm(adapter, weight)
+        if adapter.kind.transposed:
+            return ratio.reshape(1, -1)
+        return ratio.reshape(-1, *(1 for _ in weight.shape[1:]))
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+
+def _column_norm(adapter: Adapter, weight: Tensor) -> Tensor:
+    """||W + dW|| per output feature, (out,), detached: the norm takes no gradient (DoRA paper, 4.3)."""
+    with torch.no_grad():
+        dtype = adapter.lora_A.dtype
+        combined = weight.detach().to(dtype) + adapter.kind.delta(adapter.lora_A, adapter.lora_B, adapter.scale)
+        out_axis = 1 if adapter.kind.transposed else 0
+        other = tuple(d for d in range(combined.dim()) if d != out_axis)
+        return torch.linalg.vector_norm(combined, dim=other)
+
+
+def _magnitude_shape(weight: Tensor, norm: Tensor) -> tuple[int, ...]:
+    # PEFT's layout: (out,) for linear and embedding, (1, out, 1, ...) for convolutions
+    return (1, norm.numel(), *(1 for _ in weight.shape[2:])) if weight.dim() > 2 else (norm.numel(),)

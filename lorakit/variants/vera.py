@@ -1,0 +1,165 @@
+"""VeRA (Kopiczko et al. 2024), acting on the delta: one frozen random pair shared by every target.
+
+    y = W x + b * B_shared[:out] (d * A_shared[:, :in] x)       only d (r) and b (out) train per layer
+
+A_shared (r x max_in) and B_shared (max_out x r) come from a seeded generator (projection_prng_key), so a file
+needs only d, b and the seed; PEFT's VeraConfig fields and peft_type "VERA" files, both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.config import TASK_TYPES, _names_or_regex
+from lorakit.errors import ConfigError, TargetError
+
+if TYPE_CHECKING:
+    from lorakit.adapter import Adapter
+
+_BOOKKEEPING = {"auto_mapping", "peft_version", "revision", "peft_type", "inference_mode", "base_model_name_or_path"}
+
+
+@dataclass
+class VeraConfig:
+    """PEFT's VeraConfig: the same fields, defaults and adapter_config.json."""
+
+    r: int = 256
+    target_modules: list[str] | str | None = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"lorakit_only": True})
+
+    peft_type = "VERA"
+    variant = "vera"
+    use_dora = False
+    target_parameters = None
+    init_lora_weights = True  # VeRA's own init_weights decides; the shared LoRA init path is not used
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer (VeRA's rank), got {self.r!r}")
+        if not 0.0 <= self.vera_dropout < 1.0:
+            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
+        if self.bias not in ("none", "all"):
+            raise ConfigError(f"bias must be 'none' or 'all' for VeRA in lorakit, got {self.bias!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+        self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern needs layers_to_transform: say which layer indices to adapt")
+
+    # the interface injection reads from any adapter config
+    @property
+    def lora_dropout(self) -> float:
+        return self.vera_dropout
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        return self.r, 1.0
+
+    def scale(self, r: int, alpha: float) -> float:
+        return 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("lorakit_only")}
+        if self.exclude_modules is not None:
+            out["exclude_modules"] = self.exclude_modules
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out | {"peft_type": self.peft_type}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VeraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unsupported = [
+            f"{k}={v!r}" for k, v in data.items() if k not in known | _BOOKKEEPING and v not in (None, False, {}, [])
+        ]
+        if unsupported:
+            raise ConfigError(
+                f"VeRA adapter_config.json uses settings lorakit does not support: {', '.join(unsupported)}"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> VeraConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class Vera:
+    name = "vera"
+    changes_base_weight = False
+
+    def __init__(self, shared_A: Tensor, shared_B: Tensor, d_initial: float, init_weights: bool) -> None:
+        self.shared_A, self.shared_B = shared_A, shared_B  # (r x max_in), (max_out x r), frozen
+        self.d_initial, self.init_weights_ = d_initial, init_weights
+
+    @classmethod
+    def for_targets(cls, config: VeraConfig, targets) -> Vera:
+        """The shared pair sized to the largest in/out over the targets, drawn as PEFT draws it."""
+        shapes = []
+        for path, kind, module in targets:
+            if kind.name not in ("linear", "conv1d_transposed"):
+                raise TargetError(f"VeRA adapts linear layers only (as in PEFT); {path} is {kind.name}: exclude it")
+            shapes.append(kind.in_out(getattr(module, kind.weight_name())))
+        if not shapes:
+            raise TargetError("VeRA found no linear layer among target_modules")
+        max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        shared_A = _kaiming_uniform((config.r, max_in), generator)
+        shared_B = _kaiming_uniform((max_out, config.r), generator)
+        return cls(shared_A, shared_B, config.d_initial, config.init_weights)
+
+    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
+        in_f, out_f = adapter.kind.in_out(weight)
+        dtype, device = adapter.lora_A.dtype, adapter.lora_A.device
+        del adapter.lora_A, adapter.lora_B  # views of the shared pair instead: not trained, not saved per layer
+        adapter.register_buffer("lora_A", self.shared_A[:, :in_f], persistent=False)
+        adapter.register_buffer("lora_B", self.shared_B[:out_f], persistent=False)
+        adapter.vera_lambda_b = nn.Parameter(torch.ones(out_f, dtype=dtype, device=device))
+        adapter.vera_lambda_d = nn.Parameter(torch.randn(adapter.r, dtype=dtype, device=device))
+        if self.init_weights_:
+            with torch.no_grad():
+                adapter.vera_lambda_d.fill_(self.d_initial)
+                adapter.vera_lambda_b.zero_()
+
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+        hidden = adapter.vera_lambda_d * F.linear(adapter.dropout(x), adapter.lora_A.to(x.dtype))  # (..., r)
+        return adapter.vera_lambda_b * F.linear(hidden, adapter.lora_B.to(x.dtype))
+
+    def delta_weight(self, adapter: Adapter) -> Tensor:
+        delta = (adapter.vera_lambda_b[:, None] * adapter.lora_B) @ (adapter.vera_lambda_d[:, None] * adapter.lora_A)
+        return delta.T if adapter.kind.transposed else delta
+
+    def weight_scale(self, adapter: Adapter, weight: Tensor) -> float:
+        return 1.0
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        return {"vera_A": self.shared_A, "vera_B": self.shared_B}
+
+
+def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    # He-uniform with gain sqrt(2) over fan_in = shape[1], drawn from `generator` so the seed fixes the pair
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
