@@ -1,0 +1,290 @@
+"""TrainConfig: everything a run needs, as typed sections that load from TOML and take `--section.field=value`.
+
+One flat dataclass per concern, so a config file reads like the table of contents of a run, and an unknown or
+mistyped key fails at load time with the name of the key and the fix, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lorakit import LoraConfig
+from lorakit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - 3.10 has no tomllib
+    import tomli as tomllib
+
+TASKS = ("seq-cls", "causal-lm", "token-cls", "classification")
+DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+
+
+@dataclass
+class ModelSection:
+    """source: a transformers folder, 'package.module:factory', or 'pkg://package/sub/folder' (data a package ships)."""
+
+    source: str = ""
+    tokenizer: str | None = None  # a folder with the tokenizer; defaults to `source` when that is a folder
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    """Where the examples come from and how they become tensors.
+
+    text_column / label_column: for token-cls they hold a list of words and a list of tags per row; for
+    classification, feature_columns (or one column of arrays) are the inputs.
+    """
+
+    path: str = ""
+    format: str = "auto"  # auto | csv | jsonl | json | parquet | text | disk | sklearn
+    text_column: str = "text"
+    label_column: str = "label"
+    feature_columns: list[str] | None = None
+    labels: list[Any] | None = None  # the classes, in order; None = the sorted distinct labels of the data
+    other_labels: str = "error"  # error | drop: what to do with a row whose label is not in `labels`
+    eval_path: str | None = None
+    eval_fraction: float = 0.1
+    eval_samples: int | None = None
+    max_samples: int | None = None  # cap on training examples (for sweeps over data size)
+    max_length: int = 128
+    padding: str = "longest"  # longest | max_length
+    truncation: bool = True
+    encoding: str = "utf-8"
+
+
+@dataclass
+class OptimSection:
+    """The optimizer by its torch.optim name, its schedule and the batch arithmetic."""
+
+    name: str = "AdamW"
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments, e.g. {momentum = 0.9}
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; wins over epochs (0: from epochs)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class RunSection:
+    """Where the run is written and what is tracked there."""
+
+    out_dir: str = "runs/{time}"
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 100
+    progress: str = "rich"  # rich | tqdm | none
+    tensorboard: bool = True
+    wandb: bool = False  # offline mode only: nothing leaves the machine
+    plots: bool = True
+
+
+@dataclass
+class TrainConfig:
+    task: str = "seq-cls"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: dict[str, Any] = field(default_factory=dict)  # LoraConfig's fields, PEFT's names
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        _check_choice(
+            "data.format", self.data.format, ("auto", "csv", "jsonl", "json", "parquet", "text", "disk", "sklearn")
+        )
+        _check_choice("data.other_labels", self.data.other_labels, ("error", "drop"))
+        _check_choice("data.padding", self.data.padding, ("longest", "max_length"))
+        _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
+        _check_choice("optim.precision", self.optim.precision, ("auto", "fp32", "bf16"))
+        _check_choice("run.progress", self.run.progress, ("rich", "tqdm", "none"))
+        for key in ("model.source", "data.path"):
+            if not get_field(self, key):
+                raise ConfigError(f"{key} is missing; set it in the config file or pass --{key}=...")
+        for key in ("optim.batch_size", "optim.grad_accum", "run.eval_every", "run.log_every", "run.checkpoint_every"):
+            if get_field(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {get_field(self, key)}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        self.lora_config()  # a bad [lora] key fails now, not after the model has loaded
+
+    def lora_config(self) -> LoraConfig:
+        """The [lora] section as a LoraConfig; the task's PEFT task_type is filled in when left out."""
+        values = {"task_type": _PEFT_TASK_TYPES.get(self.task), **self.lora}
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"[lora] has unknown keys {unknown}; use LoraConfig's (PEFT's) field names: {sorted(known)}"
+            )
+        return LoraConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_out_dir(self) -> Path:
+        """run.out_dir with {time} and {task} filled in, so the default never collides with an earlier run."""
+        return Path(self.run.out_dir.format(time=datetime.now().strftime("%Y%m%d-%H%M%S"), task=self.task))
+
+
+_PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "token-cls": "TOKEN_CLS"}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The TOML file at `path` (None: the embedded default run) with `section.field=value` overrides applied."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no config file {path}; pass an existing .toml file, or no file for the default run"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML ({err}); fix the line it names") from None
+    for override in overrides or []:
+        _apply_override(data, override)
+    return from_dict(data, source=str(path))
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Builds a TrainConfig, refusing unknown keys and values of the wrong type with the key's full name."""
+    return _build(TrainConfig, data, prefix="", source=source)
+
+
+def get_field(config: TrainConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def field_names() -> list[str]:
+    """Every settable key as 'section.field' (and 'task', 'seed'), for overrides and their error messages."""
+    names = []
+    for f in dataclasses.fields(TrainConfig):
+        section = _SECTIONS.get(f.name)
+        names += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)] if section else [f.name]
+    return names
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        keys = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(
+            f"{source}: unknown key(s) {keys}; known keys: {', '.join(prefix + n for n in sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Checks `value` against the field's type; ints are accepted where floats are expected."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if base is Any or (isinstance(base, type) and isinstance(value, base) and not _bool_for_number(value, base)):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+
+
+def _bool_for_number(value: Any, base: type) -> bool:
+    return isinstance(value, bool) and base in (int, float)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """`section.field=value`, the value read as TOML (so 3e-4, true, [1, 2] and "text" all work; bare words too)."""
+    key, sep, raw = override.lstrip("-").partition("=")
+    if not sep:
+        raise ConfigError(f"override {override!r} has no '='; write it as --section.field=value, e.g. --optim.lr=3e-4")
+    key = _full_key(key.strip())
+    value = _parse_value(raw.strip())
+    *sections, name = key.split(".")
+    target = data
+    for section in sections:
+        target = target.setdefault(section, {})
+    target[name] = value
+
+
+def _full_key(key: str) -> str:
+    """A key as written ('optim.lr', or a unique field name like 'lr') -> its full dotted name."""
+    names = field_names()
+    if key in names or key.startswith("lora."):
+        return key
+    matches = [n for n in names if n.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"override key {key!r} is ambiguous: {matches}; write the full name")
+    raise ConfigError(f"unknown override key {key!r}; known keys: {', '.join(names)}, or lora.<LoraConfig field>")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word or path: a string
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved config as TOML that load_config reads back to an equal TrainConfig."""
+    top = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, section in config.to_dict().items():
+        if isinstance(section, dict):
+            lines.append(f"\n[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in section.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise ConfigError(f"cannot write {value!r} to TOML")

@@ -1,0 +1,220 @@
+"""Rows from local files (CSV, JSONL, JSON, parquet, text, a `datasets` folder) into train/eval lists of dicts.
+
+Everything is read and checked before a run folder exists, so a missing column or an unknown label is reported
+with its fix and nothing is written. Batches come from `batch_indices`: a pure function of (seed, epoch,
+position), which is what lets `--resume` continue with exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import DataSection
+
+Row = dict[str, Any]
+_SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+@dataclass
+class Split:
+    train: list[Row]
+    eval: list[Row]
+
+
+def resolve_path(source: str) -> Path:
+    """A path, or 'pkg://package/sub/path' for data a Python package ships (found without importing it)."""
+    if not source.startswith("pkg://"):
+        return Path(source)
+    package, _, rest = source.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"{source}: package {package!r} is not installed; pip install {package.replace('_', '-')} "
+            "(the default run's packages come with pip install 'lorakit[train]')"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
+def load_split(data: DataSection, seed: int) -> Split:
+    """Train and eval rows: eval from data.eval_path, or a seeded eval_fraction held out of data.path."""
+    rows = read_rows(data.path, data.format, data.encoding)
+    if data.eval_path:
+        train, evaluation = rows, read_rows(data.eval_path, data.format, data.encoding)
+    else:
+        shuffled = rows[:]
+        random.Random(seed).shuffle(shuffled)
+        n_eval = max(1, round(len(shuffled) * data.eval_fraction)) if data.eval_fraction > 0 else 0
+        train, evaluation = shuffled[n_eval:], shuffled[:n_eval]
+    train, evaluation = _drop_other_labels(train, data), _drop_other_labels(evaluation, data)
+    if not train:
+        raise ConfigError(f"{data.path} gives no training rows; check the file, or lower data.eval_fraction")
+    return Split(train[: data.max_samples], evaluation[: data.eval_samples])
+
+
+def _drop_other_labels(rows: list[Row], data: DataSection) -> list[Row]:
+    """With other_labels = 'drop', rows whose label is not one of data.labels go before any sample cap."""
+    if data.other_labels != "drop" or data.labels is None or not rows or data.label_column not in rows[0]:
+        return rows
+    wanted = {_label_key(label) for label in data.labels}
+    return [r for r in rows if isinstance(r[data.label_column], list) or _label_key(r[data.label_column]) in wanted]
+
+
+def read_rows(source: str, fmt: str = "auto", encoding: str = "utf-8") -> list[Row]:
+    """All rows of one file or saved dataset as dicts; `sklearn://digits` etc. for scikit-learn's bundled sets."""
+    if source.startswith("sklearn://") or fmt == "sklearn":
+        return _sklearn_rows(source.removeprefix("sklearn://"))
+    path = resolve_path(source)
+    if not path.exists():
+        raise ConfigError(f"data file {path} does not exist; fix data.path (or data.eval_path)")
+    fmt = _format_of(path) if fmt == "auto" else fmt
+    try:
+        rows = _READERS[fmt](path, encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not {encoding} text ({err.reason}); set data.encoding, e.g. 'latin-1'") from None
+    except (json.JSONDecodeError, csv.Error) as err:
+        raise ConfigError(f"{path} is not valid {fmt} ({err}); fix the file or set data.format") from None
+    if not rows:
+        raise ConfigError(f"{path} holds no rows")
+    return rows
+
+
+def _format_of(path: Path) -> str:
+    if path.is_dir():
+        return "disk"
+    if path.suffix.lower() not in _SUFFIX_FORMATS:
+        raise ConfigError(f"cannot tell the format of {path} from its suffix; set data.format (csv, jsonl, ...)")
+    return _SUFFIX_FORMATS[path.suffix.lower()]
+
+
+def _csv_rows(path: Path, encoding: str) -> list[Row]:
+    with path.open(encoding=encoding, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+
+
+def _jsonl_rows(path: Path, encoding: str) -> list[Row]:
+    with path.open(encoding=encoding) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_rows(path: Path, encoding: str) -> list[Row]:
+    data = json.loads(path.read_text(encoding=encoding))
+    if not isinstance(data, list):
+        raise ConfigError(f"{path} must hold a JSON list of objects (one per example)")
+    return data
+
+
+def _text_rows(path: Path, encoding: str) -> list[Row]:
+    """One example per non-empty line, in column 'text' (for causal-lm)."""
+    return [{"text": line.rstrip("\n")} for line in path.open(encoding=encoding) if line.strip()]
+
+
+def _parquet_rows(path: Path, encoding: str) -> list[Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("reading parquet needs pyarrow: pip install pyarrow") from None
+    return pq.read_table(path).to_pylist()
+
+
+def _disk_rows(path: Path, encoding: str) -> list[Row]:
+    """A folder written by `datasets`' save_to_disk; a DatasetDict gives its 'train' split."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("reading a saved dataset folder needs datasets: pip install datasets") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path} is not a folder written by datasets' save_to_disk ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"{path} holds splits {list(loaded)}; point data.path at one of them (path/<split>)")
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+def _sklearn_rows(name: str) -> list[Row]:
+    """scikit-learn's bundled tabular/image sets (digits, iris, wine, breast_cancer): features + label."""
+    try:
+        from sklearn import datasets as skd
+    except ImportError:
+        raise ConfigError("sklearn:// data needs scikit-learn: pip install scikit-learn") from None
+    loader = getattr(skd, f"load_{name}", None)
+    if loader is None or name not in ("digits", "iris", "wine", "breast_cancer"):
+        raise ConfigError(f"unknown sklearn data set {name!r}; choose digits, iris, wine or breast_cancer")
+    bunch = loader()
+    return [{"features": x.tolist(), "label": int(y)} for x, y in zip(bunch.data, bunch.target, strict=True)]
+
+
+_READERS = {
+    "csv": _csv_rows,
+    "jsonl": _jsonl_rows,
+    "json": _json_rows,
+    "text": _text_rows,
+    "parquet": _parquet_rows,
+    "disk": _disk_rows,
+}
+
+
+def check_columns(rows: list[Row], columns: list[str], where: str) -> None:
+    """Every named column exists in the first row; the message lists the columns there are."""
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ConfigError(
+            f"{where} has no column(s) {missing}; its columns are {sorted(rows[0])}; "
+            "set data.text_column / data.label_column / data.feature_columns to one of them"
+        )
+
+
+def label_ids(split: Split, data: DataSection) -> tuple[list[Any], Split]:
+    """The class list (data.labels, or the sorted labels seen) and the rows with labels mapped to ids."""
+    column = data.label_column
+    seen = {_label_key(r[column]) for rows in (split.train, split.eval) for r in rows}
+    classes = list(data.labels) if data.labels is not None else sorted(seen, key=str)
+    index = {_label_key(c): i for i, c in enumerate(classes)}
+    mapped = []
+    for rows in (split.train, split.eval):
+        outside = sorted({str(r[column]) for r in rows if _label_key(r[column]) not in index})
+        if outside:
+            raise ConfigError(
+                f"label(s) {outside[:5]} in column {column!r} are not in data.labels {classes}; add them to "
+                "data.labels, or set data.other_labels = 'drop' to leave those rows out"
+            )
+        mapped.append([{**r, column: index[_label_key(r[column])]} for r in rows])
+    if not mapped[0]:
+        raise ConfigError(f"no training row has a label in {classes}; check data.labels and data.label_column")
+    return classes, Split(*mapped)
+
+
+def _label_key(value: Any) -> str:
+    """Labels compare as text, so 1 in a CSV ('1') and 1 in a TOML list are the same class."""
+    return str(value)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The batches of one epoch for one rank: a permutation fixed by (seed, epoch), sharded by rank.
+
+    Every rank gets the same number of batches (the tail that does not divide evenly is dropped) so DDP's
+    all-reduce never waits on a rank that has run out.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    per_rank = len(order) // world
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    n_batches = max(1, len(mine) // batch_size)
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]

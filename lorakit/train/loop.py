@@ -1,0 +1,383 @@
+"""The training loop, top to bottom: check -> data -> model -> LoRA -> optimizer -> steps -> adapter, plots, report.
+
+Reads like nanoGPT's train.py on purpose: one function owns the loop and every other piece is a small helper
+above or below it. DDP comes from torchrun's environment (gloo on CPU, NCCL on GPU): each rank trains on its
+shard of every epoch, gradients are averaged, rank 0 alone writes the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lorakit import LoraModel, get_lora_model
+from lorakit.errors import ConfigError
+from lorakit.train import checkpoint, tasks
+from lorakit.train.config import TrainConfig, load_config, to_toml
+from lorakit.train.data import batch_indices
+from lorakit.train.plots import plot_run
+from lorakit.train.tracking import Progress, Tracker, check_available
+
+ADAPTER_DIR = "adapter"
+CONFIG_FILE = "config.toml"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports, also written to summary.json in its folder."""
+
+    folder: str
+    task: str
+    metric: str
+    before: dict[str, float]
+    after: dict[str, float]
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    model_bytes: int
+    steps: int
+    train_examples: int
+    seconds: float
+    step_seconds: float
+    data_wait_fraction: float
+    peak_memory_bytes: int
+
+
+@dataclass
+class _Env:
+    """Where this process runs: its rank among `world` processes and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(
+    config: TrainConfig,
+    overwrite: bool = False,
+    resume: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Runs `config` to the end and returns its report; `on_step(step)` is called after each optimizer step."""
+    env = _setup_env()
+    check_available(config.run)
+    folder = Path(resume) if resume is not None else config.resolved_out_dir()
+    _check_folder(folder, config, overwrite, resume is not None)
+    prepared = tasks.prepare(config)  # bad data fails here: nothing has been written yet
+    base = tasks.build_model(config, prepared)
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    model = get_lora_model(base, config.lora_config())
+    _gradient_checkpointing(model, config)
+    model.to(env.device)
+    optim = config.optim
+    batches_per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
+    max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * batches_per_epoch / optim.grad_accum))
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, max_steps)
+    if env.main:
+        _start_folder(folder, config, overwrite, resume is not None)
+    _barrier(env)
+    start_step = 0
+    if resume is not None:
+        start_step = checkpoint.load(folder, model, optimizer, scheduler, env.rank)
+        _truncate_metrics(folder, start_step, env)
+    tracker = Tracker(folder if env.main else None, config.run, config.to_dict(), resume is not None)
+    if resume is not None:
+        before = _read_summary_before(folder)
+    else:
+        torch.manual_seed(config.seed + env.rank)  # dropout: different per rank, the same in every run
+        random.seed(config.seed + env.rank)
+        before = evaluate(model, prepared, config, env)
+        tracker.log("eval", 0, before)
+        _write_json(folder / "before.json", before, env)
+    ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
+    progress = Progress(config.run.progress if env.main else "none", max_steps, start_step)
+    timing = {"wait": 0.0, "total": 0.0, "steps": 0}
+    window: list[float] = []  # losses since the last log line: the logged loss is their mean
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    for step in range(start_step, max_steps):
+        t0 = time.perf_counter()
+        loss, examples = _accumulate_gradients(ddp, prepared, config, step, batches_per_epoch, env, timing)
+        grad_norm = _clip(model, optim.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(_mean_over_ranks(loss, env))
+        dt = time.perf_counter() - t0
+        timing["total"], timing["steps"] = timing["total"] + dt, timing["steps"] + 1
+        done = step + 1
+        throughput = examples * env.world / dt
+        if done % config.run.log_every == 0 or done == max_steps:
+            mean_loss, window = sum(window) / len(window), []
+            tracker.log(
+                "train", done, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "examples_per_s": throughput}
+            )
+        progress.update({"loss": loss, "lr": lr, "ex/s": throughput})
+        if done % config.run.eval_every == 0 and done != max_steps:
+            tracker.log("eval", done, evaluate(model, prepared, config, env))
+        if done % config.run.checkpoint_every == 0 or done == max_steps:
+            checkpoint.save(folder, done, model, optimizer, scheduler, env.rank)
+        if on_step is not None:
+            on_step(done)
+    progress.close()
+
+    after = evaluate(model, prepared, config, env)
+    tracker.log("eval", max_steps, after)
+    tracker.close()
+    result = _finish(folder, model, config, env, before, after, max_steps, len(prepared.train), model_bytes, timing)
+    if env.world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, env: _Env | None = None) -> dict:
+    """The task's metrics over the whole eval set (every rank computes the same numbers)."""
+    device = env.device if env else next(model.parameters()).device
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    size = config.optim.batch_size * 2  # no activations kept for backward: twice the batch fits
+    with _autocast(config, env) if env else nullcontext():
+        for i in range(0, len(prepared.eval), size):
+            batch = {k: v.to(device) for k, v in prepared.collate(prepared.eval[i : i + size]).items()}
+            scores = tasks.score(config.task, model, batch)
+            loss_sum, count, correct = loss_sum + scores.loss_sum.item(), count + scores.count, correct + scores.correct
+    if count == 0:
+        return {}
+    return tasks.metrics(config.task, loss_sum, count, correct)
+
+
+# -- before the loop -------------------------------------------------------------------------------------------------
+def _setup_env() -> _Env:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Env(int(os.environ.get("RANK", "0")), world, device)
+
+
+def _check_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:
+    """Refuses to mix two runs in one folder; a resumed run must have the config it started with."""
+    if resume:
+        saved_file = folder / CONFIG_FILE
+        if not saved_file.is_file():
+            raise ConfigError(f"{folder} is not a run folder (no {CONFIG_FILE}); pass the folder of the run to resume")
+        saved = load_config(saved_file).to_dict()
+        differences = checkpoint.config_differences(saved, config.to_dict())
+        if differences:
+            raise ConfigError(
+                f"cannot resume {folder} with a different config ({'; '.join(differences)}); resume with the "
+                f"run's own config (lorakit train --resume {folder}) or start a new run in another folder"
+            )
+    elif folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"run folder {folder} exists; pass --overwrite to replace it, --resume {folder} to continue it, "
+            "or choose another --run.out_dir"
+        )
+
+
+def _start_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:
+    if overwrite and not resume and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        # the resolved folder is recorded, so `--resume` finds the same place
+        resolved = dataclasses.replace(config, run=dataclasses.replace(config.run, out_dir=str(folder)))
+        tmp = folder / (CONFIG_FILE + ".tmp")
+        tmp.write_text(to_toml(resolved))
+        os.replace(tmp, folder / CONFIG_FILE)
+
+
+def _gradient_checkpointing(model: LoraModel, config: TrainConfig) -> None:
+    if not config.model.gradient_checkpointing:
+        return
+    enable = getattr(model.model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(
+            f"model.gradient_checkpointing needs a transformers model; {config.model.source} has no "
+            "gradient_checkpointing_enable(); set it to false"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # works with frozen inputs (LoRA)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """torch.optim.<name> over the trainable parameters (the adapter and modules_to_save copies)."""
+    optim = config.optim
+    cls = getattr(torch.optim, optim.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        names = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper())
+        raise ConfigError(f"optim.name {optim.name!r} is not a torch.optim optimizer; choose one of {names}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return cls(params, lr=optim.lr, weight_decay=optim.weight_decay, **optim.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"torch.optim.{optim.name} does not take these arguments ({err}); fix optim.kwargs") from None
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int) -> Any:
+    """Linear warm-up, then linear decay to 0, cosine decay to 0, or a constant rate."""
+    optim = config.optim
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * max_steps)
+    schedule = optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(config: TrainConfig, env: _Env) -> Any:
+    """bf16 autocast where it pays (GPU, or when asked); adapters and optimizer state stay fp32."""
+    precision = config.optim.precision
+    enabled = precision == "bf16" or (precision == "auto" and env.device.type == "cuda")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# -- inside the loop -------------------------------------------------------------------------------------------------
+def _accumulate_gradients(ddp: nn.Module, prepared: tasks.Prepared, config: TrainConfig, step: int, per_epoch: int,
+                          env: _Env, timing: dict) -> tuple[float, int]:  # fmt: skip
+    """Forward and backward over the grad_accum micro-batches of one optimizer step; (mean loss, examples).
+
+    DDP averages gradients over ranks at the last micro-batch only (no_sync before it), as one big batch would.
+    """
+    ddp.train()
+    accum = config.optim.grad_accum
+    loss_sum, examples = 0.0, 0
+    for micro in range(accum):
+        t_data = time.perf_counter()
+        batch = _batch(prepared, config, step * accum + micro, per_epoch, env)
+        timing["wait"] += time.perf_counter() - t_data
+        sync = micro == accum - 1 or env.world == 1
+        with _autocast(config, env), nullcontext() if sync else ddp.no_sync():
+            loss = tasks.score(config.task, ddp, batch).mean_loss() / accum
+        loss.backward()
+        loss_sum += loss.item()
+        examples += len(batch["labels"])
+    return loss_sum, examples
+
+
+def _batch(prepared: tasks.Prepared, config: TrainConfig, k: int, per_epoch: int, env: _Env) -> dict:
+    """Micro-batch number k of the whole run, for this rank; a pure function of k, which makes resume exact."""
+    epoch, position = divmod(k, per_epoch)
+    indices = batch_indices(len(prepared.train), config.optim.batch_size, config.seed, epoch, env.rank, env.world)
+    batch = prepared.collate([prepared.train[i] for i in indices[position]])
+    return {key: value.to(env.device, non_blocking=True) for key, value in batch.items()}
+
+
+def _clip(model: nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+def _mean_over_ranks(value: float, env: _Env) -> float:
+    if env.world == 1:
+        return value
+    tensor = torch.tensor([value], device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / env.world
+
+
+def _barrier(env: _Env) -> None:
+    if env.world > 1:
+        dist.barrier()
+
+
+# -- after the loop --------------------------------------------------------------------------------------------------
+def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, before: dict, after: dict, steps: int,
+            n_train: int, model_bytes: int, timing: dict) -> RunResult:  # fmt: skip
+    """Saves the adapter (atomically), plots and summary.json on rank 0; returns the report on every rank."""
+    trainable, total = model.get_nb_trainable_parameters()
+    adapter = folder / ADAPTER_DIR
+    if env.main:
+        tmp = folder / (ADAPTER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+    _barrier(env)
+    metric, _ = tasks.primary_metric(config.task)
+    result = RunResult(
+        folder=str(folder),
+        task=config.task,
+        metric=metric,
+        before=before,
+        after=after,
+        trainable_params=trainable,
+        total_params=total,
+        adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
+        model_bytes=model_bytes,
+        steps=steps,
+        train_examples=n_train,
+        seconds=timing["total"],
+        step_seconds=timing["total"] / max(timing["steps"], 1),
+        data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
+        peak_memory_bytes=_peak_memory(env),
+    )
+    if env.main:
+        if config.run.plots:
+            plot_run(folder, metric)
+        _write_json(folder / SUMMARY_FILE, asdict(result), env)
+    return result
+
+
+def _peak_memory(env: _Env) -> int:
+    """Peak GPU memory, or this process's peak resident memory on CPU."""
+    if env.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(env.device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _write_json(path: Path, data: dict, env: _Env) -> None:
+    if env.main:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _read_summary_before(folder: Path) -> dict:
+    path = folder / "before.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _truncate_metrics(folder: Path, step: int, env: _Env) -> None:
+    """Drops records an interrupted run wrote after its last checkpoint: the resumed run writes them again."""
+    path = folder / "metrics.jsonl"
+    if env.main and path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,256 @@
+"""What differs between tasks, and nothing else: how rows become tensors, which model head, how a batch is scored.
+
+Each task turns a batch into one `Scores` (summed loss, counted items, correct items), which serves both the
+training step (mean loss) and evaluation (sums over the eval set), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import Split, check_columns, label_ids, load_split, resolve_path
+
+Example = dict[str, Any]
+Batch = dict[str, Tensor]
+IGNORE = -100  # the label id cross-entropy skips (padding, non-first sub-words)
+
+
+@dataclass
+class Scores:
+    loss_sum: Tensor  # keeps its graph in training
+    count: int
+    correct: int
+
+    def mean_loss(self) -> Tensor:
+        return self.loss_sum / max(self.count, 1)
+
+
+@dataclass
+class Prepared:
+    """A task's data, ready for batching, and what the model head needs to know about it."""
+
+    train: list[Example]
+    eval: list[Example]
+    classes: list[Any] | None
+    collate: Callable[[list[Example]], Batch]
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Reads, checks and encodes the data of `config`; raises ConfigError (nothing written) on bad input."""
+    if not _is_factory(config.model.source):
+        _check_model_folder(resolve_path(config.model.source), config.task)
+    split = load_split(config.data, config.seed)
+    return _PREPARE[config.task](config, split)
+
+
+def build_model(config: TrainConfig, prepared: Prepared) -> nn.Module:
+    """The base model with the head the task needs; seeded, so a fresh head is the same in every run."""
+    torch.manual_seed(config.seed)
+    source = config.model.source
+    if _is_factory(source):
+        from lorakit.cli import load_model  # the CLI's loader, so `inspect`, `merge` and `train` agree on factories
+
+        return load_model(source)
+    return _load_folder(resolve_path(source), config.task, prepared.classes)
+
+
+def score(task: str, model: nn.Module, batch: Batch) -> Scores:
+    """Loss sum, item count and correct count of one batch."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    logits = out if isinstance(out, Tensor) else out.logits
+    if task == "causal-lm":  # predict token t+1 from tokens <= t
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    correct = int(((logits.argmax(-1) == labels) & valid).sum())
+    return Scores(loss_sum, int(valid.sum()), correct)
+
+
+def metrics(task: str, loss_sum: float, count: int, correct: int) -> dict[str, float]:
+    loss = loss_sum / max(count, 1)
+    out = {"loss": loss, "accuracy": correct / max(count, 1)}
+    if task == "causal-lm":
+        out["perplexity"] = math.exp(min(loss, 50.0))
+    return out
+
+
+def primary_metric(task: str) -> tuple[str, bool]:
+    """(name, higher is better) of the number a run is judged by."""
+    return ("perplexity", False) if task == "causal-lm" else ("accuracy", True)
+
+
+# -- models from folders ---------------------------------------------------------------------------------------------
+def _is_factory(source: str) -> bool:
+    return ":" in source and not source.startswith("pkg://") and not Path(source).exists()
+
+
+def _check_model_folder(folder: Path, task: str) -> None:
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} is not a model folder (no config.json); set model.source to a folder written by "
+            "transformers' save_pretrained, or to a factory 'package.module:function'"
+        )
+    if task == "classification":
+        raise ConfigError(
+            "task 'classification' takes a model from a factory: model.source = 'package.module:function'"
+        )
+
+
+def _load_folder(folder: Path, task: str, classes: list[Any] | None) -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+    transformers.logging.disable_progress_bar()
+    auto = {
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "token-cls": transformers.AutoModelForTokenClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task]
+    kwargs: dict[str, Any] = {}
+    if classes is not None:
+        kwargs = {"num_labels": len(classes), "id2label": dict(enumerate(map(str, classes)))}
+        kwargs["label2id"] = {str(c): i for i, c in enumerate(classes)}
+    try:
+        return auto.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as err:  # transformers raises many kinds for a folder it cannot read
+        raise ConfigError(f"transformers cannot load {folder} for task {task!r}: {err}") from None
+
+
+def _tokenizer(config: TrainConfig) -> Any:
+    source = config.model.tokenizer or config.model.source
+    folder = resolve_path(source)
+    if not folder.is_dir():
+        raise ConfigError(f"task {config.task!r} needs a tokenizer: set model.tokenizer to a folder that has one")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"no tokenizer loads from {folder} ({err}); set model.tokenizer to a folder with one"
+        ) from None
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out of the loss anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# -- encoding per task -----------------------------------------------------------------------------------------------
+def _prepare_seq_cls(config: TrainConfig, split: Split) -> Prepared:
+    data = config.data
+    for rows, where in ((split.train, data.path), (split.eval, data.eval_path or data.path)):
+        if rows:
+            check_columns(rows, [data.text_column, data.label_column], where)
+    classes, split = label_ids(split, data)
+    tokenizer = _tokenizer(config)
+
+    def encode(rows: list[Example]) -> list[Example]:
+        texts = [str(r[data.text_column]) for r in rows]
+        enc = tokenizer(texts, truncation=data.truncation, max_length=data.max_length) if texts else {"input_ids": []}
+        return [{**{k: enc[k][i] for k in enc}, "labels": r[data.label_column]} for i, r in enumerate(rows)]
+
+    return Prepared(encode(split.train), encode(split.eval), classes, _text_collate(tokenizer, config, per_token=False))
+
+
+def _prepare_token_cls(config: TrainConfig, split: Split) -> Prepared:
+    data = config.data
+    check_columns(split.train, [data.text_column, data.label_column], data.path)
+    seen = sorted({str(t) for rows in (split.train, split.eval) for r in rows for t in r[data.label_column]})
+    classes = list(data.labels) if data.labels is not None else seen
+    index = {str(c): i for i, c in enumerate(classes)}
+    outside = [t for t in seen if t not in index]
+    if outside:
+        raise ConfigError(f"tag(s) {outside[:5]} are not in data.labels {classes}; add them to data.labels")
+    tokenizer = _tokenizer(config)
+
+    def encode(rows: list[Example]) -> list[Example]:
+        out = []
+        for r in rows:
+            enc = tokenizer(list(r[data.text_column]), is_split_into_words=True, truncation=data.truncation,
+                            max_length=data.max_length)  # fmt: skip
+            words, previous, labels = enc.word_ids(), None, []
+            for word in words:  # a word's tag goes on its first sub-word; the rest are ignored, as in HF's recipe
+                first = word is not None and word != previous
+                labels.append(index[str(r[data.label_column][word])] if first else IGNORE)
+                previous = word
+            out.append({**dict(enc), "labels": labels})
+        return out
+
+    return Prepared(encode(split.train), encode(split.eval), classes, _text_collate(tokenizer, config, per_token=True))
+
+
+def _prepare_causal_lm(config: TrainConfig, split: Split) -> Prepared:
+    data = config.data
+    check_columns(split.train, [data.text_column], data.path)
+    tokenizer = _tokenizer(config)
+
+    def encode(rows: list[Example]) -> list[Example]:
+        texts = [str(r[data.text_column]) for r in rows]
+        if not texts:
+            return []
+        enc = tokenizer(texts, truncation=data.truncation, max_length=data.max_length)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
+                for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]  # fmt: skip
+
+    return Prepared(encode(split.train), encode(split.eval), None, _text_collate(tokenizer, config, per_token=True))
+
+
+def _prepare_classification(config: TrainConfig, split: Split) -> Prepared:
+    """Tabular or image rows: data.feature_columns, or one column 'features' holding an array per row."""
+    data = config.data
+    columns = data.feature_columns or ["features"]
+    check_columns(split.train, [*columns, data.label_column], data.path)
+    classes, split = label_ids(split, data)
+
+    def encode(rows: list[Example]) -> list[Example]:
+        def features(r: Example) -> Tensor:
+            values = [r[c] for c in columns]
+            return torch.tensor(values[0] if len(columns) == 1 else values, dtype=torch.float32).flatten()
+
+        return [{"x": features(r), "labels": r[data.label_column]} for r in rows]
+
+    def collate(examples: list[Example]) -> Batch:
+        return {"x": torch.stack([e["x"] for e in examples]), "labels": torch.tensor([e["labels"] for e in examples])}
+
+    return Prepared(encode(split.train), encode(split.eval), classes, collate)
+
+
+def _text_collate(tokenizer: Any, config: TrainConfig, per_token: bool) -> Callable[[list[Example]], Batch]:
+    """Pads a batch to its longest example (or data.max_length); padded label positions are IGNORE."""
+    pad_id = tokenizer.pad_token_id
+    fixed = config.data.max_length if config.data.padding == "max_length" else None
+
+    def collate(examples: list[Example]) -> Batch:
+        width = fixed or max(len(e["input_ids"]) for e in examples)
+        batch: dict[str, list] = {}
+        for key in examples[0]:
+            if key == "labels" and not per_token:
+                continue
+            fill = IGNORE if key == "labels" else pad_id if key == "input_ids" else 0
+            batch[key] = [e[key] + [fill] * (width - len(e[key])) for e in examples]
+        if not per_token:
+            batch["labels"] = [e["labels"] for e in examples]
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+    return collate
+
+
+_PREPARE = {
+    "seq-cls": _prepare_seq_cls,
+    "token-cls": _prepare_token_cls,
+    "causal-lm": _prepare_causal_lm,
+    "classification": _prepare_classification,
+}

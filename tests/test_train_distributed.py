@@ -1,0 +1,85 @@
+"""Beyond the single-process loop: DDP through torchrun (gloo on CPU), a LoraModel inside transformers.Trainer,
+and the real default run (pretrained MiniLM on the packaged tweet corpus) on a few samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
+
+from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit.train import load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_bert(tmp_path_factory.mktemp("bert")), sentiment_csv(tmp_path_factory.mktemp("d") / "s.csv")
+
+
+def test_ddp_two_ranks_on_gloo_shard_the_data_and_save_one_adapter(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    bert, data = inputs
+    config = seq_cls_config(tmp_path, bert, data, checkpoint_every="2")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               "-m", "lorakit.train", "train", str(config), f"--run.out_dir={out}", "--optim.max_steps=0",
+               "--optim.epochs=1"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    # 96 training rows, batch 8: one process takes 12 steps per epoch; two ranks with 48 rows each take 6
+    assert summary["steps"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {"state.pt", "rng-rank0.pt", "rng-rank1.pt"}
+    assert done.stdout.count("Done.") == 2  # every rank returns the same report; both printed it
+
+
+def test_lora_model_trains_inside_transformers_trainer(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    bert, _ = inputs
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_lora_model(base, config)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    tokenizer = AutoTokenizer.from_pretrained(bert)
+    texts = ["good", "great fun", "loved it", "bad", "awful", "hated it"] * 8
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    rows = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+             "labels": torch.tensor(int(i % 6 < 3))} for i in range(len(texts))]  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=15, per_device_train_batch_size=8,
+                             learning_rate=2e-2, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    history = trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < losses[0] and history.global_step == 15
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    model.save_pretrained(tmp_path / "adapter")
+    trainer.save_model(str(tmp_path / "full"))  # Trainer's own save of a non-PreTrainedModel also works
+    fresh = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2)
+    reloaded = LoraModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    batch = {k: v[:6] for k, v in encoded.items()}
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, model.eval()(**batch).logits, atol=1e-5)
+
+
+def test_the_default_run_on_the_real_minilm_and_tweets(tmp_path: Path) -> None:
+    """The no-argument run's config, shortened: real weights, real packaged data, offline."""
+    overrides = ["data.max_samples=96", "data.eval_samples=64", "optim.max_steps=6", "optim.batch_size=16",
+                 f"run.out_dir={tmp_path / 'run'}", "run.progress=none", "run.eval_every=100"]  # fmt: skip
+    result = train(load_config(None, overrides))
+    assert result.trainable_params == 74_498 and result.total_params == 22_787_714  # PEFT's count for this model
+    assert result.model_bytes > 80 * 2**20 and result.adapter_bytes < 400 * 2**10
+    assert result.after["loss"] < result.before["loss"]

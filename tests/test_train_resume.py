@@ -1,0 +1,78 @@
+"""--resume: an interrupted run continued from its checkpoint reaches the same losses as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
+
+from lorakit.errors import ConfigError
+from lorakit.train import load_config, train
+
+
+class Interrupted(Exception):
+    """Stands for a kill: raised from inside the loop, after the checkpoint at step 4 and before step 8."""
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _interrupt_at(step: int):
+    def on_step(done: int) -> None:
+        if done == step:
+            raise Interrupted
+
+    return on_step
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_bert(tmp_path_factory.mktemp("bert")), sentiment_csv(tmp_path_factory.mktemp("d") / "s.csv")
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_continues_to_the_same_losses(tmp_path: Path, inputs: tuple[Path, Path], grad_accum: int) -> None:
+    """8 steps straight vs 6 steps + interruption (last checkpoint at 4) + resume: dropout on, shuffled data."""
+    bert, data = inputs
+    straight = train(load_config(seq_cls_config(_mk(tmp_path / "a"), bert, data), [f"optim.grad_accum={grad_accum}"]))
+    config = load_config(seq_cls_config(_mk(tmp_path / "b"), bert, data), [f"optim.grad_accum={grad_accum}"])
+    with pytest.raises(Interrupted):
+        train(config, on_step=_interrupt_at(6))
+    run = Path(config.run.out_dir)
+    assert not (run / "adapter").exists()  # nothing final is written by an interrupted run
+    resumed = train(load_config(run / "config.toml"), resume=run)
+    expected, got = _losses(Path(straight.folder)), _losses(run)
+    assert sorted(got) == list(range(1, 9))  # steps 5-6 of the interrupted run were replaced, not duplicated
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert resumed.after == pytest.approx(straight.after, rel=1e-6)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    bert, data = inputs
+    config = load_config(seq_cls_config(tmp_path, bert, data))
+    with pytest.raises(Interrupted):
+        train(config, on_step=_interrupt_at(5))
+    run = Path(config.run.out_dir)
+    before = sorted(p.name for p in run.iterdir())
+    changed = load_config(run / "config.toml", ["optim.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"cannot resume .* different config \(optim.lr: 0.01 -> 0.5\)"):
+        train(changed, resume=run)
+    assert sorted(p.name for p in run.iterdir()) == before
+    shown_only = load_config(run / "config.toml", ["run.progress=tqdm"])  # display settings may change
+    assert train(shown_only, resume=run).steps == 8
+
+
+def test_resume_without_a_checkpoint_or_run_folder(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    bert, data = inputs
+    config = load_config(seq_cls_config(tmp_path, bert, data))
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        train(config, resume=tmp_path / "nothing")
+
+
+def _mk(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
