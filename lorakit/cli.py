@@ -512,5 +512,8 @@ def main() -> None:
 
 
 # -- commands defined in other modules ------------------------------------------------------------------------------
-# `lorakit train` will be added here by `lorakit.train.commands.register(app)`; it uses `load_model` above and
-# gets the same error handling from `_Commands`.
+# train, eval, compare and sweep live with the training workflow; they use `load_model` above and get the same
+# error handling from `_Commands`.
+from lorakit.train.commands import register as _register_training  # noqa: E402
+
+_register_training(app)
