@@ -71,6 +71,20 @@ class _Env:
         return self.rank == 0
 
 
+@dataclass
+class _Setup:
+    """Everything the loop needs, built and checked before the first step."""
+
+    folder: Path
+    prepared: tasks.Prepared
+    model: LoraModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_steps: int
+    batches_per_epoch: int
+    model_bytes: int
+
+
 def train(
     config: TrainConfig,
     overwrite: bool = False,
@@ -79,23 +93,9 @@ def train(
 ) -> RunResult:
     """Runs `config` to the end and returns its report; `on_step(step)` is called after each optimizer step."""
     env = _setup_env()
-    check_available(config.run)
-    folder = Path(resume) if resume is not None else config.resolved_out_dir()
-    _check_folder(folder, config, overwrite, resume is not None)
-    prepared = tasks.prepare(config)  # bad data fails here: nothing has been written yet
-    base = tasks.build_model(config, prepared)
-    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    model = get_lora_model(base, config.lora_config())
-    _gradient_checkpointing(model, config)
-    model.to(env.device)
-    optim = config.optim
-    batches_per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
-    max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * batches_per_epoch / optim.grad_accum))
-    optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, max_steps)
-    if env.main:
-        _start_folder(folder, config, overwrite, resume is not None)
-    _barrier(env)
+    run = _setup(config, env, overwrite, resume)
+    folder, prepared, model, optimizer, scheduler = run.folder, run.prepared, run.model, run.optimizer, run.scheduler
+    max_steps, optim = run.max_steps, config.optim
     start_step = 0
     if resume is not None:
         start_step = checkpoint.load(folder, model, optimizer, scheduler, env.rank)
@@ -117,7 +117,7 @@ def train(
     # -- the loop ------------------------------------------------------------------------------------------------
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        loss, examples = _accumulate_gradients(ddp, prepared, config, step, batches_per_epoch, env, timing)
+        loss, examples = _accumulate_gradients(ddp, prepared, config, step, run.batches_per_epoch, env, timing)
         grad_norm = _clip(model, optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -145,7 +145,7 @@ def train(
     after = evaluate(model, prepared, config, env)
     tracker.log("eval", max_steps, after)
     tracker.close()
-    result = _finish(folder, model, config, env, before, after, max_steps, len(prepared.train), model_bytes, timing)
+    result = _finish(folder, model, config, env, before, after, max_steps, len(prepared.train), run.model_bytes, timing)
     if env.world > 1:
         dist.destroy_process_group()
     return result
@@ -169,6 +169,28 @@ def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, en
 
 
 # -- before the loop -------------------------------------------------------------------------------------------------
+def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None) -> _Setup:
+    """Checks, data, model, LoRA, optimizer and schedule; the run folder is created only once all of them work."""
+    check_available(config.run)
+    folder = Path(resume) if resume is not None else config.resolved_out_dir()
+    _check_folder(folder, config, overwrite, resume is not None)
+    prepared = tasks.prepare(config)  # bad data fails here: nothing has been written yet
+    base = tasks.build_model(config, prepared)
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    model = get_lora_model(base, config.lora_config())
+    _gradient_checkpointing(model, config)
+    model.to(env.device)
+    optim = config.optim
+    per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
+    max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, max_steps)
+    if env.main:
+        _start_folder(folder, config, overwrite, resume is not None)
+    _barrier(env)
+    return _Setup(folder, prepared, model, optimizer, scheduler, max_steps, per_epoch, model_bytes)
+
+
 def _setup_env() -> _Env:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
