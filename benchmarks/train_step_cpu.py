@@ -9,9 +9,11 @@ fp32 throughout, AdamW on the trainable parameters and the causal-LM loss of tra
           allocator events), and the peak RSS above the RSS before those steps; both count the activations
           kept for backward, the gradients and AdamW's state
 
-Prints a table with the ratios ours / PEFT (target: <= 1.0 for both) and writes JSON with --json PATH.
+Prints a table with the ratios ours / PEFT (target: <= 1.0 for both), the spread of the step-by-step time ratio
+and how much CPU other processes took meanwhile (over 5%: the timings are not sound); --json PATH also writes it
+all as JSON. --profile N prints the aten ops of N steps per side, side by side: where a difference in time comes from.
 
-Run: python benchmarks/train_step_cpu.py [--quick] [--json out.json]
+Run: python benchmarks/train_step_cpu.py [--quick] [--profile 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -356,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--rank", type=int, default=16)
     add("--alpha", type=float, default=16)
     add("--steps", type=int, default=50, help="timed steps per side")
-    add("--warmup", type=int, default=5, help="untimed steps per side first")
+    add("--warmup", type=int, default=5, help="untimed steps per side first (at least 1)")
     add("--memory-rounds", type=int, default=2, help="fresh subprocesses per side for memory")
     add("--memory-steps", type=int, default=3, help="training steps inside each memory measurement")
     add("--threads", type=int, default=2, help="torch.set_num_threads")
