@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert, tiny_gpt2, token_jsonl, write_config
 
@@ -252,7 +253,10 @@ def test_adapter_is_written_atomically_and_matches_the_model(tmp_path: Path, ber
     adapter = Path(result.folder) / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not list(Path(result.folder).glob("*.tmp"))
-    assert torch.load(Path(result.folder) / "checkpoint" / "state.pt", weights_only=True)["step"] == 8
+    checkpoint = Path(result.folder) / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["rng-rank0.safetensors", "state.safetensors"]
+    with safe_open(str(checkpoint / "state.safetensors"), "pt") as handle:  # JSON beside the tensors, no pickle
+        assert json.loads(handle.metadata()["lorakit.checkpoint"])["step"] == 8
 
 
 def _literal(text: str) -> str:

@@ -40,7 +40,11 @@ def test_ddp_two_ranks_on_gloo_shard_the_data_and_save_one_adapter(tmp_path: Pat
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert {p.name for p in (out / "checkpoint").iterdir()} == {"state.pt", "rng-rank0.pt", "rng-rank1.pt"}
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {
+        "state.safetensors",
+        "rng-rank0.safetensors",
+        "rng-rank1.safetensors",
+    }
     assert done.stdout.count("Done.") == 2  # every rank returns the same report; both printed it
 
 

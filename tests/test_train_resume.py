@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,8 @@ from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
 
 from lorakit.errors import ConfigError
 from lorakit.train import load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Interrupted(Exception):
@@ -49,6 +55,24 @@ def test_resume_continues_to_the_same_losses(tmp_path: Path, inputs: tuple[Path,
     assert sorted(got) == list(range(1, 9))  # steps 5-6 of the interrupted run were replaced, not duplicated
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert resumed.after == pytest.approx(straight.after, rel=1e-6)
+
+
+def test_resume_after_a_real_kill(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """The run is SIGKILLed in a child process at step 6 (no exception handler, no cleanup runs), then resumed."""
+    bert, data = inputs
+    straight = train(load_config(seq_cls_config(_mk(tmp_path / "a"), bert, data)))
+    config_file = seq_cls_config(_mk(tmp_path / "b"), bert, data)
+    kill_at_6 = (
+        "import os, signal, sys; from lorakit.train import load_config, train; "
+        "train(load_config(sys.argv[1]), on_step=lambda done: done == 6 and os.kill(os.getpid(), signal.SIGKILL))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", kill_at_6, str(config_file)], env=env, timeout=240)
+    assert child.returncode == -signal.SIGKILL
+    run = Path(load_config(config_file).run.out_dir)
+    assert not (run / "adapter").exists() and not list(run.rglob("*.tmp"))
+    train(load_config(run / "config.toml"), resume=run)
+    assert _losses(run) == pytest.approx(_losses(Path(straight.folder)), rel=1e-6, abs=1e-7)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path: Path, inputs: tuple[Path, Path]) -> None:

@@ -1,25 +1,36 @@
 """Checkpoints that make `--resume` continue exactly: trainable weights, optimizer, scheduler, step and RNG.
 
 Data order needs no state of its own: batches are a function of (seed, epoch, position) (data.batch_indices),
-so the step count says which batch comes next. Files are written to a temporary name and renamed, so an
-interruption mid-write leaves the previous checkpoint intact. Loading uses weights_only (no pickle code runs).
+so the step count says which batch comes next. Like adapters, checkpoints are safetensors with JSON beside the
+tensors (in the file's metadata) and nothing is ever unpickled: one file holds the shared state, one per rank its
+RNG state. Each is written to a temporary name and renamed, so an interruption mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.safetensors"
 # Keys that may differ between a run and its resumption: they change how it is shown, not what it computes.
 RESUMABLE_DIFFERENCES = {"run.progress", "run.out_dir", "run.tensorboard", "run.wandb", "run.plots"}
+_META = "lorakit.checkpoint"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
 
 
 def save(folder: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> None:
@@ -27,35 +38,35 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: Any, scheduler: A
     target = folder / CHECKPOINT_DIR
     target.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        state = {
-            "step": step,
-            "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        _atomic_save(state, target / "state.pt")
-    _atomic_save(_rng_state(), target / f"rng-rank{rank}.pt")
+        tensors = {f"trainable.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        optim_tensors, optim_json = _split(optimizer.state_dict())
+        tensors.update({f"optimizer.{k}": v for k, v in optim_tensors.items()})
+        meta = {"step": step, "optimizer": optim_json, "scheduler": _jsonable(scheduler.state_dict(), "scheduler")}
+        _atomic_save(tensors, meta, target / STATE_FILE)
+    rng_tensors, rng_json = _rng_state()
+    _atomic_save(rng_tensors, rng_json, target / rng_file(rank))
 
 
 def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> int:
     """Restores everything `save` wrote and returns the number of optimizer steps already done."""
     target = folder / CHECKPOINT_DIR
-    if not (target / "state.pt").is_file():
+    if not (target / STATE_FILE).is_file():
         raise ConfigError(f"{folder} has no checkpoint to resume from; start a new run without --resume")
-    state = torch.load(target / "state.pt", weights_only=True)
+    tensors, meta = _read(target / STATE_FILE)
     params = dict(model.named_parameters())
-    missing = sorted(set(state["trainable"]) - set(params))
+    trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
+    missing = sorted(set(trainable) - set(params))
     if missing:
         raise ConfigError(f"the checkpoint in {folder} does not fit this model (no {missing[:3]}); start a new run")
     with torch.no_grad():
-        for name, value in state["trainable"].items():
+        for name, value in trainable.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = target / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return int(state["step"])
+    optim_tensors = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
+    optimizer.load_state_dict(_join(optim_tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    if (target / rng_file(rank)).is_file():
+        _set_rng_state(*_read(target / rng_file(rank)))
+    return int(meta["step"])
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -71,26 +82,78 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
     return out
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+# -- optimizer state: tensors to safetensors, the rest to JSON -------------------------------------------------------
+def _split(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """torch's optimizer state_dict as {"<param>.<key>": tensor} plus a JSON part (param_groups, plain values)."""
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        plain[str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value
+                plain[str(index)][key] = None  # a tensor, stored under "<param>.<key>"
+            else:
+                plain[str(index)][key] = _jsonable(value, f"optimizer state {key!r}")
+    return tensors, {"state": plain, "param_groups": _jsonable(state["param_groups"], "optimizer param_groups")}
+
+
+def _join(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {
+        int(index): {key: tensors[f"{index}.{key}"] if value is None else value for key, value in values.items()}
+        for index, values in plain["state"].items()
+    }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    """Checks that `value` survives JSON unchanged: a checkpoint must not silently lose state."""
+    try:
+        text = json.dumps(value)
+    except TypeError as err:
+        raise ConfigError(f"cannot checkpoint the {what}: {err}; use a torch.optim optimizer without it") from None
+    if json.loads(text) != _listify(value):
+        raise ConfigError(f"cannot checkpoint the {what}: it does not survive JSON")
+    return value
+
+
+def _listify(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_listify(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _listify(v) for k, v in value.items()}
+    return value
+
+
+# -- RNG -------------------------------------------------------------------------------------------------------------
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _as_tuple(value: Any) -> Any:
-    """random.setstate wants tuples all the way down; a saved state may come back with lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
+# -- files -----------------------------------------------------------------------------------------------------------
+def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata={_META: json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads((handle.metadata() or {})[_META])
+    except (SafetensorError, KeyError, OSError, ValueError) as err:
+        raise ConfigError(f"the checkpoint file {path} is damaged ({err}); start a new run") from None
+    return tensors, meta
