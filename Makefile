@@ -11,15 +11,15 @@ export TRANSFORMERS_VERBOSITY ?= error
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,examples]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,train,examples]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 .PHONY: setup run test lint
 setup: $(STAMP)
 
-run: $(STAMP)  ## the main job on its embedded default
-	$(PY) examples/quickstart.py
+run: $(STAMP)  ## the main job on its embedded default: `lorakit train` with no arguments
+	$(VENV)/bin/lorakit train
 
 test: $(STAMP)  ## lint, then the whole test suite
 	$(PY) -m ruff check $(SOURCES)

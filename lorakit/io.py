@@ -63,21 +63,31 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
     return tensors
 
 
+def _whole(tensor: Tensor) -> Tensor:
+    """A tensor sharded by FSDP (a DTensor) gathered from every rank; a collective call. Others as they are."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def save_adapter(
     model: nn.Module,
     name: str,
     config: LoraConfig | VeraConfig,
     directory: str | Path,
     initial: str | Path | None = None,
+    write: bool = True,
 ) -> None:
     """Writes the adapter folder; each file goes to a temp file first and is renamed into place.
 
     initial: the folder of this adapter saved right after a PiSSA / OLoRA init; the file written is then a
     plain LoRA of rank 2r against the original base weight (PEFT's path_initial_model_for_weight_conversion).
+    write: False on the other ranks of a sharded model, which only take part in gathering the tensors.
     """
+    tensors = {k: _whole(v).cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
+    if not write:
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
     if initial is not None:
         tensors, config = converted_to_lora(tensors, read_weights(initial)), converted_config(config)
     _atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))

@@ -113,16 +113,19 @@ class LoraModel(nn.Module):
         directory: str | Path,
         selected_adapters: list[str] | None = None,
         path_initial_model_for_weight_conversion: str | Path | None = None,
+        is_main_process: bool = True,
     ) -> None:
         """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`.
 
         path_initial_model_for_weight_conversion: as in PEFT, the folder saved right after a PiSSA / OLoRA init;
         the adapter is then written as a plain LoRA against the original base weight.
+        is_main_process: as in PEFT; with a model sharded by FSDP every rank calls this (the shards are gathered
+        from all of them) and only the main process writes.
         """
         for name in selected_adapters or list(self.peft_config):
             target = Path(directory) if name == "default" else Path(directory) / name
             initial = path_initial_model_for_weight_conversion
-            io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial)
+            io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial, write=is_main_process)
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""

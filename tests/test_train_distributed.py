@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
@@ -24,28 +25,59 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny_bert(tmp_path_factory.mktemp("bert")), sentiment_csv(tmp_path_factory.mktemp("d") / "s.csv")
 
 
-def test_ddp_two_ranks_on_gloo_shard_the_data_and_save_one_adapter(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
-    bert, data = inputs
-    config = seq_cls_config(tmp_path, bert, data, checkpoint_every="2")
-    out = tmp_path / "ddp"
+def _torchrun(tmp_path: Path, config: Path, out: Path, port: int, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-               "-m", "lorakit.train", "train", str(config), f"--run.out_dir={out}", "--optim.max_steps=0",
-               "--optim.epochs=1"]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "lorakit", "train", str(config), f"--run.out_dir={out}", "--optim.max_steps=0",
+               "--optim.epochs=1", *overrides]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _train_losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory, inputs: tuple[Path, Path]) -> tuple[Path, str]:
+    bert, data = inputs
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    config = seq_cls_config(tmp_path, bert, data, checkpoint_every="2")
+    done = _torchrun(tmp_path, config, tmp_path / "run", 29531)
+    return tmp_path / "run", done.stdout
+
+
+def test_ddp_two_ranks_on_gloo_shard_the_data_and_save_one_adapter(ddp_run: tuple[Path, str]) -> None:
+    out, stdout = ddp_run
     summary = json.loads((out / "summary.json").read_text())
     # 96 training rows, batch 8: one process takes 12 steps per epoch; two ranks with 48 rows each take 6
     assert summary["steps"] == 6
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
+    assert sorted(_train_losses(out)) == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert {p.name for p in (out / "checkpoint").iterdir()} == {
-        "state.safetensors",
-        "rng-rank0.safetensors",
-        "rng-rank1.safetensors",
-    }
-    assert done.stdout.count("Done.") == 2  # every rank returns the same report; both printed it
+    rng = {"rng-rank0.safetensors", "rng-rank1.safetensors"}
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {"state.safetensors", *rng}
+    assert stdout.count("Done.") == 2  # every rank returns the same report; both printed it
+
+
+def test_fsdp2_shards_the_model_and_trains_as_ddp_does(
+    tmp_path: Path, inputs: tuple[Path, Path], ddp_run: tuple[Path, str]
+) -> None:
+    """The same run with the model sharded over the two ranks: the same losses, the same adapter, one file."""
+    bert, data = inputs
+    config = seq_cls_config(tmp_path, bert, data, checkpoint_every="2")
+    _torchrun(tmp_path, config, tmp_path / "fsdp", 29533, "--run.distributed=fsdp")
+    ddp_out, fsdp_out = ddp_run[0], tmp_path / "fsdp"
+    assert _train_losses(fsdp_out) == pytest.approx(_train_losses(ddp_out), rel=1e-5)
+    fsdp_adapter = load_file(fsdp_out / "adapter" / "adapter_model.safetensors")
+    ddp_adapter = load_file(ddp_out / "adapter" / "adapter_model.safetensors")
+    assert fsdp_adapter.keys() == ddp_adapter.keys()
+    for key, value in ddp_adapter.items():  # whole tensors, not one rank's shard
+        torch.testing.assert_close(fsdp_adapter[key], value, rtol=1e-4, atol=1e-6)
+    fsdp_state = load_file(fsdp_out / "checkpoint" / "state.safetensors")
+    ddp_state = load_file(ddp_out / "checkpoint" / "state.safetensors")
+    assert {k: v.shape for k, v in fsdp_state.items()} == {k: v.shape for k, v in ddp_state.items()}
 
 
 def test_lora_model_trains_inside_transformers_trainer(tmp_path: Path, inputs: tuple[Path, Path]) -> None:

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lorakit.errors import ConfigError
 
@@ -27,6 +28,8 @@ STATE_FILE = "state.safetensors"
 # Keys that may differ between a run and its resumption: they change how it is shown, not what it computes.
 RESUMABLE_DIFFERENCES = {"run.progress", "run.out_dir", "run.tensorboard", "run.wandb", "run.plots"}
 _META = "lorakit.checkpoint"
+# The trainable weights and their optimizer state, whole (gathered under FSDP), on the CPU, keyed by name.
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 def rng_file(rank: int) -> str:
@@ -34,12 +37,16 @@ def rng_file(rank: int) -> str:
 
 
 def save(folder: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> None:
-    """Rank 0 writes the shared state; every rank writes its own RNG state (dropout differs per rank)."""
+    """Rank 0 writes the shared state; every rank writes its own RNG state (dropout differs per rank).
+
+    Every rank must call this: under FSDP the full weights and optimizer state are gathered from all of them.
+    """
     target = folder / CHECKPOINT_DIR
     target.mkdir(parents=True, exist_ok=True)
+    weights, optim_state = get_state_dict(model, optimizer, options=_FULL)
     if rank == 0:
-        tensors = {f"trainable.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        optim_tensors, optim_json = _split(optimizer.state_dict())
+        tensors = {f"trainable.{n}": t for n, t in weights.items()}
+        optim_tensors, optim_json = _split(optim_state)
         tensors.update({f"optimizer.{k}": v for k, v in optim_tensors.items()})
         meta = {"step": step, "optimizer": optim_json, "scheduler": _jsonable(scheduler.state_dict(), "scheduler")}
         _atomic_save(tensors, meta, target / STATE_FILE)
@@ -53,16 +60,15 @@ def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: i
     if not (target / STATE_FILE).is_file():
         raise ConfigError(f"{folder} has no checkpoint to resume from; start a new run without --resume")
     tensors, meta = _read(target / STATE_FILE)
-    params = dict(model.named_parameters())
     trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
-    missing = sorted(set(trainable) - set(params))
-    if missing:
-        raise ConfigError(f"the checkpoint in {folder} does not fit this model (no {missing[:3]}); start a new run")
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != expected:
+        odd = sorted(set(trainable) ^ expected)[:3]
+        raise ConfigError(f"the checkpoint in {folder} does not fit this model ({odd}); start a new run")
     optim_tensors = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
-    optimizer.load_state_dict(_join(optim_tensors, meta["optimizer"]))
+    optim_state = _join(optim_tensors, meta["optimizer"])
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=optim_state, options=options)
     scheduler.load_state_dict(meta["scheduler"])
     if (target / rng_file(rank)).is_file():
         _set_rng_state(*_read(target / rng_file(rank)))
@@ -84,22 +90,22 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 # -- optimizer state: tensors to safetensors, the rest to JSON -------------------------------------------------------
 def _split(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """torch's optimizer state_dict as {"<param>.<key>": tensor} plus a JSON part (param_groups, plain values)."""
+    """An optimizer state (keyed by parameter name) as {"<param>.<key>": tensor} plus JSON (param_groups, numbers)."""
     tensors, plain = {}, {}
     for index, values in state["state"].items():
-        plain[str(index)] = {}
+        plain[index] = {}
         for key, value in values.items():
             if isinstance(value, Tensor):
                 tensors[f"{index}.{key}"] = value
-                plain[str(index)][key] = None  # a tensor, stored under "<param>.<key>"
+                plain[index][key] = None  # a tensor, stored under "<param>.<key>"
             else:
-                plain[str(index)][key] = _jsonable(value, f"optimizer state {key!r}")
+                plain[index][key] = _jsonable(value, f"optimizer state {key!r}")
     return tensors, {"state": plain, "param_groups": _jsonable(state["param_groups"], "optimizer param_groups")}
 
 
 def _join(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[str, Any]:
     state = {
-        int(index): {key: tensors[f"{index}.{key}"] if value is None else value for key, value in values.items()}
+        index: {key: tensors[f"{index}.{key}"] if value is None else value for key, value in values.items()}
         for index, values in plain["state"].items()
     }
     return {"state": state, "param_groups": plain["param_groups"]}

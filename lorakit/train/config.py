@@ -17,6 +17,7 @@ from typing import Any
 
 from lorakit import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.train import parallel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,6 +93,7 @@ class RunSection:
     tensorboard: bool = True
     wandb: bool = False  # offline mode only: nothing leaves the machine
     plots: bool = True
+    distributed: str = "ddp"  # under torchrun: ddp (a model copy per rank) | fsdp (FSDP2: the model sharded)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class TrainConfig:
         _check_choice("optim.schedule", self.optim.schedule, ("linear", "cosine", "constant"))
         _check_choice("optim.precision", self.optim.precision, ("auto", "fp32", "bf16"))
         _check_choice("run.progress", self.run.progress, ("rich", "tqdm", "none"))
+        _check_choice("run.distributed", self.run.distributed, parallel.MODES)
         for key in ("model.source", "data.path"):
             if not get_field(self, key):
                 raise ConfigError(f"{key} is missing; set it in the config file or pass --{key}=...")

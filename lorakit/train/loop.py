@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit import LoraModel, get_lora_model
 from lorakit.errors import ConfigError
-from lorakit.train import checkpoint, tasks
+from lorakit.train import checkpoint, parallel, tasks
 from lorakit.train.config import TrainConfig, load_config, to_toml
 from lorakit.train.data import batch_indices
 from lorakit.train.plots import plot_run
@@ -78,6 +78,7 @@ class _Setup:
     folder: Path
     prepared: tasks.Prepared
     model: LoraModel
+    wrapped: nn.Module  # what the loop calls: the model, or its DDP / FSDP2 form
     optimizer: torch.optim.Optimizer
     scheduler: Any
     max_steps: int
@@ -109,7 +110,6 @@ def train(
         before = evaluate(model, prepared, config, env)
         tracker.log("eval", 0, before)
         _write_json(folder / "before.json", before, env)
-    ddp = nn.parallel.DistributedDataParallel(model) if env.world > 1 else model
     progress = Progress(config.run.progress if env.main else "none", max_steps, start_step)
     timing = {"wait": 0.0, "total": 0.0, "steps": 0}
     window: list[float] = []  # losses since the last log line: the logged loss is their mean
@@ -117,7 +117,7 @@ def train(
     # -- the loop ------------------------------------------------------------------------------------------------
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        loss, examples = _accumulate_gradients(ddp, prepared, config, step, run.batches_per_epoch, env, timing)
+        loss, examples = _accumulate_gradients(run.wrapped, prepared, config, step, run.batches_per_epoch, env, timing)
         grad_norm = _clip(model, optim.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -179,7 +179,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     model = get_lora_model(base, config.lora_config())
     _gradient_checkpointing(model, config)
-    model.to(env.device)
+    wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
     max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
@@ -188,7 +188,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     if env.main:
         _start_folder(folder, config, overwrite, resume is not None)
     _barrier(env)
-    return _Setup(folder, prepared, model, optimizer, scheduler, max_steps, per_epoch, model_bytes)
+    return _Setup(folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes)
 
 
 def _setup_env() -> _Env:
@@ -288,13 +288,13 @@ def _autocast(config: TrainConfig, env: _Env) -> Any:
 
 
 # -- inside the loop -------------------------------------------------------------------------------------------------
-def _accumulate_gradients(ddp: nn.Module, prepared: tasks.Prepared, config: TrainConfig, step: int, per_epoch: int,
+def _accumulate_gradients(wrapped: nn.Module, prepared: tasks.Prepared, config: TrainConfig, step: int, per_epoch: int,
                           env: _Env, timing: dict) -> tuple[float, int]:  # fmt: skip
     """Forward and backward over the grad_accum micro-batches of one optimizer step; (mean loss, examples).
 
-    DDP averages gradients over ranks at the last micro-batch only (no_sync before it), as one big batch would.
+    Gradients are averaged over ranks at the last micro-batch only (no sync before it), as one big batch would.
     """
-    ddp.train()
+    wrapped.train()
     accum = config.optim.grad_accum
     loss_sum, examples = 0.0, 0
     for micro in range(accum):
@@ -302,8 +302,8 @@ def _accumulate_gradients(ddp: nn.Module, prepared: tasks.Prepared, config: Trai
         batch = _batch(prepared, config, step * accum + micro, per_epoch, env)
         timing["wait"] += time.perf_counter() - t_data
         sync = micro == accum - 1 or env.world == 1
-        with _autocast(config, env), nullcontext() if sync else ddp.no_sync():
-            loss = tasks.score(config.task, ddp, batch).mean_loss() / accum
+        with _autocast(config, env), parallel.no_sync(wrapped, sync):
+            loss = tasks.score(config.task, wrapped, batch).mean_loss() / accum
         loss.backward()
         loss_sum += loss.item()
         examples += len(batch["labels"])
@@ -319,10 +319,12 @@ def _batch(prepared: tasks.Prepared, config: TrainConfig, k: int, per_epoch: int
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
+    """Clips to max_norm (0: no clipping) and returns the norm before clipping, over all ranks' shards."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
 
 
 def _mean_over_ranks(value: float, env: _Env) -> float:
@@ -344,10 +346,11 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
     """Saves the adapter (atomically), plots and summary.json on rank 0; returns the report on every rank."""
     trainable, total = model.get_nb_trainable_parameters()
     adapter = folder / ADAPTER_DIR
+    tmp = folder / (ADAPTER_DIR + ".tmp")
     if env.main:
-        tmp = folder / (ADAPTER_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+    model.save_pretrained(tmp, is_main_process=env.main)  # every rank: under FSDP the shards are gathered
+    if env.main:
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
     _barrier(env)
