@@ -280,3 +280,27 @@ def test_wandb_is_offline_only_and_must_be_installed(tmp_path: Path, bert: Path,
     else:
         train(config)
         assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_tabular_csv_columns_are_read_as_numbers_and_text_is_refused(tmp_path: Path) -> None:
+    rows = ["x0,x1,label"] + [f"{i % 7 - 3},{(i * 5) % 11 - 5},{'ab'[int(i % 7 > 3)]}" for i in range(40)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    config = write_config(tmp_path / "t.toml", f"""
+        task = "classification"
+        [model]
+        source = "tests.gpu.models:block_mlp"
+        [data]
+        path = "{tmp_path / "t.csv"}"
+        feature_columns = ["x0", "x1"]
+        [lora]
+        target_modules = ["up"]
+        [run]
+        out_dir = "{tmp_path / "run"}"
+    """)  # fmt: skip
+    prepared = train_tasks.prepare(load_config(config))
+    assert prepared.train[0]["x"].dtype == torch.float32 and prepared.classes == ["a", "b"]
+    xs = {tuple(e["x"].tolist()) for e in prepared.train + prepared.eval}
+    assert (-3.0, -5.0) in xs  # the numbers of row 0, parsed
+    (tmp_path / "t.csv").write_text("\n".join([*rows, "1,oops,a"]) + "\n")
+    with pytest.raises(ConfigError, match=r"column 'x1' of .* holds 'oops' \(row \d+\), not a number"):
+        train_tasks.prepare(load_config(config))

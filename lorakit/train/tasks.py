@@ -216,16 +216,28 @@ def _prepare_classification(config: TrainConfig, split: Split) -> Prepared:
     classes, split = label_ids(split, data)
 
     def encode(rows: list[Example]) -> list[Example]:
-        def features(r: Example) -> Tensor:
-            values = [r[c] for c in columns]
+        def features(number: int, r: Example) -> Tensor:
+            values = [_numeric(r[c], c, number, data.path) for c in columns]  # CSV cells arrive as text
             return torch.tensor(values[0] if len(columns) == 1 else values, dtype=torch.float32).flatten()
 
-        return [{"x": features(r), "labels": r[data.label_column]} for r in rows]
+        return [{"x": features(i, r), "labels": r[data.label_column]} for i, r in enumerate(rows)]
 
     def collate(examples: list[Example]) -> Batch:
         return {"x": torch.stack([e["x"] for e in examples]), "labels": torch.tensor([e["labels"] for e in examples])}
 
     return Prepared(encode(split.train), encode(split.eval), classes, collate)
+
+
+def _numeric(value: Any, column: str, row: int, path: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(
+            f"column {column!r} of {path} holds {value!r} (row {row}), not a number; task 'classification' needs "
+            "numeric data.feature_columns"
+        ) from None
 
 
 def _text_collate(tokenizer: Any, config: TrainConfig, per_token: bool) -> Callable[[list[Example]], Batch]:
