@@ -206,7 +206,7 @@ def _adaptable_modules(model: nn.Module) -> list[_Adaptable]:
             continue
         if kind is None:
             continue
-        in_f, out_f = kind.in_out(getattr(module, kind.weight_name()))
+        in_f, out_f = kind.in_out(kind.weight_of(module))
         kernel = tuple(getattr(module, "kernel_size", ()))
         shape = f"{in_f}->{out_f}" + (f" k{'x'.join(map(str, kernel))}" if kernel else "")
         params = sum(p.numel() for p in module.parameters())
@@ -265,7 +265,7 @@ def _label(name: str, node: _Node, repeats: int) -> Text:
         text.append(f" ({type(node.module).__name__})", style="dim")
     else:
         text.append(f"  {t.kind}  {t.shape}  {t.params:,} params", style="green")
-        if t.kind in ("linear", "conv1d_transposed") and not t.in_all_linear:
+        if t.kind in ("linear", "linear4bit", "conv1d_transposed") and not t.in_all_linear:
             text.append("  (output head, not in all-linear)", style="yellow")
     if repeats > 1:
         text.append(f"  x{repeats} identical", style="cyan")

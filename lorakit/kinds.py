@@ -26,6 +26,14 @@ class Kind:
     def weight_name(self) -> str:
         return "weight"
 
+    def weight_of(self, module: nn.Module) -> Tensor:
+        """The base weight in full precision, however the module stores it."""
+        return getattr(module, self.weight_name())
+
+    def store_weight(self, module: nn.Module, value: Tensor) -> None:
+        """Replaces a weight that is not a plain Parameter (a quantized one is quantized again)."""
+        setattr(module, self.weight_name(), value)
+
     def in_out(self, weight: Tensor) -> tuple[int, int]:
         out_f, in_f = weight.shape[:2]
         return (out_f, in_f) if self.transposed else (in_f, out_f)
@@ -106,8 +114,32 @@ class ParameterKind(Kind):
         return self.parameter
 
 
+@dataclass(frozen=True)
+class Bnb4bitKind(Kind):
+    """bitsandbytes' Linear4bit (CUDA QLoRA): the packed weight is dequantized to read it, quantized to write it."""
+
+    name: str = "linear4bit"
+
+    def weight_of(self, module: nn.Module) -> Tensor:
+        import bitsandbytes as bnb
+
+        packed = module.weight
+        return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)  # in the dtype it was quantized from
+
+    def store_weight(self, module: nn.Module, value: Tensor) -> None:
+        import bitsandbytes as bnb
+
+        old = module.weight
+        module.weight = bnb.nn.Params4bit(
+            value.to(old.quant_state.dtype), requires_grad=False, quant_type=old.quant_type,
+            compress_statistics=old.compress_statistics, blocksize=old.blocksize,
+        ).to(old.device)  # fmt: skip
+
+
 def kind_of(module: nn.Module) -> Kind | None:
     """The kind for a module LoRA can wrap, or None."""
+    if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state"):
+        return Bnb4bitKind()  # checked by name: bitsandbytes stays optional
     if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):  # quantized: lorakit.quant
         return Kind()
     if isinstance(module, nn.Embedding):

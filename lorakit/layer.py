@@ -37,7 +37,7 @@ class LoraLayer(nn.Module):
         name = self.kind.weight_name()
         if parametrize.is_parametrized(self.base_layer, name):
             return self.base_layer.parametrizations[name].original
-        return getattr(self.base_layer, name)
+        return self.kind.weight_of(self.base_layer)
 
     @property
     def bias(self) -> Tensor | None:
@@ -101,7 +101,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             if isinstance(weight, nn.Parameter):
                 return weight.copy_(value.to(weight.dtype))
-            setattr(self.base_layer, self.kind.weight_name(), value.to(weight.dtype))
+            self.kind.store_weight(self.base_layer, value.to(weight.dtype))
         return self.weight
 
     def _unmerged(self, names: list[str]) -> list[str]:

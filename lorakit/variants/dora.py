@@ -33,7 +33,7 @@ class Dora:
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
         kind = adapter.kind
-        weight = getattr(module, kind.weight_name())
+        weight = kind.weight_of(module)
         ratio = adapter.lora_magnitude_vector / _column_norm(adapter, weight).reshape(
             adapter.lora_magnitude_vector.shape
         )

@@ -16,7 +16,7 @@ from lorakit.variants.lora import Lora
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
 
-_LINEAR_KINDS = ("linear", "conv1d_transposed")
+_LINEAR_KINDS = ("linear", "linear4bit", "conv1d_transposed")
 
 
 class LoraFA:

@@ -1,0 +1,134 @@
+"""On CUDA only (skipped elsewhere): LoRA on bitsandbytes' 4-bit layers, against a dequantized reference and
+against PEFT (files both ways); FSDP2 over NCCL on two GPUs, against DDP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit.kinds import Bnb4bitKind
+from lorakit.quant import quantize_model
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_bnb = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="LoRA on bitsandbytes 4-bit layers needs CUDA and bitsandbytes",
+)
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="FSDP2 over NCCL needs two GPUs"
+)
+
+
+def _quantized_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).to(torch.bfloat16)
+    return quantize_model(mlp, backend="bitsandbytes")
+
+
+@needs_bnb
+def test_lora_on_bnb_4bit_is_dequantized_linear_plus_lora_and_trains_only_the_factors() -> None:
+    model = get_lora_model(_quantized_mlp(), LoraConfig(r=8, target_modules=["0", "2"], init_lora_weights=False))
+    layer = model.model[0]
+    assert isinstance(layer.kind, Bnb4bitKind) and type(layer.base_layer).__name__ == "Linear4bit"
+    adapter = layer.adapters["default"]
+    assert adapter.lora_A.shape == (8, 256) and adapter.lora_B.shape == (512, 8)  # from in/out, not packed bytes
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    weight = layer.weight.float()  # dequantized NF4
+    want = x.float() @ weight.T + layer.bias.float() + adapter.scale * x.float() @ adapter.lora_A.T @ adapter.lora_B.T
+    torch.testing.assert_close(layer(x).float(), want, atol=0.1, rtol=0.02)  # bf16 base product
+    model(x).float().square().mean().backward()
+    assert adapter.lora_A.grad is not None and adapter.lora_B.grad is not None
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "adapters" not in n)
+
+
+@needs_bnb
+def test_merging_into_bnb_4bit_requantizes_within_nf4_error() -> None:
+    model = get_lora_model(_quantized_mlp(), LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    layer = model.model[0]
+    want = (layer.weight.float() + layer.adapters["default"].delta_weight().float()).detach()
+    merged = model.merge_and_unload()
+    assert type(merged[0]).__name__ == "Linear4bit"  # still 4-bit
+    got = Bnb4bitKind().weight_of(merged[0]).float()
+    blocks, err = want.flatten().reshape(-1, 64), (got - want).flatten().reshape(-1, 64).abs()
+    assert (err <= blocks.abs().amax(1, keepdim=True) * 0.17).all()  # half NF4's widest gap, plus absmax rounding
+
+
+@needs_bnb
+def test_qlora_adapter_files_both_ways_with_peft(tmp_path: Path) -> None:
+    import peft
+
+    config = dict(r=8, lora_alpha=16, target_modules=["0", "2"], init_lora_weights=False)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_quantized_mlp(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = LoraModel.from_pretrained(_quantized_mlp(), tmp_path / "peft")  # the same quantized base (same seed)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).float(), theirs(x).float(), atol=1e-2, rtol=1e-2)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_quantized_mlp(), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).float(), ours(x).float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_two_gpus
+def test_fsdp2_over_nccl_matches_ddp(tmp_path: Path) -> None:
+    """The block MLP sharded over two GPUs trains to the same losses and adapter as DDP replicas."""
+    from safetensors.torch import load_file
+
+    rows = ["label," + ",".join(f"x{i}" for i in range(32))]
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(256, 32, generator=generator)
+    labels = (features[:, :4].sum(1) > 0).long()
+    rows += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    columns = json.dumps([f"x{i}" for i in range(32)])
+    (tmp_path / "config.toml").write_text(f"""
+task = "classification"
+[model]
+source = "tests.gpu.models:block_mlp"
+[data]
+path = "{tmp_path / "data.csv"}"
+feature_columns = {columns}
+[lora]
+r = 4
+lora_alpha = 8
+target_modules = ["up", "down"]
+[optim]
+lr = 0.01
+batch_size = 16
+max_steps = 6
+precision = "fp32"
+[run]
+progress = "none"
+tensorboard = false
+plots = false
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0"}
+    outs = {}
+    for port, mode in ((29541, "ddp"), (29543, "fsdp")):
+        outs[mode] = tmp_path / mode
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                   "-m", "lorakit.train", "train", str(tmp_path / "config.toml"), f"--run.out_dir={outs[mode]}",
+                   f"--run.distributed={mode}"]  # fmt: skip
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def losses(folder: Path) -> list[float]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r["kind"] == "train"]
+
+    assert losses(outs["fsdp"]) == pytest.approx(losses(outs["ddp"]), rel=1e-4)
+    a, b = (load_file(outs[m] / "adapter" / "adapter_model.safetensors") for m in ("ddp", "fsdp"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
