@@ -44,8 +44,13 @@ class Adapter(nn.Module):
     def contribution(self, module: nn.Module, x: Tensor) -> Tensor:
         """What this adapter adds to module(x), computed in the adapter's dtype."""
         if x.is_floating_point():
-            x = x.to(self.lora_A.dtype)
+            x = x.to(self.dtype)
         return self.variant.contribution(self, module, x)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in: its first own parameter's (lora_A, or VeRA's vectors)."""
+        return next(iter(self._parameters.values())).dtype
 
     def delta_weight(self) -> Tensor:
         """ΔW in the layout of the adapted weight."""

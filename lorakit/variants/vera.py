@@ -112,7 +112,7 @@ class Vera:
     changes_base_weight = False
 
     def __init__(self, shared_A: Tensor, shared_B: Tensor, d_initial: float, init_weights: bool) -> None:
-        self.shared_A, self.shared_B = shared_A, shared_B  # (r x max_in), (max_out x r), frozen
+        self.pair = SharedPair(shared_A, shared_B)
         self.d_initial, self.init_weights_ = d_initial, init_weights
 
     @classmethod
@@ -120,9 +120,9 @@ class Vera:
         """The shared pair sized to the largest in/out over the targets, drawn as PEFT draws it."""
         shapes = []
         for path, kind, module in targets:
-            if kind.name not in ("linear", "conv1d_transposed"):
+            if kind.name not in ("linear", "linear4bit", "conv1d_transposed"):
                 raise TargetError(f"VeRA adapts linear layers only (as in PEFT); {path} is {kind.name}: exclude it")
-            shapes.append(kind.in_out(getattr(module, kind.weight_name())))
+            shapes.append(kind.in_out(kind.weight_of(module)))
         if not shapes:
             raise TargetError("VeRA found no linear layer among target_modules")
         max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
@@ -134,9 +134,9 @@ class Vera:
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
         in_f, out_f = adapter.kind.in_out(weight)
         dtype, device = adapter.lora_A.dtype, adapter.lora_A.device
-        del adapter.lora_A, adapter.lora_B  # views of the shared pair instead: not trained, not saved per layer
-        adapter.register_buffer("lora_A", self.shared_A[:, :in_f], persistent=False)
-        adapter.register_buffer("lora_B", self.shared_B[:out_f], persistent=False)
+        del adapter.lora_A, adapter.lora_B  # slices of the shared pair instead: not trained, not saved per layer
+        adapter.vera_shared = self.pair.to(device)  # the same module in every layer, so .to() moves it once
+        adapter.vera_in, adapter.vera_out = in_f, out_f
         adapter.vera_lambda_b = nn.Parameter(torch.ones(out_f, dtype=dtype, device=device))
         adapter.vera_lambda_d = nn.Parameter(torch.randn(adapter.r, dtype=dtype, device=device))
         if self.init_weights_:
@@ -145,18 +145,35 @@ class Vera:
                 adapter.vera_lambda_b.zero_()
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
-        hidden = adapter.vera_lambda_d * F.linear(adapter.dropout(x), adapter.lora_A.to(x.dtype))  # (..., r)
-        return adapter.vera_lambda_b * F.linear(hidden, adapter.lora_B.to(x.dtype))
+        lora_A, lora_B = _slices(adapter)
+        hidden = adapter.vera_lambda_d * F.linear(adapter.dropout(x), lora_A.to(x.dtype))  # (..., r)
+        return adapter.vera_lambda_b * F.linear(hidden, lora_B.to(x.dtype))
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
-        delta = (adapter.vera_lambda_b[:, None] * adapter.lora_B) @ (adapter.vera_lambda_d[:, None] * adapter.lora_A)
+        lora_A, lora_B = _slices(adapter)
+        delta = (adapter.vera_lambda_b[:, None] * lora_B) @ (adapter.vera_lambda_d[:, None] * lora_A)
         return delta.T if adapter.kind.transposed else delta
 
     def weight_scale(self, adapter: Adapter, weight: Tensor) -> float:
         return 1.0
 
     def shared_tensors(self) -> dict[str, Tensor]:
-        return {"vera_A": self.shared_A, "vera_B": self.shared_B}
+        return {"vera_A": self.pair.vera_A, "vera_B": self.pair.vera_B}
+
+
+class SharedPair(nn.Module):
+    """VeRA's frozen pair, one module held by every adapted layer (a shared tensor would be copied per layer by
+    model.to(); a shared module is converted once). Non-persistent: files carry it only with save_projection."""
+
+    def __init__(self, shared_A: Tensor, shared_B: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("vera_A", shared_A, persistent=False)  # (r x max_in)
+        self.register_buffer("vera_B", shared_B, persistent=False)  # (max_out x r)
+
+
+def _slices(adapter: Adapter) -> tuple[Tensor, Tensor]:
+    """This layer's corner of the shared pair: A[:, :in], B[:out]."""
+    return adapter.vera_shared.vera_A[:, : adapter.vera_in], adapter.vera_shared.vera_B[: adapter.vera_out]
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

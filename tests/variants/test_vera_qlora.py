@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, LoraModel, VeraConfig, get_lora_model
+from lorakit.io import adapter_tensors
 from lorakit.quant import (
     NF4_LEVELS,
     NF4Linear,
@@ -60,8 +61,18 @@ def test_vera_trains_only_d_and_b_with_10x_fewer_parameters_than_lora():
     trainable = {n.rsplit(".", 1)[-1] for n, p in vera.named_parameters() if p.requires_grad}
     assert trainable == {"vera_lambda_b", "vera_lambda_d"}
     assert vera.get_nb_trainable_parameters()[0] * 10 <= lora.get_nb_trainable_parameters()[0]
-    layers = [m for m in vera.modules() if hasattr(m, "vera_lambda_d")]
-    assert layers[0].lora_A.data_ptr() == layers[1].lora_A.data_ptr()  # one shared pair, sliced views
+
+
+def test_vera_pair_stays_one_tensor_after_the_model_moves():
+    # model.to() converts each module's buffers separately: a pair shared as a tensor would become one copy per
+    # layer (and would no longer match the saved one); a shared module is converted once
+    model = get_lora_model(tiny_llama(), VeraConfig(save_projection=True, **VERA)).to(torch.float64)
+    adapters = [m for m in model.modules() if hasattr(m, "vera_lambda_d")]
+    pairs = {(a.vera_shared.vera_A.data_ptr(), a.vera_shared.vera_B.data_ptr()) for a in adapters}
+    assert len(adapters) == 6 and len(pairs) == 1
+    assert adapters[0].vera_shared.vera_A.dtype == torch.float64
+    saved = adapter_tensors(model.model, "default", model.peft_config["default"])
+    assert saved["base_model.vera_A"].data_ptr() == adapters[0].vera_shared.vera_A.data_ptr()
 
 
 def test_vera_merge_equals_unmerged():
