@@ -238,13 +238,16 @@ def _start_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bo
 def _gradient_checkpointing(model: LoraModel, config: TrainConfig) -> None:
     if not config.model.gradient_checkpointing:
         return
-    enable = getattr(model.model, "gradient_checkpointing_enable", None)
-    if enable is None:
+    kwargs = {"use_reentrant": False}  # works with frozen inputs (LoRA)
+    if hasattr(model.model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model.model, "gradient_checkpointing_enable"):
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         raise ConfigError(
             f"model.gradient_checkpointing needs a transformers model; {config.model.source} has no "
             "gradient_checkpointing_enable(); set it to false"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # works with frozen inputs (LoRA)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

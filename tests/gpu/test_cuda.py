@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit import LoraConfig, LoraModel, VeraConfig, get_lora_model
 from lorakit.kinds import Bnb4bitKind
 from lorakit.quant import quantize_model
 
@@ -23,6 +23,7 @@ needs_bnb = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
     reason="LoRA on bitsandbytes 4-bit layers needs CUDA and bitsandbytes",
 )
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_two_gpus = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="FSDP2 over NCCL needs two GPUs"
 )
@@ -32,6 +33,26 @@ def _quantized_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128)).to(torch.bfloat16)
     return quantize_model(mlp, backend="bitsandbytes")
+
+
+@needs_cuda
+def test_vera_moved_to_the_gpu_keeps_one_pair_and_the_cpu_outputs() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 64))
+    model = get_lora_model(mlp, VeraConfig(r=8, target_modules=["0", "2", "4"])).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.add_(torch.randn_like(param))
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        expected = model(x)
+        model.cuda()
+        got = model(x.cuda()).cpu()
+    adapters = [m for m in model.modules() if hasattr(m, "vera_lambda_d")]
+    assert len({a.vera_shared.vera_A.data_ptr() for a in adapters}) == 1
+    assert adapters[0].vera_shared.vera_A.is_cuda
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # GPU kernels sum in another order
 
 
 @needs_bnb
@@ -132,3 +153,70 @@ plots = false
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
+def _word_gpt2(folder: Path) -> Path:
+    """A small GPT-2 with a word-level tokenizer built here, so the run needs no packaged model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["the", "cat", "dog", "sat", "ran", "on", "in", "mat", "park", "a"]
+    vocab = {word: i for i, word in enumerate(["[UNK]", "[PAD]", "[EOS]", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab), n_embd=64, n_layer=2, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=2
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@needs_cuda
+def test_causal_lm_run_on_cuda_with_bf16_autocast_and_gradient_checkpointing(tmp_path: Path, monkeypatch) -> None:
+    from lorakit.train.config import load_config
+    from lorakit.train.loop import train
+
+    model = _word_gpt2(tmp_path / "gpt2")
+    (tmp_path / "lines.txt").write_text("the cat sat on the mat\nthe dog ran in the park\n" * 40)
+    (tmp_path / "lm.toml").write_text(f"""
+task = "causal-lm"
+[model]
+source = "{model}"
+gradient_checkpointing = true
+[data]
+path = "{tmp_path / "lines.txt"}"
+[lora]
+target_modules = ["c_attn", "c_fc"]
+[optim]
+lr = 0.02
+batch_size = 8
+max_steps = 30
+precision = "auto"
+[run]
+out_dir = "{tmp_path / "run"}"
+progress = "none"
+""")
+    calls = {"autocast": 0}
+    real_autocast = torch.autocast
+
+    def counting_autocast(device_type, *args, **kwargs):  # the loop must autocast to bf16 on CUDA
+        if device_type == "cuda" and kwargs.get("dtype") == torch.bfloat16 and kwargs.get("enabled", True):
+            calls["autocast"] += 1
+        return real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", counting_autocast)
+    result = train(load_config(tmp_path / "lm.toml"))
+    assert calls["autocast"] >= 30
+    assert result.after["perplexity"] < 0.5 * result.before["perplexity"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model)("the cat sat on the mat", return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(model).eval()
+    tuned = LoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), Path(result.folder) / "adapter")
+    with torch.no_grad():
+        tuned_loss, base_loss = tuned.eval()(input_ids=ids, labels=ids).loss, base(input_ids=ids, labels=ids).loss
+    assert tuned_loss.exp() < 0.5 * base_loss.exp(), (tuned_loss, base_loss)  # perplexity at least halved
