@@ -20,10 +20,13 @@ class _FrozenAContribution(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         hidden, lora_A, lora_B = ctx.saved_tensors
+        # backward runs outside autocast: under bf16 autocast grad_out and hidden are bf16 while A and B stay fp32,
+        # so compute in grad_out's dtype and hand B its gradient in B's dtype
+        dtype = grad_out.dtype
         grad_out = grad_out * ctx.scale
-        grad_B = grad_out.reshape(-1, grad_out.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1])  # (out x r)
-        grad_x = (grad_out @ lora_B) @ lora_A if ctx.needs_input_grad[0] else None
-        return grad_x, None, grad_B if ctx.needs_input_grad[2] else None, None
+        grad_B = grad_out.reshape(-1, grad_out.shape[-1]).T @ hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+        grad_x = (grad_out @ lora_B.to(dtype)) @ lora_A.to(dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad_B.to(lora_B.dtype) if ctx.needs_input_grad[2] else None, None
 
 
 def frozen_a_linear_contribution(x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:

@@ -129,6 +129,23 @@ def test_lora_fa_op_matches_the_reference_with_gradients_in_float64():
     assert torch.autograd.gradcheck(lambda x, b: ops.frozen_a_linear_contribution(x, a, b, 0.7), (x, b))
 
 
+def test_lora_fa_under_bf16_autocast_gives_plain_loras_gradients():
+    # backward runs outside autocast, with bf16 activations and fp32 factors: it must not mix the two in a matmul
+    grads = {}
+    for variant in ("lora", "lora_fa"):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=["0", "2"], variant=variant, init_lora_weights=False)
+        model = get_lora_model(_mlp(), config)
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads[variant] = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    for name, grad in grads["lora_fa"].items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, grads["lora"][name], rtol=2e-2, atol=2e-2)
+
+
 def test_lora_fa_trains_only_b_and_keeps_only_a_x_for_backward():
     model = get_lora_model(_mlp(), LoraConfig(r=2, target_modules=["0"], variant="lora_fa"))
     adapter = model.model[0].adapters["default"]
