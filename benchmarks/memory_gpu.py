@@ -1,12 +1,13 @@
-"""QLoRA base-weight memory: bytes per base parameter of the 4-bit layers, and (on CUDA) the peak memory of a
-LoRA training step on a 4-bit base vs the same base in bf16.
+"""Memory of the LoRA family on GPU: bytes per base parameter of the 4-bit layers, and (on CUDA) the peak memory
+of one training step for LoRA, LoRA-FA, Delta-LoRA, DoRA on a bf16 base and LoRA on a 4-bit base.
 
 Model: 4 decoder layers of Llama-3.2-1B's shape (hidden 2048, MLP 8192, 32/8 heads), random seeded weights;
-LoRA r=16 on every linear layer, AdamW, batch 2 x 512 tokens.
-Backends: "torch" (lorakit's pure-PyTorch NF4, any device) and, on CUDA, "bitsandbytes" (Linear4bit, NF4 with
-double quantization, the field's standard).
+r=16 on every linear layer, fp32 adapters, AdamW through lorakit.optim.create_optimizer (which wires Delta-LoRA's
+update), bf16 autocast, batch 2 x 512 tokens; peak = torch.cuda.max_memory_allocated over two steps.
+4-bit backends: "torch" (lorakit's pure-PyTorch NF4, any device) and, on CUDA, "bitsandbytes" (Linear4bit, NF4
+with double quantization, the field's standard).
 
-Run: python benchmarks/qlora_memory.py [--json out.json]
+Run: python benchmarks/memory_gpu.py [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import date
 import torch
 
 from lorakit import LoraConfig, get_lora_model
+from lorakit.optim import create_optimizer
 from lorakit.quant import quantize_model
 
 
@@ -49,12 +51,13 @@ def linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return stored, params
 
 
-def peak_step_gib(quantized: bool) -> float:
+def peak_step_gib(quantized: bool = False, **variant) -> float:
     model = llama()
     if quantized:
         quantize_model(model, skip=("lm_head",), backend="bitsandbytes")
-    model = get_lora_model(model.cuda(), LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **variant)
+    model = get_lora_model(model.cuda(), config)
+    optimizer = create_optimizer(model, torch.optim.AdamW, lr=1e-4)
     ids = torch.randint(0, 32000, (2, 512), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -82,8 +85,15 @@ def main() -> None:
     if torch.cuda.is_available():
         stored, params = linear_bytes(quantize_model(llama(2), skip=("lm_head",), backend="bitsandbytes"))
         result["bitsandbytes_nf4_bytes_per_param"] = round(stored / params, 4)
-        result["peak_train_step_gib_bf16_base"] = peak_step_gib(quantized=False)
-        result["peak_train_step_gib_4bit_base"] = peak_step_gib(quantized=True)
+        peaks = {
+            "lora": peak_step_gib(),
+            "lora_fa": peak_step_gib(variant="lora_fa"),
+            "delta_lora": peak_step_gib(variant="delta_lora"),
+            "dora": peak_step_gib(use_dora=True),
+            "lora on 4-bit base (qlora)": peak_step_gib(quantized=True),
+        }
+        result["peak_train_step_gib"] = peaks
+        result["peak_vs_lora"] = {name: round(peak / peaks["lora"], 3) for name, peak in peaks.items()}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
