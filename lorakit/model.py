@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,12 @@ class LoraModel(nn.Module):
         self.active_adapters: list[str] = []
         for param in model.parameters():
             param.requires_grad_(False)
+        # transformers.Trainer keeps only the dataset columns named in model.forward's signature (it looks through
+        # PEFT's class, not ours): this instance's forward shows the base model's signature. A bound method, so a
+        # deepcopy of the model calls its own copy.
+        call = types.FunctionType(LoraModel.forward.__code__, globals(), "forward")
+        call.__wrapped__ = type(model).forward
+        self.forward = types.MethodType(call, self)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -160,3 +160,21 @@ def test_llama_generate_passes_through():
     out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 6)
     assert model.config.model_type == "llama"
+
+
+def test_forward_shows_the_base_signature_and_a_deepcopy_calls_its_own_model():
+    import copy
+    import inspect
+
+    model = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    base_params = list(inspect.signature(model.model.forward).parameters)
+    assert list(inspect.signature(model.forward).parameters) == base_params  # what transformers.Trainer reads
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in twin.parameters():
+            if param.requires_grad:
+                param.mul_(3)
+    inputs = ids_input(64)()
+    with torch.no_grad():
+        assert not torch.allclose(twin(**inputs).logits, model(**inputs).logits)
+        torch.testing.assert_close(model(**inputs).logits, model.model(**inputs).logits)
