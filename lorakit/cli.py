@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 
 from lorakit import LoraConfig, LorakitError, LoraModel, TargetError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
-from lorakit.kinds import kind_of
+from lorakit.kinds import LINEAR_KINDS, kind_of
 from lorakit.targets import default_targets, find_module_targets, logical_modules, modules_to_save
 
 
@@ -265,7 +265,7 @@ def _label(name: str, node: _Node, repeats: int) -> Text:
         text.append(f" ({type(node.module).__name__})", style="dim")
     else:
         text.append(f"  {t.kind}  {t.shape}  {t.params:,} params", style="green")
-        if t.kind in ("linear", "linear4bit", "conv1d_transposed") and not t.in_all_linear:
+        if t.kind in LINEAR_KINDS and not t.in_all_linear:
             text.append("  (output head, not in all-linear)", style="yellow")
     if repeats > 1:
         text.append(f"  x{repeats} identical", style="cyan")

@@ -136,6 +136,9 @@ class Bnb4bitKind(Kind):
         ).to(old.device)  # fmt: skip
 
 
+LINEAR_KINDS = ("linear", "linear4bit", "conv1d_transposed")  # a plain matmul with the weight, however stored
+
+
 def kind_of(module: nn.Module) -> Kind | None:
     """The kind for a module LoRA can wrap, or None."""
     if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state"):

@@ -11,12 +11,11 @@ from torch import Tensor, nn
 
 from lorakit import ops
 from lorakit.errors import TargetError
+from lorakit.kinds import LINEAR_KINDS
 from lorakit.variants.lora import Lora
 
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
-
-_LINEAR_KINDS = ("linear", "linear4bit", "conv1d_transposed")
 
 
 class LoraFA:
@@ -34,7 +33,7 @@ class LoraFA:
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
         x = adapter.dropout(x)
-        if adapter.kind.name in _LINEAR_KINDS:
+        if adapter.kind.name in LINEAR_KINDS:
             return ops.frozen_a_linear_contribution(x, adapter.lora_A, adapter.lora_B, adapter.scale)
         return adapter.kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
 
@@ -50,7 +49,7 @@ class LoraFA:
 
 def check_targets(targets) -> None:
     for path, kind, _ in targets:
-        if kind.name not in (*_LINEAR_KINDS, "conv"):
+        if kind.name not in (*LINEAR_KINDS, "conv"):
             raise TargetError(
                 f"variant='lora_fa' freezes A, which for {kind.name} targets ({path}) is the zero factor or a raw "
                 "weight: nothing would train; exclude it, or use plain LoRA for it"

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lorakit.config import TASK_TYPES, _names_or_regex
 from lorakit.errors import ConfigError, TargetError
+from lorakit.kinds import LINEAR_KINDS
 
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
@@ -120,7 +121,7 @@ class Vera:
         """The shared pair sized to the largest in/out over the targets, drawn as PEFT draws it."""
         shapes = []
         for path, kind, module in targets:
-            if kind.name not in ("linear", "linear4bit", "conv1d_transposed"):
+            if kind.name not in LINEAR_KINDS:
                 raise TargetError(f"VeRA adapts linear layers only (as in PEFT); {path} is {kind.name}: exclude it")
             shapes.append(kind.in_out(kind.weight_of(module)))
         if not shapes:
