@@ -25,13 +25,19 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
     return [s for s, _ in points], [v for _, v in points]
 
 
+def _train_loss(ax: Any, records: list[dict[str, Any]], label: str) -> None:
+    steps, values = _series(records, "train", "loss")
+    # a short run logs a point or two, which a bare line would not show
+    ax.plot(steps, values, marker="o" if len(steps) < 10 else None, markersize=4, label=label, alpha=0.8)
+
+
 def plot_run(folder: Path, metric: str) -> list[Path]:
     """loss.png (train and eval loss per step) and <metric>.png (eval metric per step) in `folder`."""
     plt = _pyplot()
     records = read_metrics(folder)
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*_series(records, "train", "loss"), label="train loss", alpha=0.8)
+    _train_loss(ax, records, "train loss")
     ax.plot(*_series(records, "eval", "loss"), "o-", label="eval loss")
     ax.set(xlabel="optimizer step", ylabel="loss", title=f"{folder.name}: loss")
     ax.legend()
@@ -50,7 +56,7 @@ def plot_compare(runs: dict[str, list[dict[str, Any]]], metric: str, out: Path) 
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for label, records in runs.items():
-        left.plot(*_series(records, "train", "loss"), label=label, alpha=0.8)
+        _train_loss(left, records, label)
         right.plot(*_series(records, "eval", metric), "o-", label=label)
     left.set(xlabel="optimizer step", ylabel="train loss", title="training loss")
     right.set(xlabel="optimizer step", ylabel=metric, title=f"eval {metric}")
