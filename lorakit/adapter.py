@@ -41,11 +41,11 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if use_dropout else nn.Identity()
         variant.init_weights(self, weight, init)
 
-    def contribution(self, module: nn.Module, x: Tensor) -> Tensor:
-        """What this adapter adds to module(x), computed in the adapter's dtype."""
+    def contribution(self, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
+        """What this adapter adds to module(x) (= base_out, when the caller has it), in the adapter's dtype."""
         if x.is_floating_point():
             x = x.to(self.dtype)
-        return self.variant.contribution(self, module, x)
+        return self.variant.contribution(self, module, x, base_out)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -53,6 +53,11 @@ class Kind:
         """The base layer's product with `weight`, without bias (variants that rescale W x need it)."""
         return F.linear(x, weight.T if self.transposed else weight)
 
+    def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
+        """module(x) less its bias: W x, from an output already computed."""
+        bias = getattr(module, "bias", None)
+        return out if bias is None else out - bias
+
 
 @dataclass(frozen=True)
 class EmbeddingKind(Kind):
@@ -68,6 +73,9 @@ class EmbeddingKind(Kind):
         return F.embedding(
             x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
         )
+
+    def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
+        return out
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,10 @@ class ConvKind(Kind):
     def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         x, padding = _padded(module, x)
         return _conv_fn(weight)(x, weight, None, module.stride, padding, module.dilation)
+
+    def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
+        bias = module.bias
+        return out if bias is None else out - bias.reshape(-1, *(1 for _ in module.kernel_size))  # channel axis
 
 
 def _conv_fn(weight: Tensor):

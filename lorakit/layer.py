@@ -44,11 +44,11 @@ class LoraLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        base_out = out = self.base_layer(x, *args, **kwargs)
         if self.kind.acts_on_weight:
             return out  # the parametrization has already added the deltas to the weight
         for adapter in self.live_adapters():
-            out = out + adapter.contribution(self.base_layer, x).to(out.dtype)
+            out = out + adapter.contribution(self.base_layer, x, base_out).to(out.dtype)
         return out
 
     def live_adapters(self) -> list[Adapter]:

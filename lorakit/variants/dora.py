@@ -31,14 +31,18 @@ class Dora:
         norm = _column_norm(adapter, weight).to(adapter.lora_A.dtype)
         adapter.lora_magnitude_vector = nn.Parameter(norm.reshape(_magnitude_shape(weight, norm)))
 
-    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         kind = adapter.kind
         weight = kind.weight_of(module)
         ratio = adapter.lora_magnitude_vector / _column_norm(adapter, weight).reshape(
             adapter.lora_magnitude_vector.shape
         )
+        dropping = adapter.training and isinstance(adapter.dropout, nn.Dropout)
         x = adapter.dropout(x)
-        base = kind.base_output(module, x, weight.to(adapter.lora_A.dtype))
+        if base_out is not None and not dropping:
+            base = kind.without_bias(module, base_out)  # W x as the layer computed it: no second product with W
+        else:  # W times the dropped-out input, which the layer never computed
+            base = kind.base_output(module, x, weight.to(adapter.dtype))
         lora = kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
         return (ratio - 1) * base + ratio * lora
 

@@ -22,7 +22,9 @@ class Variant(Protocol):
 
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None: ...
 
-    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor: ...
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
+        """What the adapter adds to module(x); base_out is module(x) as the layer computed it, for reuse."""
+        ...
 
     def delta_weight(self, adapter: Adapter) -> Tensor: ...
 
@@ -56,7 +58,7 @@ class Lora:
                 nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(adapter.lora_B)
 
-    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         return adapter.kind.contribution(module, adapter.dropout(x), adapter.lora_A, adapter.lora_B, adapter.scale)
 
     def delta_weight(self, adapter: Adapter) -> Tensor:

@@ -31,7 +31,7 @@ class LoraFA:
         del adapter.lora_A  # a buffer, not a parameter: no gradient, no optimizer state, still in state_dict
         adapter.register_buffer("lora_A", frozen)
 
-    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         x = adapter.dropout(x)
         if adapter.kind.name in LINEAR_KINDS:
             return ops.frozen_a_linear_contribution(x, adapter.lora_A, adapter.lora_B, adapter.scale)

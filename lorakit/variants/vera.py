@@ -145,7 +145,7 @@ class Vera:
                 adapter.vera_lambda_d.fill_(self.d_initial)
                 adapter.vera_lambda_b.zero_()
 
-    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor) -> Tensor:
+    def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         lora_A, lora_B = _slices(adapter)
         hidden = adapter.vera_lambda_d * F.linear(adapter.dropout(x), lora_A.to(x.dtype))  # (..., r)
         return adapter.vera_lambda_b * F.linear(hidden, lora_B.to(x.dtype))

@@ -119,3 +119,24 @@ def test_rslora_same_weights_same_outputs_as_peft(case: Case, tmp_path):
     torch.testing.assert_close(_run(theirs, case), _run(ours, case), atol=ATOL, rtol=0)
     back = LoraModel.from_pretrained(case.build(), tmp_path).eval()
     torch.testing.assert_close(_run(back, case), _run(theirs, case), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", DORA_CASES, ids=str)
+def test_dora_reusing_the_layers_output_equals_recomputing_w_x(case: Case, monkeypatch):
+    # without dropout, W x is the base layer's output less its bias (each kind knows its bias layout): the layer
+    # hands it over instead of DoRA multiplying by W a second time; outputs and gradients must not change
+    from lorakit.adapter import Adapter
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = _ours(case, use_dora=True).train()  # train mode: dropout is 0, so the reuse path is taken
+        out = output(model(**case.inputs()))
+        out.float().square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    reused, reused_grads = run()
+    full = Adapter.contribution
+    monkeypatch.setattr(Adapter, "contribution", lambda self, module, x, base_out=None: full(self, module, x))
+    recomputed, recomputed_grads = run()
+    torch.testing.assert_close(reused, recomputed, atol=ATOL, rtol=1e-5)
+    for name, grad in recomputed_grads.items():
+        torch.testing.assert_close(reused_grads[name], grad, atol=1e-4, rtol=1e-4)
