@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +28,26 @@ class LoraModel(nn.Module):
         self.active_adapters: list[str] = []
         for param in model.parameters():
             param.requires_grad_(False)
-        # transformers.Trainer keeps only the dataset columns named in model.forward's signature (it looks through
-        # PEFT's class, not ours): this instance's forward shows the base model's signature. A bound method, so a
-        # deepcopy of the model calls its own copy.
-        call = types.FunctionType(LoraModel.forward.__code__, globals(), "forward")
-        call.__wrapped__ = type(model).forward
-        self.forward = types.MethodType(call, self)
+        self._show_base_signature()
+
+    def _show_base_signature(self) -> None:
+        """transformers.Trainer keeps only the dataset columns named in model.forward's signature (it looks through
+        PEFT's class, not ours), so this instance's forward is the base model's call under the base's signature.
+        It refers to the base only, never to this wrapper: no reference cycle, so `del model` frees memory."""
+        base = self.model
+
+        def forward(*args, **kwargs):
+            return base(*args, **kwargs)
+
+        forward.__wrapped__ = base.forward
+        self.__dict__["forward"] = forward
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "forward"}  # rebuilt for the copy's own base
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._show_base_signature()
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -178,3 +178,18 @@ def test_forward_shows_the_base_signature_and_a_deepcopy_calls_its_own_model():
     with torch.no_grad():
         assert not torch.allclose(twin(**inputs).logits, model(**inputs).logits)
         torch.testing.assert_close(model(**inputs).logits, model.model(**inputs).logits)
+
+
+def test_a_deleted_model_is_freed_at_once_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()  # `del model; torch.cuda.empty_cache()` must free the memory: no reference cycle through forward
+    try:
+        model = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+        alive = weakref.ref(model)
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
