@@ -83,6 +83,19 @@ def measure(side: str, variant: str, args: argparse.Namespace) -> dict[str, floa
     return result
 
 
+def profile(side: str, variant: str, args: argparse.Namespace) -> None:
+    options, quantized = VARIANTS[variant]
+    model = adapt(side, build(args, quantized), options, args.rank).train()
+    run_steps(model, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 2}))
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else []
+    )
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps(model, argparse.Namespace(**{**vars(args), "steps": 3, "warmup": 1}))
+    key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+    print(f"--- {side} {variant}\n" + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
 def run_steps(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -129,6 +142,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke run")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, help="a variant: print both sides' top ops over 3 steps")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
@@ -161,6 +175,9 @@ def main() -> None:
             else ""
         )
         print(f"{variant:8s} {ours['median_ms']:8.1f} {theirs['median_ms']:8.1f} {row['time_ratio']:6.3f} {memory}")
+    if args.profile:
+        for side in ("ours", "peft"):
+            profile(side, args.profile, args)
     if args.json:
         with open(args.json, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
