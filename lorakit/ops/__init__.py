@@ -1,7 +1,21 @@
-"""The op boundary: layers and variants call these names; faster kernels replace them here only."""
+"""The op boundary: layers and variants call these names; the backend is chosen here, and only here.
 
+Every op has a plain-PyTorch reference in reference.py (its "Semantics:" docstring is the spec). On CUDA, when
+triton is importable and LORAKIT_KERNELS is not "0", the ops that have a kernel in lorakit/ops/triton use it;
+everything else, and every CPU tensor, runs the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+from lorakit.ops import reference
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.reference import (
+    LoraFactors,
     conv_contribution,
     embedding_contribution,
     linear_contribution,
@@ -11,11 +25,52 @@ from lorakit.ops.reference import (
     rescaled_unmerge,
 )
 
+_KERNELS: dict[str, Callable] | None = None  # op name -> kernel, filled on first CUDA call
+
+
+def _kernels() -> dict[str, Callable]:
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from lorakit.ops.triton import KERNELS
+        except ImportError:  # no triton (CPU-only installs): the reference everywhere
+            KERNELS = {}
+        _KERNELS = dict(KERNELS)
+    return _KERNELS
+
+
+def backend(x: Tensor) -> str:
+    """'triton' for CUDA tensors when kernels are available and allowed, else 'reference'."""
+    if x.is_cuda and os.environ.get("LORAKIT_KERNELS", "1") != "0" and _kernels():
+        return "triton"
+    return "reference"
+
+
+def _dispatch(name: str) -> Callable:
+    ref = getattr(reference, name)
+
+    def op(out_or_x: Tensor, *args, **kwargs):
+        impl = _kernels().get(name, ref) if backend(out_or_x) == "triton" else ref
+        return impl(out_or_x, *args, **kwargs)
+
+    op.__name__, op.__doc__ = name, ref.__doc__
+    return op
+
+
+lora_linear = _dispatch("lora_linear")
+add_lora = _dispatch("add_lora")
+add_routed_lora = _dispatch("add_routed_lora")
+
 __all__ = [
+    "LoraFactors",
+    "add_lora",
+    "add_routed_lora",
+    "backend",
     "conv_contribution",
     "embedding_contribution",
     "frozen_a_linear_contribution",
     "linear_contribution",
+    "lora_linear",
     "low_rank_delta",
     "merge_delta_",
     "rescaled_merge",

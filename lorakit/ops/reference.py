@@ -3,11 +3,15 @@
 Notation (the paper's): W (out x in) is frozen, A (r x in), B (out x r), s = alpha / r.
     y = W x + s * B (A x)        the adapter's contribution is s * B(A(x))
     dW = s * B @ A               the delta weight, added to W when merging
+
+lora_linear / add_lora / add_routed_lora are the op boundary of an adapted linear layer: GPU kernels
+(lorakit/ops/triton) implement the same signatures and are tested against these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,3 +81,61 @@ def _row_scale_and_shift(scales, deltas, dtype) -> tuple[Tensor | float, Tensor 
         row_scale = row_scale + (scale - 1.0)
         shift = shift + scale * delta.detach().to(dtype)
     return row_scale, shift
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One plain adapter on one linear layer, as the ops take it: A (r x in), B (out x r), s, dropout p."""
+
+    lora_A: Tensor
+    lora_B: Tensor
+    scale: float
+    dropout: float = 0.0
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[LoraFactors], training: bool
+) -> Tensor:
+    """Semantics: y = x W^T + bias + sum_a s_a * B_a(A_a(dropout_a(x))), W (out x in).
+
+    Each LoRA term is computed in its factors' dtype (x cast to it) and the terms are added to the base output in
+    that dtype, which is then rounded once to x's dtype: a bf16 base with fp32 factors rounds once, as PEFT does.
+    """
+    out = F.linear(x, weight, bias)
+    if not adapters:
+        return out
+    return add_lora(out, x, adapters, training)
+
+
+def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
+    """Semantics: out + sum_a s_a * B_a(A_a(dropout_a(x))), summed in the factors' dtype, rounded once to out's."""
+    acc = None
+    for a in adapters:
+        h = F.dropout(x.to(a.lora_A.dtype), a.dropout, training) if a.dropout else x.to(a.lora_A.dtype)
+        term = linear_contribution(h, a.lora_A, a.lora_B, a.scale)
+        acc = term if acc is None else acc + term
+    return (out.to(acc.dtype) + acc).to(out.dtype)
+
+
+def add_routed_lora(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+) -> Tensor:
+    """Semantics: out where, for every adapter k and every row index i in rows[k] (int64, along dim 0),
+    out[i] += s_k * B_k(A_k(dropout_k(x[i]))), summed in the factors' dtype and rounded once to out's dtype.
+
+    Ranks may differ between adapters (no padding); a row may be listed under several adapters (a tree path: their
+    terms add up); rows listed under none keep the base output. Autograd gives each adapter only its rows' gradient.
+    """
+    acc = None
+    for a, idx in zip(adapters, rows, strict=True):
+        if idx.numel() == 0:
+            continue
+        h = x.index_select(0, idx).to(a.lora_A.dtype)
+        h = F.dropout(h, a.dropout, training) if a.dropout else h
+        term = linear_contribution(h, a.lora_A, a.lora_B, a.scale)
+        if acc is None:
+            acc = out.new_zeros(out.shape, dtype=term.dtype)
+        acc = acc.index_add(0, idx, term)
+    if acc is None:
+        return out
+    return (out.to(acc.dtype) + acc).to(out.dtype)
