@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lorakit import ops
 from lorakit.errors import TargetError
@@ -57,6 +58,9 @@ class Kind:
         """module(x) less its bias: W x, from an output already computed."""
         bias = getattr(module, "bias", None)
         return out if bias is None else out - bias
+
+    def after_copy(self, module: nn.Module) -> None:
+        """Called on the base module of a deep-copied layer; nothing to do unless the kind parametrizes it."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,13 @@ class ParameterKind(Kind):
     def weight_name(self) -> str:
         return self.parameter
 
+    def after_copy(self, module: nn.Module) -> None:
+        """torch's parametrized class is shared by a module and its deep copies, and removing the parametrization
+        from one deletes the weight's property from that class: the copy gets a class of its own."""
+        cls = type(module)
+        namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
 
 @dataclass(frozen=True)
 class Bnb4bitKind(Kind):
@@ -171,7 +182,11 @@ def kind_of(module: nn.Module) -> Kind | None:
 
 
 def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
-    weight = getattr(module, parameter, None)
+    """The kind for `module.<parameter>`; a weight already parametrized by another adapter counts as itself."""
+    if parametrize.is_parametrized(module, parameter):
+        weight = module.parametrizations[parameter].original
+    else:
+        weight = getattr(module, parameter, None)
     if not isinstance(weight, nn.Parameter):
         raise TargetError(f"{type(module).__name__} has no parameter named {parameter!r}")
     if weight.dim() != 2:

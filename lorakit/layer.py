@@ -123,6 +123,10 @@ class LoraLayer(nn.Module):
             parametrize.remove_parametrizations(self.base_layer, name, leave_parametrized=False)
         return self.base_layer
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.kind.after_copy(self.base_layer)  # a deep copy: the kind makes the copied base its own
+
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={self.active_adapters}, merged={self.merged_adapters}"
 

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetError
@@ -97,11 +98,11 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         hits = [
             (path, parameter_kind(module, name))
             for path, module in logical_modules(model)
-            for name, _ in module.named_parameters(recurse=False)
+            for name in own_parameter_names(module)
             if _suffix_match(f"{path}.{name}", target)
         ]
         if not hits:
-            params = [f"{p}.{n}" for p, m in logical_modules(model) for n, _ in m.named_parameters(recurse=False)]
+            params = [f"{p}.{n}" for p, m in logical_modules(model) for n in own_parameter_names(m)]
             close = difflib.get_close_matches(target, params, n=5, cutoff=0.4)
             raise TargetError(
                 f"target_parameters entry {target!r} matches no parameter of the model"
@@ -109,6 +110,15 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
             )
         found.extend(hits)
     return found
+
+
+def own_parameter_names(module: nn.Module) -> list[str]:
+    """The module's own parameter names as the user wrote them: a weight another adapter already parametrizes
+    is listed under its name (torch moves it to parametrizations.<name>.original), so a second adapter finds it."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        names.extend(module.parametrizations.keys())
+    return names
 
 
 def modules_to_save(config: LoraConfig) -> list[str]:

@@ -95,6 +95,30 @@ class MHABlock(nn.Module):
         return self.out(self.attn(h, h, h, need_weights=False)[0])
 
 
+class MLP(nn.Module):
+    """PEFT's test MLP shape: two linear layers, the first one a target_parameters target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(6, 5)
+        self.lin1 = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def float_input(*shape: int) -> Callable[[], dict[str, torch.Tensor]]:
+    def make() -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(*shape, generator=torch.Generator().manual_seed(1))}
+
+    return make
+
+
 def ids_input(vocab: int) -> Callable[[], dict[str, torch.Tensor]]:
     def make() -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
+import peft
 import pytest
 import torch
 from torch import nn
 
-from lorakit import ConfigError, LoraConfig, LoraLayer, TargetError, get_lora_model
-from tests.cases import conv_mlp, mha_block, tiny_bert_cls, tiny_gpt2, tiny_llama
+from lorakit import ConfigError, LoraConfig, LoraLayer, LoraModel, TargetError, get_lora_model
+from tests.cases import conv_mlp, float_input, mha_block, mlp, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 
 def _adapted(model) -> set[str]:
@@ -96,3 +99,43 @@ def test_a_mistyped_target_next_to_a_grouped_conv_still_gets_candidates():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(TargetError, match=r"matches no module.*names in this model: \['2'\]"):
         get_lora_model(model, LoraConfig(target_modules=["nonexistent"]))
+
+
+def _mlp_input() -> torch.Tensor:
+    return float_input(3, 6)()["x"]
+
+
+def test_two_adapters_on_one_target_parameter_match_peft_both_ways(tmp_path):
+    torch.manual_seed(0)
+    ours = get_lora_model(mlp(), LoraConfig(target_parameters=["lin0.weight"], init_lora_weights=False))
+    ours.add_adapter("other", LoraConfig(target_parameters=["lin0.weight"], r=3, init_lora_weights=False))
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(mlp(), tmp_path / "ours").eval()
+    theirs.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = LoraModel.from_pretrained(mlp(), tmp_path / "theirs").eval()
+    back.load_adapter(tmp_path / "theirs" / "other", "other")
+    x = _mlp_input()
+    outputs = []
+    for name in ("default", "other"):
+        for model in (ours, theirs, back):
+            model.set_adapter(name)
+        with torch.no_grad():
+            expected = ours(x)
+            torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(back(x), expected, atol=1e-5, rtol=0)
+        outputs.append(expected)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-4), "the two adapters must differ"
+
+
+def test_a_deep_copy_with_target_parameters_is_independent():
+    model = get_lora_model(mlp(), LoraConfig(target_parameters=["lin0.weight"], init_lora_weights=False))
+    x = _mlp_input()
+    with torch.no_grad():
+        before = model(x)
+        merged = copy.deepcopy(model).merge_and_unload()
+        torch.testing.assert_close(merged(x), before, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    assert type(merged.lin0) is nn.Linear and type(model.model.lin0.base_layer) is not nn.Linear
+    model.merge_and_unload()  # the original still unwraps on its own
+    assert type(model.model.lin0) is nn.Linear
