@@ -69,7 +69,11 @@ def score(task: str, model: nn.Module, batch: Batch) -> Scores:
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs)
-    logits = out if isinstance(out, Tensor) else out.logits
+    return score_logits(task, out if isinstance(out, Tensor) else out.logits, labels)
+
+
+def score_logits(task: str, logits: Tensor, labels: Tensor) -> Scores:
+    """Loss sum, item count and correct count of a batch's logits (parallel jobs score their rows' slice)."""
     if task == "causal-lm":  # predict token t+1 from tokens <= t
         logits, labels = logits[:, :-1], labels[:, 1:]
     logits = logits.reshape(-1, logits.shape[-1]).float()
