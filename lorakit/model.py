@@ -127,6 +127,30 @@ class LoraModel(nn.Module):
         """The base model's own class as it was before any adapter."""
         return merge.unload(self.model)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int | None = None,
+    ) -> None:
+        """PEFT's weighted combination into a new, inactive adapter (types and rules: lorakit.multi.combine).
+
+        seed: makes the random dare_* types repeatable (None: torch's global generator, as PEFT)."""
+        from lorakit.multi import combine  # multi builds on this module, so it is imported when used
+
+        combine.add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+            svd_driver, density, majority_sign_method, seed,
+        )  # fmt: skip
+
     # -- files -----------------------------------------------------------------------------------
     def save_pretrained(
         self,
