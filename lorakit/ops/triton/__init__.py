@@ -1,0 +1,17 @@
+"""CUDA kernels behind the op boundary (lorakit.ops picks them for CUDA tensors, the reference elsewhere).
+
+KERNELS is empty where triton does not import (CPU-only installs), so the dispatcher keeps the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    KERNELS: dict[str, Callable] = {}
+else:
+    from lorakit.ops.triton.fused_linear import add_lora, lora_linear
+
+    KERNELS = {"lora_linear": lora_linear, "add_lora": add_lora}

@@ -1,0 +1,139 @@
+"""The adapted linear layer as one autograd node: the base product and every adapter's term, read once.
+
+    forward   S  = [drop_a(x) A_a^T]_a            (N x R, R = sum of ranks; one GEMM for all adapters without dropout)
+              y  = S Bs^T + b,  then y += x W^T    (cuBLAS adds into y in its epilogue: no extra pass over y)
+              Bs = [s_a B_a]_a in x's dtype        (fp32 master factors stay fp32; only these small casts are made)
+    saved     x (the base product needs it anyway), S, the dropout seeds; never drop(x), never a mask
+    backward  T  = dY Bs;  dB_a = s_a dY^T S_a;  dA_a = T_a^T drop_a(x)
+              dX = sum_a drop_a^T(T_a A_a)  (written once),  then dX += dY W  (epilogue again)
+
+Everything runs in x's dtype (a bf16 base computes in bf16 even with fp32 factors: PEFT's default casts the
+activations to fp32 instead); gradients come back in each factor's dtype. Dropout masks are redrawn from a seed
+(dropout.py). Cases this does not cover (autocast, a trainable W or bias, dtypes other than fp16/bf16/fp32, mixed
+dtypes between x and W) go to the reference, which defines the semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lorakit.ops import reference
+from lorakit.ops.reference import LoraFactors
+from lorakit.ops.triton.dropout import draw_seeds, dropout_expand, dropout_grad_a, dropout_shrink
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[LoraFactors], training: bool
+) -> Tensor:
+    """reference.lora_linear's semantics, fused (see the module docstring)."""
+    if not adapters or not _fusable(x, weight, bias, None, adapters):
+        return reference.lora_linear(x, weight, bias, adapters, training)
+    return _fused(x, weight, bias, None, adapters, training)
+
+
+def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
+    """reference.add_lora's semantics: out + the adapters' terms, with the same saved tensors as lora_linear."""
+    if not adapters or not _fusable(x, None, None, out, adapters):
+        return reference.add_lora(out, x, adapters, training)
+    return _fused(x, None, None, out, adapters, training)
+
+
+def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor | None, adapters) -> bool:
+    if x.dtype not in _FAST_DTYPES or x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
+        return False
+    frozen = [t for t in (weight, bias) if t is not None]
+    if any(t.requires_grad or t.dtype != x.dtype for t in frozen) or (out is not None and out.dtype != x.dtype):
+        return False
+    if weight is not None and weight.dim() != 2:
+        return False
+    n_in = x.shape[-1]
+    return all(a.lora_A.dim() == 2 and a.lora_B.dim() == 2 and a.lora_A.shape[1] == n_in for a in adapters)
+
+
+def _fused(x, weight, bias, out, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    ps = tuple(float(a.dropout) if training and a.dropout > 0 else 0.0 for a in adapters)
+    n_dropped = sum(p > 0 for p in ps)
+    seeds = draw_seeds(n_dropped, x.device) if n_dropped else None
+    base = None if out is None else out.reshape(-1, out.shape[-1])
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    scales = tuple(float(a.scale) for a in adapters)
+    y = _FusedLora.apply(x.reshape(-1, n_in), weight, bias, base, seeds, scales, ps, *factors)
+    return y.reshape(*lead, y.shape[-1])
+
+
+class _FusedLora(torch.autograd.Function):
+    """(x, W, b, base, seeds, scales, ps, A_0, B_0, A_1, B_1, ...) -> y; x, base, y are 2-D (N x features)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, base, seeds, scales, ps, *factors):
+        plain = [i for i, p in enumerate(ps) if p == 0]
+        dropped = [i for i, p in enumerate(ps) if p > 0]
+        order = plain + dropped  # S's and Bs's columns: the adapters without dropout first, as one block
+        a_plain = torch.cat([factors[2 * i].to(x.dtype) for i in plain]) if plain else None
+        a_dropped = [factors[2 * i].to(x.dtype) for i in dropped]
+        b_scaled = torch.cat([(factors[2 * i + 1] * scales[i]).to(x.dtype) for i in order], dim=1)  # (out x R)
+        parts = [x @ a_plain.T] if plain else []
+        for j, (i, a) in enumerate(zip(dropped, a_dropped, strict=True)):
+            parts.append(dropout_shrink(x, a, seeds[j : j + 1], ps[i]))
+        s = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N x R)
+        if base is not None:
+            y = torch.addmm(base, s, b_scaled.T)
+        else:
+            y = torch.mm(s, b_scaled.T) if bias is None else torch.addmm(bias, s, b_scaled.T)
+            y.addmm_(x, weight.T)
+        ctx.save_for_backward(x, weight, s, seeds, b_scaled, a_plain, *a_dropped)
+        ctx.layout = (scales, ps, plain, dropped)
+        ctx.factor_dtypes = [f.dtype for f in factors]
+        ctx.ranks = [factors[2 * i].shape[0] for i in range(len(scales))]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, s, seeds, b_scaled, a_plain, *a_dropped = ctx.saved_tensors
+        scales, ps, plain, dropped = ctx.layout
+        t = dy @ b_scaled  # (N x R): the gradient reaching S
+        r_plain = 0 if a_plain is None else a_plain.shape[0]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = t[:, :r_plain] @ a_plain if a_plain is not None else None
+            col = r_plain
+            for j, (i, a) in enumerate(zip(dropped, a_dropped, strict=True)):
+                dx = dropout_expand(t[:, col : col + a.shape[0]], a, dx, seeds[j : j + 1], ps[i])
+                col += a.shape[0]
+            if weight is not None:
+                dx.addmm_(dy, weight)
+        factor_grads = _factor_grads(ctx, dy, x, s, t, a_plain, a_dropped, seeds)
+        dbase = dy if ctx.needs_input_grad[3] else None
+        return (dx, None, None, dbase, None, None, None, *factor_grads)
+
+
+def _factor_grads(ctx, dy, x, s, t, a_plain, a_dropped, seeds) -> list[Tensor | None]:
+    """dA_a, dB_a for every adapter, in the order the factors came in, each in its factor's dtype."""
+    scales, ps, plain, dropped = ctx.layout
+    wanted = ctx.needs_input_grad[7:]
+    n = len(scales)
+    grads: list[Tensor | None] = [None] * (2 * n)
+    if not any(wanted):
+        return grads
+    db_scaled = dy.T @ s  # (out x R)
+    da_plain = t[:, : a_plain.shape[0]].T @ x if a_plain is not None else None  # (R_plain x in)
+    col = 0
+    for pos, i in enumerate(plain + dropped):
+        rank = ctx.ranks[i]
+        if wanted[2 * i]:
+            if pos < len(plain):
+                da = da_plain[col : col + rank]
+            else:
+                j = pos - len(plain)
+                da = dropout_grad_a(t[:, col : col + rank], x, seeds[j : j + 1], ps[i])
+            grads[2 * i] = da.to(ctx.factor_dtypes[2 * i])
+        if wanted[2 * i + 1]:
+            grads[2 * i + 1] = (db_scaled[:, col : col + rank] * scales[i]).to(ctx.factor_dtypes[2 * i + 1])
+        col += rank
+    return grads

@@ -1,0 +1,166 @@
+"""The fused LoRA ops (lorakit/ops/triton) against float64 math with the same dropout masks.
+
+Every case runs on the CPU too (the custom ops' CPU impls), so CI checks the fused autograd logic in fp32; the CUDA
+cases (triton kernels, cuBLAS, bf16/fp32, torch.compile) skip cleanly without CUDA or triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit import ops
+from lorakit.ops.reference import LoraFactors
+from lorakit.ops.triton.dropout import draw_seeds, keep_mask
+from lorakit.ops.triton.fused_linear import add_lora, lora_linear
+
+HAS_KERNELS = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="the triton kernels need CUDA and triton")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_kernels)]
+# ||out - float64|| / ||float64|| allowed per compute dtype (bf16 operands round at ~4e-3)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _adapters(specs, n_in, n_out, dtype, device, gen):
+    """LoraFactors with random (non-zero) A and B; specs = [(rank, dropout), ...]."""
+    adapters = []
+    for k, (rank, p) in enumerate(specs):
+        a = torch.randn(rank, n_in, generator=gen, dtype=dtype) / n_in**0.5
+        b = torch.randn(n_out, rank, generator=gen, dtype=dtype) / rank**0.5
+        scale = 2.0 / rank if k % 2 == 0 else 1.5 / rank**0.5  # plain and rsLoRA scales
+        adapters.append(LoraFactors(a.to(device).requires_grad_(), b.to(device).requires_grad_(), scale, p))
+    return adapters
+
+
+def _gold(x, weight, bias, base, adapters, masks):
+    """float64 y = x W^T + b (or base) + sum_a s_a B_a A_a (keep_a * x / (1 - p_a)), and its graph."""
+    x64 = x.detach().double().requires_grad_()
+    y = F.linear(x64, weight.double(), None if bias is None else bias.double()) if base is None else base.double()
+    params = []
+    for a, mask in zip(adapters, masks, strict=True):
+        a64, b64 = (t.detach().double().requires_grad_() for t in (a.lora_A, a.lora_B))
+        h = x64 if mask is None else x64 * mask.reshape(x64.shape) / (1 - a.dropout)
+        y = y + a.scale * F.linear(F.linear(h, a64), b64)
+        params += [a64, b64]
+    return y, [x64, *params]
+
+
+def _masks(adapters, x, seed):
+    """The masks the op drew after torch.manual_seed(seed): one seed per adapter with dropout, in order."""
+    torch.manual_seed(seed)
+    seeds = iter(draw_seeds(sum(a.dropout > 0 for a in adapters), x.device).split(1))
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    return [keep_mask(x2, next(seeds), a.dropout) if a.dropout > 0 else None for a in adapters]
+
+
+def _rel(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check(fn, x, weight, bias, base, adapters, dtype, seed=0):
+    """fn's output and gradients (x, every A and B) against float64 math with the op's own dropout masks."""
+    torch.manual_seed(seed)
+    y = fn()
+    masks = _masks(adapters, x, seed)
+    gold, gold_inputs = _gold(x, weight, bias, base, adapters, masks)
+    grad_out = torch.randn_like(gold)
+    inputs = [x] + [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    grads = torch.autograd.grad(y, inputs, grad_out.to(y.dtype))
+    gold_grads = torch.autograd.grad(gold, gold_inputs, grad_out)
+    assert y.dtype == x.dtype and y.shape == gold.shape
+    assert _rel(y, gold) < TOLERANCE[dtype], "output"
+    for name, g, ref, t in zip(["x"] + ["A", "B"] * len(adapters), grads, gold_grads, inputs, strict=True):
+        assert g.dtype == t.dtype, f"gradient of {name} in {g.dtype}, its tensor is {t.dtype}"
+        assert torch.isfinite(g).all() and _rel(g, ref) < TOLERANCE[dtype], f"gradient of {name}: {_rel(g, ref)}"
+
+
+def _case(device, dtype, factor_dtype, shape, n_out, specs, with_bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_in = shape[-1]
+    x = torch.randn(*shape, generator=gen, dtype=dtype).to(device).requires_grad_()
+    weight = (torch.randn(n_out, n_in, generator=gen, dtype=dtype) / n_in**0.5).to(device)
+    bias = torch.randn(n_out, generator=gen, dtype=dtype).to(device) if with_bias else None
+    return x, weight, bias, _adapters(specs, n_in, n_out, factor_dtype, device, gen)
+
+
+MIXED = [(8, 0.0), (3, 0.1), (16, 0.25), (1, 0.0)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("specs", [[(4, 0.0)], [(4, 0.3)], MIXED], ids=["plain", "dropout", "mixed"])
+def test_fused_linear_matches_float64_math(device, specs):
+    dtype = torch.float32
+    x, w, b, adapters = _case(device, dtype, dtype, (2, 5, 37), 29, specs)
+    _check(lambda: lora_linear(x, w, b, adapters, True), x, w, b, None, adapters, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_lora_passes_the_gradient_to_the_base_output(device):
+    dtype = torch.float32
+    x, w, _, adapters = _case(device, dtype, dtype, (9, 21), 13, MIXED, with_bias=False)
+    base = F.linear(x.detach(), w).requires_grad_()
+    _check(lambda: add_lora(base, x, adapters, True), x, w, None, base.detach(), adapters, dtype)
+    torch.manual_seed(0)
+    (grad_base,) = torch.autograd.grad(add_lora(base, x, adapters, True).sum(), [base])
+    assert torch.equal(grad_base, torch.ones_like(base))
+
+
+def test_eval_mode_draws_no_mask_and_equals_the_reference():
+    x, w, b, adapters = _case("cpu", torch.float32, torch.float32, (6, 11), 7, MIXED)
+    expected = ops.reference.lora_linear(x, w, b, adapters, False)
+    torch.testing.assert_close(lora_linear(x, w, b, adapters, False), expected)
+
+
+def test_unsupported_cases_fall_back_to_the_reference():
+    x, w, b, adapters = _case("cpu", torch.float32, torch.float32, (6, 11), 7, [(2, 0.0)])
+    w.requires_grad_()  # a trainable base weight needs dW, which the fused op does not compute
+    y = lora_linear(x, w, b, adapters, True)
+    assert "Fused" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, ops.reference.lora_linear(x, w, b, adapters, True))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rank", [1, 7, 16, 64, 256])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_across_ranks_dtypes_and_odd_shapes(rank, p, dtype):
+    # fp32 master factors on a bf16 base (the default user) compute in bf16; gradients come back in fp32
+    x, w, b, adapters = _case("cuda", dtype, torch.float32, (3, 97, 203), 141, [(rank, p)], seed=rank)
+    _check(lambda: lora_linear(x, w, b, adapters, True), x, w, b, None, adapters, dtype)
+
+
+@needs_kernels
+def test_kernels_on_many_rows_split_the_reduction():
+    x, w, b, adapters = _case("cuda", torch.bfloat16, torch.float32, (4133, 1000), 300, MIXED)
+    _check(lambda: lora_linear(x, w, b, adapters, True), x, w, b, None, adapters, torch.bfloat16)
+
+
+@needs_kernels
+def test_cuda_dispatch_picks_the_fused_op():
+    x, w, b, adapters = _case("cuda", torch.bfloat16, torch.float32, (4, 64), 32, [(4, 0.1)])
+    assert ops.backend(x) == "triton"
+    y = ops.lora_linear(x, w, b, adapters, True)
+    assert "Fused" in type(y.grad_fn).__name__
+
+
+@needs_kernels
+def test_keep_mask_is_a_function_of_the_seed():
+    x = torch.randn(300, 501, device="cuda")
+    seeds = torch.tensor([3, 4], device="cuda")
+    first, again, other = keep_mask(x, seeds[:1], 0.3), keep_mask(x, seeds[:1], 0.3), keep_mask(x, seeds[1:], 0.3)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert abs(first.float().mean().item() - 0.7) < 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("specs", [[(16, 0.0)], MIXED], ids=["plain", "mixed-dropout"])
+def test_compiled_matches_eager(specs, monkeypatch):
+    # inductor draws its own random numbers unless told to fall back to torch's, which the masks come from
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    x, w, b, adapters = _case("cuda", torch.bfloat16, torch.float32, (2, 33, 96), 80, specs)
+    compiled = torch.compile(lambda x: ops.lora_linear(x, w, b, adapters, True), fullgraph=True)
+    _check(lambda: compiled(x), x, w, b, None, adapters, torch.bfloat16)
