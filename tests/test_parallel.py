@@ -1,0 +1,283 @@
+"""Parallel training: N adapters over one base in one forward per step equal N runs of each adapter alone.
+
+The reference for every job is an independent single-adapter run on its own copy of the base, with the same seed,
+batches, optimizer and schedule; fp32, dropout 0 gives the same weights to 1e-5. Then the jobs file:
+`lorakit train jobs.toml` gives each job the adapter `lorakit train` gives that job's config alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from safetensors.torch import load_file
+from test_train_helpers import copy_tokenizer, sentiment_csv, write_config
+from typer.testing import CliRunner
+
+from lorakit import LoraConfig, LoraModel
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.multi.parallel import (
+    IGNORE,
+    ParallelJob,
+    ParallelTrainer,
+    add_seeded_adapter,
+    concat_batches,
+    mean_cross_entropy,
+)
+from lorakit.train import load_config, train
+from lorakit.train.commands import register
+from lorakit.train.jobs import is_jobs_file, load_jobs, train_jobs
+
+VOCAB = 50
+
+
+def _bert(dropout: float = 0.0) -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        num_labels=3, pad_token_id=0)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+def _batches(seed: int, n: int, rows: int, length: int) -> list[dict[str, torch.Tensor]]:
+    """n batches of `rows` sequences of `length` tokens, the last row of each padded after half its length."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (rows, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, length // 2 :] = 0
+        ids[-1, length // 2 :] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (rows,), generator=g)})
+    return out
+
+
+def _linear_decay(steps: int):
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+
+
+def _jobs(dropout: float = 0.0) -> list[ParallelJob]:
+    """Three jobs that differ in everything a job has: rank, alpha, targets, optimizer, schedule, batch size and
+    length, steps, grad accumulation, clipping, seed; the first trains the classifier too (modules_to_save)."""
+    return [
+        ParallelJob("wide", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout,
+                                       modules_to_save=["classifier"]),
+                    _batches(1, 4, rows=3, length=7), steps=4,
+                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01),
+                    scheduler=_linear_decay(4), max_grad_norm=1.0, seed=1),
+        ParallelJob("sgd", LoraConfig(r=2, lora_alpha=2, target_modules=["key", "dense"], lora_dropout=dropout),
+                    _batches(2, 6, rows=5, length=11), steps=3,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), grad_accum=2, seed=2),
+        ParallelJob("short", LoraConfig(r=8, lora_alpha=4, target_modules=["query"], use_rslora=True,
+                                        lora_dropout=dropout),
+                    _batches(3, 2, rows=2, length=4), steps=2,
+                    optimizer=lambda p: torch.optim.Adam(p, lr=3e-2), seed=3),
+    ]  # fmt: skip
+
+
+def _alone(base: torch.nn.Module, job: ParallelJob) -> tuple[list[torch.nn.Parameter], list[float]]:
+    """The job trained alone on its own copy of the base: (its trained parameters, its loss per step)."""
+    model = LoraModel(copy.deepcopy(base))
+    add_seeded_adapter(model, job.name, job.lora_config, job.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = job.optimizer(params)
+    scheduler = job.scheduler(optimizer) if job.scheduler else None
+    batches, losses = iter(job.batches), []
+    model.train()
+    for _ in range(job.steps):
+        total = 0.0
+        for _ in range(job.grad_accum):
+            batch = next(batches)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            loss = mean_cross_entropy(logits, batch["labels"]) / job.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, job.max_grad_norm or math.inf)
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+        optimizer.zero_grad()
+        losses.append(total)
+    return params, losses
+
+
+def test_each_adapter_equals_its_independent_run() -> None:
+    base = _bert()
+    jobs = _jobs()
+    expected = {job.name: _alone(base, job) for job in jobs}
+    trainer = ParallelTrainer(copy.deepcopy(base), jobs)
+    initial = {job.name: [p.detach().clone() for p in trainer.parameters_of(job.name)] for job in jobs}
+    losses = trainer.run()
+    assert trainer.live == []
+    for job in jobs:
+        params, job_losses = expected[job.name]
+        trained = trainer.parameters_of(job.name)
+        assert [p.shape for p in trained] == [p.shape for p in params]
+        assert len(losses[job.name]) == job.steps
+        assert losses[job.name] == pytest.approx(job_losses, abs=1e-5)
+        for ours, theirs in zip(trained, params, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        # B starts at 0, so every B moved: the comparison is not of untouched weights (some A barely move: the
+        # tiny random BERT's attention is almost uniform, so its keys get gradients near 1e-13)
+        moved = [not torch.equal(ours, start) for ours, start in zip(trained, initial[job.name], strict=True)]
+        assert sum(moved) > len(moved) // 2, job.name
+
+
+def test_with_dropout_the_losses_track_the_independent_runs() -> None:
+    base = _bert(dropout=0.1)
+    jobs = _jobs(dropout=0.1)
+    torch.manual_seed(0)
+    expected = {job.name: _alone(base, job)[1] for job in jobs}
+    torch.manual_seed(0)
+    losses = ParallelTrainer(copy.deepcopy(base), jobs).run()
+    for job in jobs:
+        assert losses[job.name] == pytest.approx(expected[job.name], rel=0.15), job.name
+
+
+def test_concat_pads_to_the_longest_and_masks_the_padding() -> None:
+    a = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.zeros(2, 3, dtype=torch.long)}
+    b = {"input_ids": torch.full((1, 5), 7), "labels": torch.ones(1, 5, dtype=torch.long)}
+    merged, slices = concat_batches([a, b], {"input_ids": 0, "labels": IGNORE, "attention_mask": 0})
+    assert slices == [slice(0, 2), slice(2, 3)]
+    assert merged["input_ids"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [7] * 5]
+    assert merged["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1] * 5]
+    assert merged["labels"].tolist() == [[0, 0, 0, IGNORE, IGNORE], [0, 0, 0, IGNORE, IGNORE], [1] * 5]
+    with pytest.raises(LorakitError, match="same inputs"):
+        concat_batches([a, {"input_ids": b["input_ids"]}], {})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda jobs: jobs[1].__setattr__("name", "wide"), "two jobs are named 'wide'"),
+        (lambda jobs: jobs[0].lora_config.__setattr__("bias", "all"), "bias='all' trains the base's biases"),
+        (lambda jobs: jobs[2].__setattr__("steps", 0), "steps and grad_accum must be >= 1"),
+    ],
+)
+def test_jobs_that_cannot_share_a_base_are_refused_before_any_adapter(change, message: str) -> None:
+    jobs = _jobs()
+    change(jobs)
+    model = LoraModel(_bert())
+    with pytest.raises(ConfigError, match=message):
+        ParallelTrainer(model, jobs)
+    assert model.peft_config == {}
+
+
+def test_a_job_that_runs_out_of_batches_names_itself() -> None:
+    jobs = _jobs()
+    jobs[1].batches = jobs[1].batches[:3]
+    with pytest.raises(LorakitError, match="job 'sgd' ran out of batches after 3 micro-batches; it needs .* = 6"):
+        ParallelTrainer(_bert(), jobs).run()
+
+
+# -- lorakit train jobs.toml -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT with MiniLM's vocabulary and no dropout anywhere, so runs are deterministic."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+              ).save_pretrained(folder)  # fmt: skip
+    copy_tokenizer(folder)
+    return folder
+
+
+def _jobs_file(tmp: Path, model: Path, jobs: str) -> Path:
+    data = sentiment_csv(tmp / "s.csv", n=80)
+    return write_config(tmp / "jobs.toml", f"""
+        task = "seq-cls"
+        seed = 0
+        [model]
+        source = "{model}"
+        [data]
+        path = "{data}"
+        labels = ["neg", "pos"]
+        max_length = 16
+        eval_fraction = 0.2
+        [lora]
+        target_modules = ["query", "value"]
+        modules_to_save = ["classifier"]
+        [optim]
+        lr = 0.01
+        batch_size = 8
+        max_steps = 3
+        [run]
+        out_dir = "{tmp / "runs"}"
+        eval_every = 2
+        log_every = 1
+        progress = "none"
+        tensorboard = false
+    """ + jobs)  # fmt: skip
+
+
+_TWO_JOBS = """
+    [[adapters]]
+    name = "r2"
+    lora = { r = 2, lora_alpha = 4 }
+
+    [[adapters]]
+    name = "r4-sgd"
+    seed = 0
+    data = { max_samples = 40 }
+    lora = { r = 4, target_modules = ["query", "key", "value"] }
+    optim = { name = "SGD", lr = 0.05, batch_size = 5, max_steps = 5, schedule = "cosine", warmup_steps = 1 }
+"""
+
+
+def test_jobs_file_gives_each_job_the_adapter_its_own_run_gives(tmp_path: Path, bert_folder: Path) -> None:
+    path = _jobs_file(tmp_path, bert_folder, _TWO_JOBS)
+    assert is_jobs_file(path) and not is_jobs_file(tmp_path / "s.csv")
+    app = typer.Typer()
+    register(app)
+    out = CliRunner().invoke(app, ["train", str(path)])  # `lorakit train jobs.toml`
+    assert out.exit_code == 0, out.output
+    assert "r2" in out.output and "r4-sgd" in out.output  # the comparison table
+    for name, steps in (("r2", 3), ("r4-sgd", 5)):
+        folder = tmp_path / "runs" / name
+        result = json.loads((folder / "summary.json").read_text())
+        assert result["steps"] == steps
+        assert {"config.toml", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "adapter"} <= {
+            p.name for p in folder.iterdir()
+        }
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, steps + 1))
+        overrides = [f"run.out_dir={tmp_path / 'alone' / name}", "run.plots=false", "run.eval_every=100"]
+        alone = train(load_config(folder / "config.toml", overrides))
+        ours = load_file(folder / "adapter" / "adapter_model.safetensors")
+        theirs = load_file(Path(alone.folder) / "adapter" / "adapter_model.safetensors")
+        assert ours.keys() == theirs.keys() and any("classifier" in k for k in ours)
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5)
+        assert result["after"] == pytest.approx(alone.after, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "message"),
+    [
+        ('[[adapters]]\nname = "a"\n[[adapters]]\nname = "b"\nrun = { out_dir = "X/a" }\n',
+         "jobs 'a' and 'b' both write to"),
+        ('[[adapters]]\nname = "a"\nlr = 0.1\n', r"unknown key\(s\) \['lr'\]; a job sets"),
+        ('[[adapters]]\nname = "a"\noptim = { learning_rate = 0.1 }\n', "unknown key.* optim.learning_rate"),
+        ('[[adapters]]\nname = "a"\n[[adapters]]\nname = "a"\n', "two \\[\\[adapters\\]\\] are named 'a'"),
+        ('[[adapters]]\nname = "a.b"\n', "adapter name 'a.b'"),
+        ('[[adapters]]\nlora = { r = 2 }\n', "needs a name"),
+        ('[[adapters]]\nname = "a"\noptim = { precision = "bf16" }\n[[adapters]]\nname = "b"\n',
+         "set optim.precision once"),
+    ],
+)  # fmt: skip
+def test_bad_jobs_files_fail_before_anything_is_written(tmp_path: Path, bert_folder: Path, jobs: str,
+                                                        message: str) -> None:  # fmt: skip
+    path = _jobs_file(tmp_path, bert_folder, jobs.replace("X/", f"{tmp_path / 'runs'}/"))
+    with pytest.raises(ConfigError, match=message):
+        train_jobs(load_jobs(path))
+    assert not (tmp_path / "runs").exists()
