@@ -1,7 +1,7 @@
 """lorakit: LoRA and its family for any PyTorch model, adapter files interchangeable with PEFT."""
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError, TargetError
+from lorakit.errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, TargetError
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
 from lorakit.variants import VeraConfig
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "AdapterNameError",
     "ConfigError",
     "LoraConfig",
     "LoraLayer",

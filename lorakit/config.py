@@ -5,29 +5,60 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit import checks
 from lorakit.errors import ConfigError
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
 VARIANTS = ("lora", "lora_fa", "delta_lora")  # DoRA is PEFT's use_dora; VeRA has its own VeraConfig
+LORAKIT_ONLY_FIELDS = ("variant",)  # not PEFT's: saved in lorakit_config.json, so PEFT reads its file silently
+_MAX_CONFIG_BYTES = 16 * 2**20
 
-# Fields PEFT writes that carry bookkeeping, not behaviour; read and ignored whatever their value.
-_PEFT_BOOKKEEPING = {
-    "auto_mapping",
-    "peft_version",
-    "revision",
-    "megatron_core",
-    "qalora_group_size",
-    "inference_mode",
-    "base_model_name_or_path",
-    "peft_type",
-    "loftq_config",
+# How each key PEFT 0.21 writes into adapter_config.json is read, beyond LoraConfig's own fields.
+# Bookkeeping, or settings that only steer how PEFT initialises the factors (a saved adapter is a plain LoRA):
+# read and ignored whatever their value.
+_PEFT_IGNORED = {
+    "auto_mapping", "peft_version", "revision", "peft_type", "runtime_config",
+    "megatron_core", "megatron_config",  # used only on Megatron's parallel layers, which lorakit never adapts
+    "qalora_group_size",  # used only with use_qalora
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",  # init-time settings
+}  # fmt: skip
+_MERGE_IN_PEFT = "load it with PEFT and merge it into the base (merge_and_unload()), then use the merged model"
+# Settings that change the forward pass, refused unless at PEFT's default: key -> why, and what PEFT offers.
+PEFT_UNSUPPORTED = {
+    "use_qalora": f"QA-LoRA pools the layer input in groups (PEFT: GPTQ models only); {_MERGE_IN_PEFT}",
+    "alora_invocation_tokens": "Activated LoRA applies the adapter only from the invocation tokens on, which lorakit "
+    "does not implement (PEFT cannot merge it either); use it with PEFT",
+    "layer_replication": f"PEFT stacks copies of the base's layers, which lorakit does not; {_MERGE_IN_PEFT}",
+    "use_bdlora": f"BD-LoRA's block-diagonal factors are not implemented in lorakit; {_MERGE_IN_PEFT}",
+    "arrow_config": "Arrow routes each token among LoRA experts, which lorakit does not implement; use it with PEFT",
+    "kasa_config": f"KaSA's singular-value diagonal (lora_diag) is not implemented in lorakit; {_MERGE_IN_PEFT}",
+    "monteclora_config": f"MonteCLoRA samples the factors, which lorakit does not; {_MERGE_IN_PEFT}",
+    "velora_config": f"VeLoRA's extra buffers (lora_velora_embed) are not implemented in lorakit; {_MERGE_IN_PEFT}",
+    "ensure_weight_tying": f"lorakit keeps the adapters of tied layers apart; {_MERGE_IN_PEFT}",
+    "lora_bias": f"a trained bias on lora_B is not supported yet; {_MERGE_IN_PEFT}",
+    "trainable_token_indices": f"trainable token rows are not supported yet; {_MERGE_IN_PEFT}",
+}
+# init_lora_weights values of PEFT that lorakit cannot compute. At load, those that leave the base weight alone
+# give a plain LoRA (PEFT's update_layer draws factors that the file then overwrites): read as True.
+_INIT_PLAIN_AT_LOAD = ("eva", "orthogonal", "mica")
+_CONVERT_IN_PEFT = (
+    "PEFT loads it only onto the base its init changed; convert it to a plain LoRA of the original base with PEFT: "
+    "save_pretrained(out, path_initial_model_for_weight_conversion=<folder saved right after init>)"
+)
+_INIT_REFUSED = {
+    "corda": _CONVERT_IN_PEFT,
+    "lora_ga": _CONVERT_IN_PEFT,
+    "loftq": "the adapter belongs to the LoftQ-quantized base that PEFT recomputes at load; save that base with "
+    "PEFT (unload().save_pretrained(...)), set init_lora_weights to true in adapter_config.json and load onto it",
 }
 
 
@@ -63,38 +94,13 @@ class LoraConfig:
     peft_type = "LORA"
 
     def __post_init__(self) -> None:
-        _check_rank("r", self.r)
-        for pattern, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{pattern!r}]", rank)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ConfigError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_MODES:
-            raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_MODES and not _is_pissa_niter(self.init_lora_weights):
-            raise ConfigError(
-                f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_<K>', got {self.init_lora_weights!r}"
-            )
+        checks.check_fields(self, _FIELD_CHECKS)
         _check_variant(self)
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
-        if self.target_parameters is not None:
-            self.target_parameters = list(self.target_parameters)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError(
                 "layers_to_transform cannot be combined with a regex target_modules; "
                 "put the layer indices into the regex instead"
             )
-        for name in ("rank_pattern", "alpha_pattern"):
-            for pattern in getattr(self, name):
-                _check_regex(f"{name} key", pattern)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha for one module: rank_pattern / alpha_pattern win over r / lora_alpha."""
@@ -128,34 +134,76 @@ class LoraConfig:
                 f"adapter_config.json has peft_type {peft_type!r}, but LoraConfig reads only {cls.peft_type!r} adapters"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unsupported = {}, []
-        for key, value in data.items():
-            if key in known:
-                kwargs[key] = value
-            elif key not in _PEFT_BOOKKEEPING and value not in (None, False, {}, []):
-                unsupported.append(f"{key}={value!r}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unsupported = [_unsupported(k, v) for k, v in data.items() if k not in known and k not in _PEFT_IGNORED]
+        unsupported = [problem for problem in unsupported if problem]
         if unsupported:
-            raise ConfigError(
-                "adapter_config.json uses settings lorakit does not support: "
-                + ", ".join(unsupported)
-                + "; remove them or retrain the adapter without them"
-            )
+            raise ConfigError("adapter_config.json uses settings lorakit does not support: " + "; ".join(unsupported))
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and init in _INIT_PLAIN_AT_LOAD:
+            kwargs["init_lora_weights"] = True
         return cls(**kwargs)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> LoraConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                f"no {path.name} at {path.parent}: is it an adapter folder written by save_pretrained?"
-            ) from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
+
+
+def _unsupported(key: str, value: Any) -> str | None:
+    """Why a key that is not a LoraConfig field cannot be ignored; None where it is at PEFT's default."""
+    if value in (None, False, {}, []):
+        return None
+    return f"{key}={value!r}: " + PEFT_UNSUPPORTED.get(key, "not a LoRA setting lorakit knows; remove it")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON object; each way a file can be wrong gives one ConfigError (a FIFO never blocks)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no {path.name} at {path.parent}: is it an adapter folder written by save_pretrained?"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot open {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+            raise ConfigError(f"{path} is {what}; expected a JSON file")
+        raw = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
+    return _parse_object(path, raw)
+
+
+def _parse_object(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests JSON too deeply to be an adapter config; the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _init_mode(name: str, mode: Any) -> bool | str:
+    """init_lora_weights: lorakit's modes; PEFT's others are refused naming what PEFT offers instead."""
+    if mode in INIT_MODES and type(mode) in (bool, str) or _is_pissa_niter(mode):
+        return mode
+    if isinstance(mode, str) and mode in _INIT_REFUSED:
+        raise ConfigError(f"init_lora_weights={mode!r} is not supported: {_INIT_REFUSED[mode]}")
+    if isinstance(mode, str) and mode in _INIT_PLAIN_AT_LOAD:
+        raise ConfigError(
+            f"init_lora_weights={mode!r} cannot be computed by lorakit; PEFT adapter files trained with it load as "
+            "plain LoRA. For a new adapter choose one of " + repr(INIT_MODES)
+        )
+    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_<K>', got {mode!r}")
 
 
 def _is_pissa_niter(mode: Any) -> bool:
@@ -186,32 +234,33 @@ def _check_variant(config: LoraConfig) -> None:
         )
 
 
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer (the LoRA rank), got {value!r}")
-
-
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression: {err}") from None
-
-
-def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value != "all-linear":
-            _check_regex(name, value)
-        return value
-    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{name} must be a list of module names, a regex string or None, got {value!r}")
-
-
 def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?(?:{pattern})$", module_path):
             return value
     return default
+
+
+_FIELD_CHECKS: dict[str, checks.Check] = {
+    "r": checks.positive_int,
+    "lora_alpha": checks.finite_number,
+    "target_modules": checks.names_or_regex,
+    "exclude_modules": checks.names_or_regex,
+    "target_parameters": checks.optional(checks.text_list),
+    "lora_dropout": checks.probability,
+    "bias": checks.one_of(*BIAS_MODES),
+    "modules_to_save": checks.optional(checks.text_list),
+    "task_type": checks.optional(checks.one_of(*TASK_TYPES)),
+    "fan_in_fan_out": checks.boolean,
+    "init_lora_weights": _init_mode,
+    "rank_pattern": checks.pattern_dict(checks.positive_int),
+    "alpha_pattern": checks.pattern_dict(checks.finite_number),
+    "use_rslora": checks.boolean,
+    "use_dora": checks.boolean,
+    "variant": checks.text,  # _check_variant names the choices
+    "layers_to_transform": checks.layer_indices,
+    "layers_pattern": checks.optional(checks.text_or_text_list),
+    "inference_mode": checks.boolean,
+    "base_model_name_or_path": checks.optional(checks.text),
+}
+checks.strict_init(LoraConfig, PEFT_UNSUPPORTED)

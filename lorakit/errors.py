@@ -15,3 +15,7 @@ class TargetError(LorakitError):
 
 class AdapterFileError(LorakitError):
     """An adapter folder or file that cannot be read, or does not fit the base model."""
+
+
+class AdapterNameError(ConfigError):
+    """An adapter name that cannot be a folder name or a module key."""

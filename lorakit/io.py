@@ -7,8 +7,6 @@ both saving and loading go through it, so what is written is exactly what is rea
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,14 +14,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError
+from lorakit import atomic
+from lorakit.config import LORAKIT_ONLY_FIELDS, LoraConfig, read_json_object
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import lora_layers, saved_modules
+from lorakit.names import check_adapter_name
 from lorakit.variants import VeraConfig
 from lorakit.variants.init import converted_config, converted_to_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
 _PREFIX = "base_model.model."
 _FACTOR_KEYS = {  # is the layer an embedding? -> adapter attribute -> PEFT's name
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
@@ -77,38 +78,49 @@ def save_adapter(
     initial: str | Path | None = None,
     write: bool = True,
 ) -> None:
-    """Writes the adapter folder; each file goes to a temp file first and is renamed into place.
+    """Writes the adapter folder as one change (lorakit.atomic): a kill leaves it wholly old or wholly new.
 
     initial: the folder of this adapter saved right after a PiSSA / OLoRA init; the file written is then a
     plain LoRA of rank 2r against the original base weight (PEFT's path_initial_model_for_weight_conversion).
     write: False on the other ranks of a sharded model, which only take part in gathering the tensors.
     """
+    check_adapter_name(name)  # the last defence: a name never leads outside the save folder
     tensors = {k: _whole(v).cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
     if not write:
         return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if initial is not None:
         tensors, config = converted_to_lora(tensors, read_weights(initial)), converted_config(config)
-    _atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    text = json.dumps(config.to_dict() | {"inference_mode": True}, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, text.encode())
+    peft_part, lorakit_part = _split_config(config.to_dict() | {"inference_mode": True})
+    files = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}), CONFIG_NAME: _json_bytes(peft_part)}
+    if lorakit_part:
+        files[LORAKIT_CONFIG_NAME] = _json_bytes(lorakit_part)
+    atomic.replace_folder(directory, files, owned={CONFIG_NAME, WEIGHTS_NAME, LORAKIT_CONFIG_NAME})
+
+
+def _split_config(data: dict) -> tuple[dict, dict]:
+    """PEFT's keys for adapter_config.json, lorakit's own for lorakit_config.json (PEFT warns on unknown keys)."""
+    lorakit_part = {k: data.pop(k) for k in LORAKIT_ONLY_FIELDS if k in data}
+    return data, lorakit_part
+
+
+def _json_bytes(data: dict) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
 def read_config(directory: str | Path) -> LoraConfig | VeraConfig:
-    """The adapter's config, of the class its peft_type names (LORA or VERA)."""
+    """The adapter's config, of the class its peft_type names (LORA or VERA), with lorakit_config.json's settings."""
     directory = _adapter_dir(directory)
-    path = directory / CONFIG_NAME
-    peft_type = _peft_type(path)
-    return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_json_file(path)
-
-
-def _peft_type(path: Path) -> str:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "LORA"  # LoraConfig.from_json_file explains what is wrong with the file
-    return data.get("peft_type", "LORA") if isinstance(data, dict) else "LORA"
+    data = read_json_object(directory / CONFIG_NAME)
+    if (directory / LORAKIT_CONFIG_NAME).exists():
+        extra = read_json_object(directory / LORAKIT_CONFIG_NAME)
+        unknown = sorted(set(extra) - set(LORAKIT_ONLY_FIELDS))
+        if unknown:
+            raise ConfigError(f"{directory / LORAKIT_CONFIG_NAME} has unknown settings {unknown}")
+        data |= extra
+    peft_type = data.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise ConfigError(f"peft_type in {directory / CONFIG_NAME} must be a string such as 'LORA', got {peft_type!r}")
+    return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_dict(data)
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
@@ -171,20 +183,8 @@ def _adapter_dir(directory: str | Path) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
+    atomic.check_complete(directory)
     return directory
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _few(keys: list[str], n: int = 8) -> str:

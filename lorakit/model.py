@@ -15,6 +15,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
 from lorakit.layer import LoraLayer
+from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
 
 
@@ -67,6 +68,7 @@ class LoraModel(nn.Module):
     # -- adapters by name ------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
         """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable."""
+        check_adapter_name(name)
         if name in self.peft_config:
             raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
         config = dataclasses.replace(config)  # the model's own copy: injection may record facts in it
@@ -173,6 +175,7 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""
+        check_adapter_name(adapter_name)  # before reading files, so a bad name costs nothing
         config = io.read_config(directory)
         weights = io.read_weights(directory)
         config.inference_mode = not is_trainable

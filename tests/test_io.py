@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import AdapterFileError, LoraConfig, LoraModel, get_lora_model
-from lorakit import io as lorakit_io
+from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
 from tests.cases import CASES, Case, output
 
@@ -202,37 +200,18 @@ def test_missing_folder(tmp_path):
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     case = CASES[0]
     model = _ours(case)
-    model.save_pretrained(tmp_path)
-    good = (tmp_path / WEIGHTS_NAME).read_bytes()
+    target = tmp_path / "adapter"
+    model.save_pretrained(target)
+    good = (target / WEIGHTS_NAME).read_bytes()
 
-    def broken_write(fd, data):
-        os.write(fd, data[:10])
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lorakit_io.os, "fdopen", lambda fd, mode: _Writer(fd, broken_write))
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
     with torch.no_grad():
         model.model.lin1.adapters["default"].lora_A.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path)
-    assert (tmp_path / WEIGHTS_NAME).read_bytes() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-
-
-class _Writer:
-    def __init__(self, fd, write):
-        self.fd, self._write = fd, write
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-    def write(self, data):
-        self._write(self.fd, data)
-
-    def flush(self):
-        pass
-
-    def fileno(self):
-        return self.fd
+    with pytest.raises(AdapterFileError, match="No space left on device"):
+        model.save_pretrained(target)
+    assert (target / WEIGHTS_NAME).read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no stage folder left behind
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]

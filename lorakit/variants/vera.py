@@ -9,7 +9,6 @@ needs only d, b and the seed; PEFT's VeraConfig fields and peft_type "VERA" file
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.config import TASK_TYPES, _names_or_regex
+from lorakit import checks
+from lorakit.config import TASK_TYPES, read_json_object
 from lorakit.errors import ConfigError, TargetError
 from lorakit.kinds import LINEAR_KINDS
 
@@ -57,18 +57,7 @@ class VeraConfig:
     init_lora_weights = True  # VeRA's own init_weights decides; the shared LoRA init path is not used
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"r must be a positive integer (VeRA's rank), got {self.r!r}")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ConfigError(f"vera_dropout must be in [0, 1), got {self.vera_dropout!r}")
-        if self.bias not in ("none", "all"):
-            raise ConfigError(f"bias must be 'none' or 'all' for VeRA in lorakit, got {self.bias!r}")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
+        checks.check_fields(self, _VERA_CHECKS)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern needs layers_to_transform: say which layer indices to adapt")
 
@@ -105,7 +94,28 @@ class VeraConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> VeraConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json_object(path))
+
+
+_VERA_CHECKS: dict[str, checks.Check] = {
+    "r": checks.positive_int,
+    "target_modules": checks.names_or_regex,
+    "projection_prng_key": checks.integer,
+    "save_projection": checks.boolean,
+    "vera_dropout": checks.probability,
+    "d_initial": checks.finite_number,
+    "fan_in_fan_out": checks.boolean,
+    "bias": checks.one_of("none", "all"),  # lora_only has no meaning without lora_B's own bias
+    "modules_to_save": checks.optional(checks.text_list),
+    "init_weights": checks.boolean,
+    "layers_to_transform": checks.layer_indices,
+    "layers_pattern": checks.optional(checks.text_or_text_list),
+    "task_type": checks.optional(checks.one_of(*TASK_TYPES)),
+    "inference_mode": checks.boolean,
+    "base_model_name_or_path": checks.optional(checks.text),
+    "exclude_modules": checks.names_or_regex,
+}
+checks.strict_init(VeraConfig, {})
 
 
 class Vera:
