@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
 
+if TYPE_CHECKING:
+    from lorakit.multi.cache import AdapterCache
+
 
 class LoraModel(nn.Module):
     """Wraps `model` (kept as `.model`, its modules adapted in place); forward passes straight through."""
@@ -26,6 +30,7 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        self.adapter_cache: AdapterCache | None = None  # when set, load_adapter / hotswap_adapter read folders from RAM
         self.active_adapters: list[str] = []
         for param in model.parameters():
             param.requires_grad_(False)
@@ -176,8 +181,10 @@ class LoraModel(nn.Module):
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""
         check_adapter_name(adapter_name)  # before reading files, so a bad name costs nothing
-        config = io.read_config(directory)
-        weights = io.read_weights(directory)
+        if self.adapter_cache is not None:
+            config, weights = self.adapter_cache.read(directory)
+        else:
+            config, weights = io.read_config(directory), io.read_weights(directory)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
         try:
@@ -185,6 +192,14 @@ class LoraModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+    def hotswap_adapter(self, source: str | Path, adapter_name: str, rank: int | None = None) -> None:
+        """Copies `source` (a loaded adapter's name, else a folder) into adapter `adapter_name` in place: fixed
+        shapes (rank padded to `rank`), scale folded into B, so a compiled model does not recompile.
+        Rules and limits: lorakit.multi.cache."""
+        from lorakit.multi import cache  # multi builds on this module, so it is imported when used
+
+        cache.hotswap_adapter(self, source, adapter_name, rank)
 
     @classmethod
     def from_pretrained(
