@@ -18,6 +18,7 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 Check = Callable[[str, Any], Any]
+MAX_RANK = 2**20  # far above any useful rank; larger values overflow torch's size arithmetic
 MAX_ABS_NUMBER = 1e6  # alpha, d_initial...: larger values only ever come from a typo or a corrupt file
 
 
@@ -35,6 +36,13 @@ def boolean(name: str, value: Any) -> bool:
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _refuse(name, value, "a positive integer")
+    return value
+
+
+def rank(name: str, value: Any) -> int:
+    """A LoRA rank: a positive integer no larger than MAX_RANK."""
+    if positive_int(name, value) > MAX_RANK:
+        raise _refuse(name, value, f"a positive integer of at most {MAX_RANK} (the LoRA rank)")
     return value
 
 

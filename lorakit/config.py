@@ -167,12 +167,15 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
         ) from None
     except OSError as err:
         raise ConfigError(f"cannot open {path}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+    try:
+        mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
             raise ConfigError(f"{path} is {what}; expected a JSON file")
-        raw = f.read(_MAX_CONFIG_BYTES + 1)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
     if len(raw) > _MAX_CONFIG_BYTES:
         raise ConfigError(f"{path} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
     return _parse_object(path, raw)
@@ -242,7 +245,7 @@ def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> 
 
 
 _FIELD_CHECKS: dict[str, checks.Check] = {
-    "r": checks.positive_int,
+    "r": checks.rank,
     "lora_alpha": checks.finite_number,
     "target_modules": checks.names_or_regex,
     "exclude_modules": checks.names_or_regex,
@@ -253,7 +256,7 @@ _FIELD_CHECKS: dict[str, checks.Check] = {
     "task_type": checks.optional(checks.one_of(*TASK_TYPES)),
     "fan_in_fan_out": checks.boolean,
     "init_lora_weights": _init_mode,
-    "rank_pattern": checks.pattern_dict(checks.positive_int),
+    "rank_pattern": checks.pattern_dict(checks.rank),
     "alpha_pattern": checks.pattern_dict(checks.finite_number),
     "use_rslora": checks.boolean,
     "use_dora": checks.boolean,

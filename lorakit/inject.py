@@ -43,17 +43,21 @@ def inject_adapter(
     for path, kind in targets:
         layer = _wrapped(model, path, kind)
         r, alpha = config.rank_and_alpha(path)
-        adapter = Adapter(
-            kind,
-            layer.weight,
-            r,
-            alpha,
-            config.scale(r, alpha),
-            config.lora_dropout,
-            variant,
-            init=config.init_lora_weights,
-            dtype=adapter_dtype,
-        )
+        try:
+            adapter = Adapter(
+                kind,
+                layer.weight,
+                r,
+                alpha,
+                config.scale(r, alpha),
+                config.lora_dropout,
+                variant,
+                init=config.init_lora_weights,
+                dtype=adapter_dtype,
+            )
+        except (RuntimeError, MemoryError) as err:  # r so large that the factors cannot be allocated
+            remove_adapter(model, name)
+            raise ConfigError(f"r={r} is too large for {path}: its LoRA factors cannot be allocated ({err})") from None
         layer.add_adapter(name, adapter)
     for path in saved_paths:
         saved = model.get_submodule(path)

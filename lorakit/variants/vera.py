@@ -98,7 +98,7 @@ class VeraConfig:
 
 
 _VERA_CHECKS: dict[str, checks.Check] = {
-    "r": checks.positive_int,
+    "r": checks.rank,
     "target_modules": checks.names_or_regex,
     "projection_prng_key": checks.integer,
     "save_projection": checks.boolean,
