@@ -161,10 +161,24 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
         raise AdapterFileError(
             "the adapter does not fit this base model (was it trained on another one?):\n  " + "\n  ".join(problems)
         )
+    bad = [p for key, t in expected.items() if key in weights and (p := _value_problem(key, weights[key], t))]
+    if bad:
+        raise AdapterFileError(
+            "the adapter file holds values no adapter has (corrupt or edited?):\n  " + "\n  ".join(bad)
+        )
     with torch.no_grad():
         for key, target in expected.items():
             if key in weights:
                 target.copy_(weights[key])
+
+
+def _value_problem(key: str, tensor: Tensor, target: Tensor) -> str | None:
+    """Integer or bool data where the model holds floats would be converted without a word; NaN / inf spread."""
+    if target.is_floating_point() and not tensor.is_floating_point():
+        return f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter weights are floating point"
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+        return f"{key} holds NaN or infinite values"
+    return None
 
 
 def _without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:

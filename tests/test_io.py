@@ -215,3 +215,55 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert (target / WEIGHTS_NAME).read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no stage folder left behind
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+# -- values no adapter has (issue 8 item 6) ----------------------------------------------------------------
+def _saved(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    return case, load_file(tmp_path / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int64, torch.bool])
+def test_non_float_adapter_tensors_are_refused_by_name(tmp_path, dtype):
+    case, tensors = _saved(tmp_path)
+    key = "base_model.model.lin1.lora_A.weight"
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterFileError, match=rf"{key} has dtype {str(dtype)[6:]}; adapter weights are floating"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_adapter_tensors_are_refused_by_name(tmp_path, value):
+    case, tensors = _saved(tmp_path)
+    key = "base_model.model.lin2.lora_B.weight"
+    tensors[key][1, 0] = value
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterFileError, match=rf"{key} holds NaN or infinite values"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def _relabel(path, key: str, dtype: str) -> None:
+    """Changes one tensor's dtype in the safetensors header, leaving its bytes as they are."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header[key]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
+def test_a_float_tensor_relabelled_int_in_the_header_is_refused(tmp_path):
+    """Same byte size (F32 -> I32): safetensors reads it, lorakit refuses it instead of loading ~1e9 values."""
+    case, _ = _saved(tmp_path)
+    _relabel(tmp_path / WEIGHTS_NAME, "base_model.model.lin1.lora_A.weight", "I32")
+    with pytest.raises(AdapterFileError, match="lin1.lora_A.weight has dtype int32"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_a_header_whose_dtype_does_not_fit_the_bytes_is_caught_by_safetensors(tmp_path):
+    case, _ = _saved(tmp_path)
+    _relabel(tmp_path / WEIGHTS_NAME, "base_model.model.lin1.lora_A.weight", "F16")  # half the bytes it spans
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        LoraModel.from_pretrained(case.build(), tmp_path)
