@@ -36,9 +36,7 @@ class Adapter(nn.Module):
         with torch.no_grad():  # nn.Linear's default init, so init=False gives a random, non-identity adapter
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        # token ids cannot be dropped out, so embeddings skip dropout (as PEFT does)
-        use_dropout = dropout > 0 and kind.name != "embedding"
-        self.dropout = nn.Dropout(dropout) if use_dropout else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.takes_dropout else nn.Identity()
         variant.init_weights(self, weight, init)
 
     def contribution(self, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:

@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 
 from lorakit import LoraConfig, LorakitError, LoraModel, TargetError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
-from lorakit.kinds import LINEAR_KINDS, kind_of
+from lorakit.kinds import kind_of
 from lorakit.targets import default_targets, find_module_targets, logical_modules, modules_to_save
 
 
@@ -158,6 +158,7 @@ class _Adaptable:
     shape: str
     params: int
     in_all_linear: bool
+    plain_matmul: bool  # a linear layer however stored: one outside all-linear is the output head
 
 
 @dataclass
@@ -200,17 +201,14 @@ def _adaptable_modules(model: nn.Module) -> list[_Adaptable]:
     all_linear = _all_linear_paths(model)
     found = []
     for path, module in logical_modules(model):
-        try:
-            kind = kind_of(module)
-        except TargetError:  # a kind LoRA knows but cannot take in this form (grouped conv)
-            continue
+        kind = kind_of(module)
         if kind is None:
             continue
         in_f, out_f = kind.in_out(kind.weight_of(module))
         kernel = tuple(getattr(module, "kernel_size", ()))
         shape = f"{in_f}->{out_f}" + (f" k{'x'.join(map(str, kernel))}" if kernel else "")
         params = sum(p.numel() for p in module.parameters())
-        found.append(_Adaptable(path, kind.name, shape, params, path in all_linear))
+        found.append(_Adaptable(path, kind.name, shape, params, path in all_linear, kind.is_plain_matmul))
     return found
 
 
@@ -265,7 +263,7 @@ def _label(name: str, node: _Node, repeats: int) -> Text:
         text.append(f" ({type(node.module).__name__})", style="dim")
     else:
         text.append(f"  {t.kind}  {t.shape}  {t.params:,} params", style="green")
-        if t.kind in LINEAR_KINDS and not t.in_all_linear:
+        if t.plain_matmul and not t.in_all_linear:
             text.append("  (output head, not in all-linear)", style="yellow")
     if repeats > 1:
         text.append(f"  x{repeats} identical", style="cyan")

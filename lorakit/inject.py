@@ -37,7 +37,9 @@ def inject_adapter(
     saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
     if config.target_modules is None and not config.target_parameters:
         config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
-    if any(kind.name == "conv1d_transposed" for _, kind in targets):
+    for path, kind in targets:
+        kind.check_rank(path, config.rank_and_alpha(path)[0])
+    if any(kind.fan_in_fan_out for _, kind in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
     variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
     for path, kind in targets:

@@ -13,16 +13,27 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lorakit import ops
-from lorakit.errors import TargetError
+from lorakit.errors import LorakitError, TargetError
 
 
 @dataclass(frozen=True)
 class Kind:
-    """Plain linear: weight (out x in); contribution s * B(A(x))."""
+    """Plain linear: weight (out x in); contribution s * B(A(x)).
+
+    The flags below are the only way the rest of lorakit tells kinds apart, so a new kind is one entry here.
+    """
 
     name: str = "linear"
     transposed: bool = False  # weight stored (in x out): GPT-2's Conv1D, embeddings
     acts_on_weight: bool = False  # True: W + dW is substituted for W (parametrization), no contribution
+    is_plain_matmul: bool = True  # y = x W^T however W is stored: all-linear takes it; LoRA-FA, VeRA act on it
+    is_embedding: bool = False  # input is token ids: LoRA+'s embedding lr, PEFT's lora_embedding_A/B file keys
+    takes_dropout: bool = True  # token ids cannot be dropped out (PEFT skips dropout on embeddings)
+    zero_factor: str = "lora_B"  # the factor set to 0 at init, so training starts at the base model
+    supports_weight_init: bool = True  # PiSSA / OLoRA factorise a 2-D (out x in) weight
+    fan_in_fan_out: bool = False  # PEFT records fan_in_fan_out=True in the config for this kind
+    quantized: bool = False  # W is stored quantized: in-place updates of W (Delta-LoRA) would round away
+    mergeable: bool = True  # dW fits W's layout, so merging folds it in
 
     def weight_name(self) -> str:
         return "weight"
@@ -62,6 +73,9 @@ class Kind:
     def after_copy(self, module: nn.Module) -> None:
         """Called on the base module of a deep-copied layer; nothing to do unless the kind parametrizes it."""
 
+    def check_rank(self, path: str, r: int) -> None:
+        """Raises, naming the fix, when the kind cannot take rank r; called before the model is changed."""
+
 
 @dataclass(frozen=True)
 class EmbeddingKind(Kind):
@@ -69,6 +83,11 @@ class EmbeddingKind(Kind):
 
     name: str = "embedding"
     transposed: bool = True
+    is_plain_matmul: bool = False
+    is_embedding: bool = True
+    takes_dropout: bool = False
+    zero_factor: str = "lora_A"  # the table is looked up through A, so A is the zero factor (PEFT, loralib)
+    supports_weight_init: bool = False
 
     def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
         return ops.embedding_contribution(x, lora_A, lora_B, scale, padding_idx=module.padding_idx)
@@ -87,16 +106,35 @@ class ConvKind(Kind):
     """ConvNd: A is a conv with the base's kernel, stride, padding and dilation; B a 1x1 conv."""
 
     name: str = "conv"
+    is_plain_matmul: bool = False
+    supports_weight_init: bool = False
+    groups: int = 1  # a grouped conv's B is a grouped 1x1 conv, as in PEFT; its dW is dense, so it cannot merge
 
     def factor_shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        out_f, in_f, *kernel = weight.shape
-        return (r, in_f, *kernel), (out_f, r, *(1 for _ in kernel))
+        out_f, in_per_group, *kernel = weight.shape
+        return (r, in_per_group * self.groups, *kernel), (out_f, r // self.groups, *(1 for _ in kernel))
+
+    def check_rank(self, path: str, r: int) -> None:
+        if r % self.groups:
+            raise TargetError(
+                f"{path} is a convolution with groups={self.groups}, and LoRA's B splits the rank into those groups "
+                f"(as in PEFT): choose r divisible by {self.groups} (rank_pattern can set it for this layer alone), "
+                "or exclude it with exclude_modules"
+            )
 
     def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
         x, padding = _padded(module, x)
-        return ops.conv_contribution(
-            x, lora_A, lora_B, scale, _conv_fn(lora_A), stride=module.stride, padding=padding, dilation=module.dilation
-        )
+        conv = _conv_fn(lora_A)
+        args = {"stride": module.stride, "padding": padding, "dilation": module.dilation}
+        return ops.conv_contribution(x, lora_A, lora_B, scale, conv, groups=self.groups, **args)
+
+    def delta(self, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+        if self.groups != 1:
+            raise LorakitError(
+                f"a convolution with groups={self.groups} cannot merge its adapter: dW couples every input channel "
+                "with every output channel, which the grouped weight cannot hold (PEFT refuses too); keep it unmerged"
+            )
+        return super().delta(lora_A, lora_B, scale)
 
     def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         x, padding = _padded(module, x)
@@ -124,6 +162,7 @@ class ParameterKind(Kind):
 
     name: str = "parameter"
     acts_on_weight: bool = True
+    is_plain_matmul: bool = False
     parameter: str = "weight"
 
     def weight_name(self) -> str:
@@ -142,6 +181,7 @@ class Bnb4bitKind(Kind):
     """bitsandbytes' Linear4bit (CUDA QLoRA): the packed weight is dequantized to read it, quantized to write it."""
 
     name: str = "linear4bit"
+    quantized: bool = True
 
     def weight_of(self, module: nn.Module) -> Tensor:
         import bitsandbytes as bnb
@@ -159,25 +199,27 @@ class Bnb4bitKind(Kind):
         ).to(old.device)  # fmt: skip
 
 
-LINEAR_KINDS = ("linear", "linear4bit", "conv1d_transposed")  # a plain matmul with the weight, however stored
+LINEAR = Kind()
+QUANTIZED_LINEAR = Kind(name="linear_quantized", quantized=True)  # lorakit.quant's NF4Linear, bitsandbytes' 8-bit
+TRANSFORMERS_CONV1D = Kind(name="conv1d_transposed", transposed=True, fan_in_fan_out=True)
+EMBEDDING = EmbeddingKind()
 
 
 def kind_of(module: nn.Module) -> Kind | None:
     """The kind for a module LoRA can wrap, or None."""
-    if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state"):
-        return Bnb4bitKind()  # checked by name: bitsandbytes stays optional
-    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):  # quantized: lorakit.quant
-        return Kind()
+    name = type(module).__name__  # bitsandbytes and transformers matched by name: both stay optional
+    if name in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state"):
+        return Bnb4bitKind()
+    if getattr(module, "is_quantized", False) or name == "Linear8bitLt":  # is_quantized: lorakit.quant
+        return QUANTIZED_LINEAR
+    if isinstance(module, nn.Linear):
+        return LINEAR
     if isinstance(module, nn.Embedding):
-        return EmbeddingKind()
+        return EMBEDDING
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if module.groups != 1:
-            raise TargetError(
-                f"{type(module).__name__} with groups={module.groups} is not supported; exclude it with exclude_modules"
-            )
-        return ConvKind()
-    if _is_transformers_conv1d(module):
-        return Kind(name="conv1d_transposed", transposed=True)
+        return ConvKind(groups=module.groups, mergeable=module.groups == 1)
+    if name == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
+        return TRANSFORMERS_CONV1D  # GPT-2's Conv1D: a linear layer whose weight is stored (in x out)
     return None
 
 
@@ -195,9 +237,3 @@ def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
             f"{type(module).__name__} has shape {tuple(weight.shape)}"
         )
     return ParameterKind(parameter=parameter)
-
-
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    # GPT-2's Conv1D is a linear layer whose weight is stored (in x out); matched by name so
-    # transformers stays an optional dependency.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")

@@ -65,7 +65,7 @@ def loraplus_groups(model: nn.Module, lr: float, ratio: float, lr_embedding: flo
             for name, param in adapter.named_parameters():
                 if not param.requires_grad:
                     continue
-                if layer.kind.name == "embedding":
+                if layer.kind.is_embedding:
                     embedding.append(param)
                 elif name.startswith("lora_B") or param.dim() == 1:  # B, DoRA's magnitude, VeRA's vectors
                     side_b.append(param)

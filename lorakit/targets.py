@@ -145,7 +145,7 @@ def _resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str] | s
 
 def _selected(path: str, module: nn.Module, targets, head: nn.Module | None, config: LoraConfig) -> bool:
     if targets == "all-linear":
-        hit = (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head
+        hit = _is_plain_matmul(module) and module is not head
     elif isinstance(targets, str):
         hit = re.fullmatch(targets, path) is not None
     else:
@@ -158,6 +158,11 @@ def _selected(path: str, module: nn.Module, targets, head: nn.Module | None, con
     ):
         return False
     return config.layers_to_transform is None or _layer_index(path, config) in config.layers_to_transform
+
+
+def _is_plain_matmul(module: nn.Module) -> bool:
+    kind = kind_of(module)
+    return kind is not None and kind.is_plain_matmul
 
 
 def _layer_index(path: str, config: LoraConfig) -> int | None:
@@ -188,11 +193,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _adaptable_names(model: nn.Module) -> list[str]:
     names = set()
     for path, module in logical_modules(model):
-        try:
-            if kind_of(module) is not None:
-                names.add(path.rsplit(".", 1)[-1])
-        except TargetError:  # a kind we refuse (grouped conv) is no candidate, not the error to report
-            continue
+        if kind_of(module) is not None:
+            names.add(path.rsplit(".", 1)[-1])
     return sorted(names)
 
 

@@ -119,6 +119,26 @@ def float_input(*shape: int) -> Callable[[], dict[str, torch.Tensor]]:
     return make
 
 
+class GroupedConvNet(nn.Module):
+    """Grouped and depthwise convolutions (PEFT adapts them; B is a grouped 1x1 conv) next to a plain one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1)
+        self.depthwise = nn.Conv1d(6, 6, 3, groups=6, padding=1)
+        self.plain = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.grouped(x))  # (b, 6, 5, 5)
+        h = self.depthwise(h.flatten(2)).reshape(h.shape)
+        return self.plain(h)
+
+
+def grouped_conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return GroupedConvNet()
+
+
 def ids_input(vocab: int) -> Callable[[], dict[str, torch.Tensor]]:
     def make() -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(1)
@@ -137,6 +157,7 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[], dict[str, torch.Tensor]]
     config: dict[str, Any] = field(default_factory=dict)
+    mergeable: bool = True  # False: PEFT cannot merge it either (grouped convs), so the merge checks skip it
 
     def __str__(self) -> str:
         return self.name
@@ -190,5 +211,12 @@ CASES = [
         mha_block,
         positional(ids_input(20)),
         {"target_modules": ["out"], "target_parameters": ["attn.in_proj_weight"]},
+    ),
+    Case(
+        "grouped-conv",
+        grouped_conv_net,
+        float_input(2, 4, 5, 5),
+        {"target_modules": ["grouped", "depthwise", "plain"], "r": 6},
+        mergeable=False,
     ),
 ]

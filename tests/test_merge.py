@@ -10,6 +10,8 @@ from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
 from lorakit.saved import SavedModule
 from tests.cases import CASES, Case, output
 
+MERGEABLE = [case for case in CASES if case.mergeable]
+
 
 def _run(model, case: Case) -> torch.Tensor:
     with torch.no_grad():
@@ -21,7 +23,7 @@ def _random_model(case: Case):
     return get_lora_model(case.build(), LoraConfig(init_lora_weights=False, **case.config)).eval()
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", MERGEABLE, ids=str)
 def test_merged_equals_unmerged_and_unmerge_restores(case: Case):
     model = _random_model(case)
     unmerged = _run(model, case)
@@ -35,7 +37,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(case: Case):
         torch.testing.assert_close(_run(model, case), _run(case.build().eval(), case), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", MERGEABLE, ids=str)
 def test_merge_and_unload_returns_the_base_class(case: Case):
     model = _random_model(case)
     expected = _run(model, case)
@@ -47,7 +49,7 @@ def test_merge_and_unload_returns_the_base_class(case: Case):
     assert set(merged.state_dict()) == set(case.build().state_dict())
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", MERGEABLE, ids=str)
 def test_unload_returns_the_untouched_base(case: Case):
     model = _random_model(case)
     model.merge_adapter()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import ConfigError, LoraConfig, LoraLayer, LoraModel, TargetError, get_lora_model
+from lorakit import ConfigError, LoraConfig, LorakitError, LoraLayer, LoraModel, TargetError, get_lora_model
 from tests.cases import conv_mlp, float_input, mha_block, mlp, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 
@@ -86,19 +86,16 @@ def test_a_failed_injection_leaves_the_model_untouched():
     assert [type(m) for m in model.modules()] == before
 
 
-def test_grouped_conv_is_refused_with_a_way_out():
+def test_grouped_conv_needs_a_rank_its_groups_divide_and_refuses_to_merge():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
-    with pytest.raises(TargetError, match="groups=2.*exclude_modules"):
-        get_lora_model(model, LoraConfig(target_modules=["0", "1"]))
-    adapted = get_lora_model(model, LoraConfig(target_modules=["1"]))
-    assert _adapted(adapted) == {"1"}
-    assert adapted(torch.randn(1, 4, 5, 5)).shape == (1, 4, 3, 3)
-
-
-def test_a_mistyped_target_next_to_a_grouped_conv_still_gets_candidates():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(TargetError, match=r"matches no module.*names in this model: \['2'\]"):
-        get_lora_model(model, LoraConfig(target_modules=["nonexistent"]))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TargetError, match="groups=2.*r divisible by 2"):
+        get_lora_model(model, LoraConfig(target_modules=["0", "1"], r=3))
+    assert [type(m) for m in model.modules()] == before  # refused before anything changed
+    adapted = get_lora_model(model, LoraConfig(target_modules=["0", "1"], r=4))
+    assert _adapted(adapted) == {"0", "1"}
+    with pytest.raises(LorakitError, match="groups=2 cannot merge"):
+        adapted.merge_adapter()
 
 
 def _mlp_input() -> torch.Tensor:

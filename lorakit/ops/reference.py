@@ -32,10 +32,10 @@ def embedding_contribution(
 
 
 def conv_contribution(
-    x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, conv: Callable[..., Tensor], **conv_args
+    x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, conv: Callable[..., Tensor], groups: int = 1, **conv_args
 ) -> Tensor:
-    """Semantics: s * conv(conv(x, A, base's stride/padding/dilation), B as a 1x1 conv)."""
-    return conv(conv(x, lora_A, **conv_args), lora_B) * scale
+    """Semantics: s * conv(conv(x, A, base's stride/padding/dilation), B as a 1x1 conv in the base's groups)."""
+    return conv(conv(x, lora_A, **conv_args), lora_B, groups=groups) * scale
 
 
 def low_rank_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:

@@ -45,13 +45,25 @@ def variant_for(config: Any, targets: Targets) -> Variant:
         return Vera.for_targets(config, targets)
     name = "dora" if config.use_dora else config.variant
     _CHECKS.get(name, lambda _: None)(targets)
-    return get_variant(name)
+    variant = get_variant(name)
+    if variant.needs_delta_weight:
+        _check_mergeable(name, targets)
+    return variant
+
+
+def _check_mergeable(name: str, targets: Targets) -> None:
+    bad = [path for path, kind, _ in targets if not kind.mergeable]
+    if bad:
+        raise TargetError(
+            f"{name} needs each layer's dW, which {bad} cannot form (convolutions with groups > 1): "
+            "exclude them with exclude_modules, or use plain LoRA"
+        )
 
 
 def _check_weight_init(config: Any, targets: Targets) -> None:
     mode = config.init_lora_weights
     if isinstance(mode, str) and mode != "gaussian":
-        bad = [path for path, kind, _ in targets if kind.name in ("embedding", "conv")]
+        bad = [path for path, kind, _ in targets if not kind.supports_weight_init]
         if bad:
             raise TargetError(
                 f"init_lora_weights={mode!r} factorises a 2-D weight; {bad} are embeddings or convolutions: "

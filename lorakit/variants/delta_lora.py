@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 class DeltaLora(Lora):
     name = "delta_lora"
     changes_base_weight = True
+    needs_delta_weight = True  # W moves by the change of dW after each step
 
 
 def check_targets(targets) -> None:
-    for path, _, module in targets:
-        if getattr(module, "is_quantized", False) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+    for path, kind, _ in targets:
+        if kind.quantized:
             raise ConfigError(
                 f"variant='delta_lora' updates the base weight after every step, but {path} is quantized "
                 "(4-bit / 8-bit): the update would be lost to rounding; use plain LoRA (QLoRA) or an unquantized base"

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class Dora:
     name = "dora"
     changes_base_weight = False
+    needs_delta_weight = True  # the norm ||W + dW||
 
     def __init__(self) -> None:
         self._lora = Lora()  # A and B are LoRA's, initialised the same way

@@ -19,6 +19,7 @@ class Variant(Protocol):
 
     name: str
     changes_base_weight: bool  # True: training changes W itself, so an adapter file carries W too
+    needs_delta_weight: bool  # True: training or forward needs dW (not only merging), so dW must exist
 
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None: ...
 
@@ -36,6 +37,7 @@ class Variant(Protocol):
 class Lora:
     name = "lora"
     changes_base_weight = False
+    needs_delta_weight = False
 
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
         """B = 0 so training starts exactly at the base model; A random so gradients reach B.
@@ -47,8 +49,7 @@ class Lora:
         with torch.no_grad():
             if isinstance(mode, str) and mode != "gaussian":
                 init_from_weight(adapter, weight, mode)
-            elif adapter.kind.name == "embedding":
-                # the embedding table is looked up through A, so A is the zero factor (PEFT, loralib)
+            elif adapter.kind.zero_factor == "lora_A":  # the factor an embedding looks up (PEFT, loralib)
                 nn.init.zeros_(adapter.lora_A)
                 nn.init.normal_(adapter.lora_B)
             elif mode == "gaussian":

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from lorakit import ops
 from lorakit.errors import TargetError
-from lorakit.kinds import LINEAR_KINDS
 from lorakit.variants.lora import Lora
 
 if TYPE_CHECKING:
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
 class LoraFA:
     name = "lora_fa"
     changes_base_weight = False
+    needs_delta_weight = False
 
     def __init__(self) -> None:
         self._lora = Lora()
@@ -33,7 +33,7 @@ class LoraFA:
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         x = adapter.dropout(x)
-        if adapter.kind.name in LINEAR_KINDS:
+        if adapter.kind.is_plain_matmul:
             return ops.frozen_a_linear_contribution(x, adapter.lora_A, adapter.lora_B, adapter.scale)
         return adapter.kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
 
@@ -49,7 +49,7 @@ class LoraFA:
 
 def check_targets(targets) -> None:
     for path, kind, _ in targets:
-        if kind.name not in (*LINEAR_KINDS, "conv"):
+        if kind.zero_factor == "lora_A" or kind.acts_on_weight:
             raise TargetError(
                 f"variant='lora_fa' freezes A, which for {kind.name} targets ({path}) is the zero factor or a raw "
                 "weight: nothing would train; exclude it, or use plain LoRA for it"

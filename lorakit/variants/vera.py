@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from lorakit import checks
 from lorakit.config import TASK_TYPES, read_json_object
 from lorakit.errors import ConfigError, TargetError
-from lorakit.kinds import LINEAR_KINDS
 
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
@@ -121,6 +120,7 @@ checks.strict_init(VeraConfig, {})
 class Vera:
     name = "vera"
     changes_base_weight = False
+    needs_delta_weight = False
 
     def __init__(self, shared_A: Tensor, shared_B: Tensor, d_initial: float, init_weights: bool) -> None:
         self.pair = SharedPair(shared_A, shared_B)
@@ -131,7 +131,7 @@ class Vera:
         """The shared pair sized to the largest in/out over the targets, drawn as PEFT draws it."""
         shapes = []
         for path, kind, module in targets:
-            if kind.name not in LINEAR_KINDS:
+            if not kind.is_plain_matmul:
                 raise TargetError(f"VeRA adapts linear layers only (as in PEFT); {path} is {kind.name}: exclude it")
             shapes.append(kind.in_out(kind.weight_of(module)))
         if not shapes:
