@@ -26,7 +26,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
 _PREFIX = "base_model.model."
-_FACTOR_KEYS = {  # is the layer an embedding? -> adapter attribute -> PEFT's name
+_FACTOR_KEYS = {  # kind.is_embedding -> adapter attribute -> PEFT's name
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
 }
@@ -44,7 +44,7 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
         # A and B under PEFT's names; a variant's own tensors (DoRA's lora_magnitude_vector, VeRA's
         # vera_lambda_b/d) under their attribute names, which are PEFT's
         for local, tensor in adapter.state_dict(keep_vars=True).items():
-            tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.name == 'embedding'].get(local, local)}"] = tensor
+            tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.is_embedding].get(local, local)}"] = tensor
         if adapter.variant.changes_base_weight:  # Delta-LoRA: the trained weight is part of the adapter
             tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.weight
         shared.update(adapter.variant.shared_tensors())
