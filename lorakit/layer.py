@@ -1,9 +1,16 @@
 """LoraLayer: a base layer and its named adapters; one forward, one merge, for every kind.
 
-    forward(x) = base(x) + sum_{a active, not merged} s_a * B_a(A_a(dropout(x)))
+    forward(x) = base(x) + sum_{a live} s_a * B_a(A_a(dropout(x)))          unrouted: every row, same adapters
+    forward(x)[i] = base(x)[i] + sum_{a on row i's path} s_a * B_a(A_a(dropout(x[i])))    routed per row
+
+`live` = active in the model's AdapterState, present here, not merged. The LoRA terms are summed in the factors'
+dtype (fp32 by default) and added to the base output before one rounding to its dtype, as PEFT does. Plain
+LoRA on a matmul kind goes through ops.lora_linear / ops.add_lora / ops.add_routed_lora (the op boundary GPU
+kernels replace); other kinds and variants (embedding, conv, DoRA, VeRA, LoRA-FA) add their variant's
+contribution, per row group when routed.
 
 Kinds that act on the weight (target_parameters) get W + sum_a dW_a through torch parametrization
-instead, so the base module's own forward runs unchanged.
+instead, so the base module's own forward runs unchanged; they cannot be routed per row.
 """
 
 from __future__ import annotations
@@ -16,18 +23,19 @@ from lorakit import ops
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind
+from lorakit.state import AdapterState, Routing
+from lorakit.variants.lora import Lora
 
 
 class LoraLayer(nn.Module):
-    def __init__(self, base_layer: nn.Module, kind: Kind) -> None:
+    def __init__(self, base_layer: nn.Module, kind: Kind, state: AdapterState | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
         self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
+        self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
-        self.enabled = True
         if kind.acts_on_weight:
             parametrize.register_parametrization(base_layer, kind.weight_name(), _WeightDelta(self))
 
@@ -43,34 +51,74 @@ class LoraLayer(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """The state's active adapters that this layer holds (PEFT's name)."""
+        return [n for n in self.state.active if n in self.adapters]
+
+    # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        base_out = out = self.base_layer(x, *args, **kwargs)
+        routing = self.state.routing if self.state.enabled else None
         if self.kind.acts_on_weight:
-            return out  # the parametrization has already added the deltas to the weight
-        for adapter in self.live_adapters():
-            out = out + adapter.contribution(self.base_layer, x, base_out).to(out.dtype)
-        return out
+            if routing is not None and any(n in self.adapters for n in routing.rows):
+                raise LorakitError(_UNROUTABLE)
+            return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
+        if routing is not None:
+            return self._routed(x, routing, self.base_layer(x, *args, **kwargs))
+        adapters = self.live_adapters()
+        plain = [f for f in map(_plain_factors, adapters) if f is not None]
+        if plain and len(plain) == len(adapters) and not args and not kwargs and _is_bare_linear(self.base_layer):
+            return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, plain, self.training)
+        out = self.base_layer(x, *args, **kwargs)
+        if not adapters:
+            return out
+        acc = out.to(_sum_dtype(out, adapters))
+        if plain:
+            acc = ops.add_lora(acc, x, plain, self.training)
+        for adapter in adapters:
+            if _plain_factors(adapter) is None:
+                acc = acc + adapter.contribution(self.base_layer, x, out)
+        return acc.to(out.dtype)
+
+    def _routed(self, x: Tensor, routing: Routing, out: Tensor) -> Tensor:
+        """base(x) plus, for every routed adapter held here, its term on its own rows only."""
+        names = [n for n in routing.rows if n in self.adapters]
+        if not names:
+            return out
+        merged = [n for n in names if n in self.merged_adapters]
+        if merged:
+            raise LorakitError(f"adapters {merged} are merged into the weights; unmerge_adapter() before routing rows")
+        rows, _ = routing.rows_for(x.shape[0], x.device)
+        adapters = [self.adapters[n] for n in names]
+        acc = out.to(_sum_dtype(out, adapters))
+        plain = [(f, rows[n]) for n, f in zip(names, map(_plain_factors, adapters), strict=True) if f is not None]
+        if plain:
+            acc = ops.add_routed_lora(acc, x, [f for f, _ in plain], [idx for _, idx in plain], self.training)
+        for name, adapter in zip(names, adapters, strict=True):
+            if _plain_factors(adapter) is None:  # one group of rows through the variant's own contribution
+                idx = rows[name]
+                term = adapter.contribution(self.base_layer, x.index_select(0, idx), out.index_select(0, idx))
+                acc = acc.index_add(0, idx, term.to(acc.dtype))
+        return acc.to(out.dtype)
 
     def live_adapters(self) -> list[Adapter]:
-        """Adapters that take part in forward: enabled, active, present here and not merged."""
-        if not self.enabled:
-            return []
-        return [
-            self.adapters[name]
-            for name in self.active_adapters
-            if name in self.adapters and name not in self.merged_adapters
-        ]
+        """Adapters that take part in an unrouted forward: enabled, active, present here and not merged."""
+        present = [n for n in self.adapters if n not in self.merged_adapters]
+        return [self.adapters[n] for n in self.state.live(present)]
 
+    # -- adapters by name --------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
         self.adapters[name] = adapter
+        self.state.know(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.adapters[name]
 
+    # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
         """W <- W + sum dW for the named adapters not merged yet (rows rescaled first where a variant asks)."""
         names = self._unmerged(names)
@@ -79,6 +127,7 @@ class LoraLayer(nn.Module):
         weight = self.weight
         scales = [self.adapters[n].weight_scale(weight) for n in names]
         merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
+        self._shift_bias(names, 1)
         self._store_weight(weight, merged)
         self._merge_steps.append((names, scales))  # the scales depend on W, so unmerge needs these ones
         self.merged_adapters.extend(names)
@@ -104,6 +153,19 @@ class LoraLayer(nn.Module):
             self.kind.store_weight(self.base_layer, value.to(weight.dtype))
         return self.weight
 
+    def _shift_bias(self, names: list[str], sign: int) -> None:
+        """bias <- bias + sign * s * lora_B's bias, for adapters that train one (PEFT's lora_bias)."""
+        shifts = [shift for shift in (self.adapters[n].bias_delta() for n in names) if shift is not None]
+        if not shifts:
+            return
+        if self.bias is None:
+            raise LorakitError(
+                f"adapters {names} train a bias (lora_bias=True), but this {type(self.base_layer).__name__} has "
+                "none to merge it into (PEFT cannot merge it either); keep them unmerged"
+            )
+        with torch.no_grad():
+            self.bias.add_(sign * sum(shifts).to(self.bias.dtype))
+
     def _unmerged(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self.adapters and n not in self.merged_adapters]
 
@@ -113,6 +175,7 @@ class LoraLayer(nn.Module):
         for names, scales in reversed(self._merge_steps):
             restored = ops.rescaled_unmerge(weight, scales, [self.adapters[n].delta_weight() for n in names])
             weight = self._store_weight(weight, restored)
+            self._shift_bias(names, -1)
         self._merge_steps = []
         self.merged_adapters = []
 
@@ -129,6 +192,35 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+_UNROUTABLE = (
+    "target_parameters adapters change the weight itself, which every row shares, so they cannot be routed per "
+    "row; serve them with set_adapter() (one adapter for the whole batch) or merge them"
+)
+
+
+def _plain_factors(adapter: Adapter) -> ops.LoraFactors | None:
+    """The adapter as the ops take it, when its contribution is exactly plain LoRA's on a matmul kind."""
+    if type(adapter.variant).contribution is not Lora.contribution or not adapter.kind.is_plain_matmul:
+        return None
+    if adapter.lora_B_bias is not None:  # the ops take factors only
+        return None
+    dropout = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+    return ops.LoraFactors(adapter.lora_A, adapter.lora_B, adapter.scale, dropout)
+
+
+def _sum_dtype(out: Tensor, adapters: list[Adapter]) -> torch.dtype:
+    """The dtype the terms are summed in before one rounding: the widest of the output and the factors."""
+    dtype = out.dtype
+    for adapter in adapters:
+        dtype = torch.promote_types(dtype, adapter.dtype)
+    return dtype
+
+
+def _is_bare_linear(module: nn.Module) -> bool:
+    """nn.Linear itself, without hooks: its forward is F.linear(x, W, b), so lora_linear can compute it whole."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
 class _WeightDelta(nn.Module):

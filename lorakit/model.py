@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_mo
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
+from lorakit.state import AdapterState
 
 if TYPE_CHECKING:
     from lorakit.multi.cache import AdapterCache
@@ -30,8 +33,8 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        self.state = AdapterState()  # read by every adapted layer: active, trainable, enabled, tree, routing
         self.adapter_cache: AdapterCache | None = None  # when set, load_adapter / hotswap_adapter read folders from RAM
-        self.active_adapters: list[str] = []
         for param in model.parameters():
             param.requires_grad_(False)
         self._show_base_signature()
@@ -39,11 +42,15 @@ class LoraModel(nn.Module):
     def _show_base_signature(self) -> None:
         """transformers.Trainer keeps only the dataset columns named in model.forward's signature (it looks through
         PEFT's class, not ours), so this instance's forward is the base model's call under the base's signature.
-        It refers to the base only, never to this wrapper: no reference cycle, so `del model` frees memory."""
-        base = self.model
+        It holds the base and a weak reference to this wrapper: no reference cycle, so `del model` frees memory.
+        adapter_names (PEFT's keyword) routes row i of the batch to adapter_names[i] for this call."""
+        base, owner = self.model, weakref.ref(self)
 
-        def forward(*args, **kwargs):
-            return base(*args, **kwargs)
+        def forward(*args, adapter_names: list[str] | None = None, **kwargs):
+            if adapter_names is None:
+                return base(*args, **kwargs)
+            with owner().routed(adapter_names, _batch_size(args, kwargs)):
+                return base(*args, **kwargs)
 
         forward.__wrapped__ = base.forward
         self.__dict__["forward"] = forward
@@ -55,11 +62,40 @@ class LoraModel(nn.Module):
         super().__setstate__(state)
         self._show_base_signature()
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        return self.__dict__["forward"](*args, adapter_names=adapter_names, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base's generate; adapter_names routes each input row (and the beams or samples it expands to)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self.routed(adapter_names, _batch_size(args, kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def routed(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:
+        """Inside the block, row i of every batch the model runs uses adapter_names[i] ("__base__": no adapter; a
+        tree node: its whole path) instead of the active adapters; trains too (each adapter gets its rows' grads)."""
+        routing = self.state.routing_for(adapter_names)
+        if batch_size is not None and batch_size != routing.batch_size:
+            raise LorakitError(
+                f"adapter_names has {routing.batch_size} entries but the batch has {batch_size} rows; give one "
+                "adapter name (or '__base__') per row"
+            )
+        self._check_routable(list(routing.rows))
+        with self.state.routed(routing):
+            yield
+
+    def _check_routable(self, names: list[str]) -> None:
+        on_weight = [n for n in names if self.peft_config[n].target_parameters]
+        if on_weight:
+            raise LorakitError(
+                f"adapters {on_weight} use target_parameters: they change the weight every row shares, so they "
+                "cannot be routed per row; use set_adapter() for them, or serve them in their own batches"
+            )
+        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged_adapters})
+        if merged:
+            raise LorakitError(f"adapters {merged} are merged into the weights; unmerge_adapter() before adapter_names")
 
     @property
     def config(self):
@@ -67,68 +103,133 @@ class LoraModel(nn.Module):
         return getattr(self.model, "config", None)
 
     @property
+    def active_adapters(self) -> list[str]:
+        """The adapters whose contributions add up, ancestors first (a tree node brings its path)."""
+        return list(self.state.active)
+
+    @property
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Adapters merged into the weights of at least one layer."""
+        return sorted({n for _, layer in lora_layers(self.model) for n in layer.merged_adapters})
+
     # -- adapters by name ------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
-        """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable."""
+    def add_adapter(
+        self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None, parent: str | None = None
+    ) -> None:
+        """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable.
+
+        parent: makes it a tree node, a LoRA on top of `parent`: the model at the node is the base plus every delta
+        on the path root .. node, and set_adapter(name) activates that path while only the node trains."""
         check_adapter_name(name)
         if name in self.peft_config:
             raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
+        self._check_new_config(name, config, parent)
         config = dataclasses.replace(config)  # the model's own copy: injection may record facts in it
-        inject_adapter(self.model, name, config, adapter_dtype)
+        self.state.add(name, parent)
+        try:
+            inject_adapter(self.model, name, config, adapter_dtype)
+        except Exception:
+            self.state.remove(name)
+            raise
         self.peft_config[name] = config
-        self.set_adapter(self.active_adapters or name)
+        self._attach_state()
+        if not self.state.active:
+            self.state.activate([name])
+        self._set_trainable()
+
+    def _check_new_config(self, name: str, config: LoraConfig, parent: str | None) -> None:
+        biased = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if config.bias != "none" and biased:
+            raise LorakitError(
+                f"adapter {biased[0]!r} already trains the biases (bias={self.peft_config[biased[0]].bias!r}), which "
+                f"all adapters share; add {name!r} with bias='none' (PEFT allows one adapter with bias)"
+            )
+        if parent is not None and (config.use_dora or self._is_dora(parent)):
+            raise LorakitError(
+                f"DoRA rescales the whole weight W + dW, so it is not a delta that adds up along a tree path; "
+                f"{name!r} cannot be a DoRA node or the child of one ({parent!r}): use plain LoRA nodes"
+            )
+
+    def _is_dora(self, name: str) -> bool:
+        config = self.peft_config.get(name)
+        return bool(config is not None and getattr(config, "use_dora", False))
 
     def set_adapter(self, names: str | list[str]) -> None:
-        """Makes `names` the active adapters (their contributions add up); only they train."""
+        """Makes `names` active (their contributions add up; a tree node brings its whole path); only `names`
+        themselves train, so a node's ancestors stay frozen."""
         names = [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise LorakitError(f"unknown adapter(s) {unknown}; known: {sorted(self.peft_config)}")
-        self.active_adapters = names
-        for module in self._adapter_hosts():
-            module.active_adapters = list(names)
+        self.state.check_known(names)
+        path = self.state.paths(names)
+        for _, saved in saved_modules(self.model):
+            saved.copy_for(path)  # raises, before any change, if two of them own a copy of one module
+        self.state.activate(names)
         self._set_trainable()
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise LorakitError(f"unknown adapter {name!r}; known: {sorted(self.peft_config)}")
+        children = self.state.children(name)
+        if children:
+            raise LorakitError(f"adapter {name!r} is the parent of {children}; delete those children first")
+        if name in self.merged_adapters:
+            raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge_adapter() before deleting it")
         remove_adapter(self.model, name)
         del self.peft_config[name]
+        self.state.remove(name)
         if not self.peft_config:  # the last one: the model goes back to its own modules
             merge.unload(self.model)
-        remaining = [n for n in self.active_adapters if n != name]
-        if remaining or not self.peft_config:
-            self.active_adapters = remaining
-            for module in self._adapter_hosts():
-                module.active_adapters = list(remaining)
-        else:
+        elif not self.state.active:
             self.set_adapter(next(iter(self.peft_config)))
+        self._set_trainable()
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Runs the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
-        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged_adapters})
+        """Runs the base model alone inside the block (merged adapters are unmerged, then re-merged); adapters
+        get requires_grad=False inside (as in PEFT) and their previous flags back after."""
+        self._warn_trained_biases()
+        merged = self.merged_adapters
         merge.unmerge_adapters(self.model)
-        self._enable(False)
+        flags = [(p, p.requires_grad) for module in self._adapter_hosts() for p in _adapter_parameters(module)]
+        for param, _ in flags:
+            param.requires_grad_(False)
+        self.state.enabled = False
         try:
             yield
         finally:
-            self._enable(True)
-            merge.merge_adapters(self.model, merged)
+            self.state.enabled = True
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            if merged:
+                merge.merge_adapters(self.model, merged)
+
+    def _warn_trained_biases(self) -> None:
+        for name in self.state.active:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption (the trained biases stay).",
+                    stacklevel=5,  # the caller's `with` line, through contextlib
+                )
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        merge.merge_adapters(self.model, adapter_names or self.active_adapters, safe=safe_merge)
+        merge.merge_adapters(self.model, self._with_paths(adapter_names), safe=safe_merge)
+
+    def _with_paths(self, names: list[str] | None) -> list[str]:
+        """The active adapters, or `names` with their tree ancestors: a node means the model at that node."""
+        return self.active_adapters if names is None else self.state.paths(names)
 
     def unmerge_adapter(self) -> None:
         merge.unmerge_adapters(self.model)
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """The base model's own class with the adapters folded in; no LoRA module left, no extra latency."""
-        return merge.merge_and_unload(self.model, adapter_names or self.active_adapters, safe=safe_merge)
+        return merge.merge_and_unload(self.model, self._with_paths(adapter_names), safe=safe_merge)
 
     def unload(self) -> nn.Module:
         """The base model's own class as it was before any adapter."""
@@ -229,13 +330,14 @@ class LoraModel(nn.Module):
         yield from (layer for _, layer in lora_layers(self.model))
         yield from (saved for _, saved in saved_modules(self.model))
 
-    def _enable(self, enabled: bool) -> None:
+    def _attach_state(self) -> None:
+        """Every layer and saved module reads this model's state (a newly wrapped one came with its own)."""
         for module in self._adapter_hosts():
-            module.enabled = enabled
+            module.state = self.state
 
     def _set_trainable(self) -> None:
         for name, config in self.peft_config.items():
-            train = name in self.active_adapters and not config.inference_mode
+            train = name in self.state.trainable and not config.inference_mode
             for _, layer in lora_layers(self.model):
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(train)
@@ -248,6 +350,20 @@ class LoraModel(nn.Module):
                 for path, param in self.model.named_parameters():
                     if path.endswith("bias") and ".original_module." not in path:
                         param.requires_grad_(True)
+
+
+def _adapter_parameters(module: LoraLayer | SavedModule) -> Iterator[nn.Parameter]:
+    container = module.adapters if isinstance(module, LoraLayer) else module.copies
+    yield from container.parameters()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Rows of the batch: the first dimension of the first tensor argument (input_ids, pixel_values, x, ...)."""
+    first = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    for value in (first, *args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim():
+            return value.shape[0]
+    return None
 
 
 def get_lora_model(

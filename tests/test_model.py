@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import peft
 import pytest
 import torch
@@ -193,3 +195,24 @@ def test_a_deleted_model_is_freed_at_once_without_the_cycle_collector():
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "layer, dtype, shape",
+    [(nn.Conv2d(8, 8, 1), torch.float16, (2, 8, 5, 5)), (nn.Linear(32, 32), torch.bfloat16, (6, 32))],
+    ids=["fp16-conv1x1", "bf16-linear"],
+)
+def test_half_precision_adds_fp32_terms_and_rounds_once_like_peft(tmp_path, layer, dtype, shape):
+    torch.manual_seed(0)
+    base = nn.Sequential(layer).to(dtype)
+    config = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, target_modules=["0"])
+    ours = get_lora_model(copy.deepcopy(base), config)
+    ours.add_adapter("b", LoraConfig(r=2, lora_alpha=8, init_lora_weights=False, target_modules=["0"]))
+    ours.set_adapter(["default", "b"])
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path)
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.base_model.set_adapter(["default", "b"])
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))

@@ -1,0 +1,165 @@
+"""AdapterState: which adapters take part, which train, how they nest, and which rows use which.
+
+One object, owned by LoraModel and referenced (never copied) by every LoraLayer and SavedModule, so a change
+is seen everywhere at once. What stays per layer is only what is per layer by nature: the adapters it holds and
+which of them are merged into its weight.
+
+    active      ordered names whose contributions add up in an unrouted forward (a tree node brings its path)
+    trainable   the names whose factors get gradients; separate from active (a child trains, its path is frozen)
+    enabled     False inside `disable_adapter()`: every layer is its base layer
+    parents     every known adapter -> its parent (None for a root): the tree
+    routing     for the duration of one forward / generate: which batch rows use which adapters
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lorakit.errors import LorakitError
+
+BASE = "__base__"  # PEFT's name for "no adapter on this row"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Row -> adapters for one batch. `rows[name]` lists (int64, ascending) every row whose path contains `name`;
+    `groups` maps each distinct path (root..node; () = the base) to its rows, for modules that run a row group
+    through one module (modules_to_save copies)."""
+
+    batch_size: int
+    rows: dict[str, Tensor]
+    groups: dict[tuple[str, ...], Tensor]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def rows_for(self, n: int, device: torch.device) -> tuple[dict[str, Tensor], dict[tuple[str, ...], Tensor]]:
+        """(rows, groups) for a layer input of n rows on `device`. n may be k * batch_size: generate repeats each
+        row k times in place (num_beams / num_return_sequences), and a layer that flattens (batch, seq) into rows
+        does the same, so row i of the batch becomes rows i*k .. i*k+k-1."""
+        key = (n, device)
+        if key not in self._cache:
+            if n % self.batch_size:
+                raise LorakitError(
+                    f"a layer got {n} rows but adapter_names has {self.batch_size} entries; give one name per row "
+                    "of the batch (a layer that mixes rows of different samples cannot be routed per row)"
+                )
+            k = n // self.batch_size
+            self._cache[key] = (
+                {name: _expand(idx, k).to(device) for name, idx in self.rows.items()},
+                {path: _expand(idx, k).to(device) for path, idx in self.groups.items()},
+            )
+        return self._cache[key]
+
+
+def _expand(idx: Tensor, k: int) -> Tensor:
+    return idx if k == 1 else (idx[:, None] * k + torch.arange(k)).flatten()
+
+
+class AdapterState:
+    """The adapter bookkeeping every layer reads; see the module docstring for the fields."""
+
+    def __init__(self) -> None:
+        self.active: list[str] = []
+        self.trainable: set[str] = set()
+        self.enabled: bool = True
+        self.parents: dict[str, str | None] = {}
+        self.routing: Routing | None = None
+
+    # -- the tree ----------------------------------------------------------------------------------
+    def add(self, name: str, parent: str | None = None) -> None:
+        """Registers adapter `name` under `parent` (None: a root)."""
+        if name in self.parents:
+            raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
+        if parent == name:
+            raise LorakitError(f"adapter {name!r} cannot be its own parent (a tree has no cycles)")
+        if parent is not None and parent not in self.parents:
+            raise LorakitError(f"parent {parent!r} is not a loaded adapter; loaded: {sorted(self.parents)}")
+        self.parents[name] = parent
+
+    def remove(self, name: str) -> None:
+        children = self.children(name)
+        if children:
+            raise LorakitError(
+                f"adapter {name!r} is the parent of {children}; delete those children first (a child's delta is "
+                "defined on top of its parent's)"
+            )
+        del self.parents[name]
+        self.active = [n for n in self.active if n != name]
+        self.trainable.discard(name)
+
+    def know(self, name: str) -> None:
+        """A layer's new adapter: unknown names (a LoraLayer used without a LoraModel) become known, and the first
+        one active and trainable, as PEFT's layers start with their first adapter active."""
+        if name not in self.parents:
+            self.parents[name] = None
+            if not self.active:
+                self.active, self.trainable = [name], {name}
+
+    def children(self, name: str) -> list[str]:
+        return [n for n, p in self.parents.items() if p == name]
+
+    def path(self, name: str) -> list[str]:
+        """root .. name: the adapters whose deltas add up to the model at node `name`."""
+        self.check_known([name])
+        path = [name]
+        while self.parents[path[-1]] is not None:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
+
+    def paths(self, names: Sequence[str]) -> list[str]:
+        """The union of the paths of `names`, each name once, ancestors first."""
+        return list(dict.fromkeys(n for name in names for n in self.path(name)))
+
+    def check_known(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self.parents]
+        if unknown:
+            raise LorakitError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.parents)}")
+
+    # -- what takes part ---------------------------------------------------------------------------
+    def activate(self, names: Sequence[str], trainable: Sequence[str] | None = None) -> None:
+        """Active = the paths of `names`; trainable = `names` themselves unless given (ancestors stay frozen)."""
+        active = self.paths(names)
+        trainable = list(names) if trainable is None else list(trainable)
+        self.check_known(trainable)
+        self.active, self.trainable = active, set(trainable)
+
+    def live(self, present: Sequence[str]) -> list[str]:
+        """Active names among `present` (a layer's unmerged adapters), in activation order; none when disabled."""
+        if not self.enabled:
+            return []
+        return [n for n in self.active if n in present]
+
+    # -- per-row routing ---------------------------------------------------------------------------
+    def routing_for(self, adapter_names: Sequence[str]) -> Routing:
+        """The Routing for one adapter name (or BASE) per batch row; a tree node stands for its whole path."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        if not adapter_names:
+            raise LorakitError("adapter_names is empty; give one adapter name (or '__base__') per row of the batch")
+        self.check_known([n for n in dict.fromkeys(adapter_names) if n != BASE])
+        by_path: dict[tuple[str, ...], list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            by_path.setdefault(() if name == BASE else tuple(self.path(name)), []).append(i)
+        groups = {path: torch.tensor(idx, dtype=torch.long) for path, idx in by_path.items()}
+        rows: dict[str, list[int]] = {}
+        for path, idx in by_path.items():
+            for name in path:
+                rows.setdefault(name, []).extend(idx)
+        return Routing(
+            len(adapter_names), {n: torch.tensor(sorted(i), dtype=torch.long) for n, i in rows.items()}, groups
+        )
+
+    @contextmanager
+    def routed(self, routing: Routing) -> Iterator[Routing]:
+        """Routes rows for the duration of the block; cleared on the way out, exceptions included."""
+        if self.routing is not None:
+            raise LorakitError("a routed forward is already running; routed calls do not nest")
+        self.routing = routing
+        try:
+            yield routing
+        finally:
+            self.routing = None
