@@ -7,12 +7,9 @@ modules register later, becomes one red line and exit code 2 (see `_Commands`), 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections import Counter
@@ -32,7 +29,7 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 from typer.core import TyperGroup
 
-from lorakit import LoraConfig, LorakitError, LoraModel, TargetError
+from lorakit import LoraConfig, LorakitError, LoraModel, TargetError, models
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
 from lorakit.kinds import kind_of
 from lorakit.targets import default_targets, find_module_targets, logical_modules, modules_to_save
@@ -65,87 +62,9 @@ AdapterArg = Annotated[Path, typer.Argument(metavar="ADAPTER", help=_ADAPTER_HEL
 
 
 # -- loading a model: shared by every command that takes MODEL or BASE ----------------------------------------------
-def load_model(source: str) -> nn.Module:
-    """The model `source` names: a transformers folder (has config.json) or 'package.module:factory'.
-
-    One loader for every command, so that inspect, merge and train agree on what a model argument means.
-    """
-    path = Path(source)
-    if path.is_dir():
-        return _load_transformers_folder(path)
-    if ":" in source and not path.exists():
-        return _call_factory(source)
-    problem = f"{source} is a file" if path.exists() else f"no folder {source}"
-    raise LorakitError(
-        f"{problem}; pass a transformers model folder (with config.json) or a factory as 'package.module:function'"
-    )
-
-
-def _load_transformers_folder(path: Path) -> nn.Module:
-    if not (path / "config.json").is_file():
-        raise LorakitError(
-            f"{path} has no config.json; pass a folder written by transformers' save_pretrained, "
-            "or a factory as 'package.module:function'"
-        )
-    try:
-        import transformers
-    except ImportError:
-        raise LorakitError("loading a model folder needs transformers: pip install 'lorakit[transformers]'") from None
-    transformers.logging.set_verbosity_error()  # load reports and progress bars would bury our own output
-    transformers.logging.disable_progress_bar()
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        names = [getattr(transformers, a, None) for a in getattr(config, "architectures", None) or []]
-        model_class = next((c for c in names if c is not None), transformers.AutoModel)
-        return model_class.from_pretrained(path, local_files_only=True)
-    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for a folder it cannot read
-        raise LorakitError(f"transformers cannot load {path}: {err}; check that the folder is complete") from None
-
-
-def _call_factory(source: str) -> nn.Module:
-    factory = _import_factory(source)
-    try:
-        inspect.signature(factory).bind()
-    except TypeError:
-        raise LorakitError(
-            f"{source} needs arguments, but lorakit calls it with none; point to a function without arguments "
-            "that builds the model"
-        ) from None
-    except ValueError:
-        pass  # no signature to check (some builtins): let the call decide
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise LorakitError(
-            f"{source}() returned {type(model).__name__}, not a torch.nn.Module; return the model itself"
-        )
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        raise LorakitError(
-            f"{source}() returned a model with lazy (uninitialized) parameters; run one forward pass in the "
-            "factory so their shapes are known"
-        )
-    return model
-
-
-def _import_factory(source: str) -> Any:
-    module_name, _, attr_path = source.partition(":")
-    if not module_name or not attr_path:
-        raise LorakitError(f"{source!r} is not an import path; write it as 'package.module:function'")
-    if os.getcwd() not in sys.path:  # the `lorakit` script, unlike `python -m`, does not see the current folder
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as err:  # errors inside the module itself (SyntaxError, ...) keep their traceback
-        raise LorakitError(
-            f"cannot import {module_name!r} for {source} ({err}); check the spelling, or run from the folder "
-            "that holds it or add that folder to PYTHONPATH"
-        ) from None
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise LorakitError(f"{module_name} has no {attr_path!r}; check the name after the ':' in {source}")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise LorakitError(f"{source} is a {type(obj).__name__}, not a function or class that builds the model")
-    return obj
+def load_model(source: str, task_type: str | None = None, **kwargs: Any) -> nn.Module:
+    """The model `source` names, as `lorakit train` reads model.source (lorakit.models.load_model)."""
+    return models.load_model(source, task_type, **kwargs)
 
 
 # -- inspect --------------------------------------------------------------------------------------------------------
@@ -415,18 +334,30 @@ def merge_adapter(
     dtype: Annotated[DType | None, typer.Option(help="dtype of the saved weights (default: the base's)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty")] = False,
 ) -> None:
-    """Fold ADAPTER into BASE and save a plain model to OUT: no LoRA modules, no extra latency."""
+    """Fold ADAPTER into BASE and save a plain model to OUT: no LoRA modules, no extra latency.
+
+    The model class comes from the adapter's task_type (SEQ_CLS: a sequence classifier with as many labels as the
+    adapter's trained head); merging is safe: NaN or inf weights stop it with nothing written."""
     _check_out(out, overwrite)
-    read_config(adapter)  # a broken adapter fails here, before the base model (minutes for a large one) loads
-    read_weights(adapter)
-    model = LoraModel.from_pretrained(load_model(base), adapter)
-    merged = model.merge_and_unload()
+    config = read_config(adapter)  # a broken adapter fails here, before the base model (minutes for a large one) loads
+    weights = read_weights(adapter)
+    model = LoraModel.from_pretrained(load_model(base, config.task_type, **_head_size(config, weights)), adapter)
+    merged = model.merge_and_unload(safe_merge=True)
     if dtype is not None:
         merged = merged.to(getattr(torch, dtype.value))
-    base_dir = Path(base) if Path(base).is_dir() else None
-    _write_atomically(out, lambda tmp: _save_merged(merged, tmp, base_dir))
+    base_dir = models.model_folder(base) if not models.is_factory(base) else None
+    _write_atomically(out, lambda tmp: _save_merged(merged, tmp, base_dir if base_dir and base_dir.is_dir() else None))
     params = sum(p.numel() for p in merged.parameters())
     _console().print(f"merged {adapter} into {base}: {params:,} parameters written to {out}")
+
+
+def _head_size(config: LoraConfig, weights: dict[str, Tensor]) -> dict[str, int]:
+    """num_labels for a classifier: the rows of the head the adapter trained in full (modules_to_save)."""
+    if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        return {}
+    heads = set(modules_to_save(config))
+    rows = [t.shape[0] for key, t in sorted(weights.items()) if t.dim() == 2 and heads & set(key.split("."))]
+    return {"num_labels": rows[-1]} if rows else {}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -506,6 +437,7 @@ def _human_size(n: int) -> str:
 
 def main() -> None:
     """Entry point of the `lorakit` script and of `python -m lorakit`."""
+    models.drop_current_dir_from_path()  # python -m puts it first: a stray matplotlib.py there must not run
     app(prog_name="lorakit")
 
 
@@ -515,3 +447,7 @@ def main() -> None:
 from lorakit.train.commands import register as _register_training  # noqa: E402
 
 _register_training(app)
+
+from lorakit.serve.cli import serve_command  # noqa: E402  (imports nothing heavy until the command runs)
+
+app.command("serve")(serve_command)

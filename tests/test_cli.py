@@ -195,8 +195,8 @@ def test_merge_factory_model_writes_a_state_dict(factory_module, tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------------------------------
 def test_missing_paths_are_one_line_and_exit_code_2(gpt2_folder, adapter, tmp_path):
-    _fails(["inspect", str(tmp_path / "nope")], "no folder")
-    _fails(["inspect", str(tmp_path)], "has no config.json")
+    _fails(["inspect", str(tmp_path / "nope")], "no model folder")
+    _fails(["inspect", str(tmp_path)], "is not a model folder (no config.json)")
     _fails(["info", str(tmp_path / "nope")], "does not exist")
     _fails(["info", str(tmp_path)], "no adapter_config.json")
     _fails(["merge", str(gpt2_folder), str(tmp_path / "nope"), str(tmp_path / "out")], "does not exist")

@@ -1,9 +1,5 @@
-"""`python -m lorakit.train ...`: the train commands alone, for torchrun before they are part of `lorakit`."""
+"""`python -m lorakit.train ...` (e.g. under torchrun): the `lorakit` command line, its error handling included."""
 
-import typer
+from lorakit.cli import main
 
-from lorakit.train.commands import register
-
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-register(app)
-app(prog_name="lorakit")
+main()

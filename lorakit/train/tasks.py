@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.errors import ConfigError
+from lorakit import models
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import Split, check_columns, label_ids, load_split, resolve_path
+from lorakit.train.data import Split, check_columns, label_ids, load_split
 
 Example = dict[str, Any]
 Batch = dict[str, Tensor]
@@ -47,8 +48,13 @@ class Prepared:
 
 def prepare(config: TrainConfig) -> Prepared:
     """Reads, checks and encodes the data of `config`; raises ConfigError (nothing written) on bad input."""
-    if not _is_factory(config.model.source):
-        _check_model_folder(resolve_path(config.model.source), config.task)
+    folder = _folder(config.model.source)
+    if folder is not None:
+        _check_model_folder(folder, config.task)
+    elif config.task == "classification" and not models.is_factory(config.model.source):
+        raise ConfigError(
+            "task 'classification' takes a model from a factory: model.source = 'package.module:function'"
+        )
     split = load_split(config.data, config.seed)
     return _PREPARE[config.task](config, split)
 
@@ -57,11 +63,37 @@ def build_model(config: TrainConfig, prepared: Prepared) -> nn.Module:
     """The base model with the head the task needs; seeded, so a fresh head is the same in every run."""
     torch.manual_seed(config.seed)
     source = config.model.source
-    if _is_factory(source):
-        from lorakit.cli import load_model  # the CLI's loader, so `inspect`, `merge` and `train` agree on factories
+    if models.is_factory(source):
+        return _as_config_error(models.call_factory, source)
+    return _as_config_error(models.load_model, source, _PEFT_TASK[config.task], **_head(config.task, prepared.classes))
 
-        return load_model(source)
-    return _load_folder(resolve_path(source), config.task, prepared.classes)
+
+def check_outputs(model: nn.Module, prepared: Prepared, device: torch.device) -> None:
+    """Every class id fits the model's output: one forward pass on one example, before the run folder exists."""
+    if prepared.classes is None:
+        return
+    batch = {k: v.to(device) for k, v in prepared.collate(prepared.train[:1]).items()}
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    n_out = (out if isinstance(out, Tensor) else out.logits).shape[-1]
+    if len(prepared.classes) > n_out:
+        raise ConfigError(
+            f"the data has {len(prepared.classes)} classes {prepared.classes[:12]} but the model outputs {n_out} "
+            "scores; give the model one output per class, or set data.labels (with data.other_labels = 'drop')"
+        )
+
+
+def majority_baseline(task: str, prepared: Prepared) -> dict[str, float]:
+    """Accuracy of always answering the eval set's most common label: the number a trained model must beat."""
+    if task == "causal-lm" or not prepared.eval:
+        return {}
+    labels = []
+    for example in prepared.eval:
+        value = example["labels"]
+        labels += [v for v in value if v != IGNORE] if isinstance(value, list) else [int(value)]
+    if not labels:
+        return {}
+    return {"accuracy": max(labels.count(c) for c in set(labels)) / len(labels)}
 
 
 def score(task: str, model: nn.Module, batch: Batch) -> Scores:
@@ -98,8 +130,31 @@ def primary_metric(task: str) -> tuple[str, bool]:
 
 
 # -- models from folders ---------------------------------------------------------------------------------------------
-def _is_factory(source: str) -> bool:
-    return ":" in source and not source.startswith("pkg://") and not Path(source).exists()
+_PEFT_TASK = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM", "classification": None}
+
+
+def _folder(source: str) -> Path | None:
+    return _as_config_error(models.model_folder, source)
+
+
+def _as_config_error(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Model loading errors are a config's errors: they name model.source's value and the fix."""
+    try:
+        return function(*args, **kwargs)
+    except ConfigError:
+        raise
+    except LorakitError as err:
+        raise ConfigError(f"model.source: {err}") from None
+
+
+def _head(task: str, classes: list[Any] | None) -> dict[str, Any]:
+    if classes is None:
+        return {}
+    return {
+        "num_labels": len(classes),
+        "id2label": dict(enumerate(map(str, classes))),
+        "label2id": {str(c): i for i, c in enumerate(classes)},
+    }
 
 
 def _check_model_folder(folder: Path, task: str) -> None:
@@ -114,38 +169,22 @@ def _check_model_folder(folder: Path, task: str) -> None:
         )
 
 
-def _load_folder(folder: Path, task: str, classes: list[Any] | None) -> nn.Module:
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
-    transformers.logging.disable_progress_bar()
-    auto = {
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "token-cls": transformers.AutoModelForTokenClassification,
-        "causal-lm": transformers.AutoModelForCausalLM,
-    }[task]
-    kwargs: dict[str, Any] = {}
-    if classes is not None:
-        kwargs = {"num_labels": len(classes), "id2label": dict(enumerate(map(str, classes)))}
-        kwargs["label2id"] = {str(c): i for i, c in enumerate(classes)}
-    try:
-        return auto.from_pretrained(folder, local_files_only=True, **kwargs)
-    except Exception as err:  # transformers raises many kinds for a folder it cannot read
-        raise ConfigError(f"transformers cannot load {folder} for task {task!r}: {err}") from None
-
-
 def _tokenizer(config: TrainConfig) -> Any:
     source = config.model.tokenizer or config.model.source
-    folder = resolve_path(source)
-    if not folder.is_dir():
-        raise ConfigError(f"task {config.task!r} needs a tokenizer: set model.tokenizer to a folder that has one")
+    folder = _folder(source)
     from transformers import AutoTokenizer
 
+    if folder is None and not models.is_factory(source) and models.hub_enabled():
+        where: str | Path = source  # a hub id
+    elif folder is None or not folder.is_dir():
+        raise ConfigError(f"task {config.task!r} needs a tokenizer: set model.tokenizer to a folder that has one")
+    else:
+        where = folder
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=isinstance(where, Path))
     except Exception as err:
         raise ConfigError(
-            f"no tokenizer loads from {folder} ({err}); set model.tokenizer to a folder with one"
+            f"no tokenizer loads from {where} ({models.first_line(err)}); set model.tokenizer to a folder with one"
         ) from None
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,7 +261,16 @@ def _prepare_classification(config: TrainConfig, split: Split) -> Prepared:
     def encode(rows: list[Example]) -> list[Example]:
         def features(number: int, r: Example) -> Tensor:
             values = [_numeric(r[c], c, number, data.path) for c in columns]  # CSV cells arrive as text
-            return torch.tensor(values[0] if len(columns) == 1 else values, dtype=torch.float32).flatten()
+            try:
+                x = torch.tensor(values[0] if len(columns) == 1 else values, dtype=torch.float32).flatten()
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"row {number} of {data.path}: features {columns} are not numbers ({err})") from None
+            if not torch.isfinite(x).all():
+                raise ConfigError(
+                    f"row {number} of {data.path} has a NaN or infinite feature in {columns}; remove or fill it "
+                    "(training on it would turn every weight into NaN)"
+                )
+            return x
 
         return [{"x": features(i, r), "labels": r[data.label_column]} for i, r in enumerate(rows)]
 
