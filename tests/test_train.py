@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def test_overrides_take_full_and_short_names_and_toml_values() -> None:
     config = load_config(None, ["optim.lr=3e-4", "max_samples=50", "lora.r=2", 'lora.target_modules=["query"]'])
     assert (config.optim.lr, config.data.max_samples, config.lora["r"]) == (3e-4, 50, 2)
     assert config.lora_config().target_modules == ["query"]
-    assert load_config(None, ["run.out_dir=runs/x"]).run.out_dir == "runs/x"  # a bare word is a string
+    # a bare word is a string; a relative path on the command line means from the current directory
+    assert load_config(None, ["run.out_dir=runs/x"]).run.out_dir == str(Path.cwd() / "runs" / "x")
 
 
 @pytest.mark.parametrize(
@@ -237,9 +239,7 @@ def test_an_existing_run_folder_is_refused_unless_overwrite(tmp_path: Path, bert
     (tmp_path / "run" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="exists; pass --overwrite"):
         train(config)
-    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
-    train(config, overwrite=True)
-    assert not (tmp_path / "run" / "keep.txt").exists()
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"  # overwriting it: see test_train_safety.py
 
 
 def test_label_outside_classes_can_be_dropped(tmp_path: Path, bert: Path, csv_data: Path) -> None:
@@ -254,9 +254,10 @@ def test_adapter_is_written_atomically_and_matches_the_model(tmp_path: Path, ber
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not list(Path(result.folder).glob("*.tmp"))
     checkpoint = Path(result.folder) / "checkpoint"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["rng-rank0.safetensors", "state.safetensors"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["state.safetensors"]  # one file: one atomic unit
     with safe_open(str(checkpoint / "state.safetensors"), "pt") as handle:  # JSON beside the tensors, no pickle
-        assert json.loads(handle.metadata()["lorakit.checkpoint"])["step"] == 8
+        meta = json.loads(handle.metadata()["lorakit.checkpoint"])
+        assert meta["step"] == 8 and len(meta["rng"]) == 1 and "rng.0.torch" in list(handle.keys())
 
 
 def _literal(text: str) -> str:
@@ -304,3 +305,88 @@ def test_tabular_csv_columns_are_read_as_numbers_and_text_is_refused(tmp_path: P
     (tmp_path / "t.csv").write_text("\n".join([*rows, "1,oops,a"]) + "\n")
     with pytest.raises(ConfigError, match=r"column 'x1' of .* holds 'oops' \(row \d+\), not a number"):
         train_tasks.prepare(load_config(config))
+
+
+# -- paths, LoRA+, what the run records ------------------------------------------------------------------------------
+def test_paths_resolve_against_the_config_folder_and_the_run_works_from_anywhere(
+    tmp_path: Path, bert: Path, csv_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    project = tmp_path / "project"
+    shutil.copytree(bert, project / "models" / "bert")
+    shutil.copy(csv_data, project / "data.csv")
+    config = seq_cls_config(project, Path("models/bert"), Path("data.csv"), out_dir='"runs/one"')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    loaded = load_config(config)
+    assert loaded.data.path == str(project / "data.csv") and loaded.model.source == str(project / "models" / "bert")
+    assert loaded.run.out_dir == str(project / "runs" / "one")
+    run = project / "runs" / "one"
+    with pytest.raises(_Stop):
+        train(loaded, on_step=_stop_at(6))  # interrupted after the checkpoint at step 4
+    saved = load_config(run / "config.toml")
+    assert saved.data.path == str(project / "data.csv") and saved.run.out_dir == str(run)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    runner = CliRunner()
+    resumed = runner.invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    evaluated = runner.invoke(app, ["eval", str(run)])
+    assert evaluated.exit_code == 0 and "with adapter" in evaluated.output, evaluated.output
+    missing = load_config(config, ["data.path=nowhere.csv", "run.out_dir=two"])  # overrides: from the cwd
+    with pytest.raises(ConfigError, match=re.escape(f"data file {elsewhere / 'nowhere.csv'} does not exist")):
+        train(missing)
+
+
+def test_loraplus_from_the_config_scales_the_b_update(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    """One plain SGD step from B = 0: only B moves (A's gradient is 0), so LoRA+'s B is exactly ratio x plain B."""
+    plain_overrides = ["optim.name=SGD", "max_steps=1", "warmup_steps=0", "max_grad_norm=0", "lora.lora_dropout=0.0"]
+    weights = {}
+    for name, extra in (("plain", []), ("plus", ["optim.loraplus_lr_ratio=16"])):
+        out = f"run.out_dir={tmp_path / name}"
+        result = train(load_config(seq_cls_config(tmp_path, bert, csv_data), [*plain_overrides, *extra, out]))
+        weights[name] = load_file(Path(result.folder) / "adapter" / "adapter_model.safetensors")
+    b_keys = [k for k in weights["plain"] if "lora_B" in k]
+    assert b_keys and all(weights["plain"][k].abs().sum() > 0 for k in b_keys)
+    for key, plain in weights["plain"].items():
+        ratio = 16.0 if key in b_keys else 1.0
+        torch.testing.assert_close(weights["plus"][key], plain * ratio if ratio != 1 else plain, rtol=1e-5, atol=1e-7)
+
+
+def test_the_adapter_records_its_base_and_the_report_its_baseline(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data), ["max_steps=2"]))
+    saved = json.loads((Path(result.folder) / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(bert) and saved["task_type"] == "SEQ_CLS"
+    prepared = train_tasks.prepare(load_config(Path(result.folder) / "config.toml"))
+    labels = [e["labels"] for e in prepared.eval]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    assert result.baseline == {"accuracy": pytest.approx(majority)} and 0.5 <= majority < 1
+    assert json.loads((Path(result.folder) / "summary.json").read_text())["baseline"] == result.baseline
+
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(
+    tmp_path: Path, bert: Path, csv_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train(load_config(seq_cls_config(tmp_path, bert, csv_data, log_every="2"), ["run.progress=rich"]))
+    lines = capsys.readouterr().out.splitlines()
+    train_lines = [line for line in lines if line.startswith("train step")]
+    assert [line.split()[2] for line in train_lines] == ["2/8", "4/8", "6/8", "8/8"]
+    assert all("loss" in line and "left ~" in line for line in train_lines)
+    assert [line.split()[3] for line in lines if line.startswith("eval at step")] == ["0/8", "4/8", "8/8"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def on_step(done: int) -> None:
+        if done == step:
+            raise _Stop
+
+    return on_step

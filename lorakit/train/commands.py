@@ -18,7 +18,7 @@ from rich.table import Table
 from lorakit import LoraModel
 from lorakit.errors import ConfigError
 from lorakit.io import CONFIG_NAME
-from lorakit.train import tasks
+from lorakit.train import jobs, tasks
 from lorakit.train.config import load_config
 from lorakit.train.loop import ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE, RunResult, evaluate, train
 from lorakit.train.plots import plot_compare
@@ -50,6 +50,10 @@ def train_command(
     resume: Annotated[Path | None, typer.Option(metavar="RUN", help="Continue RUN from its last checkpoint")] = None,
 ) -> None:
     config, overrides = _config_and_overrides(config, ctx.args)
+    if jobs.is_jobs_file(config):  # [[adapters]]: several adapters over one base, a run folder each
+        results = jobs.train_file(config, overrides, overwrite=overwrite, resume=resume)
+        _console().print(compare_table({name: asdict(r) for name, r in results.items()}))
+        return
     if resume is not None and config is None:
         config = resume / CONFIG_FILE  # the run's own resolved config
     result = train(load_config(config, overrides), overwrite=overwrite, resume=resume)
@@ -123,9 +127,11 @@ def sweep_command(
 def print_report(result: RunResult) -> None:
     """The end-of-run report: metric before/after, trainable parameters, adapter vs model size, run folder."""
     metric = result.metric
+    baseline = result.baseline.get(metric)
     lines = [
-        f"{metric}: {result.before.get(metric, float('nan')):.4f} before -> {result.after[metric]:.4f} after "
-        f"(eval loss {result.before.get('loss', float('nan')):.4f} -> {result.after['loss']:.4f})",
+        f"{metric}: {result.before.get(metric, float('nan')):.4f} before -> {result.after[metric]:.4f} after"
+        + (f" (majority-class baseline {baseline:.4f})" if baseline is not None else ""),
+        f"eval loss: {result.before.get('loss', float('nan')):.4f} before -> {result.after['loss']:.4f} after",
         f"trainable parameters: {result.trainable_params:,} of {result.total_params:,} "
         f"({100 * result.trainable_params / result.total_params:.2f}%)",
         f"adapter on disk: {_size(result.adapter_bytes)} vs full model {_size(result.model_bytes)} "
@@ -135,7 +141,10 @@ def print_report(result: RunResult) -> None:
         f"run folder: {result.folder}  (adapter in {Path(result.folder) / ADAPTER_DIR})",
     ]
     console = _console()
-    console.print("\nDone.", style="bold green")
+    if result.already_finished:
+        console.print(f"\n{result.folder} finished already ({result.steps} steps); nothing to do. Its report:")
+    else:
+        console.print("\nDone.", style="bold green")
     for line in lines:
         console.print("  " + line, soft_wrap=True)
 

@@ -7,6 +7,9 @@ mistyped key fails at load time with the name of the key and the fix, before any
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -32,7 +35,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 class ModelSection:
     """source: a transformers folder, 'package.module:factory', or 'pkg://package/sub/folder' (data a package ships)."""
 
-    source: str = ""
+    source: str = ""  # a hub id ("gpt2") is passed to transformers; it needs the hub (offline: a local folder)
     tokenizer: str | None = None  # a folder with the tokenizer; defaults to `source` when that is a folder
     gradient_checkpointing: bool = False
 
@@ -77,7 +80,9 @@ class OptimSection:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 = no clipping
     epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; wins over epochs (0: from epochs)
+    max_steps: int | None = None  # optimizer steps; wins over epochs (0 or -1: from epochs)
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B factors learn at lr * this (the paper suggests 16)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: the learning rate of adapters on embeddings
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
 
 
@@ -125,11 +130,14 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {get_field(self, key)}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        _check_numbers(self)
         self.lora_config()  # a bad [lora] key fails now, not after the model has loaded
 
     def lora_config(self) -> LoraConfig:
         """The [lora] section as a LoraConfig; the task's PEFT task_type is filled in when left out."""
-        values = {"task_type": _PEFT_TASK_TYPES.get(self.task), **self.lora}
+        # the base is recorded in adapter_config.json, so `lorakit merge` and readers know what it adapts
+        base = {"base_model_name_or_path": self.model.source}
+        values = {"task_type": _PEFT_TASK_TYPES.get(self.task), **base, **self.lora}
         known = {f.name for f in dataclasses.fields(LoraConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -143,26 +151,82 @@ class TrainConfig:
 
     def resolved_out_dir(self) -> Path:
         """run.out_dir with {time} and {task} filled in, so the default never collides with an earlier run."""
-        return Path(self.run.out_dir.format(time=datetime.now().strftime("%Y%m%d-%H%M%S"), task=self.task))
+        try:
+            text = self.run.out_dir.format(time=datetime.now().strftime("%Y%m%d-%H%M%S"), task=self.task)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(
+                f"run.out_dir {self.run.out_dir!r} has a placeholder lorakit cannot fill ({err!r}); only {{time}} "
+                "and {task} are filled in (write {{ and }} for literal braces)"
+            ) from None
+        return Path(text).expanduser().absolute()
 
 
 _PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "token-cls": "TOKEN_CLS"}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """The TOML file at `path` (None: the embedded default run) with `section.field=value` overrides applied."""
+    """The TOML file at `path` (None: the embedded default run) with `section.field=value` overrides applied.
+
+    Relative paths in the file mean relative to the file's folder (the embedded default's: the current
+    directory); those given as overrides, relative to the current directory. Both are made absolute here, so
+    the run folder records where everything was and works from any directory.
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"no config file {path}; pass an existing .toml file, or no file for the default run"
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML ({err}); fix the line it names") from None
+    data = tomllib.loads(_read_text(path))
+    _absolute_paths(data, Path.cwd() if path == DEFAULT_CONFIG else path.absolute().parent)
     for override in overrides or []:
         _apply_override(data, override)
     return from_dict(data, source=str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The config file's text, refusing what is not a readable UTF-8 regular file (a FIFO would block forever)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"no config file {path}; pass an existing .toml file, or none for the default run") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file {path} ({err.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{path} is a folder, not a config file; pass the .toml file (e.g. {path}/config.toml)")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{path} is not a regular file (a pipe or device); pass a .toml file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file {path} ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML ({err}); fix the line it names") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to be a config file") from None
+    return text
+
+
+# Keys holding paths: data paths always; model paths only when that folder exists (else a hub id or a factory)
+_PATH_KEYS = (("data", "path"), ("data", "eval_path"), ("run", "out_dir"))
+_MODEL_PATH_KEYS = (("model", "source"), ("model", "tokenizer"))
+
+
+def _absolute_paths(data: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_KEYS + _MODEL_PATH_KEYS:
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = absolute_path(table[key], base, must_exist=(section, key) in _MODEL_PATH_KEYS)
+
+
+def absolute_path(value: str, base: Path, must_exist: bool = False) -> str:
+    """`value` made absolute against `base`, unless it is empty, a scheme (pkg://, sklearn://) or, with must_exist,
+    names no existing path (then it is a hub id or 'package.module:factory' and stays as written)."""
+    if not value.strip() or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    resolved = path if path.is_absolute() else base / path
+    if must_exist and not resolved.exists():
+        return value
+    return os.path.normpath(resolved)
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -236,6 +300,8 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} has no '='; write it as --section.field=value, e.g. --optim.lr=3e-4")
     key = _full_key(key.strip())
     value = _parse_value(raw.strip())
+    if tuple(key.split(".")) in _PATH_KEYS + _MODEL_PATH_KEYS and isinstance(value, str):
+        value = absolute_path(value, Path.cwd(), must_exist=tuple(key.split(".")) in _MODEL_PATH_KEYS)
     *sections, name = key.split(".")
     target = data
     for section in sections:
@@ -261,6 +327,43 @@ def _parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw  # a bare word or path: a string
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Settings that would run and silently train nothing, or nonsense, are refused before anything loads."""
+    optim, data = config.optim, config.data
+    _check_range("optim.lr", optim.lr, 0.0, 10.0, low_open=True, hint="typical LoRA rates are 1e-4 to 1e-2")
+    _check_range("optim.weight_decay", optim.weight_decay, 0.0, math.inf)
+    _check_range("optim.epochs", optim.epochs, 0.0, 1e6, low_open=True, hint="use max_steps for a fixed step count")
+    _check_range("optim.warmup_ratio", optim.warmup_ratio, 0.0, 1.0)
+    _check_range("optim.max_grad_norm", optim.max_grad_norm, 0.0, math.inf, hint="0 turns clipping off")
+    if optim.loraplus_lr_ratio is not None:
+        _check_range("optim.loraplus_lr_ratio", optim.loraplus_lr_ratio, 1.0, 1e6, hint="B's rate / A's rate")
+    _check_range("optim.loraplus_lr_embedding", optim.loraplus_lr_embedding, 0.0, 10.0)
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if optim.max_steps is not None and optim.max_steps < -1:
+        raise ConfigError(f"optim.max_steps must be >= 1 (or 0 / -1: from optim.epochs), got {optim.max_steps}")
+    for key in ("data.max_samples", "data.eval_samples", "data.max_length"):
+        value = get_field(config, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 (or left out), got {value}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be in 0 .. 2**32 - 1 (torch's and numpy's range), got {config.seed}")
+    if data.eval_fraction == 0 and not data.eval_path:
+        raise ConfigError(
+            "data.eval_fraction = 0 and no data.eval_path leaves no eval examples, and every run is judged on them; "
+            "set data.eval_fraction (e.g. 0.1) or data.eval_path"
+        )
+    if not config.run.out_dir.strip():
+        raise ConfigError("run.out_dir is empty (an unset variable?); set it to the folder the run should create")
+
+
+def _check_range(key: str, value: float, low: float, high: float, low_open: bool = False, hint: str = "") -> None:
+    bad = not math.isfinite(value) or value > high or value < low or (low_open and value == low)
+    if bad:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{key} must be a finite number in {interval}, got {value!r}" + (f"; {hint}" if hint else ""))
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

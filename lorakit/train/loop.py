@@ -24,8 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lorakit import LoraModel, get_lora_model
-from lorakit.errors import ConfigError
+from lorakit import LoraModel
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.multi.parallel import add_seeded_adapter
+from lorakit.optim import create_optimizer
 from lorakit.train import checkpoint, parallel, tasks
 from lorakit.train.config import TrainConfig, load_config, to_toml
 from lorakit.train.data import batch_indices
@@ -35,6 +37,12 @@ from lorakit.train.tracking import Progress, Tracker, check_available
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
+# Written first into every run folder `lorakit train` creates: --overwrite deletes only folders that carry it
+MARKER_FILE = ".lorakit-run"
+
+
+class TrainingStopped(LorakitError):
+    """The run cannot go on (the loss became NaN or inf); its last good checkpoint is kept."""
 
 
 @dataclass
@@ -56,6 +64,8 @@ class RunResult:
     step_seconds: float
     data_wait_fraction: float
     peak_memory_bytes: int
+    baseline: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. majority-class accuracy
+    already_finished: bool = False  # a resumed run that had finished: nothing was done
 
 
 @dataclass
@@ -94,13 +104,18 @@ def train(
 ) -> RunResult:
     """Runs `config` to the end and returns its report; `on_step(step)` is called after each optimizer step."""
     env = _setup_env()
+    if resume is not None:
+        _check_folder(Path(resume), config, overwrite, resume=True)
+        if (Path(resume) / SUMMARY_FILE).is_file():  # written last: the run is complete, resuming changes nothing
+            saved = json.loads((Path(resume) / SUMMARY_FILE).read_text())
+            return RunResult(**{**saved, "already_finished": True})
     run = _setup(config, env, overwrite, resume)
     folder, prepared, model, optimizer, scheduler = run.folder, run.prepared, run.model, run.optimizer, run.scheduler
     max_steps, optim = run.max_steps, config.optim
     start_step = 0
     if resume is not None:
         start_step = checkpoint.load(folder, model, optimizer, scheduler, env.rank)
-        _truncate_metrics(folder, start_step, env)
+        _truncate_metrics(folder, start_step, max_steps, env)
     tracker = Tracker(folder if env.main else None, config.run, config.to_dict(), resume is not None)
     if resume is not None:
         before = _read_summary_before(folder)
@@ -110,7 +125,9 @@ def train(
         before = evaluate(model, prepared, config, env)
         tracker.log("eval", 0, before)
         _write_json(folder / "before.json", before, env)
-    progress = Progress(config.run.progress if env.main else "none", max_steps, start_step)
+    progress = Progress(config.run.progress if env.main else "none", max_steps, start_step, config.run.log_every)
+    if resume is None:
+        progress.eval(0, before)
     timing = {"wait": 0.0, "total": 0.0, "steps": 0}
     window: list[float] = []  # losses since the last log line: the logged loss is their mean
 
@@ -119,11 +136,16 @@ def train(
         t0 = time.perf_counter()
         loss, examples = _accumulate_gradients(run.wrapped, prepared, config, step, run.batches_per_epoch, env, timing)
         grad_norm = _clip(model, optim.max_grad_norm)
+        loss = _mean_over_ranks(loss, env)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            progress.close()
+            tracker.close()
+            raise TrainingStopped(_stop_message(folder, step + 1, loss, grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(_mean_over_ranks(loss, env))
+        window.append(loss)
         dt = time.perf_counter() - t0
         timing["total"], timing["steps"] = timing["total"] + dt, timing["steps"] + 1
         done = step + 1
@@ -135,7 +157,9 @@ def train(
             )
         progress.update({"loss": loss, "lr": lr, "ex/s": throughput})
         if done % config.run.eval_every == 0 and done != max_steps:
-            tracker.log("eval", done, evaluate(model, prepared, config, env))
+            scores = evaluate(model, prepared, config, env)
+            tracker.log("eval", done, scores)
+            progress.eval(done, scores)
         if done % config.run.checkpoint_every == 0 or done == max_steps:
             checkpoint.save(folder, done, model, optimizer, scheduler, env.rank)
         if on_step is not None:
@@ -144,8 +168,9 @@ def train(
 
     after = evaluate(model, prepared, config, env)
     tracker.log("eval", max_steps, after)
+    progress.eval(max_steps, after)
     tracker.close()
-    result = _finish(folder, model, config, env, before, after, max_steps, len(prepared.train), run.model_bytes, timing)
+    result = _finish(folder, model, config, env, before, after, max_steps, prepared, run.model_bytes, timing)
     if env.world > 1:
         dist.destroy_process_group()
     return result
@@ -177,12 +202,15 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     prepared = tasks.prepare(config)  # bad data fails here: nothing has been written yet
     base = tasks.build_model(config, prepared)
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    model = get_lora_model(base, config.lora_config())
+    model = LoraModel(base)
+    add_seeded_adapter(model, "default", config.lora_config(), config.seed)  # the seed alone fixes the init
+    tasks.check_outputs(model, prepared, torch.device("cpu"))  # labels beyond the head fail before the folder exists
     _gradient_checkpointing(model, config)
     wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
-    max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
+    from_epochs = max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
+    max_steps = optim.max_steps if optim.max_steps is not None and optim.max_steps > 0 else from_epochs
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, max_steps)
     if env.main:
@@ -216,18 +244,51 @@ def _check_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bo
                 f"cannot resume {folder} with a different config ({'; '.join(differences)}); resume with the "
                 f"run's own config (lorakit train --resume {folder}) or start a new run in another folder"
             )
-    elif folder.exists() and any(folder.iterdir()) and not overwrite:
+    else:
+        _check_new_folder(folder, overwrite)
+
+
+def _check_new_folder(folder: Path, overwrite: bool) -> None:
+    """A new run gets a folder of its own; --overwrite deletes only a folder an earlier run marked as its own."""
+    resolved, cwd = folder.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or resolved in (cwd, *cwd.parents):
         raise ConfigError(
-            f"run folder {folder} exists; pass --overwrite to replace it, --resume {folder} to continue it, "
-            "or choose another --run.out_dir"
+            f"run.out_dir {folder} is the filesystem root, your home or the current directory (or one above it); "
+            "a run needs a folder of its own, e.g. --run.out_dir=runs/my-run"
         )
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"run.out_dir {folder} is a file; choose a folder path")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"run folder {folder} exists; pass --overwrite to replace it, --resume {folder} to continue it, "
+                "or choose another --run.out_dir"
+            )
+        if not (folder / MARKER_FILE).is_file():
+            raise ConfigError(
+                f"{folder} was not created by lorakit train (it has no {MARKER_FILE}), so --overwrite will not "
+                "delete it; choose another --run.out_dir, or remove the folder yourself"
+            )
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create run folder {folder}: {existing} is not a writable folder")
 
 
 def _start_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:
-    if overwrite and not resume and folder.exists():
+    try:
+        _make_folder(folder, config, overwrite, resume)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run folder {folder} ({err.strerror}); choose another --run.out_dir"
+        ) from None
+
+
+def _make_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:
+    if overwrite and not resume and (folder / MARKER_FILE).is_file():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
+        (folder / MARKER_FILE).write_text("a run folder made by `lorakit train`; --overwrite may delete it\n")
         # the resolved folder is recorded, so `--resume` finds the same place
         resolved = dataclasses.replace(config, run=dataclasses.replace(config.run, out_dir=str(folder)))
         tmp = folder / (CONFIG_FILE + ".tmp")
@@ -251,15 +312,16 @@ def _gradient_checkpointing(model: LoraModel, config: TrainConfig) -> None:
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """torch.optim.<name> over the trainable parameters (the adapter and modules_to_save copies)."""
+    """torch.optim.<name> over the trainable parameters (the adapter and modules_to_save copies), with LoRA+'s
+    groups when optim.loraplus_lr_ratio is set; lorakit.optim builds it, as for any user's loop."""
     optim = config.optim
     cls = getattr(torch.optim, optim.name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         names = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper())
         raise ConfigError(f"optim.name {optim.name!r} is not a torch.optim optimizer; choose one of {names}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    loraplus = {"loraplus_lr_ratio": optim.loraplus_lr_ratio, "loraplus_lr_embedding": optim.loraplus_lr_embedding}
     try:
-        return cls(params, lr=optim.lr, weight_decay=optim.weight_decay, **optim.kwargs)
+        return create_optimizer(model, cls, lr=optim.lr, weight_decay=optim.weight_decay, **loraplus, **optim.kwargs)
     except TypeError as err:
         raise ConfigError(f"torch.optim.{optim.name} does not take these arguments ({err}); fix optim.kwargs") from None
 
@@ -345,7 +407,7 @@ def _barrier(env: _Env) -> None:
 
 # -- after the loop --------------------------------------------------------------------------------------------------
 def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, before: dict, after: dict, steps: int,
-            n_train: int, model_bytes: int, timing: dict) -> RunResult:  # fmt: skip
+            prepared: tasks.Prepared, model_bytes: int, timing: dict) -> RunResult:  # fmt: skip
     """Saves the adapter (atomically), plots and summary.json on rank 0; returns the report on every rank."""
     trainable, total = model.get_nb_trainable_parameters()
     adapter = folder / ADAPTER_DIR
@@ -369,11 +431,12 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
         model_bytes=model_bytes,
         steps=steps,
-        train_examples=n_train,
+        train_examples=len(prepared.train),
         seconds=timing["total"],
         step_seconds=timing["total"] / max(timing["steps"], 1),
         data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
         peak_memory_bytes=_peak_memory(env),
+        baseline=tasks.majority_baseline(config.task, prepared),
     )
     if env.main:
         if config.run.plots:
@@ -403,9 +466,28 @@ def _read_summary_before(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _truncate_metrics(folder: Path, step: int, env: _Env) -> None:
-    """Drops records an interrupted run wrote after its last checkpoint: the resumed run writes them again."""
+def _truncate_metrics(folder: Path, step: int, max_steps: int, env: _Env) -> None:
+    """Drops records an interrupted run wrote after its last checkpoint: the resumed run writes them again.
+
+    The final eval is logged after the last checkpoint, so at step == max_steps it goes too."""
     path = folder / "metrics.jsonl"
-    if env.main and path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    if not (env.main and path.is_file()):
+        return
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    final = step == max_steps
+    keep = [
+        line for line, r in records if r["step"] < step or (r["step"] == step and not (final and r["kind"] == "eval"))
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _stop_message(folder: Path, step: int, loss: float, grad_norm: float) -> str:
+    last = checkpoint.saved_step(folder)
+    kept = f"its last good checkpoint (step {last}) is kept in {folder}" if last else "no checkpoint was written yet"
+    return (
+        f"training stopped at step {step}: the loss became {loss} (gradient norm {grad_norm}) and the update was not "
+        f"applied; {kept}; lower optim.lr, set optim.max_grad_norm, or check the data for extreme values, then start "
+        "a new run"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,17 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A bar over optimizer steps showing loss, lr and examples/s: rich, tqdm, or nothing."""
+    """A bar over optimizer steps showing loss, lr and examples/s: rich, tqdm, or nothing.
 
-    def __init__(self, kind: str, total: int, start: int) -> None:
-        self.kind = kind
+    When stdout is not a terminal (CI, `tee`, `nohup`) a bar would print nothing until the end, so a bar becomes
+    plain lines: one every `every` steps and one per evaluation, each with the time so far and left.
+    """
+
+    def __init__(self, kind: str, total: int, start: int, every: int = 10) -> None:
+        if kind in ("rich", "tqdm") and not sys.stdout.isatty():
+            kind = "lines"
+        self.kind, self.total, self.done, self.every = kind, total, start, max(1, every)
+        self._start, self._first = time.perf_counter(), start
         self._bar: Any = None
         if kind == "rich":
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -107,12 +115,33 @@ class Progress:
             self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def update(self, info: dict[str, float]) -> None:
+        self.done += 1
         text = "  ".join(f"{k} {_short(v)}" for k, v in info.items())
         if self.kind == "rich":
             self._bar.update(self._task, advance=1, info=text)
         elif self.kind == "tqdm":
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(1)
+        elif self.kind == "lines" and (self.done % self.every == 0 or self.done == self.total):
+            print(f"train step {self.done}/{self.total}  {text}  {self._times()}", flush=True)
+
+    def eval(self, step: int, scores: dict[str, float]) -> None:
+        """One line per evaluation: the bar shows none, and a long eval set should not look like a hang."""
+        if self.kind == "none" or not scores:
+            return
+        line = f"eval at step {step}/{self.total}  " + "  ".join(f"{k} {_short(v)}" for k, v in scores.items())
+        if self.kind == "rich":
+            self._bar.console.print(line, markup=False, highlight=False)
+        elif self.kind == "tqdm":
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _times(self) -> str:
+        elapsed = time.perf_counter() - self._start
+        steps = self.done - self._first
+        left = elapsed / steps * (self.total - self.done) if steps else 0.0
+        return f"elapsed {elapsed:.0f}s  left ~{left:.0f}s"
 
     def close(self) -> None:
         if self._bar is not None:
