@@ -11,6 +11,7 @@ Modes (each on a fresh model, same seed, bf16 base; "-drop" = lora_dropout 0.1, 
   ours-compiled-fp32   lorakit with fp32 factors + torch.compile
   ours-compiled-drop   our best with dropout 0.1
   ours-reference-...   any ours-* mode with LORAKIT_KERNELS=0 (the pure-torch reference ops)
+layer0_grad_norm in the results is the first layer's gradient norm: nonzero proves the backward reaches it.
 Reports the median step time (forward, backward, AdamW step), peak GPU memory, and ratios against PEFT-best
 (and, for *-default, against peft-default). --profile MODE prints that mode's top CUDA ops.
 
@@ -98,9 +99,22 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "trainable": sum(p.numel() for p in params),
     }
-    if mode == args.profile:
+    result["layer0_grad_norm"] = _first_layer_grad_norm(model, step_fn, ids)
+    if mode in (args.profile or "").split(","):
         _profile(step)
     return result
+
+
+def _first_layer_grad_norm(model, step_fn, ids) -> float:
+    """The gradient norm of the first decoder layer's trainable tensors after one more backward: 0 would mean
+    the backward stopped before reaching it (a broken input gradient), which no step time may hide."""
+    step_fn(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".layers.0." in n and p.grad is not None]
+    if not grads:  # the frozen base: its embeddings carry the gradient instead
+        grads = [model.get_input_embeddings().weight.grad]
+    norm = torch.stack([g.float().norm() for g in grads]).norm().item()
+    model.zero_grad(set_to_none=True)
+    return norm
 
 
 def _profile(step) -> None:
@@ -139,7 +153,7 @@ def main() -> None:
         "--modes",
         default="hf-frozen,hf-frozen-compiled,peft-default,ours-default,peft-compiled,ours-compiled,ours-compiled-drop",
     )
-    parser.add_argument("--profile", help="print the top CUDA ops of this mode")
+    parser.add_argument("--profile", help="print the top CUDA ops of these modes (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="2 layers, short sequences: a smoke run")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

@@ -64,7 +64,11 @@ def _fused(x, weight, bias, out, adapters: Sequence[LoraFactors], training: bool
     factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     scales = tuple(float(a.scale) for a in adapters)
     y = _FusedLora.apply(x.reshape(-1, n_in), weight, bias, base, seeds, scales, ps, *factors)
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 class _FusedLora(torch.autograd.Function):
@@ -75,20 +79,24 @@ class _FusedLora(torch.autograd.Function):
         plain = [i for i, p in enumerate(ps) if p == 0]
         dropped = [i for i, p in enumerate(ps) if p > 0]
         order = plain + dropped  # S's and Bs's columns: the adapters without dropout first, as one block
-        a_plain = torch.cat([factors[2 * i].to(x.dtype) for i in plain]) if plain else None
+        a_plain = _cat([factors[2 * i].to(x.dtype) for i in plain], 0) if plain else None
         a_dropped = [factors[2 * i].to(x.dtype) for i in dropped]
-        b_scaled = torch.cat([(factors[2 * i + 1] * scales[i]).to(x.dtype) for i in order], dim=1)  # (out x R)
+        b_scaled = _cat([(factors[2 * i + 1] * scales[i]).to(x.dtype) for i in order], 1)  # (out x R)
         parts = [x @ a_plain.T] if plain else []
         for j, (i, a) in enumerate(zip(dropped, a_dropped, strict=True)):
             parts.append(dropout_shrink(x, a, seeds[j : j + 1], ps[i]))
-        s = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N x R)
+        s = _cat(parts, 1)  # (N x R)
         if base is not None:
             y = torch.addmm(base, s, b_scaled.T)
         else:
-            y = torch.mm(s, b_scaled.T) if bias is None else torch.addmm(bias, s, b_scaled.T)
-            y.addmm_(x, weight.T)
+            y = _eager_or_op(_low_rank_then_base, low_rank_then_base)(s, b_scaled, x, weight, bias)
         ctx.save_for_backward(x, weight, s, seeds, b_scaled, a_plain, *a_dropped)
         ctx.layout = (scales, ps, plain, dropped)
+        # which inputs want a gradient; under torch.compile (where ctx.needs_input_grad and requires_grad read False
+        # while tracing) all of them, and the compiler drops what nobody uses
+        tracing = torch.compiler.is_compiling()
+        wanted = (x.requires_grad, base is not None and base.requires_grad, *(f.requires_grad for f in factors))
+        ctx.wanted = (True,) * len(wanted) if tracing else wanted
         ctx.factor_dtypes = [f.dtype for f in factors]
         ctx.ranks = [factors[2 * i].shape[0] for i in range(len(scales))]
         return y
@@ -98,25 +106,62 @@ class _FusedLora(torch.autograd.Function):
         x, weight, s, seeds, b_scaled, a_plain, *a_dropped = ctx.saved_tensors
         scales, ps, plain, dropped = ctx.layout
         t = dy @ b_scaled  # (N x R): the gradient reaching S
-        r_plain = 0 if a_plain is None else a_plain.shape[0]
         dx = None
-        if ctx.needs_input_grad[0]:
-            dx = t[:, :r_plain] @ a_plain if a_plain is not None else None
-            col = r_plain
-            for j, (i, a) in enumerate(zip(dropped, a_dropped, strict=True)):
-                dx = dropout_expand(t[:, col : col + a.shape[0]], a, dx, seeds[j : j + 1], ps[i])
-                col += a.shape[0]
-            if weight is not None:
-                dx.addmm_(dy, weight)
+        if ctx.wanted[0]:
+            seed_list = [] if seeds is None else list(seeds.split(1))
+            dx = _eager_or_op(_grad_input, grad_input)(
+                dy, weight, t, a_plain, a_dropped, seed_list, [ps[i] for i in dropped]
+            )
         factor_grads = _factor_grads(ctx, dy, x, s, t, a_plain, a_dropped, seeds)
-        dbase = dy if ctx.needs_input_grad[3] else None
+        dbase = dy if ctx.wanted[1] else None
         return (dx, None, None, dbase, None, None, None, *factor_grads)
+
+
+def _low_rank_then_base(s: Tensor, b_scaled: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """S Bs^T + b + x W^T: the large product accumulates into the small one's output (cuBLAS's beta epilogue)."""
+    y = torch.mm(s, b_scaled.T) if bias is None else torch.addmm(bias, s, b_scaled.T)
+    return y.addmm_(x, weight.T)
+
+
+def _grad_input(
+    dy: Tensor, weight: Tensor | None, t: Tensor, a_plain: Tensor | None, a_dropped: list[Tensor],
+    seeds: list[Tensor], ps: list[float],
+) -> Tensor:  # fmt: skip
+    """dX = T_plain A_plain + sum_a drop_a^T(T_a A_a) + dY W: the low-rank terms written once, dY W added by cuBLAS."""
+    r_plain = 0 if a_plain is None else a_plain.shape[0]
+    dx = t[:, :r_plain] @ a_plain if a_plain is not None else None
+    col = r_plain
+    for a, seed, p in zip(a_dropped, seeds, ps, strict=True):
+        dx = dropout_expand(t[:, col : col + a.shape[0]], a, dx, seed, p)
+        col += a.shape[0]
+    return dx if weight is None else dx.addmm_(dy, weight)
+
+
+# Under torch.compile these two run as opaque ops: inductor would turn the in-place epilogue into a copy + GEMM.
+low_rank_then_base = torch.library.custom_op("lorakit::low_rank_then_base", _low_rank_then_base, mutates_args=())
+grad_input = torch.library.custom_op("lorakit::grad_input", _grad_input, mutates_args=())
+
+
+@low_rank_then_base.register_fake
+def _(s, b_scaled, x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@grad_input.register_fake
+def _(dy, weight, t, a_plain, a_dropped, seeds, ps):
+    n_in = (a_plain if a_plain is not None else a_dropped[0]).shape[1]
+    return dy.new_empty(dy.shape[0], n_in)
+
+
+def _eager_or_op(fn, op):
+    """The op while torch.compile traces; the plain function eagerly (no dispatcher cost per call)."""
+    return op if torch.compiler.is_compiling() else fn
 
 
 def _factor_grads(ctx, dy, x, s, t, a_plain, a_dropped, seeds) -> list[Tensor | None]:
     """dA_a, dB_a for every adapter, in the order the factors came in, each in its factor's dtype."""
     scales, ps, plain, dropped = ctx.layout
-    wanted = ctx.needs_input_grad[7:]
+    wanted = ctx.wanted[2:]
     n = len(scales)
     grads: list[Tensor | None] = [None] * (2 * n)
     if not any(wanted):

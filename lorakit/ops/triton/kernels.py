@@ -1,7 +1,9 @@
 """Triton kernels for the dropout ops in dropout.py (CUDA impls; the CPU impls there are their spec).
 
-Every kernel redraws keep[i, j] = rand(seed, i * n_cols + j) >= p with int64 offsets, so the three agree bit for
-bit. Rank r is padded to a power of two >= 16 inside the kernel (masked loads), never in memory.
+Every kernel redraws keep[i, j] >= p from one philox call per 4 columns (counter i * ceil(n_cols / 4) + j // 4, int32;
+philox is the costly part, and 64-bit counters are several times slower; past 2**32 groups the bits repeat), so
+the three agree bit for bit. Column tiles start at multiples of 4.
+Rank r is padded to a power of two >= 16 inside the kernel (masked loads), never in memory.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from torch import Tensor
 
 
 @triton.jit
-def _keep(seed, rows, cols, n_cols, p):
-    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, first_col, n_cols, p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep for rows x [first_col, first_col + BLOCK_K): 4 uniforms per philox call (first_col % 4 == 0)."""
+    groups = first_col // 4 + tl.arange(0, BLOCK_K // 4)
+    r0, r1, r2, r3 = tl.rand4x(seed, rows[:, None] * tl.cdiv(n_cols, 4) + groups[None, :])
+    uniform = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_N, BLOCK_K))
+    return uniform >= p
 
 
 @triton.jit
@@ -23,7 +28,7 @@ def _keep_mask_kernel(out_ptr, seed_ptr, n_rows, n_cols, p, BLOCK_N: tl.constexp
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    keep = _keep(tl.load(seed_ptr), rows, cols, n_cols, p)
+    keep = _keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_K, n_cols, p, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :], keep.to(tl.int8), mask=inside)
 
 
@@ -40,7 +45,7 @@ def _shrink_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, tl.zeros_like(x))
+        x = tl.where(_keep(seed, rows, k0, n_cols, p, BLOCK_N, BLOCK_K), x, tl.zeros_like(x))
         a_t = tl.load(
             a_ptr + ranks[None, :] * stride_a + cols[:, None],
             mask=(ranks[None, :] < rank) & (cols[:, None] < n_cols),
@@ -71,7 +76,7 @@ def _expand_kernel(
         other=0.0,
     )
     low_rank = tl.dot(t, a, input_precision=PRECISION)  # (BLOCK_N x BLOCK_K), fp32
-    keep = _keep(tl.load(seed_ptr), rows, cols, n_cols, p)
+    keep = _keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_K, n_cols, p, BLOCK_N, BLOCK_K)
     value = tl.where(keep, low_rank * inv_keep, 0.0)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
@@ -100,7 +105,7 @@ def _grad_a_kernel(
         )  # (BLOCK_R x BLOCK_N)
         inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-        x = tl.where(_keep(seed, rows, cols, n_cols, p), x, tl.zeros_like(x))
+        x = tl.where(_keep(seed, rows, tl.program_id(0) * BLOCK_K, n_cols, p, BLOCK_N, BLOCK_K), x, tl.zeros_like(x))
         acc = tl.dot(t_t, x, acc, input_precision=PRECISION)
     out = out_ptr + split * rank * n_cols + ranks[:, None] * n_cols + cols[None, :]
     tl.store(out, acc * inv_keep, mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols))
