@@ -35,6 +35,7 @@ def inject_adapter(
         )
     targets = find_module_targets(model, config) + find_parameter_targets(model, config)
     saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
+    _check_lora_and_saved_apart(model, [p for p, _ in targets], saved_paths)
     if config.target_modules is None and not config.target_parameters:
         config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     for path, kind in targets:
@@ -67,6 +68,18 @@ def inject_adapter(
             saved = SavedModule(saved)
             _replace(model, path, saved)
         saved.add_copy(name)
+
+
+def _check_lora_and_saved_apart(model: nn.Module, lora_paths: list[str], saved_paths: list[str]) -> None:
+    """A module is either trained in full (modules_to_save) or wrapped with LoRA, by every adapter alike: a file
+    could not hold both, and PEFT refuses the mix."""
+    wrapped = [p for p in saved_paths if isinstance(model.get_submodule(p), LoraLayer)]
+    saved = [p for p in lora_paths if isinstance(model.get_submodule(p), SavedModule)]
+    if wrapped or saved:
+        raise TargetError(
+            f"modules_to_save {wrapped} are wrapped with LoRA by another adapter, or target_modules {saved} are "
+            "trained in full (modules_to_save) by another adapter; a module cannot be both: remove it from one list"
+        )
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

@@ -60,6 +60,7 @@ def register_delta_lora(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
                 apply_delta_update(layer.weight, adapter, lora_A, lora_B)
         before.clear()
 
+    optimizer._lorakit_delta_lora = True  # hooked here: the model's own hooks (lorakit.after_step) leave it alone
     optimizer.register_step_pre_hook(snapshot)
     optimizer.register_step_post_hook(update)
 

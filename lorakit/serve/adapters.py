@@ -1,0 +1,124 @@
+"""The adapters a server offers, by name: read from disk in the caller's thread, attached by the engine's worker.
+
+Reading files is the slow part of loading, so it happens outside the worker, through the library's AdapterCache
+(an adapter unloaded and loaded again comes from RAM); attaching (adding the modules and copying tensors that are
+already in RAM) is quick and runs between two decode steps, so decoding never waits for a disk. Unloading waits
+until no running or waiting request uses the adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from lorakit import io
+from lorakit.errors import LorakitError
+from lorakit.multi import AdapterCache
+from lorakit.names import BASE_NAME, check_adapter_name
+from lorakit.serve.engine import Engine
+from lorakit.serve.errors import APIError, model_not_found
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    path: Path
+    parent: str | None = None
+
+
+@dataclass
+class _ReadAdapter:
+    """An adapter's files, read into RAM and checked, ready to attach."""
+
+    adapter: ServedAdapter
+    config: Any
+    weights: dict[str, Tensor]
+
+
+class AdapterRegistry:
+    """name -> ServedAdapter for everything a request may name; the base model answers to `base_id`."""
+
+    def __init__(self, engine: Engine, base_id: str, cache: AdapterCache | None = None) -> None:
+        self.engine, self.base_id = engine, base_id
+        self.cache = cache or AdapterCache(device_slots=0)  # read only here, never by the worker: no lock needed
+        self.served: dict[str, ServedAdapter] = {}
+        self._reserved: set[str] = set()
+        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()  # one reader at a time keeps the cache's LRU bookkeeping whole
+
+    def route(self, model_id: str) -> str:
+        """The adapter a request's `model` field names ("__base__" for the base); APIError 404 if none."""
+        if model_id == self.base_id:
+            return BASE_NAME
+        if model_id in self.served:
+            return model_id
+        raise model_not_found(model_id, [self.base_id, *self.served])
+
+    def read(self, name: str, path: Path, parent: str | None = None) -> _ReadAdapter:
+        """Reserves `name` and reads the adapter's files (call outside the worker: this is the slow part)."""
+        try:
+            check_adapter_name(name)
+        except LorakitError as err:
+            raise APIError(400, str(err), param="lora_name") from None
+        with self._lock:
+            if name in self.served or name in self._reserved or name == self.base_id:
+                raise APIError(400, f"the adapter {name!r} is already loaded; unload it first", param="lora_name")
+            if parent is not None and parent not in self.served:
+                raise APIError(404, f"parent adapter {parent!r} is not loaded", param="parent", code="model_not_found")
+            self._reserved.add(name)
+        try:
+            with self._read_lock:
+                config, weights = self.cache.read(path)
+            return _ReadAdapter(ServedAdapter(name, path, parent), config, weights)
+        except BaseException:
+            self._release(name)
+            raise
+
+    def attach(self, read: _ReadAdapter) -> Future:
+        """Adds the adapter to the model between two steps; it is routable once the Future is done."""
+        return self.engine.between_steps(lambda: self._attach_now(read))
+
+    def load(self, name: str, path: Path, parent: str | None = None) -> None:
+        """read + attach, waiting for both (used at start-up)."""
+        self.attach(self.read(name, path, parent)).result()
+
+    def unload(self, name: str) -> Future:
+        """Stops routing to `name` at once; the modules go once no request uses them."""
+        with self._lock:
+            if name not in self.served:
+                raise model_not_found(name, [self.base_id, *self.served])
+            children = [a.name for a in self.served.values() if a.parent == name]
+            if children:
+                raise APIError(400, f"adapter {name!r} is the parent of {children}; unload those first")
+            adapter = self.served.pop(name)
+        future = self.engine.between_steps(lambda: self.engine.model.delete_adapter(name), busy_name=name)
+        future.add_done_callback(lambda f: f.exception() and self._restore(adapter))
+        return future
+
+    def _attach_now(self, read: _ReadAdapter) -> None:
+        model, adapter = self.engine.model, read.adapter
+        try:
+            read.config.inference_mode = True
+            model.add_adapter(adapter.name, read.config, parent=adapter.parent)
+            try:
+                io.load_weights(model.model, adapter.name, model.peft_config[adapter.name], read.weights)
+            except Exception:
+                model.delete_adapter(adapter.name)
+                raise
+            with self._lock:
+                self.served[adapter.name] = adapter
+        finally:
+            self._release(adapter.name)
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._reserved.discard(name)
+
+    def _restore(self, adapter: ServedAdapter) -> None:
+        with self._lock:
+            self.served[adapter.name] = adapter

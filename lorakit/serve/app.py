@@ -1,0 +1,238 @@
+"""The HTTP layer: OpenAI's routes over the engine, vLLM's adapter routes, errors in OpenAI's shape.
+
+Every failure reaches the client as {"error": {"message", "type", "param", "code"}} with its status; a stack
+trace only ever goes to the server's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorakit.errors import LorakitError
+from lorakit.serve.adapters import AdapterRegistry
+from lorakit.serve.engine import Engine, Event, GenerationRequest
+from lorakit.serve.errors import APIError
+from lorakit.serve.prompts import encode_chat, encode_completion
+from lorakit.serve.protocol import (
+    ChatRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    LoadAdapterRequest,
+    UnloadAdapterRequest,
+    _Sampling,
+    envelope,
+    new_id,
+    usage,
+)
+from lorakit.serve.roots import AdapterRoots
+
+
+@dataclass
+class ServerSettings:
+    base_id: str
+    max_model_len: int
+    api_key: str | None = None
+    default_max_tokens: int = 256
+
+
+def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, settings: ServerSettings) -> FastAPI:
+    """The FastAPI application; the engine starts and stops with it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    auth = [Depends(_key_check(settings.api_key))]
+    tokenizer = engine.tokenizer
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **engine.stats(), "adapters": len(registry.served)}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        base = {"id": settings.base_id, "object": "model", "owned_by": "lorakit", "parent": None, "root": None}
+        base["max_model_len"] = settings.max_model_len
+        cards = [base] + [
+            {
+                "id": a.name,
+                "object": "model",
+                "owned_by": "lorakit",
+                "parent": a.parent or settings.base_id,
+                "root": str(a.path),
+            }
+            for a in registry.served.values()
+        ]
+        return {"object": "list", "data": [{"created": 0, **card} for card in cards]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        adapter = registry.route(body.model)
+        ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        limit = body.max_completion_tokens or body.max_tokens
+        job = _generation(body, adapter, ids, limit, settings)
+        return await _respond(engine, request, body, job, ChatShape(), new_id("chatcmpl"))
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        adapter = registry.route(body.model)
+        job = _generation(body, adapter, encode_completion(tokenizer, body.prompt), body.max_tokens, settings)
+        return await _respond(engine, request, body, job, CompletionShape(), new_id("cmpl"))
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
+        try:
+            path = roots.resolve(body.lora_path)
+        except LorakitError as err:
+            raise APIError(400, str(err), param="lora_path") from None
+        read = await asyncio.to_thread(registry.read, body.lora_name, path, body.parent)
+        await asyncio.wrap_future(registry.attach(read))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_adapter(body: UnloadAdapterRequest) -> PlainTextResponse:
+        await asyncio.wrap_future(registry.unload(body.lora_name))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
+
+
+def _generation(
+    body: _Sampling, adapter: str, ids: list[int], max_tokens: int | None, settings: ServerSettings
+) -> GenerationRequest:
+    """The engine's request; 400 if prompt + max_tokens exceed the model's context."""
+    room = settings.max_model_len - len(ids)
+    if max_tokens is None:
+        max_tokens = min(settings.default_max_tokens, room)
+    if room < 1 or max_tokens > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {settings.max_model_len} tokens; the prompt has {len(ids)} "
+            f"and max_tokens asks for {max_tokens}. Shorten the prompt or lower max_tokens.",
+            param="messages" if isinstance(body, ChatRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    stop = body.stop_list()
+    if len(stop) > 8 or any(len(s) > 256 for s in stop):
+        raise APIError(400, "give at most 8 stop strings of at most 256 characters each", param="stop")
+    return GenerationRequest(adapter, ids, max_tokens, body.temperature, body.top_p, body.seed, stop)
+
+
+async def _respond(
+    engine: Engine, request: Request, body: _Sampling, job_request: GenerationRequest, shape: Any, rid: str
+) -> Any:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    job = engine.submit(job_request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    prompt_tokens = len(job_request.prompt_ids)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _stream(job, events, shape, rid, body.model, prompt_tokens, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    text = []
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if event.error:
+                raise APIError(500, event.error, type="server_error")
+            text.append(event.text)
+            if event.finish_reason:
+                choice = shape.choice("".join(text), event.finish_reason)
+                use = usage(prompt_tokens, event.completion_tokens)
+                return envelope(shape.object, rid, body.model, [choice], use)
+    finally:
+        job.cancel()  # frees the row at once if the client went away; a no-op for a finished job
+
+
+async def _stream(
+    job: Any, events: asyncio.Queue, shape: Any, rid: str, model: str, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text delta, a last chunk with the finish reason, then [DONE]."""
+
+    def sse(choices: list[dict], use: dict | None = None) -> str:
+        return f"data: {json.dumps(envelope(shape.chunk_object, rid, model, choices, use))}\n\n"
+
+    try:
+        if isinstance(shape, ChatShape):
+            yield sse([shape.chunk_choice(None, None, first=True)])
+        while True:
+            event = await events.get()
+            if event.error:
+                yield f"data: {json.dumps(APIError(500, event.error, type='server_error').body())}\n\n"
+                break
+            if event.text or event.finish_reason:
+                yield sse([shape.chunk_choice(event.text, event.finish_reason)])
+            if event.finish_reason:
+                if include_usage:
+                    yield sse([], usage(prompt_tokens, event.completion_tokens))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # a client that disconnects mid-stream lands here: its row is dropped before the next step
+
+
+def _key_check(api_key: str | None) -> Any:
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(
+                401,
+                "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(LorakitError)
+    async def lorakit_error(_: Request, err: LorakitError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(err)).body(), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        traceback.print_exception(err, file=sys.stderr)
+        body = APIError(500, "internal server error; see the server log", type="server_error").body()
+        return JSONResponse(body, status_code=500)

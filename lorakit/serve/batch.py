@@ -1,0 +1,79 @@
+"""The rows decoding together: one key/value cache for all of them, left-padded to a common length.
+
+Each request is prefilled alone (batch of one, no padding: the same computation as `generate` for it alone),
+then its cache joins the batch. Rows are left-padded so every new token lands in the same column; the attention
+mask hides the padding and each row keeps its own positions, so a row's result does not depend on its neighbours.
+
+    keys/values per layer: [rows, kv_heads, length, head_dim]     mask: [rows, length] (1 = real token)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+
+def cache_tensors(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class DecodeBatch:
+    """Rows (one per request) with their shared padded cache; rows join and leave between decode steps."""
+
+    def __init__(self) -> None:
+        self.rows: list = []
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: object, cache: DynamicCache) -> None:
+        """Joins a row prefilled alone; the shorter side (the batch or the newcomer) is padded on the left."""
+        new = cache_tensors(cache)
+        new_length = new[0][0].shape[2]
+        if not self.rows:
+            self.rows, self.cache, self.mask = [row], cache, torch.ones(1, new_length, dtype=torch.long)
+            return
+        width = max(self.mask.shape[1], new_length)
+        self.cache = DynamicCache(
+            [
+                (torch.cat([_pad(k, width), _pad(nk, width)]), torch.cat([_pad(v, width), _pad(nv, width)]))
+                for (k, v), (nk, nv) in zip(cache_tensors(self.cache), new, strict=True)
+            ]
+        )
+        new_mask = torch.ones(1, new_length, dtype=torch.long)
+        self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(new_mask, width, dim=1)])
+        self.rows.append(row)
+
+    def remove(self, keep: list[int]) -> None:
+        """Keeps the rows at indices `keep`; columns that are padding in every remaining row are dropped."""
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = DynamicCache(), torch.zeros(0, 0, dtype=torch.long)
+            return
+        index = torch.tensor(keep)
+        mask = self.mask[index]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # the first column a remaining row still uses
+        self.mask = mask[:, start:]
+        self.cache = DynamicCache([(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(self.cache)])
+
+    def step_inputs(self, last_tokens: list[int]) -> dict[str, object]:
+        """Forward arguments for one decode step: each row's last token at its own next position. The step
+        appends one column to `self.cache` in place."""
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        return {
+            "input_ids": torch.tensor(last_tokens).unsqueeze(1),
+            "attention_mask": self.mask,
+            "position_ids": self.mask.sum(1, keepdim=True) - 1,
+            "cache": self.cache,
+            "use_cache": True,
+        }
+
+
+def _pad(t: Tensor, width: int, dim: int = 2) -> Tensor:
+    """`t` left-padded with zeros to `width` along `dim` (the sequence dimension)."""
+    missing = width - t.shape[dim]
+    return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (missing, 0)) if missing else t

@@ -1,0 +1,242 @@
+"""The engine: one worker thread owns the model and runs continuous batching.
+
+Requests wait in a queue; between two decode steps the worker applies adapter changes, drops finished or
+abandoned rows, prefills waiting requests (each alone) into free rows, then runs one decode step for every row
+at once, each row routed to its own adapter. So a long request never holds short ones back, and an adapter
+that is being read from disk (in another thread) does not pause the others.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from lorakit.serve.batch import DecodeBatch
+from lorakit.serve.errors import APIError, over_capacity
+from lorakit.serve.routing import forward_rows
+from lorakit.serve.sampling import generator_for, next_token
+from lorakit.serve.text import TextStream
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate: `adapter` is an adapter or tree-node name, or "__base__" for the base model."""
+
+    adapter: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a job reports: new text, and at the end a finish reason ("stop" / "length") or an error."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Job:
+    """One request inside the engine: its tokens, text, random stream and whether its client still waits."""
+
+    def __init__(self, request: GenerationRequest, emit: Callable[[Event], None], tokenizer: Any, eos: set[int]):
+        self.request, self.emit, self.eos = request, emit, eos
+        self.text = TextStream(tokenizer, request.stop)
+        self.generator = generator_for(request.seed)
+        self.tokens: list[int] = []
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The client is gone: the worker drops the row before the next step."""
+        self.cancelled.set()
+
+    def accept(self, logits: Tensor) -> bool:
+        """Picks the next token from this row's logits and reports it; True when the job is finished."""
+        token = next_token(logits, self.request.temperature, self.request.top_p, self.generator)
+        self.tokens.append(token)
+        if token in self.eos:
+            return self._finish(self.text.finish(), "stop")
+        delta, stopped = self.text.push(token)
+        if stopped:
+            return self._finish(delta, "stop")
+        if len(self.tokens) >= self.request.max_tokens:
+            return self._finish(delta + self.text.finish(), "length")
+        if delta:
+            self.emit(Event(text=delta, completion_tokens=len(self.tokens)))
+        return False
+
+    def fail(self, message: str) -> None:
+        self.emit(Event(error=message, completion_tokens=len(self.tokens)))
+
+    def _finish(self, text: str, reason: str) -> bool:
+        self.emit(Event(text=text, finish_reason=reason, completion_tokens=len(self.tokens)))
+        return True
+
+
+@dataclass
+class _Op:
+    """A change to the model run by the worker between steps; waits while a job still uses `busy_name`."""
+
+    run: Callable[[], Any]
+    future: Future
+    busy_name: str | None = None
+
+
+class Engine:
+    """Owns `model` (a LoraModel) on its worker thread; other threads only submit jobs and operations."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_concurrent: int = 16, max_queue: int = 64) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.eos = _eos_ids(model, tokenizer)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._ops: list[_Op] = []
+        self._batch = DecodeBatch()
+        self._stopping = False
+        self._counts = {"finished": 0, "cancelled": 0}
+        self._thread = threading.Thread(target=self._run, name="lorakit-serve-engine", daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops taking jobs, lets the running ones finish (up to `timeout` s), fails the rest, joins the worker."""
+        with self._cond:
+            self._stopping = True
+            for job in self._waiting:
+                job.fail("the server is shutting down")
+            self._waiting.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        for job in list(self._batch.rows):
+            job.cancel()
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
+        """Queues a job; APIError 429 past max_concurrent running + max_queue waiting, 503 while shutting down."""
+        job = Job(request, emit, self.tokenizer, self.eos)
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="service_unavailable")
+            if len(self._batch) + len(self._waiting) >= self.max_concurrent + self.max_queue:
+                raise over_capacity(len(self._batch), len(self._waiting))
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def between_steps(self, run: Callable[[], Any], busy_name: str | None = None) -> Future:
+        """Runs `run` on the worker between two decode steps (after no job uses `busy_name`); its Future."""
+        op = _Op(run, Future(), busy_name)
+        with self._cond:
+            if not self._thread.is_alive():  # no worker (before start or after stop): nothing decodes, run now
+                _complete(op)
+                return op.future
+            self._ops.append(op)
+            self._cond.notify_all()
+        return op.future
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._batch), "waiting": len(self._waiting), **self._counts}
+
+    # -- the worker ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._wait_for_work():
+                try:
+                    self._apply_ops()
+                    self._drop_cancelled()
+                    self._admit()
+                    if len(self._batch):
+                        self._decode_step()
+                except Exception:  # a bug must not kill the worker: fail the rows, log, go on
+                    traceback.print_exc(file=sys.stderr)
+                    for job in self._batch.rows:
+                        job.fail("internal error while generating; see the server log")
+                    self._batch.remove([])
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not (self._waiting or len(self._batch) or self._ops or self._stopping):
+                self._cond.wait()
+            return not (self._stopping and not len(self._batch) and not self._ops)
+
+    def _apply_ops(self) -> None:
+        with self._cond:
+            busy = {job.request.adapter for job in (*self._batch.rows, *self._waiting)}
+            ready = [op for op in self._ops if op.busy_name not in busy]
+            self._ops = [op for op in self._ops if op.busy_name in busy]
+        for op in ready:
+            _complete(op)
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, job in enumerate(self._batch.rows) if not job.cancelled.is_set()]
+        if len(keep) < len(self._batch):
+            self._counts["cancelled"] += len(self._batch) - len(keep)
+            self._batch.remove(keep)
+
+    def _admit(self) -> None:
+        """Prefills waiting jobs into free rows, each alone, so its prompt is computed as `generate` would."""
+        while len(self._batch) < self.max_concurrent:
+            with self._cond:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self._counts["cancelled"] += 1
+                continue
+            cache = DynamicCache()
+            ids = torch.tensor([job.request.prompt_ids])
+            try:
+                logits = forward_rows(self.model, [job.request.adapter], input_ids=ids, cache=cache, use_cache=True)
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+                job.fail("internal error while reading the prompt; see the server log")
+                continue
+            if job.accept(logits[0]):
+                self._counts["finished"] += 1
+            else:
+                self._batch.add(job, cache)
+
+    def _decode_step(self) -> None:
+        jobs = self._batch.rows
+        inputs = self._batch.step_inputs([job.tokens[-1] for job in jobs])
+        logits = forward_rows(self.model, [job.request.adapter for job in jobs], **inputs)
+        keep = [i for i, job in enumerate(jobs) if not job.accept(logits[i])]
+        if len(keep) < len(jobs):
+            self._counts["finished"] += len(jobs) - len(keep)
+            self._batch.remove(keep)
+
+
+def _complete(op: _Op) -> None:
+    try:
+        op.future.set_result(op.run())
+    except Exception as err:
+        op.future.set_exception(err)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a generation: the model's generation config first (what `generate` stops on)."""
+    config = getattr(model, "generation_config", None) or getattr(
+        getattr(model, "model", None), "generation_config", None
+    )
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())

@@ -1,0 +1,30 @@
+"""The next token from one row's logits: greedy at temperature 0, else sampled with the request's own seed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def generator_for(seed: int | None) -> torch.Generator:
+    """A per-request random stream, so a seeded request samples the same tokens whatever it is batched with."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """argmax at temperature 0 (what `generate(do_sample=False)` picks); else nucleus sampling at `temperature`."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,230 @@
+"""`lorakit serve` as a client sees it: a real server process, spoken to with the `openai` package."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import ADAPTERS, API_KEY, Reference, Server
+from tests.serve.tiny import write_tiny
+
+PROMPTS = ["hello, how are you?", "what is the capital of france?"]
+MAX_TOKENS = 12
+TREE = ["legal", "contracts"]  # contracts is served as base + legal + contracts
+
+
+def client(server: Server, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def chat(c: openai.OpenAI, model: str, prompt: str, **kw) -> openai.types.chat.ChatCompletion:
+    messages = [{"role": "user", "content": prompt}]
+    return c.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, **kw)
+
+
+def adapter_of(model: str) -> str | None:
+    return None if model == "model" else model
+
+
+def test_models_lists_each_adapter_with_its_parent(servers: dict[str, Server]) -> None:
+    cards = {m.id: m for m in client(servers["main"]).models.list().data}
+    assert set(cards) == {"model", *ADAPTERS, *TREE}
+    assert all(cards[a].parent == "model" for a in [*ADAPTERS, "legal"]) and cards["model"].parent is None
+    assert cards["contracts"].parent == "legal"
+
+
+def test_a_parent_with_children_is_not_unloaded(servers: dict[str, Server]) -> None:
+    r = httpx.post(f"{servers['main'].url}/v1/unload_lora_adapter", json={"lora_name": "legal"})
+    assert r.status_code == 400 and "contracts" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["model", *ADAPTERS, *TREE])
+def test_greedy_chat_equals_the_library_generate(servers: dict[str, Server], reference: Reference, model: str) -> None:
+    reply = chat(client(servers["main"]), model, PROMPTS[0])
+    ids = reference.chat_ids(PROMPTS[0])
+    text, n = reference.greedy(adapter_of(model), ids, MAX_TOKENS)
+    assert reply.choices[0].message.content == text
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), n)
+    assert reply.choices[0].finish_reason == ("length" if n == MAX_TOKENS else "stop")
+
+
+def test_adapters_answer_differently(servers: dict[str, Server]) -> None:
+    texts = {m: chat(client(servers["main"]), m, PROMPTS[1]).choices[0].message.content for m in ["model", *ADAPTERS]}
+    assert len(set(texts.values())) == len(texts)
+
+
+def test_completions_equal_generate(servers: dict[str, Server], reference: Reference) -> None:
+    c = client(servers["main"])
+    reply = c.completions.create(model="a2", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0)
+    ids = reference.tokenizer(PROMPTS[1])["input_ids"]
+    assert reply.choices[0].text == reference.greedy("a2", ids, MAX_TOKENS)[0]
+
+
+def test_streaming_gives_the_non_streaming_text(servers: dict[str, Server]) -> None:
+    c = client(servers["main"])
+    whole = chat(c, "a3", PROMPTS[1]).choices[0]
+    chunks = list(chat(c, "a3", PROMPTS[1], stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+    done = c.completions.create(model="a3", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    streamed = c.completions.create(model="a3", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == done.choices[0].text
+
+
+def test_16_concurrent_requests_over_4_adapters_and_the_base(servers: dict[str, Server], reference: Reference) -> None:
+    c = client(servers["main"])
+    jobs = [(["model", *ADAPTERS][i % 5], PROMPTS[i % 2]) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda job: chat(c, *job).choices[0].message.content, jobs))
+    for (model, prompt), got in zip(jobs, replies, strict=True):
+        assert got == reference.greedy(adapter_of(model), reference.chat_ids(prompt), MAX_TOKENS)[0], model
+
+
+def test_stop_sequence_ends_the_text_before_it(servers: dict[str, Server]) -> None:
+    c = client(servers["main"])
+    full = chat(c, "a1", PROMPTS[0]).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    reply = chat(c, "a1", PROMPTS[0], stop=[stop]).choices[0]
+    assert reply.message.content == full[: full.index(stop)] and reply.finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_repeats(servers: dict[str, Server]) -> None:
+    c = client(servers["main"])
+    kw = {"max_tokens": MAX_TOKENS, "temperature": 1.0}
+    runs = [c.completions.create(model="a4", prompt=PROMPTS[0], seed=s, **kw).choices[0].text for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
+    c, url = client(servers["main"]), servers["main"].url
+    root = servers_root(servers)
+    shutil.copytree(root / "a1", root / "late")  # a new folder in the root, after start-up
+    try:
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "late"})
+        assert r.status_code == 200, r.text
+        assert "late" in {m.id for m in c.models.list().data}
+        expected = reference.greedy("a1", reference.chat_ids(PROMPTS[0]), MAX_TOKENS)[0]
+        assert chat(c, "late", PROMPTS[0]).choices[0].message.content == expected
+        again = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "late"})
+        assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            chat(c, "late", PROMPTS[0])
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 404
+    finally:
+        shutil.rmtree(root / "late")
+
+
+def servers_root(servers: dict[str, Server]):
+    cards = httpx.get(f"{servers['main'].url}/v1/models").json()["data"]
+    from pathlib import Path
+
+    return Path(next(card["root"] for card in cards if card["id"] == "a1")).parent
+
+
+def test_paths_outside_the_roots_are_refused(servers: dict[str, Server], tmp_path) -> None:
+    url, root = servers["main"].url, servers_root(servers)
+    _, outside = write_tiny(tmp_path, ["evil"])
+    (root / "link").symlink_to(outside / "evil")
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(root / "a1" / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    try:
+        for path in ["../adapters/a1", str(outside / "evil"), "link", "/etc", "pickled", "missing"]:
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+            assert r.status_code == 400, (path, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert "x" not in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    finally:
+        (root / "link").unlink()
+        shutil.rmtree(pickled)
+
+
+BAD = [
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "a1", "messages": []}, 400, "messages"),
+    ({"model": "a1", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi " * 5000}]}, 400, "messages"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD)
+def test_bad_requests_get_openai_errors(servers: dict[str, Server], body: dict, status: int, param: str) -> None:
+    r = httpx.post(f"{servers['main'].url}/v1/chat/completions", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and "Traceback" not in r.text
+
+
+def test_malformed_json_and_unknown_routes(servers: dict[str, Server]) -> None:
+    url = servers["main"].url
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{url}/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_an_aborted_stream_frees_its_row(servers: dict[str, Server]) -> None:
+    url = servers["main"].url
+    cancelled = httpx.get(f"{url}/health").json()["cancelled"]
+    body = {"model": "a1", "prompt": "hello", "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert httpx.get(f"{url}/health").json()["running"] == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/health").json()
+        if health["running"] == 0 and health["waiting"] == 0 and health["cancelled"] == cancelled + 1:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the aborted stream still holds a row: {health}")
+
+
+def test_api_key_is_required(servers: dict[str, Server]) -> None:
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(servers["limited"], "wrong").models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    assert len(client(servers["limited"], API_KEY).models.list().data) == 7
+    assert httpx.get(f"{servers['limited'].url}/health").status_code == 200  # probes need no key
+
+
+def test_past_the_limits_requests_get_429(servers: dict[str, Server]) -> None:
+    url, headers = servers["limited"].url, {"authorization": f"Bearer {API_KEY}"}
+    body = {"model": "a1", "prompt": "hello", "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as running:
+        lines = running.iter_lines()  # held: a dropped iterator closes the connection, which cancels the request
+        next(lines)
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as waiting:
+            assert waiting.status_code == 200 and httpx.get(f"{url}/health").json()["waiting"] == 1
+            over = httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, headers=headers)
+            assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_sigterm_lets_a_running_stream_finish(servers: dict[str, Server]) -> None:
+    server = servers["limited"]
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    body = {"model": "a2", "prompt": "hello", "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as r:
+        lines = r.iter_lines()
+        next(lines)
+        server.process.send_signal(15)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
+    assert server.stop() in (0, -15)  # uvicorn re-raises the SIGTERM it handled once it has shut down
+    assert "Traceback" not in server.log.read_text()
