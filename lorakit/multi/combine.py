@@ -82,7 +82,7 @@ def add_weighted_adapter(
     plans = _layer_plans(model, adapters, config, combination_type)
     combination = Combination(
         combination_type, tuple(weights), rank, density, majority_sign_method, svd_clamp, svd_full_matrices,
-        svd_driver, _generator(model, seed),
+        svd_driver, _generator(plans, seed),
     )  # fmt: skip
     model.add_adapter(adapter_name, config)
     try:
@@ -226,11 +226,12 @@ def _layer_plans(
     return plans
 
 
-def _generator(model: LoraModel, seed: int | None) -> torch.Generator | None:
+def _generator(plans: list[tuple[LoraLayer, list[tuple[int, str]]]], seed: int | None) -> torch.Generator | None:
+    """A generator on the adapters' device (dare's masks are drawn there), seeded; None: torch's global one."""
     if seed is None:
         return None
-    device = next((p.device for p in model.model.parameters()), torch.device("cpu"))
-    return torch.Generator(device=device).manual_seed(seed)
+    layer, present = plans[0]
+    return torch.Generator(device=layer.adapters[present[0][1]].lora_A.device).manual_seed(seed)
 
 
 # -- the arithmetic, one layer at a time -----------------------------------------------------------
