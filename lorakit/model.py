@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit import io, merge
+from lorakit import after_step, io, merge
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
@@ -61,6 +61,7 @@ class LoraModel(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._show_base_signature()
+        self._register_after_step()  # a copy's Delta-LoRA factors update the copy's weights
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         return self.__dict__["forward"](*args, adapter_names=adapter_names, **kwargs)
@@ -137,6 +138,7 @@ class LoraModel(nn.Module):
             raise
         self.peft_config[name] = config
         self._attach_state()
+        self._register_after_step()
         if not self.state.active:
             self.state.activate([name])
         self._set_trainable()
@@ -278,16 +280,30 @@ class LoraModel(nn.Module):
             target = Path(directory) if name == "default" else Path(directory) / name
             initial = path_initial_model_for_weight_conversion
             io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial, write=is_main_process)
+        if any(self.state.parents.values()) and is_main_process:
+            self._save_tree_manifest(Path(directory), selected_adapters or list(self.peft_config))
 
-    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Adds the adapter saved in `directory` under `adapter_name`; nothing changes if it does not fit."""
+    def _save_tree_manifest(self, directory: Path, names: list[str]) -> None:
+        """lorakit_tree.json next to the node folders: who is whose parent (each folder holds its own delta)."""
+        from lorakit.multi import tree  # multi builds on this module, so it is imported when used
+
+        missing = sorted({p for n in names for p in self.state.path(n)} - set(names))
+        if missing:
+            raise LorakitError(f"saving tree nodes {names} needs their ancestors {missing} too; select them as well")
+        tree.write_manifest(directory, {n: self.state.parents[n] for n in names})
+
+    def load_adapter(
+        self, directory: str | Path, adapter_name: str, is_trainable: bool = False, parent: str | None = None
+    ) -> None:
+        """Adds the adapter saved in `directory` under `adapter_name` (a tree node below `parent`, if given);
+        nothing changes if it does not fit. A whole saved tree: lorakit.multi.tree.load_tree."""
         check_adapter_name(adapter_name)  # before reading files, so a bad name costs nothing
         if self.adapter_cache is not None:
             config, weights = self.adapter_cache.read(directory)
         else:
             config, weights = io.read_config(directory), io.read_weights(directory)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, parent=parent)
         try:
             io.load_weights(self.model, adapter_name, self.peft_config[adapter_name], weights)
         except Exception:
@@ -329,6 +345,11 @@ class LoraModel(nn.Module):
     def _adapter_hosts(self) -> Iterator[LoraLayer | SavedModule]:
         yield from (layer for _, layer in lora_layers(self.model))
         yield from (saved for _, saved in saved_modules(self.model))
+
+    def _register_after_step(self) -> None:
+        """A variant that acts after each optimizer step (Delta-LoRA) gets it from any optimizer over this model."""
+        if any(a.variant.changes_base_weight for _, layer in lora_layers(self.model) for a in layer.adapters.values()):
+            after_step.register(self)
 
     def _attach_state(self) -> None:
         """Every layer and saved module reads this model's state (a newly wrapped one came with its own)."""

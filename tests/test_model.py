@@ -216,3 +216,80 @@ def test_half_precision_adds_fp32_terms_and_rounds_once_like_peft(tmp_path, laye
     x = torch.randn(*shape).to(dtype)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+def test_inside_disable_adapter_nothing_trains_and_flags_come_back():
+    model = get_lora_model(conv_mlp(), LoraConfig(target_modules=["lin1"], modules_to_save=["head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    with model.disable_adapter():
+        assert not any(p.requires_grad for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_disabling_adapters_that_trained_biases_warns_as_peft_does():
+    model = get_lora_model(conv_mlp(), LoraConfig(target_modules=["lin1"], bias="lora_only"))
+    with pytest.warns(UserWarning, match="bias configured to be 'lora_only'"), model.disable_adapter():
+        pass
+
+
+def test_a_second_adapter_with_bias_is_refused():
+    model = get_lora_model(conv_mlp(), LoraConfig(target_modules=["lin1"], bias="all"))
+    with pytest.raises(LorakitError, match="already trains the biases"):
+        model.add_adapter("b", LoraConfig(target_modules=["lin2"], bias="all"))
+    assert list(model.peft_config) == ["default"]
+    assert not any(".b." in n for n, _ in model.named_parameters())
+
+
+def test_two_active_adapters_with_copies_of_one_module_are_refused():
+    model = get_lora_model(conv_mlp(), LoraConfig(target_modules=["lin1"], modules_to_save=["head"]))
+    model.add_adapter("b", LoraConfig(target_modules=["lin2"], modules_to_save=["head"]))
+    with pytest.raises(LorakitError, match=r"adapters \['default', 'b'\] each train their own copy"):
+        model.set_adapter(["default", "b"])
+    assert model.active_adapters == ["default"]
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [({"target_modules": ["lin1"]}, {"target_modules": ["lin2"], "modules_to_save": ["lin1"]}),
+     ({"target_modules": ["lin1"], "modules_to_save": ["head"]}, {"target_modules": ["head"]})],
+    ids=["saved-over-lora", "lora-over-saved"],
+)  # fmt: skip
+def test_a_module_is_either_trained_in_full_or_wrapped_with_lora(first, second):
+    model = get_lora_model(conv_mlp(), LoraConfig(**first))
+    structure = [type(m) for m in model.modules()]
+    with pytest.raises(LorakitError, match="a module cannot be both"):
+        model.add_adapter("b", LoraConfig(**second))
+    assert [type(m) for m in model.modules()] == structure and list(model.peft_config) == ["default"]
+
+
+def test_delta_lora_moves_the_weight_under_any_optimizer_the_user_builds():
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["lin1"], variant="delta_lora", init_lora_weights=False)
+    model = get_lora_model(conv_mlp(), config)
+    other = get_lora_model(conv_mlp(), config)  # its optimizer must not touch `model`
+    layer = model.model.lin1
+    adapter = layer.adapters["default"]
+    w0, delta0 = layer.weight.detach().clone(), adapter.delta_weight().detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    output(model(ids=positional(ids_input(20))()["ids"])).pow(2).mean().backward()
+    optimizer.step()
+    torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.1).step()
+    change = adapter.delta_weight().detach() - delta0
+    assert change.abs().max() > 0
+    torch.testing.assert_close(layer.weight.detach(), w0 + change, atol=1e-6, rtol=0)
+
+
+def test_delta_lora_through_lorakit_optim_updates_once():
+    from lorakit.optim import create_optimizer
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["lin1"], variant="delta_lora", init_lora_weights=False)
+    model = get_lora_model(conv_mlp(), config)
+    layer, adapter = model.model.lin1, model.model.lin1.adapters["default"]
+    w0, delta0 = layer.weight.detach().clone(), adapter.delta_weight().detach().clone()
+    optimizer = create_optimizer(model, torch.optim.SGD, lr=0.1)
+    output(model(ids=positional(ids_input(20))()["ids"])).pow(2).mean().backward()
+    optimizer.step()
+    change = adapter.delta_weight().detach() - delta0
+    torch.testing.assert_close(layer.weight.detach(), w0 + change, atol=1e-6, rtol=0)
