@@ -29,6 +29,7 @@ from lorakit.errors import AdapterFileError
 IN_PROGRESS = ".lorakit-save-in-progress"  # present only while a one-by-one replacement runs
 _STAGE, _ASIDE, _TMP = "lorakit-new-", "lorakit-old-", "lorakit-tmp-"
 _RENAME_EXCHANGE = 2
+_MAX_CARRIED = 10_000  # entries beyond the adapter's own files; more and the files are replaced in place
 _NO_SWAP = {errno.EXDEV, errno.EBUSY, errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM}
 
 try:
@@ -43,26 +44,40 @@ def replace_folder(target: str | Path, files: dict[str, bytes], owned: set[str])
     target = _checked_target(Path(target))
     with _os_errors(target), _locked(target.parent):
         clean_leftovers(target, owned)
-        try:
-            stage = _stage_folder(target)
-        except PermissionError:  # parent not writable: replace inside the target, guarded by the marker
-            if not target.is_dir():
-                raise
+        if not (_linkable(target) and _swap_in(target, files, owned)):
             _replace_in_place(target, files, owned)
-            return
-        try:
-            if target.is_dir():
-                _carry(target, stage, skip=owned | set(files))
-            _write_files(stage, files)
-            if not _swap(stage, target):
-                shutil.rmtree(stage)
-                _replace_in_place(target, files, owned)
-                return
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        shutil.rmtree(stage, ignore_errors=True)  # now holds the old folder
         _fsync_dir(target.parent)
+
+
+def _swap_in(target: Path, files: dict[str, bytes], owned: set[str]) -> bool:
+    """Stages the new folder beside the target and swaps it in; False (nothing changed) where that cannot work."""
+    try:
+        stage = _stage_folder(target)
+    except PermissionError:  # the parent is not writable: the caller replaces the files inside the target
+        if not target.is_dir():
+            raise
+        return False
+    try:
+        if target.is_dir():
+            _carry(target, stage, skip=owned | set(files))
+        _write_files(stage, files)
+        return _swap(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # after a swap, the old folder
+
+
+def _linkable(target: Path) -> bool:
+    """Whether the target's other entries can be carried by hard links: one filesystem (a mounted subfolder would
+    be copied) and a folder of adapter size, not a project tree (save_pretrained(".") in a repository)."""
+    if not target.is_dir():
+        return True
+    device, count = target.stat().st_dev, 0
+    for root, dirs, names in os.walk(target):
+        for name in dirs + names:
+            count += 1
+            if count > _MAX_CARRIED or os.lstat(os.path.join(root, name)).st_dev != device:
+                return False
+    return True
 
 
 def check_complete(folder: Path) -> None:
@@ -160,7 +175,7 @@ def _carry(source: Path, dest: Path, skip: set[str]) -> None:
             continue
         try:
             os.link(src, dst, follow_symlinks=False)
-        except OSError:
+        except (OSError, NotImplementedError):  # a filesystem without hard links; Windows for symlinks
             shutil.copy2(src, dst, follow_symlinks=False)
 
 
@@ -193,7 +208,11 @@ def _swap(stage: Path, target: Path) -> bool:
             if err.errno in _NO_SWAP:
                 return False
             raise
-        os.rename(stage, target)  # a kill between the two renames: clean_leftovers puts the aside folder back
+        try:
+            os.rename(stage, target)  # a kill between the two renames: clean_leftovers puts the aside folder back
+        except BaseException:
+            os.rename(aside, target)
+            raise
         os.rename(aside, stage)
     if cwd_inside is not None:  # the process's working folder was replaced: move it to the new one
         os.chdir(target / cwd_inside if (target / cwd_inside).is_dir() else target)

@@ -199,3 +199,24 @@ def test_folders_with_variant_in_adapter_config_still_load(tmp_path):
     back = LoraModel.from_pretrained(mlp(), tmp_path)
     assert back.peft_config["default"].variant == "delta_lora"
     assert "base_model.model.lin0.base_layer.weight" in load_file(tmp_path / WEIGHTS_NAME)
+
+
+def test_a_folder_too_big_to_carry_is_replaced_in_place(tmp_path, monkeypatch):
+    """save_pretrained(".") in a project tree: its files are not linked one by one into a new folder."""
+    target = tmp_path / "project"
+    _model(alpha=4).save_pretrained(target)
+    for i in range(3):
+        (target / f"source_{i}.py").write_text("x")
+    inode = target.stat().st_ino
+    monkeypatch.setattr(atomic, "_MAX_CARRIED", 2)
+    _model(alpha=16).save_pretrained(target)
+    assert target.stat().st_ino == inode and _alpha(target) == 16  # the same folder, new files
+    assert sorted(p.name for p in target.iterdir())[:2] == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_a_swap_gives_a_new_folder(tmp_path):
+    target = tmp_path / "out"
+    _model(alpha=4).save_pretrained(target)
+    inode = target.stat().st_ino
+    _model(alpha=16).save_pretrained(target)
+    assert target.stat().st_ino != inode and _alpha(target) == 16
