@@ -106,6 +106,19 @@ def test_cat_is_the_exact_weighted_sum_of_deltas(tmp_path):
     assert ours.peft_config["mix"].r == 10 and ours.peft_config["mix"].lora_alpha == 10
 
 
+def test_rslora_adapters_combine_to_the_exact_sum(tmp_path):
+    """The new adapter has scale 1 whatever the sources' scaling; PEFT keeps use_rslora, so its cat is sqrt(r) off."""
+    rslora = {name: {**config, "use_rslora": True} for name, config in LLAMA.items()}
+    ours, theirs = _pair(tiny_llama, rslora, tmp_path)
+    for m in (ours, theirs):
+        m.add_weighted_adapter(["fr", "de"], [1.0, 1.0], "mix", combination_type="cat")
+    fr, de, mix = (_our_deltas(ours, n) for n in ("fr", "de", "mix"))
+    peft_mix = _their_deltas(theirs, "mix")
+    for path, delta in mix.items():
+        torch.testing.assert_close(delta, fr.get(path, 0.0) + de.get(path, 0.0), atol=ATOL, rtol=0)
+        torch.testing.assert_close(peft_mix[path], delta * 8**0.5, atol=1e-4, rtol=1e-4)  # r = 4 + 4
+
+
 def test_svd_of_different_ranks_and_svd_rank_match_peft(tmp_path):
     configs = {"fr": LLAMA["fr"], "de": {**LLAMA["de"], "r": 6}}
     ours, theirs = _pair(tiny_llama, configs, tmp_path)
