@@ -1,4 +1,8 @@
-"""Adapter: one named LoRA on one weight: factors A and B, scale, dropout and variant strategy."""
+"""Adapter: one named LoRA on one weight: factors A and B, scale, dropout and variant strategy.
+
+The variant says which factors exist and which of them train (`variant.factors`); whatever else it needs
+(DoRA's magnitude, VeRA's vectors) it keeps in its own module, `adapter.variant_state`.
+"""
 
 from __future__ import annotations
 
@@ -25,19 +29,28 @@ class Adapter(nn.Module):
         variant: Variant,
         init: bool | str = True,
         dtype: torch.dtype | None = None,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         self.kind, self.variant = kind, variant
         self.r, self.alpha, self.scale = r, alpha, scale
         a_shape, b_shape = kind.factor_shapes(weight, r)
         factory = {"device": weight.device, "dtype": dtype or _adapter_dtype(weight.dtype)}
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
-        with torch.no_grad():  # nn.Linear's default init, so init=False gives a random, non-identity adapter
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        for name, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
+            if name in variant.factors:  # nn.Linear's default init, so init=False gives a non-identity adapter
+                factor = nn.init.kaiming_uniform_(torch.empty(shape, **factory), a=math.sqrt(5))
+                self._register_factor(name, factor, trains=variant.factors[name])
+        # PEFT's lora_bias: lora_B is a layer with a bias, trained with the factors and scaled with them
+        self.register_parameter("lora_B_bias", nn.Parameter(_layer_bias(b_shape, factory)) if lora_bias else None)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.takes_dropout else nn.Identity()
-        variant.init_weights(self, weight, init)
+        self.variant_state = variant.init_weights(self, weight, init, factory)
+
+    def _register_factor(self, name: str, factor: Tensor, trains: bool) -> None:
+        """A factor that never trains (LoRA-FA's A) is a buffer: no gradient, no optimizer state, still saved."""
+        if trains:
+            self.register_parameter(name, nn.Parameter(factor))
+        else:
+            self.register_buffer(name, factor)
 
     def contribution(self, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         """What this adapter adds to module(x) (= base_out, when the caller has it), in the adapter's dtype."""
@@ -47,12 +60,16 @@ class Adapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the adapter computes in: its first own parameter's (lora_A, or VeRA's vectors)."""
-        return next(iter(self._parameters.values())).dtype
+        """The dtype the adapter computes in (its tensors' dtype, which model.to() may change)."""
+        return self.variant.dtype(self)
 
     def delta_weight(self) -> Tensor:
         """ΔW in the layout of the adapted weight."""
         return self.variant.delta_weight(self)
+
+    def bias_delta(self) -> Tensor | None:
+        """What merging adds to the base bias: s * lora_B's bias (lora_bias), else None."""
+        return None if self.lora_B_bias is None else self.scale * self.lora_B_bias
 
     def weight_scale(self, weight: Tensor) -> Tensor | float:
         """The factor merging applies to the rows of `weight` (1 for plain LoRA; DoRA's magnitude / norm)."""
@@ -60,6 +77,12 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.variant.name}, r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
+
+
+def _layer_bias(b_shape: tuple[int, ...], factory: dict) -> Tensor:
+    # nn.Linear's / nn.ConvNd's default bias init over B's fan-in, as PEFT's lora_B layer has it with init=False
+    bound = 1 / math.sqrt(math.prod(b_shape[1:]))
+    return torch.empty(b_shape[0], **factory).uniform_(-bound, bound)
 
 
 def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

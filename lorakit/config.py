@@ -44,7 +44,6 @@ PEFT_UNSUPPORTED = {
     "monteclora_config": f"MonteCLoRA samples the factors, which lorakit does not; {_MERGE_IN_PEFT}",
     "velora_config": f"VeLoRA's extra buffers (lora_velora_embed) are not implemented in lorakit; {_MERGE_IN_PEFT}",
     "ensure_weight_tying": f"lorakit keeps the adapters of tied layers apart; {_MERGE_IN_PEFT}",
-    "lora_bias": f"a trained bias on lora_B is not supported yet; {_MERGE_IN_PEFT}",
     "trainable_token_indices": f"trainable token rows are not supported yet; {_MERGE_IN_PEFT}",
 }
 # init_lora_weights values of PEFT that lorakit cannot compute. At load, those that leave the base weight alone
@@ -85,6 +84,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
     variant: str = "lora"
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -117,7 +117,6 @@ class LoraConfig:
         """The adapter_config.json content; readable by PEFT's LoraConfig."""
         out = dataclasses.asdict(self)
         out["peft_type"] = self.peft_type
-        out["lora_bias"] = False
         if self.variant == "lora":
             del out["variant"]  # plain LoRA files stay byte-for-byte PEFT's; PEFT ignores the field otherwise
         for key in ("target_modules", "exclude_modules"):
@@ -231,6 +230,15 @@ def _check_variant(config: LoraConfig) -> None:
             "use_dora=True does not work with target_parameters (as in PEFT): DoRA needs a layer's output, "
             "target_parameters adapts a raw weight; target the module with target_modules instead"
         )
+    if config.lora_bias and (config.use_dora or config.variant != "lora" or config.target_parameters):
+        raise ConfigError(
+            "lora_bias=True works with plain LoRA on target_modules only (as in PEFT): not with use_dora, "
+            "another variant or target_parameters"
+        )
+    if config.lora_bias and config.init_lora_weights not in (True, False):
+        raise ConfigError(
+            f"lora_bias=True needs init_lora_weights True or False (as in PEFT), got {config.init_lora_weights!r}"
+        )
     if config.variant == "delta_lora" and config.target_parameters:
         raise ConfigError(
             "variant='delta_lora' updates a layer's weight in place; use target_modules, not target_parameters"
@@ -260,6 +268,7 @@ _FIELD_CHECKS: dict[str, checks.Check] = {
     "alpha_pattern": checks.pattern_dict(checks.finite_number),
     "use_rslora": checks.boolean,
     "use_dora": checks.boolean,
+    "lora_bias": checks.boolean,
     "variant": checks.text,  # _check_variant names the choices
     "layers_to_transform": checks.layer_indices,
     "layers_pattern": checks.optional(checks.text_or_text_list),

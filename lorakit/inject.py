@@ -40,6 +40,8 @@ def inject_adapter(
         config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     for path, kind in targets:
         kind.check_rank(path, config.rank_and_alpha(path)[0])
+        if config.lora_bias and kind.is_embedding:
+            raise TargetError(f"lora_bias=True does not work on embeddings (as in PEFT); exclude {path}")
     if any(kind.fan_in_fan_out for _, kind in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
     variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
@@ -57,6 +59,7 @@ def inject_adapter(
                 variant,
                 init=config.init_lora_weights,
                 dtype=adapter_dtype,
+                lora_bias=config.lora_bias,
             )
         except (RuntimeError, MemoryError) as err:  # r so large that the factors cannot be allocated
             remove_adapter(model, name)

@@ -27,7 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
 _PREFIX = "base_model.model."
 _FACTOR_KEYS = {  # kind.is_embedding -> adapter attribute -> PEFT's name
-    False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
 }
 _CONFIG_CLASSES = {"LORA": LoraConfig, "VERA": VeraConfig}
@@ -41,9 +41,10 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        # A and B under PEFT's names; a variant's own tensors (DoRA's lora_magnitude_vector, VeRA's
-        # vera_lambda_b/d) under their attribute names, which are PEFT's
+        # A and B under PEFT's names; a variant's own tensors (variant_state: DoRA's lora_magnitude_vector,
+        # VeRA's vera_lambda_b/d) under their attribute names, which are PEFT's
         for local, tensor in adapter.state_dict(keep_vars=True).items():
+            local = local.removeprefix("variant_state.")
             tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.is_embedding].get(local, local)}"] = tensor
         if adapter.variant.changes_base_weight:  # Delta-LoRA: the trained weight is part of the adapter
             tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.weight

@@ -68,7 +68,11 @@ class Kind:
     def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
         """module(x) less its bias: W x, from an output already computed."""
         bias = getattr(module, "bias", None)
-        return out if bias is None else out - bias
+        return out if bias is None else out - self.output_bias(module, bias)
+
+    def output_bias(self, module: nn.Module, bias: Tensor) -> Tensor:
+        """A per-output-feature bias (out,) laid out to broadcast against the layer's output."""
+        return bias
 
     def after_copy(self, module: nn.Module) -> None:
         """Called on the base module of a deep-copied layer; nothing to do unless the kind parametrizes it."""
@@ -140,9 +144,8 @@ class ConvKind(Kind):
         x, padding = _padded(module, x)
         return _conv_fn(weight)(x, weight, None, module.stride, padding, module.dilation)
 
-    def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
-        bias = module.bias
-        return out if bias is None else out - bias.reshape(-1, *(1 for _ in module.kernel_size))  # channel axis
+    def output_bias(self, module: nn.Module, bias: Tensor) -> Tensor:
+        return bias.reshape(-1, *(1 for _ in module.kernel_size))  # the channel axis
 
 
 def _conv_fn(weight: Tensor):

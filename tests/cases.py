@@ -213,6 +213,13 @@ CASES = [
         {"target_modules": ["out"], "target_parameters": ["attn.in_proj_weight"]},
     ),
     Case(
+        "convmlp-lora-bias",
+        conv_mlp,
+        positional(ids_input(20)),
+        {"target_modules": ["conv1", "conv2", "lin1", "lin2"], "lora_bias": True, "lora_alpha": 4},
+    ),
+    Case("gpt2-lora-bias", tiny_gpt2, ids_input(64), {"target_modules": ["c_attn", "c_fc"], "lora_bias": True}),
+    Case(
         "grouped-conv",
         grouped_conv_net,
         float_input(2, 4, 5, 5),

@@ -275,7 +275,6 @@ def test_a_default_peft_file_with_every_option_loads(tmp_path):
         ("monteclora_config", {"num_samples": 2}),
         ("velora_config", {"num_groups": 2}),
         ("ensure_weight_tying", True),
-        ("lora_bias", True),
         ("trainable_token_indices", [1, 2]),
         ("some_future_option", {"a": 1}),
     ],

@@ -23,17 +23,33 @@ from lorakit.variants.lora_fa import LoraFA
 from lorakit.variants.vera import Vera, VeraConfig
 
 Targets = list[tuple[str, Kind, nn.Module]]
+Builder = Callable[[Any, Targets], Variant]
 
-_REGISTRY: dict[str, Variant] = {"lora": Lora(), "dora": Dora(), "lora_fa": LoraFA(), "delta_lora": DeltaLora()}
-_CHECKS: dict[str, Callable[[Targets], None]] = {
-    "lora_fa": lora_fa.check_targets,
-    "delta_lora": delta_lora.check_targets,
+
+def _shared(variant: Variant, check: Callable[[Targets], None] = lambda _: None) -> Builder:
+    """A stateless strategy: one instance serves every adapter, after checking the targets."""
+
+    def build(config: Any, targets: Targets) -> Variant:
+        check(targets)
+        return variant
+
+    return build
+
+
+# The one registry: a config's variant name -> how to build its strategy for a set of targets.
+_REGISTRY: dict[str, Builder] = {
+    "lora": _shared(Lora()),
+    "dora": _shared(Dora()),
+    "lora_fa": _shared(LoraFA(), lora_fa.check_targets),
+    "delta_lora": _shared(DeltaLora(), delta_lora.check_targets),
+    "vera": Vera.for_targets,  # holds the pair shared by its targets, so one instance per adapter
 }
 
 
 def get_variant(name: str) -> Variant:
+    """The strategy of a variant that needs no config (all but VeRA), for building adapters by hand."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[name](None, [])
     except KeyError:
         raise ValueError(f"unknown LoRA variant {name!r}; known: {sorted(_REGISTRY)}") from None
 
@@ -41,13 +57,9 @@ def get_variant(name: str) -> Variant:
 def variant_for(config: Any, targets: Targets) -> Variant:
     """The strategy `config` asks for, checked against the targets before anything is changed."""
     _check_weight_init(config, targets)
-    if config.variant == "vera":
-        return Vera.for_targets(config, targets)
-    name = "dora" if config.use_dora else config.variant
-    _CHECKS.get(name, lambda _: None)(targets)
-    variant = get_variant(name)
+    variant = _REGISTRY["dora" if config.use_dora else config.variant](config, targets)
     if variant.needs_delta_weight:
-        _check_mergeable(name, targets)
+        _check_mergeable(variant.name, targets)
     return variant
 
 

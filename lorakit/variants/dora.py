@@ -23,21 +23,25 @@ class Dora:
     name = "dora"
     changes_base_weight = False
     needs_delta_weight = True  # the norm ||W + dW||
+    factors = Lora.factors
 
     def __init__(self) -> None:
         self._lora = Lora()  # A and B are LoRA's, initialised the same way
 
-    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
-        self._lora.init_weights(adapter, weight, mode)
-        norm = _column_norm(adapter, weight).to(adapter.lora_A.dtype)
-        adapter.lora_magnitude_vector = nn.Parameter(norm.reshape(_magnitude_shape(weight, norm)))
+    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str, factory: dict) -> DoraState:
+        """LoRA's factors, then m = ||W + dW|| so the adapter starts as the identity."""
+        self._lora.init_weights(adapter, weight, mode, factory)
+        norm = _column_norm(adapter, weight).to(factory["dtype"])
+        return DoraState(norm.reshape(_magnitude_shape(weight, norm)))
+
+    def dtype(self, adapter: Adapter) -> torch.dtype:
+        return adapter.lora_B.dtype
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         kind = adapter.kind
         weight = kind.weight_of(module)
-        ratio = adapter.lora_magnitude_vector / _column_norm(adapter, weight).reshape(
-            adapter.lora_magnitude_vector.shape
-        )
+        magnitude = adapter.variant_state.lora_magnitude_vector
+        ratio = magnitude / _column_norm(adapter, weight).reshape(magnitude.shape)
         dropping = adapter.training and isinstance(adapter.dropout, nn.Dropout)
         x = adapter.dropout(x)
         if base_out is not None and not dropping:
@@ -52,13 +56,21 @@ class Dora:
 
     def weight_scale(self, adapter: Adapter, weight: Tensor) -> Tensor:
         """m / ||W + dW|| laid out along W's output axis, so W' = scale * (W + dW)."""
-        ratio = adapter.lora_magnitude_vector.detach().flatten() / _column_norm(adapter, weight)
+        ratio = adapter.variant_state.lora_magnitude_vector.detach().flatten() / _column_norm(adapter, weight)
         if adapter.kind.transposed:
             return ratio.reshape(1, -1)
         return ratio.reshape(-1, *(1 for _ in weight.shape[1:]))
 
     def shared_tensors(self) -> dict[str, Tensor]:
         return {}
+
+
+class DoraState(nn.Module):
+    """DoRA's own tensor: the magnitude m per output feature (PEFT's lora_magnitude_vector)."""
+
+    def __init__(self, magnitude: Tensor) -> None:
+        super().__init__()
+        self.lora_magnitude_vector = nn.Parameter(magnitude)
 
 
 def _column_norm(adapter: Adapter, weight: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from lorakit import ops
@@ -21,15 +22,16 @@ class LoraFA:
     name = "lora_fa"
     changes_base_weight = False
     needs_delta_weight = False
+    factors = {"lora_A": False, "lora_B": True}  # A is a buffer: no gradient, no optimizer state, still saved
 
     def __init__(self) -> None:
         self._lora = Lora()
 
-    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
-        self._lora.init_weights(adapter, weight, mode)
-        frozen = adapter.lora_A.detach()
-        del adapter.lora_A  # a buffer, not a parameter: no gradient, no optimizer state, still in state_dict
-        adapter.register_buffer("lora_A", frozen)
+    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str, factory: dict) -> None:
+        return self._lora.init_weights(adapter, weight, mode, factory)
+
+    def dtype(self, adapter: Adapter) -> torch.dtype:
+        return adapter.lora_B.dtype
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         x = adapter.dropout(x)

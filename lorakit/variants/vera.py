@@ -52,6 +52,7 @@ class VeraConfig:
     peft_type = "VERA"
     variant = "vera"
     use_dora = False
+    lora_bias = False
     target_parameters = None
     init_lora_weights = True  # VeRA's own init_weights decides; the shared LoRA init path is not used
 
@@ -121,6 +122,7 @@ class Vera:
     name = "vera"
     changes_base_weight = False
     needs_delta_weight = False
+    factors: dict[str, bool] = {}  # no per-layer A, B: slices of the shared pair instead
 
     def __init__(self, shared_A: Tensor, shared_B: Tensor, d_initial: float, init_weights: bool) -> None:
         self.pair = SharedPair(shared_A, shared_B)
@@ -142,27 +144,29 @@ class Vera:
         shared_B = _kaiming_uniform((max_out, config.r), generator)
         return cls(shared_A, shared_B, config.d_initial, config.init_weights)
 
-    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str) -> None:
+    def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str, factory: dict) -> VeraState:
+        """This layer's d (r) and b (out), and its corner of the shared pair."""
         in_f, out_f = adapter.kind.in_out(weight)
-        dtype, device = adapter.lora_A.dtype, adapter.lora_A.device
-        del adapter.lora_A, adapter.lora_B  # slices of the shared pair instead: not trained, not saved per layer
-        adapter.vera_shared = self.pair.to(device)  # the same module in every layer, so .to() moves it once
-        adapter.vera_in, adapter.vera_out = in_f, out_f
-        adapter.vera_lambda_b = nn.Parameter(torch.ones(out_f, dtype=dtype, device=device))
-        adapter.vera_lambda_d = nn.Parameter(torch.randn(adapter.r, dtype=dtype, device=device))
+        state = VeraState(self.pair.to(factory["device"]), in_f, out_f, adapter.r, factory)
         if self.init_weights_:
             with torch.no_grad():
-                adapter.vera_lambda_d.fill_(self.d_initial)
-                adapter.vera_lambda_b.zero_()
+                state.vera_lambda_d.fill_(self.d_initial)
+                state.vera_lambda_b.zero_()
+        return state
+
+    def dtype(self, adapter: Adapter) -> torch.dtype:
+        return adapter.variant_state.vera_lambda_b.dtype
 
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
-        lora_A, lora_B = _slices(adapter)
-        hidden = adapter.vera_lambda_d * F.linear(adapter.dropout(x), lora_A.to(x.dtype))  # (..., r)
-        return adapter.vera_lambda_b * F.linear(hidden, lora_B.to(x.dtype))
+        state = adapter.variant_state
+        lora_A, lora_B = state.slices()
+        hidden = state.vera_lambda_d * F.linear(adapter.dropout(x), lora_A.to(x.dtype))  # (..., r)
+        return state.vera_lambda_b * F.linear(hidden, lora_B.to(x.dtype))
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
-        lora_A, lora_B = _slices(adapter)
-        delta = (adapter.vera_lambda_b[:, None] * lora_B) @ (adapter.vera_lambda_d[:, None] * lora_A)
+        state = adapter.variant_state
+        lora_A, lora_B = state.slices()
+        delta = (state.vera_lambda_b[:, None] * lora_B) @ (state.vera_lambda_d[:, None] * lora_A)
         return delta.T if adapter.kind.transposed else delta
 
     def weight_scale(self, adapter: Adapter, weight: Tensor) -> float:
@@ -182,9 +186,19 @@ class SharedPair(nn.Module):
         self.register_buffer("vera_B", shared_B, persistent=False)  # (max_out x r)
 
 
-def _slices(adapter: Adapter) -> tuple[Tensor, Tensor]:
-    """This layer's corner of the shared pair: A[:, :in], B[:out]."""
-    return adapter.vera_shared.vera_A[:, : adapter.vera_in], adapter.vera_shared.vera_B[: adapter.vera_out]
+class VeraState(nn.Module):
+    """One layer's VeRA tensors: the trained vectors d (r) and b (out), and the shared pair it slices."""
+
+    def __init__(self, pair: SharedPair, in_f: int, out_f: int, r: int, factory: dict) -> None:
+        super().__init__()
+        self.vera_shared = pair  # the same module in every layer, so .to() moves it once
+        self.vera_in, self.vera_out = in_f, out_f
+        self.vera_lambda_b = nn.Parameter(torch.ones(out_f, **factory))
+        self.vera_lambda_d = nn.Parameter(torch.randn(r, **factory))
+
+    def slices(self) -> tuple[Tensor, Tensor]:
+        """This layer's corner of the shared pair: A[:, :in], B[:out]."""
+        return self.vera_shared.vera_A[:, : self.vera_in], self.vera_shared.vera_B[: self.vera_out]
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -11,8 +11,8 @@ from lorakit.io import adapter_tensors
 from tests.cases import CASES, Case, output
 
 ATOL = 1e-5
-# PEFT has no DoRA for raw weights; DoRA's norm needs dW, which a grouped conv cannot form (no merge)
-DORA_CASES = [c for c in CASES if not c.config.get("target_parameters") and c.mergeable]
+# PEFT has no DoRA for raw weights or with lora_bias; DoRA's norm needs dW, which a grouped conv cannot form
+DORA_CASES = [c for c in CASES if not (c.config.get("target_parameters") or c.config.get("lora_bias")) and c.mergeable]
 RSLORA_CASES = [c for c in CASES if c.name in ("convmlp", "gpt2", "llama-layer1")]
 
 
@@ -91,9 +91,9 @@ def test_dora_merged_weight_is_magnitude_times_direction():
     )
     adapter = model.model[0].adapters["default"]
     with torch.no_grad():
-        adapter.lora_magnitude_vector.mul_(1.7)
+        adapter.variant_state.lora_magnitude_vector.mul_(1.7)
     combined = w0 + 1.5 * adapter.lora_B.detach() @ adapter.lora_A.detach()
-    expected = adapter.lora_magnitude_vector.detach()[:, None] * combined / combined.norm(dim=1, keepdim=True)
+    expected = adapter.variant_state.lora_magnitude_vector.detach()[:, None] * combined / combined.norm(dim=1, keepdim=True)
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged[0].weight.detach(), expected, atol=1e-12, rtol=0)
 
