@@ -32,6 +32,7 @@ from typer.core import TyperGroup
 from lorakit import LoraConfig, LorakitError, LoraModel, TargetError, models
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
 from lorakit.kinds import kind_of
+from lorakit.serve import vllm
 from lorakit.targets import default_targets, find_module_targets, logical_modules, modules_to_save
 
 
@@ -236,6 +237,7 @@ def adapter_info(adapter: AdapterArg) -> None:
         console.print(_config_table(config))
         console.print(_weights_summary(adapter, weights))
         console.print(_module_breakdown(config, weights))
+        console.print(vllm.describe(vllm.vllm_servability(config, weights)), soft_wrap=True)
     if subadapters:
         _print_subadapters(console, subadapters)
 

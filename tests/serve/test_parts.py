@@ -1,0 +1,77 @@
+"""The server's parts alone: text deltas and stop strings, adapter roots, the padded decode batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from lorakit.serve.batch import DecodeBatch
+from lorakit.serve.errors import ServeError
+from lorakit.serve.roots import AdapterRoots
+from lorakit.serve.text import TextStream
+from tests.serve.tiny import build_model, build_tokenizer, write_tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def stream_all(tokenizer, text: str, stop: list[str]) -> tuple[list[str], bool]:
+    stream, deltas = TextStream(tokenizer, stop), []
+    for token in tokenizer(text)["input_ids"]:
+        delta, stopped = stream.push(token)
+        deltas.append(delta)
+        if stopped:
+            return deltas, True
+    return [*deltas, stream.finish()], False
+
+
+def test_deltas_add_up_to_the_decoded_text(tokenizer) -> None:
+    text = "héllo wörld, 東京 ✓ paris"  # multi-byte characters split across byte-level tokens
+    deltas, stopped = stream_all(tokenizer, text, [])
+    assert "".join(deltas) == text and not stopped
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_a_stop_string_cuts_the_text_and_is_never_sent(tokenizer) -> None:
+    deltas, stopped = stream_all(tokenizer, "the quick brown fox jumps", ["brown f", "zzz"])
+    assert stopped and "".join(deltas) == "the quick "
+    assert not any("brown" in d for d in deltas)
+
+
+def test_roots_refuse_paths_that_leave_them(tmp_path: Path) -> None:
+    _, root = write_tiny(tmp_path / "in", ["a1"])
+    _, outside = write_tiny(tmp_path / "out", ["evil"])
+    (root / "link").symlink_to(outside / "evil")
+    roots = AdapterRoots([root])
+    assert roots.resolve("a1") == (root / "a1").resolve()
+    assert roots.resolve(str(root / "a1")) == (root / "a1").resolve()
+    for bad in ["../out/adapters/evil", str(outside / "evil"), "link", "", "a1/../a1", "nothing"]:
+        with pytest.raises(ServeError):
+            roots.resolve(bad)
+    with pytest.raises(ServeError, match="outside the adapter roots"):
+        roots.discover()  # the symlink in the root leads out
+
+
+def test_roots_find_adapters_and_tree_nodes(tmp_path: Path) -> None:
+    _, root = write_tiny(tmp_path, ["a1", "a2"], tree=True)
+    found = {name: parent for name, _, parent in AdapterRoots([root]).discover()}
+    assert found == {"legal": None, "contracts": "legal", "a1": None, "a2": None}
+    assert list(found).index("legal") < list(found).index("contracts")
+
+
+def test_rows_leave_and_padding_columns_go(tokenizer) -> None:
+    model = build_model(len(tokenizer), tokenizer.eos_token_id)
+    batch = DecodeBatch()
+    for row, length in enumerate([3, 7, 5]):
+        cache = DynamicCache()
+        model(input_ids=torch.arange(length)[None] + 10, cache=cache, use_cache=True)
+        batch.add(row, cache)
+    assert batch.mask.tolist() == [[0] * 4 + [1] * 3, [1] * 7, [0] * 2 + [1] * 5]
+    batch.remove([0, 2])  # the longest row leaves: two columns were padding in both others
+    assert batch.rows == [0, 2] and batch.mask.shape == (2, 5)
+    assert batch.cache.layers[0].keys.shape[2] == 5
