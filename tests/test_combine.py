@@ -128,6 +128,15 @@ def test_svd_of_different_ranks_and_svd_rank_match_peft(tmp_path):
     assert {layer.adapters["low"].r for _, layer in lora_layers(ours.model) if "low" in layer.adapters} == {3}
 
 
+def test_svd_rank_above_a_layers_size_is_the_exact_sum(tmp_path):
+    """svd_rank 40 > min(out, in) = 32 of tiny Llama's q_proj: every singular vector kept, the rest zero padding."""
+    ours, _ = _pair(tiny_llama, LLAMA, tmp_path)
+    ours.add_weighted_adapter(["fr", "de"], [0.5, -1.5], "full", combination_type="svd", svd_rank=40)
+    fr, de, full = (_our_deltas(ours, n) for n in ("fr", "de", "full"))
+    for path, delta in full.items():
+        torch.testing.assert_close(delta, 0.5 * fr.get(path, 0.0) - 1.5 * de.get(path, 0.0), atol=ATOL, rtol=0)
+
+
 def test_single_adapter_is_scaled_linearly_as_in_peft(tmp_path):
     ours, theirs = _pair(tiny_llama, {"fr": LLAMA["fr"]}, tmp_path)
     for m in (ours, theirs):
