@@ -38,14 +38,6 @@ def test_low_rank_delta_keeps_kernel_dims():
     torch.testing.assert_close(ops.low_rank_delta(A, B, 0.25), expected)
 
 
-def test_merge_delta_sums_in_fp32_and_rounds_once():
-    weight = torch.randn(64, 64).to(torch.bfloat16)
-    deltas = [torch.randn(64, 64) * 1e-3 for _ in range(3)]
-    expected = (weight.float() + deltas[0] + deltas[1] + deltas[2]).to(torch.bfloat16)
-    ops.merge_delta_(weight, deltas)
-    assert torch.equal(weight, expected)
-
-
 @pytest.mark.parametrize(
     "conv",
     [

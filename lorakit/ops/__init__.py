@@ -20,7 +20,6 @@ from lorakit.ops.reference import (
     embedding_contribution,
     linear_contribution,
     low_rank_delta,
-    merge_delta_,
     rescaled_merge,
     rescaled_unmerge,
 )
@@ -72,7 +71,6 @@ __all__ = [
     "linear_contribution",
     "lora_linear",
     "low_rank_delta",
-    "merge_delta_",
     "rescaled_merge",
     "rescaled_unmerge",
 ]

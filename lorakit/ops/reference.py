@@ -44,17 +44,6 @@ def low_rank_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     return (delta * scale).reshape(lora_B.shape[0], *lora_A.shape[1:])
 
 
-def merge_delta_(weight: Tensor, deltas: Sequence[Tensor], sign: int = 1) -> None:
-    """Semantics: W <- round(W + sign * sum(deltas)), summed in fp32 so bf16/fp16 weights round once."""
-    if not deltas:
-        return
-    acc = weight.detach().to(torch.float32 if weight.dtype != torch.float64 else torch.float64)
-    for delta in deltas:
-        acc = acc + sign * delta.detach().to(acc.dtype)
-    with torch.no_grad():
-        weight.copy_(acc.to(weight.dtype))
-
-
 def rescaled_merge(weight: Tensor, scales: Sequence[Tensor | float], deltas: Sequence[Tensor]) -> Tensor:
     """Semantics: W + sum_i ((m_i - 1) * W + m_i * dW_i), in fp32 (fp64 stays fp64).
 
