@@ -390,3 +390,22 @@ def _stop_at(step: int):
             raise _Stop
 
     return on_step
+
+
+def test_delta_lora_in_lorakit_train_moves_the_base_weight_by_the_factors_product(
+    tmp_path: Path, bert: Path, csv_data: Path
+) -> None:
+    """Delta-LoRA's updates telescope: after T steps from B = 0, W_T - W_0 = s * B_T A_T (applied once per step)."""
+    from transformers import BertModel
+
+    overrides = ['lora.variant="delta_lora"', "lora.lora_dropout=0.0", "max_steps=3", "run.plots=false"]
+    result = train(load_config(seq_cls_config(tmp_path, bert, csv_data), overrides))
+    saved = load_file(Path(result.folder) / "adapter" / "adapter_model.safetensors")
+    original = BertModel.from_pretrained(bert).encoder.layer[0].attention.self.query.weight.detach()
+    prefix = next(k for k in saved if k.endswith("layer.0.attention.self.query.lora_A.weight")).removesuffix(
+        "lora_A.weight"
+    )
+    weight, a, b = (saved[prefix + name] for name in ("base_layer.weight", "lora_A.weight", "lora_B.weight"))
+    scale = 8 / 4  # lora_alpha / r of seq_cls_config
+    assert (weight - original).abs().max() > 1e-4  # the base weight moved
+    torch.testing.assert_close(weight - original, scale * b @ a, atol=2e-6, rtol=1e-4)
