@@ -37,7 +37,7 @@ from lorakit.errors import ConfigError
 from lorakit.multi.parallel import JobStep, ParallelJob, ParallelTrainer
 from lorakit.names import check_adapter_name
 from lorakit.train import loop, tasks
-from lorakit.train.config import TrainConfig, _apply_override, from_dict
+from lorakit.train.config import TrainConfig, _absolute_paths, _apply_override, _read_text, from_dict, get_field
 from lorakit.train.data import batch_indices
 from lorakit.train.plots import plot_run
 from lorakit.train.tracking import Progress, Tracker, check_available
@@ -65,16 +65,18 @@ def is_jobs_file(path: str | Path | None) -> bool:
         return False
     try:
         return "adapters" in tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError:
-        return False  # load_config reports the syntax error with its line
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        return False  # load_config reports the syntax error with its line (or the encoding, or the read error)
 
 
 def load_jobs(path: str | Path, overrides: list[str] | None = None) -> Jobs:
     """Every job's TrainConfig: the top-level sections (with `overrides`) under each entry's own keys; checked."""
-    data = tomllib.loads(Path(path).read_text())
+    data = tomllib.loads(_read_text(Path(path)))
     entries = data.pop("adapters")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{path}: write each job as an [[adapters]] table with at least a name")
+    for table in (data, *entries):  # paths in the file are relative to its folder, as in a train config
+        _absolute_paths(table, Path(path).absolute().parent)
     for override in overrides or []:
         _apply_override(data, override)
     out_dir = data.setdefault("run", {}).get("out_dir", "runs/{time}")
@@ -117,7 +119,7 @@ def _check_shared(configs: dict[str, TrainConfig], path: str | Path) -> None:
     first_name, first = next(iter(configs.items()))
     for name, config in configs.items():
         for key in _SHARED:
-            mine, theirs = _get(config, key), _get(first, key)
+            mine, theirs = get_field(config, key), get_field(first, key)
             if mine != theirs:
                 raise ConfigError(
                     f"{path}: job {name!r} has {key} = {mine!r} but {first_name!r} has {theirs!r}; jobs share one "
@@ -136,13 +138,6 @@ def _check_folders(configs: dict[str, TrainConfig], path: str | Path) -> None:
                 "own run.out_dir (or leave it out: each job then writes to <run.out_dir>/<name>)"
             )
         owners[folder] = name
-
-
-def _get(config: TrainConfig, key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 # -- training --------------------------------------------------------------------------------------------------------
@@ -179,6 +174,8 @@ def train_jobs(jobs: Jobs, overwrite: bool = False) -> dict[str, loop.RunResult]
     first = runs[0].config
     base = tasks.build_model(replace(first, seed=jobs.seed), runs[0].prepared)
     model_size = (sum(p.numel() for p in base.parameters()), sum(p.nbytes for p in base.parameters()))
+    for run in runs:  # labels beyond the head fail before any folder exists
+        tasks.check_outputs(base, run.prepared, torch.device("cpu"))
     model = LoraModel(base).to(env.device)
     trainer = ParallelTrainer(
         model,
@@ -199,7 +196,8 @@ def _prepare(name: str, config: TrainConfig, overwrite: bool) -> _Job:
     prepared = tasks.prepare(config)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0))
-    max_steps = optim.max_steps or max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
+    from_epochs = max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
+    max_steps = optim.max_steps if optim.max_steps is not None and optim.max_steps > 0 else from_epochs
     return _Job(name, config, prepared, folder, max_steps, per_epoch)
 
 
@@ -312,7 +310,7 @@ def _finish(run: _Job, trainer: ParallelTrainer, env: loop._Env, model_size: tup
         trainable_params=params, total_params=model_size[0] + params, adapter_bytes=adapter_bytes,
         model_bytes=model_size[1], steps=run.max_steps, train_examples=len(run.prepared.train), seconds=seconds,
         step_seconds=seconds / run.max_steps, data_wait_fraction=run.wait / max(seconds, 1e-9),
-        peak_memory_bytes=loop._peak_memory(env),
+        peak_memory_bytes=loop._peak_memory(env), baseline=tasks.majority_baseline(run.config.task, run.prepared),
     )  # fmt: skip
     if run.config.run.plots:
         plot_run(run.folder, metric)
