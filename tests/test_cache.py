@@ -199,6 +199,21 @@ def test_compiled_model_does_not_recompile_on_swap(tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_ram_is_pinned_and_a_swap_gives_a_normal_load(folders):
+    cache = AdapterCache()
+    model = LoraModel(conv_mlp().cuda()).eval()
+    model.adapter_cache = cache
+    model.load_adapter(folders / "r4", "live")
+    prepare_slot(model, "live", 8)
+    model.hotswap_adapter(folders / "r8", "live")
+    assert cache.pin_memory and all(t.is_pinned() for t in cache.get(folders / "r8").weights.values())
+    inputs = {k: v.cuda() for k, v in INPUTS().items()}
+    expected = LoraModel.from_pretrained(conv_mlp().cuda(), folders / "r8").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), expected(**inputs), atol=ATOL, rtol=0)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
