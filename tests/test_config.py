@@ -317,3 +317,24 @@ def test_inits_that_change_the_base_are_refused_with_peft_s_conversion(init, mes
 def test_peft_inits_lorakit_cannot_compute_are_refused_for_new_adapters():
     with pytest.raises(ConfigError, match="init_lora_weights='eva' cannot be computed by lorakit"):
         LoraConfig(init_lora_weights="eva")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unconverted_pissa_and_olora_folders_load_like_peft(tmp_path, init):
+    """PEFT recomputes the init at load (the base keeps the residual) and then copies the file's factors; so does
+    lorakit, so a folder saved without path_initial_model_for_weight_conversion gives PEFT's outputs."""
+    import torch
+
+    from lorakit import LoraModel
+    from tests.cases import mlp
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=init))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.1)  # trained factors, unlike the init's
+    theirs.save_pretrained(tmp_path)
+    x = torch.randn(4, 6)
+    expected = peft.PeftModel.from_pretrained(mlp(), tmp_path)(x)
+    torch.testing.assert_close(LoraModel.from_pretrained(mlp(), tmp_path)(x), expected, atol=1e-6, rtol=0)
