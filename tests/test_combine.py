@@ -240,6 +240,8 @@ BAD_CALLS = {
     "modules_to_save": (dict(adapters=["fr", "head"], weights=[1, 1], combination_type="svd"), "modules_to_save"),
     "layer selection": (dict(adapters=["fr", "layer1"], weights=[1, 1], combination_type="svd"), "layer selection"),
     "svd_rank": (dict(adapters=["fr", "de"], weights=[1, 1], svd_rank=0), "svd_rank"),
+    "svd_clamp": (dict(adapters=["fr", "de"], weights=[1, 1], svd_clamp=1.5), "quantile"),
+    "svd_driver on CPU": (dict(adapters=["fr", "de"], weights=[1, 1], svd_driver="gesvdj"), "CUDA tensors only"),
 }
 
 

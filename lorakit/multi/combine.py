@@ -80,6 +80,7 @@ def add_weighted_adapter(
     _check_density(combination_type, density, majority_sign_method)
     config = _new_config(model, adapters, rank)
     plans = _layer_plans(model, adapters, config, combination_type)
+    _check_svd_options(svd_clamp, svd_driver, plans)
     combination = Combination(
         combination_type, tuple(weights), rank, density, majority_sign_method, svd_clamp, svd_full_matrices,
         svd_driver, _generator(plans, seed),
@@ -178,6 +179,17 @@ def _check_density(combination_type: str, density: float | None, majority_sign_m
         )
     if combination_type.startswith("dare") and density == 0.0:
         raise CombinationError("dare_* rescales the kept entries by 1/density; density must be > 0")
+
+
+def _check_svd_options(svd_clamp: float | None, svd_driver: str | None, plans) -> None:
+    if svd_clamp is not None and not 0.0 <= svd_clamp <= 1.0:
+        raise CombinationError(f"svd_clamp is a quantile in [0, 1] (or None: no clamping), got {svd_clamp!r}")
+    layer, present = plans[0]
+    if svd_driver is not None and not layer.adapters[present[0][1]].lora_A.is_cuda:
+        raise CombinationError(
+            f"svd_driver={svd_driver!r} picks a cuSOLVER method, which exists for CUDA tensors only; "
+            "pass svd_driver=None for adapters on the CPU"
+        )
 
 
 def _new_config(model: LoraModel, adapters: list[str], rank: int) -> LoraConfig:
