@@ -281,3 +281,9 @@ def test_bad_jobs_files_fail_before_anything_is_written(tmp_path: Path, bert_fol
     with pytest.raises(ConfigError, match=message):
         train_jobs(load_jobs(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_gradient_checkpointing_is_refused_for_jobs(tmp_path: Path, bert_folder: Path) -> None:
+    path = _jobs_file(tmp_path, bert_folder, '[[adapters]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="gradient_checkpointing cannot be used with"):
+        load_jobs(path, ["model.gradient_checkpointing=true"])

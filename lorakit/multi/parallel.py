@@ -103,6 +103,11 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
     """Refuses, before any adapter is added, jobs that cannot train side by side on one shared base."""
     if not jobs:
         raise ConfigError("no jobs to train; pass at least one ParallelJob")
+    if getattr(model.model, "is_gradient_checkpointing", False):
+        raise ConfigError(
+            "the model has gradient checkpointing on: the forward recomputed during backward would not see which "
+            "rows belong to which job; turn it off (gradient_checkpointing_disable()) to train jobs in parallel"
+        )
     seen: set[str] = set()
     for job in jobs:
         if job.name in seen:

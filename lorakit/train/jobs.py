@@ -90,6 +90,11 @@ def load_jobs(path: str | Path, overrides: list[str] | None = None) -> Jobs:
         configs[name] = config
     _check_shared(configs, path)
     _check_folders(configs, path)
+    if next(iter(configs.values())).model.gradient_checkpointing:
+        raise ConfigError(
+            f"{path}: model.gradient_checkpointing cannot be used with [[adapters]]: the forward recomputed during "
+            "backward would not see which rows belong to which job; set it to false (or train the jobs one by one)"
+        )
     return Jobs(int(data.get("seed", 0)), configs)
 
 
