@@ -144,6 +144,17 @@ def _slot_adapters(model: LoraModel):
     return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scale")]
 
 
+def test_a_slot_follows_the_model_to_another_dtype(folders):
+    cache = AdapterCache()
+    model = _slot_model(folders, cache)
+    model.hotswap_adapter(folders / "r8", "live")
+    model.double()
+    model.hotswap_adapter(folders / "r2", "live")
+    model.hotswap_adapter(folders / "r8", "live")
+    assert cache.resident == 3  # r8 staged again in float64: what is staged matches the slot's dtype
+    torch.testing.assert_close(_run(model).float(), _loaded(folders / "r8"), atol=ATOL, rtol=0)
+
+
 def test_swapping_from_a_loaded_adapter(folders):
     model = _slot_model(folders)
     model.load_adapter(folders / "pattern", "pattern")

@@ -206,9 +206,12 @@ class Slot:
         return [t for a in self.adapters for t in (a.lora_A, a.lora_B)]
 
     def is_current(self, model: LoraModel) -> bool:
-        """Still the model's adapter: not deleted, re-added or reshaped since this slot was built."""
-        return model.peft_config.get(self.name) is self.config and all(
-            a.r == self.rank and a.scale == 1.0 and a.lora_A.shape[0] == self.rank for a in self.adapters
+        """Still the model's adapter: not deleted, re-added, reshaped or moved (.to()) since this slot was built."""
+        first = self.adapters[0].lora_A
+        return (
+            model.peft_config.get(self.name) is self.config
+            and (first.dtype, first.device) == self.layout[0][2:]
+            and all(a.r == self.rank and a.scale == 1.0 and a.lora_A.shape[0] == self.rank for a in self.adapters)
         )
 
     def stage(self, factors: dict[int, tuple[Tensor, Tensor, float]]) -> list[Tensor]:
