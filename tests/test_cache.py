@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -138,6 +139,8 @@ def test_slot_form_keeps_the_outputs_and_saves_an_equivalent_adapter(folders, tm
     torch.testing.assert_close(_run(model), _loaded(folders / "r4"), atol=ATOL, rtol=0)
     model.save_pretrained(tmp_path / "saved", selected_adapters=["live"])
     torch.testing.assert_close(_loaded(tmp_path / "saved" / "live"), _loaded(folders / "r4"), atol=ATOL, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(conv_mlp(), tmp_path / "saved" / "live").eval()
+    torch.testing.assert_close(_run(theirs), _loaded(folders / "r4"), atol=ATOL, rtol=0)
 
 
 def _slot_adapters(model: LoraModel):
