@@ -239,7 +239,8 @@ def prepare_slot(model: LoraModel, adapter_name: str, rank: int | None = None) -
     """Puts adapter `adapter_name` into slot form of rank `rank` (default: its largest rank), outputs unchanged.
 
     Call it before torch.compile with the largest rank you will swap in (PEFT's prepare_model_for_compiled_hotswap);
-    afterwards hotswap_adapter only copies. Already in slot form with that rank: nothing changes."""
+    afterwards hotswap_adapter only copies. Already in slot form with that rank: nothing changes. Converting
+    replaces the adapter's parameters with larger ones, so an optimizer made before holds the old ones."""
     slot = _SLOTS.get(model, {}).get(adapter_name)
     if slot is not None and slot.is_current(model) and rank in (None, slot.rank):
         return slot
