@@ -175,18 +175,19 @@ def test_saving_into_the_working_folder(tmp_path, monkeypatch):
     assert _alpha(tmp_path) == 16 and os.path.samefile(os.getcwd(), tmp_path)
 
 
-def test_lorakit_settings_live_in_their_own_file_so_peft_reads_silently(tmp_path):
-    model = _model(variant="lora_fa")
+@pytest.mark.parametrize("variant", ["lora_fa", "delta_lora"])
+def test_lorakit_settings_live_in_their_own_file_so_peft_reads_silently(tmp_path, variant):
+    model = _model(variant=variant)
     model.save_pretrained(tmp_path)
     assert "variant" not in json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert json.loads((tmp_path / LORAKIT_CONFIG_NAME).read_text()) == {"variant": "lora_fa"}
+    assert json.loads((tmp_path / LORAKIT_CONFIG_NAME).read_text()) == {"variant": variant}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         theirs = peft.PeftModel.from_pretrained(mlp(), tmp_path)
     assert not [w for w in caught if "nexpected" in str(w.message)], [str(w.message) for w in caught]
     x = torch.randn(3, 6)
     torch.testing.assert_close(theirs(x), model(x))
-    assert LoraModel.from_pretrained(mlp(), tmp_path).peft_config["default"].variant == "lora_fa"
+    assert LoraModel.from_pretrained(mlp(), tmp_path).peft_config["default"].variant == variant
 
 
 def test_folders_with_variant_in_adapter_config_still_load(tmp_path):
