@@ -6,10 +6,12 @@ folder; a user may keep a README there). After fsync, one `renameat2(RENAME_EXCH
 so every reader (lorakit, PEFT, a copy tool) sees either folder, never a mix. The old folder, now under the stage's
 name, is removed. A kill leaves at most one stage folder, which the next save into the same folder removes.
 
-Where the swap cannot work (no renameat2 outside Linux: an aside rename is used; the target is a mount point or
-its parent is not writable: the files are replaced one by one inside the target), a marker file is written first
-and removed last; readers refuse a folder that carries it (`check_complete`), so a mix is never loaded silently.
-New files and folders get the user's umask, as any file written with open() does.
+Without renameat2 (outside Linux) the old folder is renamed aside, then the new one in; a kill between the two
+leaves no target, and the next save renames the old folder back. Where no folder swap can work (the target is a
+mount point, its parent is not writable, or it holds a whole tree: a mounted subfolder, over 10,000 entries) the
+files are replaced one by one inside the target, between the creation and the removal of a marker file; readers
+refuse a folder that carries it (`check_complete`), so lorakit never loads a mix. New files and folders get the
+user's umask, as any file written with open() does.
 """
 
 from __future__ import annotations
