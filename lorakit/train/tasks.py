@@ -236,11 +236,16 @@ def _prepare_token_cls(config: TrainConfig, split: Split) -> Prepared:
 
 
 def _prepare_causal_lm(config: TrainConfig, split: Split) -> Prepared:
+    """Plain text (every token is learned), or with data.prompt_column an instruction and its answer: the pair is
+    written with the tokenizer's chat template and only the answer's tokens are learned and scored."""
     data = config.data
-    check_columns(split.train, [data.text_column], data.path)
+    columns = [data.text_column] + ([data.prompt_column] if data.prompt_column else [])
+    check_columns(split.train, columns, data.path)
     tokenizer = _tokenizer(config)
 
     def encode(rows: list[Example]) -> list[Example]:
+        if data.prompt_column:
+            return [_encode_chat(tokenizer, str(r[data.prompt_column]), str(r[data.text_column]), data) for r in rows]
         texts = [str(r[data.text_column]) for r in rows]
         if not texts:
             return []
@@ -249,6 +254,28 @@ def _prepare_causal_lm(config: TrainConfig, split: Split) -> Prepared:
                 for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]  # fmt: skip
 
     return Prepared(encode(split.train), encode(split.eval), None, _text_collate(tokenizer, config, per_token=True))
+
+
+def _encode_chat(tokenizer: Any, prompt: str, answer: str, data: Any) -> Example:
+    """The prompt as a user turn (chat template, generation prompt included) and the answer after it; labels only
+    on the answer and its end-of-turn token, so the model learns to answer, not to repeat questions."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tail = answer + _end_of_turn(tokenizer, messages, answer, head)
+    else:
+        head, tail = prompt + "\n", answer + (tokenizer.eos_token or "")
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    ids = (head_ids + tail_ids)[: data.max_length if data.truncation else None]
+    labels = ([IGNORE] * len(head_ids) + tail_ids)[: len(ids)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _end_of_turn(tokenizer: Any, messages: list[dict], answer: str, head: str) -> str:
+    """What the chat template writes after an assistant's answer (e.g. '<|im_end|>\\n'), learned with it."""
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    return full[len(head) + len(answer) :] if full.startswith(head + answer) else (tokenizer.eos_token or "")
 
 
 def _prepare_classification(config: TrainConfig, split: Split) -> Prepared:
