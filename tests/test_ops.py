@@ -69,3 +69,53 @@ def test_transposed_conv1d_delta_layout_matches_linear_math():
     expected = x @ layer.weight + layer.bias + adapter.scale * x @ adapter.lora_A.T @ adapter.lora_B.T
     torch.testing.assert_close(model(x), expected)
     assert F.linear(x, model.model[0].adapters["default"].delta_weight().T).shape == (3, 6)
+
+
+def _routed_case(requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(0)
+    ranks = [4, 4, 4, 2, 4, 2]  # two groups by rank; adapters 0 and 1 share row 0 (a tree path)
+    adapters = [
+        ops.LoraFactors(
+            torch.randn(r, 12, generator=gen).requires_grad_(requires_grad),
+            torch.randn(10, r, generator=gen).requires_grad_(requires_grad),
+            0.5 + i,
+        )
+        for i, r in enumerate(ranks)
+    ]
+    rows = [torch.tensor(i) for i in ([0, 3], [0, 5], [1], [2, 4], [], [6])]  # row 7 keeps the base output
+    return adapters, rows, torch.randn(8, 3, 12, generator=gen), torch.randn(8, 3, 10, generator=gen)
+
+
+def test_batched_routed_lora_equals_the_reference_loop_values_and_gradients():
+    from lorakit.ops import reference, routed
+
+    adapters, rows, x, out = _routed_case(requires_grad=True)
+    fast, slow = (
+        routed.add_routed_lora(out, x, adapters, rows, False),
+        reference.add_routed_lora(out, x, adapters, rows, False),
+    )
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[7], out[7])
+    used = [t for i, a in enumerate(adapters) if i != 4 for t in (a.lora_A, a.lora_B)]  # adapter 4 has no rows
+    grads = [torch.autograd.grad(y.square().sum(), used) for y in (fast, slow)]
+    for g_fast, g_slow in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_routed_lora_rounds_once_and_sees_factors_changed_in_place():
+    from lorakit.ops import reference, routed
+
+    adapters, rows, x, out = _routed_case()
+    half = out.to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            routed.add_routed_lora(half, x, adapters, rows, False),
+            reference.add_routed_lora(half, x, adapters, rows, False),
+        )
+        first = routed.add_routed_lora(out, x, adapters, rows, False)
+        adapters[0].lora_B.mul_(2)  # the stacked copy kept between calls must not go stale
+        second = routed.add_routed_lora(out, x, adapters, rows, False)
+        torch.testing.assert_close(
+            second, reference.add_routed_lora(out, x, adapters, rows, False), atol=1e-5, rtol=1e-5
+        )
+    assert not torch.allclose(first, second)

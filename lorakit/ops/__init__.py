@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from lorakit.ops import reference
+from lorakit.ops import reference, routed
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.reference import (
     LoraFactors,
@@ -45,11 +45,14 @@ def backend(x: Tensor) -> str:
     return "reference"
 
 
-def _dispatch(name: str) -> Callable:
+def _dispatch(name: str, portable: Callable | None = None) -> Callable:
+    """The op `name`: its kernel where one is registered and allowed, else `portable` (same Semantics, plain
+    torch; default the reference itself)."""
     ref = getattr(reference, name)
+    fallback = portable or ref
 
     def op(out_or_x: Tensor, *args, **kwargs):
-        impl = _kernels().get(name, ref) if backend(out_or_x) == "triton" else ref
+        impl = _kernels().get(name, fallback) if backend(out_or_x) == "triton" else fallback
         return impl(out_or_x, *args, **kwargs)
 
     op.__name__, op.__doc__ = name, ref.__doc__
@@ -58,7 +61,7 @@ def _dispatch(name: str) -> Callable:
 
 lora_linear = _dispatch("lora_linear")
 add_lora = _dispatch("add_lora")
-add_routed_lora = _dispatch("add_routed_lora")
+add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 
 __all__ = [
     "LoraFactors",
