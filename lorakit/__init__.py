@@ -4,7 +4,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, TargetError
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
-from lorakit.variants import VeraConfig
+from lorakit.variants import TrainableTokensConfig, VeraConfig
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "LoraModel",
     "LorakitError",
     "TargetError",
+    "TrainableTokensConfig",
     "VeraConfig",
     "get_lora_model",
 ]

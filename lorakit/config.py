@@ -44,7 +44,6 @@ PEFT_UNSUPPORTED = {
     "monteclora_config": f"MonteCLoRA samples the factors, which lorakit does not; {_MERGE_IN_PEFT}",
     "velora_config": f"VeLoRA's extra buffers (lora_velora_embed) are not implemented in lorakit; {_MERGE_IN_PEFT}",
     "ensure_weight_tying": f"lorakit keeps the adapters of tied layers apart; {_MERGE_IN_PEFT}",
-    "trainable_token_indices": f"trainable token rows are not supported yet; {_MERGE_IN_PEFT}",
 }
 # init_lora_weights values of PEFT that lorakit cannot compute. At load, those that leave the base weight alone
 # give a plain LoRA (PEFT's update_layer draws factors that the file then overwrites): read as True.
@@ -85,6 +84,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     variant: str = "lora"
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -208,6 +208,21 @@ def _init_mode(name: str, mode: Any) -> bool | str:
     raise ConfigError(f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_<K>', got {mode!r}")
 
 
+def _token_indices(name: str, value: Any) -> list[int] | dict[str, list[int]]:
+    """Token ids for the input embedding, or embedding name -> token ids (PEFT's two spellings)."""
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        return {key: token_ids(f"{name}[{key!r}]", ids) for key, ids in value.items()}
+    return token_ids(name, value)
+
+
+def token_ids(name: str, value: Any) -> list[int]:
+    """Checks a list of token ids (PEFT's trainable tokens): non-empty, distinct, >= 0."""
+    ok = isinstance(value, list) and value and all(type(i) is int and i >= 0 for i in value)
+    if not ok or len(set(value)) != len(value):
+        raise ConfigError(f"{name} must be a non-empty list of distinct token ids (integers >= 0), got {value!r}")
+    return value
+
+
 def _is_pissa_niter(mode: Any) -> bool:
     return isinstance(mode, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", mode) is not None
 
@@ -269,6 +284,7 @@ _FIELD_CHECKS: dict[str, checks.Check] = {
     "use_rslora": checks.boolean,
     "use_dora": checks.boolean,
     "lora_bias": checks.boolean,
+    "trainable_token_indices": checks.optional(_token_indices),
     "variant": checks.text,  # _check_variant names the choices
     "layers_to_transform": checks.layer_indices,
     "layers_pattern": checks.optional(checks.text_or_text_list),

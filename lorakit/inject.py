@@ -10,7 +10,7 @@ from torch import nn
 from lorakit.adapter import Adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TargetError
-from lorakit.kinds import Kind
+from lorakit.kinds import Kind, parameter_kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 from lorakit.targets import (
@@ -18,33 +18,61 @@ from lorakit.targets import (
     default_targets,
     find_module_targets,
     find_parameter_targets,
+    find_token_targets,
     logical_modules,
     modules_to_save,
 )
-from lorakit.variants import VeraConfig, variant_for
+from lorakit.variants import TrainableTokens, VeraConfig, variant_for
 
 
 def inject_adapter(
     model: nn.Module, name: str, config: LoraConfig | VeraConfig, adapter_dtype: torch.dtype | None = None
 ) -> None:
     """Adds adapter `name` to every target of `config`, wrapping targets on first use."""
+    targets = _lora_targets(model, config)
+    token_targets = find_token_targets(model, config)
+    saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
+    _check_lora_and_saved_apart(model, [p for p, _ in targets], saved_paths)
+    both = [p for p, _ in token_targets if p in saved_paths]
+    if both:
+        raise TargetError(f"{both} cannot train in full (modules_to_save) and by token rows at once (as in PEFT)")
+    if targets:
+        variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
+        _add_lora(model, name, config, targets, variant, adapter_dtype)
+    for path, indices in token_targets:
+        variant = TrainableTokens(indices, getattr(config, "init_weights", True))
+        module = _wrapped(model, path, parameter_kind(_base_module(model, path), "weight"))
+        module.add_adapter(name, Adapter(module.kind, module.weight, len(indices), 1.0, 1.0, 0.0, variant))
+    for path in saved_paths:
+        saved = model.get_submodule(path)
+        if not isinstance(saved, SavedModule):
+            saved = SavedModule(saved)
+            _replace(model, path, saved)
+        saved.add_copy(name)
+
+
+def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tuple[str, Kind]]:
+    """(path, kind) for every LoRA target, checked; the facts PEFT records are written into the config."""
+    if not getattr(config, "adapts_layers", True):
+        return []
     if config.target_parameters and config.lora_dropout:
         raise ConfigError(
             "lora_dropout must be 0 with target_parameters: those adapters act on the weight, "
             "not on the layer input, so there is nothing to drop out"
         )
     targets = find_module_targets(model, config) + find_parameter_targets(model, config)
-    saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
-    _check_lora_and_saved_apart(model, [p for p, _ in targets], saved_paths)
-    if config.target_modules is None and not config.target_parameters:
-        config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     for path, kind in targets:
         kind.check_rank(path, config.rank_and_alpha(path)[0])
         if config.lora_bias and kind.is_embedding:
             raise TargetError(f"lora_bias=True does not work on embeddings (as in PEFT); exclude {path}")
+    if config.target_modules is None and not config.target_parameters:
+        config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
     if any(kind.fan_in_fan_out for _, kind in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
-    variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
+    return targets
+
+
+def _add_lora(model, name, config, targets, variant, adapter_dtype) -> None:
     for path, kind in targets:
         layer = _wrapped(model, path, kind)
         r, alpha = config.rank_and_alpha(path)
@@ -65,12 +93,6 @@ def inject_adapter(
             remove_adapter(model, name)
             raise ConfigError(f"r={r} is too large for {path}: its LoRA factors cannot be allocated ({err})") from None
         layer.add_adapter(name, adapter)
-    for path in saved_paths:
-        saved = model.get_submodule(path)
-        if not isinstance(saved, SavedModule):
-            saved = SavedModule(saved)
-            _replace(model, path, saved)
-        saved.add_copy(name)
 
 
 def _check_lora_and_saved_apart(model: nn.Module, lora_paths: list[str], saved_paths: list[str]) -> None:

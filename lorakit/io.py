@@ -19,7 +19,7 @@ from lorakit.config import LORAKIT_ONLY_FIELDS, LoraConfig, read_json_object
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import lora_layers, saved_modules
 from lorakit.names import check_adapter_name
-from lorakit.variants import VeraConfig
+from lorakit.variants import TrainableTokensConfig, VeraConfig
 from lorakit.variants.init import converted_config, converted_to_lora
 
 CONFIG_NAME = "adapter_config.json"
@@ -30,7 +30,12 @@ _FACTOR_KEYS = {  # kind.is_embedding -> adapter attribute -> PEFT's name
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
 }
-_CONFIG_CLASSES = {"LORA": LoraConfig, "VERA": VeraConfig}
+_CONFIG_CLASSES = {"LORA": LoraConfig, "VERA": VeraConfig, "TRAINABLE_TOKENS": TrainableTokensConfig}
+# trained token rows: inside PEFT's token_adapter wrapper when they come with LoRA, on the embedding when alone
+_TOKEN_KEYS = {
+    "LORA": "token_adapter.trainable_tokens_delta",
+    "TRAINABLE_TOKENS": "trainable_tokens_delta",
+}
 
 
 def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig) -> dict[str, Tensor]:
@@ -45,6 +50,8 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
         # VeRA's vera_lambda_b/d) under their attribute names, which are PEFT's
         for local, tensor in adapter.state_dict(keep_vars=True).items():
             local = local.removeprefix("variant_state.")
+            if local == "trainable_tokens_delta":
+                local = _TOKEN_KEYS[config.peft_type]
             tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.is_embedding].get(local, local)}"] = tensor
         if adapter.variant.changes_base_weight:  # Delta-LoRA: the trained weight is part of the adapter
             tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.weight

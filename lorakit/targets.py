@@ -112,6 +112,45 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     return found
 
 
+def find_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[int]]]:
+    """(embedding path, token ids) for trainable_token_indices: a list means the input embedding."""
+    wanted = getattr(config, "trainable_token_indices", None)
+    if wanted is None:
+        return []
+    if isinstance(wanted, list):
+        getter = getattr(model, "get_input_embeddings", None)
+        embedding = getter() if callable(getter) else None
+        path = next((p for p, m in logical_modules(model) if m is embedding), None)
+        if path is None:
+            raise TargetError(
+                "trainable_token_indices as a list needs a model with get_input_embeddings(); "
+                "name the embedding instead: trainable_token_indices={'<embedding name>': [ids]}"
+            )
+        wanted = {path: wanted}
+    found = [(_one_embedding(model, name), ids) for name, ids in wanted.items()]
+    for path, ids in found:
+        rows = model.get_submodule(path).num_embeddings
+        if max(ids) >= rows:
+            raise TargetError(f"token ids {[i for i in ids if i >= rows]} are outside {path}'s table of {rows} rows")
+    return found
+
+
+def _one_embedding(model: nn.Module, name: str) -> str:
+    paths = [p for p, m in logical_modules(model) if _suffix_match(p, name) and isinstance(m, nn.Embedding)]
+    if len(paths) != 1:
+        found = "matches no nn.Embedding" if not paths else f"matches several: {paths}"
+        raise TargetError(f"trainable_token_indices names {name!r}, which {found}; name one embedding by its path")
+    weight = kind_of(model.get_submodule(paths[0])).weight_of(model.get_submodule(paths[0]))
+    tied = [p for p, m in logical_modules(model) if p != paths[0] and any(w is weight for w in m.parameters(False))]
+    if tied:
+        raise TargetError(
+            f"{paths[0]} shares its weight with {tied} (tied embeddings); trainable tokens on a tied table are not "
+            "supported in lorakit: untie them (model.config.tie_word_embeddings=False and a copy of the weight) "
+            "or train these tokens with PEFT"
+        )
+    return paths[0]
+
+
 def own_parameter_names(module: nn.Module) -> list[str]:
     """The module's own parameter names as the user wrote them: a weight another adapter already parametrizes
     is listed under its name (torch moves it to parametrizations.<name>.original), so a second adapter finds it."""

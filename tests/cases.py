@@ -220,6 +220,13 @@ CASES = [
     ),
     Case("gpt2-lora-bias", tiny_gpt2, ids_input(64), {"target_modules": ["c_attn", "c_fc"], "lora_bias": True}),
     Case(
+        "convmlp-tokens",
+        conv_mlp,
+        positional(ids_input(20)),
+        {"target_modules": ["conv1", "lin1"], "trainable_token_indices": {"emb": [1, 3, 5]}},
+    ),
+    Case("llama-tokens", tiny_llama, ids_input(64), {"target_modules": ["q_proj"], "trainable_token_indices": [1, 2]}),
+    Case(
         "grouped-conv",
         grouped_conv_net,
         float_input(2, 4, 5, 5),

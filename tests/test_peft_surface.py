@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import ConfigError, LoraConfig, LorakitError, LoraModel, TargetError, get_lora_model
-from tests.cases import conv_mlp, mlp
+from lorakit import (
+    ConfigError,
+    LoraConfig,
+    LorakitError,
+    LoraModel,
+    TargetError,
+    TrainableTokensConfig,
+    get_lora_model,
+)
+from tests.cases import conv_mlp, mlp, tiny_gpt2
 
 ATOL = 1e-5
 
@@ -75,3 +83,66 @@ def test_lora_bias_on_a_layer_without_bias_runs_but_refuses_to_merge():
         lora.merge_adapter()
     torch.testing.assert_close(lora(x).detach(), expected)  # nothing was changed
 
+
+# -- trainable tokens ----------------------------------------------------------------------------------------------
+def _ids() -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, 20, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[0, :3] = torch.tensor([1, 3, 5])  # the trained rows are looked up
+    return {"ids": ids}
+
+
+def _run(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_ids())
+
+
+def _random_rows(model: LoraModel) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.normal_()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(target_modules=["lin1"], trainable_token_indices={"emb": [1, 3]}, init_lora_weights=False),
+        TrainableTokensConfig(target_modules=["emb"], token_indices=[1, 3, 5]),
+    ],
+    ids=["with-lora", "alone"],
+)
+def test_trainable_tokens_files_both_ways_with_peft(config, tmp_path):
+    ours = get_lora_model(conv_mlp(), config)
+    _random_rows(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(conv_mlp(), tmp_path / "ours")
+    expected = _run(ours)
+    assert not torch.allclose(expected, _run(conv_mlp()), atol=1e-4)
+    torch.testing.assert_close(_run(theirs), expected, atol=ATOL, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = LoraModel.from_pretrained(conv_mlp(), tmp_path / "theirs")
+    torch.testing.assert_close(_run(back), expected, atol=ATOL, rtol=0)
+
+
+def test_trainable_tokens_train_only_their_rows_and_merge_writes_them():
+    model = get_lora_model(conv_mlp(), TrainableTokensConfig(target_modules=["emb"], token_indices=[1, 3]))
+    assert model.get_nb_trainable_parameters()[0] == 2 * 12
+    assert torch.equal(_run(model), _run(conv_mlp()))  # the rows start as they were
+    _random_rows(model)
+    delta = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).detach().clone()
+    expected = _run(model)
+    merged = model.merge_and_unload()
+    assert type(merged.emb) is nn.Embedding
+    # the rows arrive as W + (delta - W[idx]): delta within one rounding step (PEFT copies them in exactly)
+    torch.testing.assert_close(merged.emb.weight[[1, 3]].detach(), delta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged.emb.weight[[0, 2, 4]].detach(), conv_mlp().emb.weight[[0, 2, 4]].detach())
+    torch.testing.assert_close(_run(merged), expected, atol=ATOL, rtol=0)
+
+
+def test_trainable_tokens_refuse_tied_tables_and_ids_outside_the_table():
+    with pytest.raises(TargetError, match="tied embeddings"):
+        get_lora_model(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], trainable_token_indices=[1, 2]))
+    with pytest.raises(TargetError, match=r"\[25\] are outside emb's table of 20 rows"):
+        get_lora_model(conv_mlp(), TrainableTokensConfig(target_modules=["emb"], token_indices=[1, 25]))
+    with pytest.raises(ConfigError, match="distinct token ids"):
+        LoraConfig(target_modules=["lin1"], trainable_token_indices=[1, 1])

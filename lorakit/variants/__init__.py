@@ -20,6 +20,7 @@ from lorakit.variants.delta_lora import DeltaLora
 from lorakit.variants.dora import Dora
 from lorakit.variants.lora import Lora, Variant
 from lorakit.variants.lora_fa import LoraFA
+from lorakit.variants.trainable_tokens import TrainableTokens, TrainableTokensConfig
 from lorakit.variants.vera import Vera, VeraConfig
 
 Targets = list[tuple[str, Kind, nn.Module]]
@@ -83,4 +84,16 @@ def _check_weight_init(config: Any, targets: Targets) -> None:
             )
 
 
-__all__ = ["DeltaLora", "Dora", "Lora", "LoraFA", "Variant", "Vera", "VeraConfig", "get_variant", "variant_for"]
+__all__ = [
+    "DeltaLora",
+    "Dora",
+    "Lora",
+    "LoraFA",
+    "TrainableTokens",
+    "TrainableTokensConfig",
+    "Variant",
+    "Vera",
+    "VeraConfig",
+    "get_variant",
+    "variant_for",
+]

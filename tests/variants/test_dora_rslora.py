@@ -93,7 +93,8 @@ def test_dora_merged_weight_is_magnitude_times_direction():
     with torch.no_grad():
         adapter.variant_state.lora_magnitude_vector.mul_(1.7)
     combined = w0 + 1.5 * adapter.lora_B.detach() @ adapter.lora_A.detach()
-    expected = adapter.variant_state.lora_magnitude_vector.detach()[:, None] * combined / combined.norm(dim=1, keepdim=True)
+    magnitude = adapter.variant_state.lora_magnitude_vector.detach()
+    expected = magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged[0].weight.detach(), expected, atol=1e-12, rtol=0)
 
