@@ -164,3 +164,37 @@ def test_compiled_matches_eager(specs, monkeypatch):
     x, w, b, adapters = _case("cuda", torch.bfloat16, torch.float32, (2, 33, 96), 80, specs)
     compiled = torch.compile(lambda x: ops.lora_linear(x, w, b, adapters, True), fullgraph=True)
     _check(lambda: compiled(x), x, w, b, None, adapters, torch.bfloat16)
+
+
+def _routed_case(dtype, factor_dtype):
+    gen = torch.Generator().manual_seed(0)
+    batch, tokens, n_in, n_out = 9, 37, 203, 141
+    x = torch.randn(batch, tokens, n_in, generator=gen).to("cuda", dtype)
+    out = torch.randn(batch, tokens, n_out, generator=gen).to("cuda", dtype)
+    adapters = _adapters([(1, 0.0), (5, 0.0), (16, 0.0), (64, 0.0)], n_in, n_out, factor_dtype, "cuda", gen)
+    # rows 0 and 8 are on two adapters (a tree path), adapter 2 has no rows, rows 5..7 keep the base output
+    rows = [torch.tensor(r, dtype=torch.long, device="cuda") for r in ([0, 3, 8], [1], [], [0, 2, 4, 8])]
+    return x, out, adapters, rows
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_routed_kernel_matches_float64_math(dtype):
+    from lorakit.ops.triton.routed import add_routed_lora
+
+    x, out, adapters, rows = _routed_case(dtype, torch.float32)
+    as64 = [LoraFactors(a.lora_A.double(), a.lora_B.double(), a.scale, 0.0) for a in adapters]
+    with torch.no_grad():
+        y = add_routed_lora(out, x, adapters, rows, False)
+        gold = ops.reference.add_routed_lora(out.double(), x.double(), as64, rows, False)
+    assert y.dtype == out.dtype and y.shape == out.shape
+    assert _rel(y, gold) < TOLERANCE[dtype]
+    assert torch.equal(y[5:8], out[5:8])
+
+
+@needs_kernels
+def test_routed_op_with_gradients_uses_the_reference():
+    x, out, adapters, rows = _routed_case(torch.bfloat16, torch.float32)
+    y = ops.add_routed_lora(out, x, adapters, rows, True)
+    assert y.requires_grad
+    torch.testing.assert_close(y, ops.reference.add_routed_lora(out, x, adapters, rows, True))

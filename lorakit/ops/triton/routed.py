@@ -1,0 +1,151 @@
+"""add_routed_lora on CUDA for inference: every adapter's rows in two launches, whatever the number of adapters.
+
+    S[t]      = x[t] A_k^T            for every token t of a batch row routed to adapter k   (shrink, per segment)
+    out'[t]  += s_k * S[t] B_k^T                                                            (expand, atomic add)
+
+Segments are the token rows of each adapter (rows[k] are batch rows; each holds x[0].numel() / in tokens); a
+block of BLOCK_M tokens belongs to one adapter, so each block is one small matmul with that adapter's factors.
+Factors of every rank sit back to back (A_all: R_total x in, B_all: out x R_total; no padding to the largest
+rank). The expand adds atomically, so a row listed under several adapters (a tree path) sums all its terms.
+Training (any gradient wanted), dropout in training mode and torch.compile tracing use the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lorakit.ops import reference
+from lorakit.ops.reference import LoraFactors
+
+BLOCK_M = 64
+_META: dict[tuple, tuple[Tensor, Tensor, Tensor, int]] = {}  # segment layout -> device tables (shapes only)
+
+
+@triton.jit
+def _tokens(blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, BLOCK_M: tl.constexpr):
+    """This block's adapter k, its positions p in k's segment, whether they exist, and their token rows."""
+    b = tl.program_id(0)
+    k = tl.load(blocks_ptr + 2 * b)
+    p = tl.load(blocks_ptr + 2 * b + 1) + tl.arange(0, BLOCK_M)
+    first_row, n_tokens = tl.load(meta_ptr + 4 * k), tl.load(meta_ptr + 4 * k + 1)
+    valid = p < n_tokens
+    batch_row = tl.load(rows_ptr + first_row + p // tokens_per_row, mask=valid, other=0)
+    return k, p, valid, batch_row * tokens_per_row + p % tokens_per_row, first_row * tokens_per_row
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, s_ptr, blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, n_in,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    k, p, valid, token, segment = _tokens(blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, BLOCK_M)
+    first_rank, rank = tl.load(meta_ptr + 4 * k + 2), tl.load(meta_ptr + 4 * k + 3)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + token[:, None] * n_in + cols[None, :], mask=valid[:, None] & (cols[None, :] < n_in), other=0.0
+        )
+        a_t = tl.load(
+            a_ptr + (first_rank + ranks[None, :]).to(tl.int64) * n_in + cols[:, None],
+            mask=(ranks[None, :] < rank) & (cols[:, None] < n_in),
+            other=0.0,
+        )
+        acc = tl.dot(x, a_t, acc, input_precision=PRECISION)
+    tl.store(s_ptr + (segment + p[:, None]) * BLOCK_R + ranks[None, :], acc, mask=valid[:, None])
+
+
+@triton.jit
+def _expand_kernel(
+    s_ptr, b_ptr, scales_ptr, out_ptr, blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, n_out, r_total,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    k, p, valid, token, segment = _tokens(blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, BLOCK_M)
+    first_rank, rank = tl.load(meta_ptr + 4 * k + 2), tl.load(meta_ptr + 4 * k + 3)
+    ranks = tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    s = tl.load(s_ptr + (segment + p[:, None]) * BLOCK_R + ranks[None, :], mask=valid[:, None], other=0.0)
+    b_t = tl.load(
+        b_ptr + cols[None, :].to(tl.int64) * r_total + first_rank + ranks[:, None],
+        mask=(ranks[:, None] < rank) & (cols[None, :] < n_out),
+        other=0.0,
+    )  # (BLOCK_R x BLOCK_N)
+    term = tl.dot(s.to(b_t.dtype), b_t, input_precision=PRECISION) * tl.load(scales_ptr + k)
+    out = out_ptr + token[:, None] * n_out + cols[None, :]
+    tl.atomic_add(out, term.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < n_out))
+
+
+def add_routed_lora(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+) -> Tensor:
+    """reference.add_routed_lora's semantics; the kernels for inference (see the module docstring)."""
+    if not _routable(out, x, adapters, rows, training):
+        return reference.add_routed_lora(out, x, adapters, rows, training)
+    n_in, n_out, batch = x.shape[-1], out.shape[-1], x.shape[0]
+    tokens_per_row = x[0].numel() // n_in
+    x2 = x.reshape(batch * tokens_per_row, n_in).contiguous()
+    result = out.reshape(batch * tokens_per_row, n_out).clone()
+    blocks, meta, scales, n_blocks = _layout(adapters, rows, tokens_per_row, x.device)
+    a_all = torch.cat([a.lora_A for a in adapters]).to(x.dtype)  # (R_total x in)
+    b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(x.dtype).contiguous()  # (out x R_total)
+    rows_cat = torch.cat(list(rows))
+    block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
+    s = torch.empty((sum(r.numel() for r in rows) * tokens_per_row, block_r), dtype=torch.float32, device=x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _shrink_kernel[(n_blocks,)](
+        x2, a_all, s, blocks, meta, rows_cat, tokens_per_row, n_in,
+        BLOCK_M=BLOCK_M, BLOCK_K=64, BLOCK_R=block_r, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    _expand_kernel[(n_blocks, triton.cdiv(n_out, 128))](
+        s, b_all, scales, result, blocks, meta, rows_cat, tokens_per_row, n_out, b_all.shape[1],
+        BLOCK_M=BLOCK_M, BLOCK_N=128, BLOCK_R=block_r, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return result.reshape(out.shape)
+
+
+def _routable(out: Tensor, x: Tensor, adapters, rows, training: bool) -> bool:
+    if torch.compiler.is_compiling() or x.dim() < 2 or not adapters or all(r.numel() == 0 for r in rows):
+        return False
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, out, *factors)):
+        return False
+    if training and any(a.dropout > 0 for a in adapters):
+        return False
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return (
+        x.dtype in dtypes and out.dtype in dtypes and out.shape[0] == x.shape[0]
+        and all(a.lora_A.dim() == 2 and a.lora_A.shape[1] == x.shape[-1] for a in adapters)
+        and all(a.lora_B.dim() == 2 and a.lora_B.shape[0] == out.shape[-1] for a in adapters)
+    )  # fmt: skip
+
+
+def _layout(adapters, rows, tokens_per_row: int, device) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Device tables for the kernels, cached by shapes alone (no device sync, no copy per layer):
+    blocks (n_blocks x 2: adapter, first position), meta (G x 4: first row in rows_cat, tokens, first rank, rank),
+    scales (G)."""
+    counts = tuple(r.numel() for r in rows)
+    ranks = tuple(a.lora_A.shape[0] for a in adapters)
+    scales = tuple(float(a.scale) for a in adapters)
+    key = (counts, ranks, scales, tokens_per_row, str(device))
+    if key not in _META:
+        if len(_META) > 512:  # many batch shapes seen (serving): start over rather than grow without bound
+            _META.clear()
+        blocks, meta, first_row, first_rank = [], [], 0, 0
+        for k, (count, rank) in enumerate(zip(counts, ranks, strict=True)):
+            n_tokens = count * tokens_per_row
+            blocks += [(k, start) for start in range(0, n_tokens, BLOCK_M)]
+            meta.append((first_row, n_tokens, first_rank, rank))
+            first_row, first_rank = first_row + count, first_rank + rank
+        _META[key] = (
+            torch.tensor(blocks, dtype=torch.int32, device=device),
+            torch.tensor(meta, dtype=torch.int32, device=device),
+            torch.tensor(scales, dtype=torch.float32, device=device),
+            len(blocks),
+        )
+    return _META[key]
