@@ -17,11 +17,14 @@ from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.reference import (
     LoraFactors,
     conv_contribution,
+    dora_contribution,
     embedding_contribution,
     linear_contribution,
     low_rank_delta,
     rescaled_merge,
     rescaled_unmerge,
+    vera_contribution,
+    weight_norm,
 )
 
 _KERNELS: dict[str, Callable] | None = None  # op name -> kernel, filled on first CUDA call
@@ -69,6 +72,7 @@ __all__ = [
     "add_routed_lora",
     "backend",
     "conv_contribution",
+    "dora_contribution",
     "embedding_contribution",
     "frozen_a_linear_contribution",
     "linear_contribution",
@@ -76,4 +80,6 @@ __all__ = [
     "low_rank_delta",
     "rescaled_merge",
     "rescaled_unmerge",
+    "vera_contribution",
+    "weight_norm",
 ]

@@ -44,6 +44,27 @@ def low_rank_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     return (delta * scale).reshape(lora_B.shape[0], *lora_A.shape[1:])
 
 
+def weight_norm(weight: Tensor, delta: Tensor, out_axis: int = 0) -> Tensor:
+    """Semantics: ||W + dW|| per output feature (every axis but out_axis reduced), in dW's dtype, with no gradient
+    (DoRA treats the norm as a constant, paper 4.3)."""
+    with torch.no_grad():
+        combined = weight.detach().to(delta.dtype) + delta.detach()
+        return torch.linalg.vector_norm(combined, dim=tuple(d for d in range(combined.dim()) if d != out_axis))
+
+
+def dora_contribution(base: Tensor, lora: Tensor, ratio: Tensor) -> Tensor:
+    """Semantics: (m/n - 1) * W x + (m/n) * s B(A(x)): what DoRA adds to the base output, given W x (`base`, no
+    bias), the LoRA term and ratio = m / ||W + dW|| broadcast along the output axis."""
+    return (ratio - 1) * base + ratio * lora
+
+
+def vera_contribution(x: Tensor, lora_A: Tensor, lora_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
+    """Semantics: b * (B (d * (A x))); A (r x in) and B (out x r) are the frozen shared pair's slices, d (r,) and
+    b (out,) the trained vectors. x (..., in) -> (..., out)."""
+    hidden = lambda_d * F.linear(x, lora_A)  # (..., r)
+    return lambda_b * F.linear(hidden, lora_B)
+
+
 def rescaled_merge(weight: Tensor, scales: Sequence[Tensor | float], deltas: Sequence[Tensor]) -> Tensor:
     """Semantics: W + sum_i ((m_i - 1) * W + m_i * dW_i), in fp32 (fp64 stays fp64).
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lorakit import ops
+from lorakit.errors import TargetError
 from lorakit.variants.lora import Lora
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class Dora:
         else:  # W times the dropped-out input, which the layer never computed
             base = kind.base_output(module, x, weight.to(adapter.dtype))
         lora = kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
-        return (ratio - 1) * base + ratio * lora
+        return ops.dora_contribution(base, lora, ratio)
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
         return self._lora.delta_weight(adapter)
@@ -73,14 +75,20 @@ class DoraState(nn.Module):
         self.lora_magnitude_vector = nn.Parameter(magnitude)
 
 
+def check_targets(targets) -> None:
+    for path, kind, _ in targets:
+        if kind.acts_on_weight:
+            raise TargetError(
+                f"use_dora=True needs a layer's output, but {path} is adapted on its weight ({kind.name}); "
+                "PEFT refuses DoRA there too: use plain LoRA for it"
+            )
+
+
 def _column_norm(adapter: Adapter, weight: Tensor) -> Tensor:
     """||W + dW|| per output feature, (out,), detached: the norm takes no gradient (DoRA paper, 4.3)."""
     with torch.no_grad():
-        dtype = adapter.lora_A.dtype
-        combined = weight.detach().to(dtype) + adapter.kind.delta(adapter.lora_A, adapter.lora_B, adapter.scale)
-        out_axis = 1 if adapter.kind.transposed else 0
-        other = tuple(d for d in range(combined.dim()) if d != out_axis)
-        return torch.linalg.vector_norm(combined, dim=other)
+        delta = adapter.kind.delta(adapter.lora_A, adapter.lora_B, adapter.scale)
+    return ops.weight_norm(weight, delta, out_axis=1 if adapter.kind.transposed else 0)
 
 
 def _magnitude_shape(weight: Tensor, norm: Tensor) -> tuple[int, ...]:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit import checks
+from lorakit import checks, ops
 from lorakit.config import TASK_TYPES, read_json_object
 from lorakit.errors import ConfigError, TargetError
 
@@ -160,8 +159,9 @@ class Vera:
     def contribution(self, adapter: Adapter, module: nn.Module, x: Tensor, base_out: Tensor | None = None) -> Tensor:
         state = adapter.variant_state
         lora_A, lora_B = state.slices()
-        hidden = state.vera_lambda_d * F.linear(adapter.dropout(x), lora_A.to(x.dtype))  # (..., r)
-        return state.vera_lambda_b * F.linear(hidden, lora_B.to(x.dtype))
+        x = adapter.dropout(x)
+        lambda_d, lambda_b = state.vera_lambda_d, state.vera_lambda_b
+        return ops.vera_contribution(x, lora_A.to(x.dtype), lora_B.to(x.dtype), lambda_d, lambda_b)
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
         state = adapter.variant_state
