@@ -1,16 +1,16 @@
 """add_routed_lora with batched matmuls: the same Semantics as reference.add_routed_lora, fewer, larger ops.
 
 The reference loops over adapters (an index_select, two matmuls and an index_add each), so a batch routed to
-64 adapters costs 64 x 4 small ops per layer. Here adapters of one rank and dtype form a group; within a group
-each row has at most one adapter (a row of a tree path sits in several groups' "levels"), so the group is
+64 adapters costs 64 x 4 small ops per layer. Here adapters of one rank and dtype form a group, split into
+levels where each row has at most one adapter (a tree path puts a row under several), and each level is
 
-    h[i] = x[i] @ A[slot(i)]^T          (rows, tokens, r)      one bmm over per-row gathered factors
-    y[i] = s[slot(i)] * h[i] @ B[slot(i)]^T                    a second bmm
-    acc.index_add_(rows, y)
+    X[k] = the rows of adapter k, zero-padded to the longest      (K, L * tokens, in)
+    Y[k] = s_k * X[k] @ A_k^T @ B_k^T                             two bmm over the stacked factors
+    out[rows of k] += Y[k] (the padding dropped)
 
 The stacked factors (K, r, in) and (K, out, r) are kept between calls while no gradient is recorded and no
-factor has changed (torch's version counter), so serving pays the stacking once. Dropout in training and
-single-adapter groups go through the reference loop.
+factor has changed (torch's version counter), so serving pays the stacking once. Dropout in training,
+single-adapter levels and levels whose padding would more than double the rows go through the reference loop.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def add_routed_lora(
     acc = None
     for members in groups.values():
         for level in _disjoint_levels(members):
-            if len(level) == 1:
+            if len(level) == 1 or not _balanced(level):
                 looped.extend(level)
                 continue
             acc = _batched(out, x, level, acc)
@@ -68,17 +68,26 @@ def _disjoint_levels(members: list[tuple[LoraFactors, Tensor]]) -> list[list[tup
 
 
 def _batched(out: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], acc: Tensor | None) -> Tensor:
+    """One level: rows laid out per adapter in a zero-padded (K, L, ...) block, two bmm with the stacked factors."""
     A, B, scale = _stacked([a for a, _ in level])  # (K, r, in), (K, out, r), (K,)
-    sel = torch.cat([idx for _, idx in level])  # rows, grouped by adapter
-    slot = torch.repeat_interleave(
-        torch.arange(len(level), device=sel.device), torch.tensor([idx.numel() for _, idx in level], device=sel.device)
-    )
+    counts = [idx.numel() for _, idx in level]
+    k, longest = len(level), max(counts)
+    sel = torch.cat([idx for _, idx in level])  # the rows, adapter by adapter
+    pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
     xs = x.index_select(0, sel).to(A.dtype)
-    h = torch.bmm(xs.reshape(sel.numel(), -1, xs.shape[-1]), A.index_select(0, slot).transpose(1, 2))
-    y = torch.bmm(h, B.index_select(0, slot).transpose(1, 2)) * scale.index_select(0, slot)[:, None, None]
+    padded = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
+    h = torch.bmm(padded.reshape(k, -1, xs.shape[-1]), A.transpose(1, 2))  # (K, L * tokens, r)
+    y = torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # (K, L * tokens, out)
+    y = y.reshape(k * longest, *out.shape[1:]).index_select(0, pos)
     if acc is None:
         acc = out.new_zeros(out.shape, dtype=y.dtype)
-    return acc.index_add(0, sel, y.reshape(sel.numel(), *out.shape[1:]))
+    return acc.index_add(0, sel, y)
+
+
+def _balanced(level: list[tuple[LoraFactors, Tensor]]) -> bool:
+    """Padding every adapter's rows to the longest costs at most twice the real rows."""
+    counts = [idx.numel() for _, idx in level]
+    return len(level) * max(counts) <= 2 * sum(counts)
 
 
 def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
