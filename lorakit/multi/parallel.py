@@ -17,7 +17,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -193,15 +192,17 @@ class ParallelTrainer:
         if not running:
             return {}
         batches = [self._next_batch(r) for r in running]
-        inputs, slices = concat_batches(batches, self.pad_values)
-        labels = inputs.pop("labels")
-        rows = [r.job.name for r, b in zip(running, batches, strict=True) for _ in range(len(b["labels"]))]
+        inputs, sizes = concat_batches(batches, self.pad_values)
+        labels = inputs.pop("labels").split(sizes)
+        rows = [r.job.name for r, n in zip(running, sizes, strict=True) for _ in range(n)]
         self.model.train()
         with self.forward_context():
             out = self.model(**inputs, adapter_names=rows)
-            logits = out if isinstance(out, Tensor) else out.logits
+            # split, not slices: the backward of split is one concatenation; each slice's would zero-fill a
+            # gradient the size of all the logits
+            logits = (out if isinstance(out, Tensor) else out.logits).split(sizes)
             losses = [
-                self.loss_fn(logits[s], labels[s]) / r.job.grad_accum for r, s in zip(running, slices, strict=True)
+                self.loss_fn(part, lab) / r.job.grad_accum for r, part, lab in zip(running, logits, labels, strict=True)
             ]
         torch.stack(losses).sum().backward()
         reports = {}
@@ -254,8 +255,8 @@ def _optimizer_step(r: _Running) -> JobStep:
     return report
 
 
-def concat_batches(batches: list[Batch], pad_values: dict[str, int]) -> tuple[Batch, list[slice]]:
-    """The batches' rows stacked into one batch, sequences right-padded to the longest; and each batch's rows.
+def concat_batches(batches: list[Batch], pad_values: dict[str, int]) -> tuple[Batch, list[int]]:
+    """The batches' rows stacked into one batch, sequences right-padded to the longest; and each batch's row count.
 
     Padded positions get attention_mask 0 (a mask of ones is added where a padded batch had none) and labels
     IGNORE, so every row's real tokens see exactly what they would see in their own batch.
@@ -269,10 +270,7 @@ def concat_batches(batches: list[Batch], pad_values: dict[str, int]) -> tuple[Ba
     if len(lengths) > 1 and "attention_mask" not in keys:
         batches = [{**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in batches]
     merged = {key: _pad_and_cat([b[key] for b in batches], pad_values.get(key, 0)) for key in batches[0]}
-    bounds = [0]
-    for batch in batches:
-        bounds.append(bounds[-1] + len(next(iter(batch.values()))))
-    return merged, [slice(a, b) for a, b in pairwise(bounds)]
+    return merged, [len(next(iter(batch.values()))) for batch in batches]
 
 
 def _pad_and_cat(tensors: list[Tensor], fill: int) -> Tensor:
