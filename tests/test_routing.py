@@ -73,6 +73,12 @@ KINDS = {
         VeraConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]),
         LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "o_proj", "down_proj"]),
     ),
+    "lora-fa-and-delta-lora": (
+        tiny_llama,
+        lambda: {"input_ids": _ids(64)},
+        LoraConfig(r=4, init_lora_weights=False, variant="lora_fa", target_modules=["q_proj", "up_proj"]),
+        LoraConfig(r=2, init_lora_weights=False, variant="delta_lora", target_modules=["v_proj", "up_proj"]),
+    ),
 }
 
 
