@@ -35,6 +35,8 @@ def test_train_prints_the_report_and_overrides_apply(app: typer.Typer, config: P
     assert result.exit_code == 0, result.output
     for text in ("accuracy:", "before ->", "trainable parameters: 1,090 of", "adapter on disk:", f"run folder: {out}"):
         assert text in result.output
+    baseline = json.loads((out / "summary.json").read_text())["baseline"]["accuracy"]
+    assert f"(majority-class baseline {baseline:.4f})" in result.output
     saved = (out / "config.toml").read_text()
     assert "lr = 0.02" in saved and "max_steps = 3" in saved
 
@@ -44,7 +46,10 @@ def test_train_refuses_an_existing_folder_then_resume_and_eval(app: typer.Typer,
     assert runner.invoke(app, ["train", str(config), f"--run.out_dir={out}"]).exit_code == 0
     again = runner.invoke(app, ["train", str(config), f"--run.out_dir={out}"])
     assert isinstance(again.exception, ConfigError) and "pass --overwrite" in str(again.exception)
-    assert runner.invoke(app, ["train", "--resume", str(out)]).exit_code == 0  # already finished: nothing to do
+    metrics = (out / "metrics.jsonl").read_text()
+    resumed = runner.invoke(app, ["train", "--resume", str(out)])
+    assert resumed.exit_code == 0 and f"{out} finished already (8 steps); nothing to do" in resumed.output
+    assert (out / "metrics.jsonl").read_text() == metrics
     result = runner.invoke(app, ["eval", str(out)])
     assert result.exit_code == 0, result.output
     after = json.loads((out / "summary.json").read_text())["after"]["accuracy"]

@@ -142,7 +142,8 @@ def print_report(result: RunResult) -> None:
     ]
     console = _console()
     if result.already_finished:
-        console.print(f"\n{result.folder} finished already ({result.steps} steps); nothing to do. Its report:")
+        line = f"\n{result.folder} finished already ({result.steps} steps); nothing to do. Its report:"
+        console.print(line, soft_wrap=True)
     else:
         console.print("\nDone.", style="bold green")
     for line in lines:
