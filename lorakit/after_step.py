@@ -61,4 +61,4 @@ def _snapshot(optimizer: torch.optim.Optimizer, *_) -> None:
 
 def _update(optimizer: torch.optim.Optimizer, *_) -> None:
     for layer, adapter, old_A, old_B in _BEFORE.pop(id(optimizer), []):
-        apply_delta_update(layer.weight, adapter, old_A, old_B)
+        apply_delta_update(layer.stored_weight, adapter, old_A, old_B)

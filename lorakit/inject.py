@@ -42,7 +42,7 @@ def inject_adapter(
     for path, indices in token_targets:
         variant = TrainableTokens(indices, getattr(config, "init_weights", True))
         module = _wrapped(model, path, parameter_kind(_base_module(model, path), "weight"))
-        module.add_adapter(name, Adapter(module.kind, module.weight, len(indices), 1.0, 1.0, 0.0, variant))
+        module.add_adapter(name, Adapter(module.kind, module.stored_weight, len(indices), 1.0, 1.0, 0.0, variant))
     for path in saved_paths:
         saved = model.get_submodule(path)
         if not isinstance(saved, SavedModule):
@@ -55,13 +55,13 @@ def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tup
     """(path, kind) for every LoRA target, checked; the facts PEFT records are written into the config."""
     if not getattr(config, "adapts_layers", True):
         return []
-    if config.target_parameters and config.lora_dropout:
-        raise ConfigError(
-            "lora_dropout must be 0 with target_parameters: those adapters act on the weight, "
-            "not on the layer input, so there is nothing to drop out"
-        )
     targets = find_module_targets(model, config) + find_parameter_targets(model, config)
     for path, kind in targets:
+        if config.lora_dropout and kind.acts_on_weight:
+            raise ConfigError(
+                f"lora_dropout must be 0 with target_parameters and nn.MultiheadAttention ({path}): those adapters "
+                "act on the weight, not on the layer input, so there is nothing to drop out"
+            )
         kind.check_rank(path, config.rank_and_alpha(path)[0])
         if config.lora_bias and kind.is_embedding:
             raise TargetError(f"lora_bias=True does not work on embeddings (as in PEFT); exclude {path}")
@@ -79,7 +79,7 @@ def _add_lora(model, name, config, targets, variant, adapter_dtype) -> None:
         try:
             adapter = Adapter(
                 kind,
-                layer.weight,
+                layer.stored_weight,
                 r,
                 alpha,
                 config.scale(r, alpha),
@@ -133,7 +133,7 @@ def unwrap_all(model: nn.Module, keep: str = "original") -> nn.Module:
 
     keep="active" keeps the active adapter's copy of each saved module (merge), "original" the original.
     """
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed(list(lora_layers(model))):  # inner layers first: their paths run through outer ones
         _replace(model, path, layer.unwrap())
     for path, saved in list(saved_modules(model)):
         _replace(model, path, saved.current() if keep == "active" else saved.original_module)

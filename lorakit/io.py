@@ -54,7 +54,7 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
                 local = _TOKEN_KEYS[config.peft_type]
             tensors[f"{_PREFIX}{path}.{_FACTOR_KEYS[layer.kind.is_embedding].get(local, local)}"] = tensor
         if adapter.variant.changes_base_weight:  # Delta-LoRA: the trained weight is part of the adapter
-            tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.weight
+            tensors[f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"] = layer.stored_weight
         shared.update(adapter.variant.shared_tensors())
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{_PREFIX}{path}.base_layer.bias"] = layer.bias

@@ -80,6 +80,10 @@ class Kind:
     def check_rank(self, path: str, r: int) -> None:
         """Raises, naming the fix, when the kind cannot take rank r; called before the model is changed."""
 
+    def companions(self) -> list[tuple[str, Kind]]:
+        """(child name, kind) of other weights one target of this kind adapts too; none for most kinds."""
+        return []
+
 
 @dataclass(frozen=True)
 class EmbeddingKind(Kind):
@@ -180,6 +184,18 @@ class ParameterKind(Kind):
 
 
 @dataclass(frozen=True)
+class MultiheadAttentionKind(ParameterKind):
+    """nn.MultiheadAttention, as PEFT adapts it: in_proj_weight (3E x E) here and out_proj.weight as a companion,
+    both on the weight, because the module reads out_proj's weight directly and never calls out_proj."""
+
+    name: str = "multihead_attention"
+    parameter: str = "in_proj_weight"
+
+    def companions(self) -> list[tuple[str, Kind]]:
+        return [("out_proj", ParameterKind(parameter="weight"))]
+
+
+@dataclass(frozen=True)
 class Bnb4bitKind(Kind):
     """bitsandbytes' Linear4bit (CUDA QLoRA): the packed weight is dequantized to read it, quantized to write it."""
 
@@ -206,6 +222,7 @@ LINEAR = Kind()
 QUANTIZED_LINEAR = Kind(name="linear_quantized", quantized=True)  # lorakit.quant's NF4Linear, bitsandbytes' 8-bit
 TRANSFORMERS_CONV1D = Kind(name="conv1d_transposed", transposed=True, fan_in_fan_out=True)
 EMBEDDING = EmbeddingKind()
+MULTIHEAD_ATTENTION = MultiheadAttentionKind()
 
 
 def kind_of(module: nn.Module) -> Kind | None:
@@ -219,6 +236,8 @@ def kind_of(module: nn.Module) -> Kind | None:
         return LINEAR
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:  # one in_proj_weight, as PEFT
+        return MULTIHEAD_ATTENTION
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return ConvKind(groups=module.groups, mergeable=module.groups == 1)
     if name == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):

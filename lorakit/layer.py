@@ -41,6 +41,14 @@ class LoraLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        """The weight as the base module uses it: with the live deltas where the kind acts on the weight, since
+        a module may read its child's weight directly (nn.MultiheadAttention reads out_proj.weight)."""
+        if self.kind.acts_on_weight:
+            return getattr(self.base_layer, self.kind.weight_name())
+        return self.stored_weight
+
+    @property
+    def stored_weight(self) -> Tensor:
         """The stored base weight (merged adapters included, unmerged ones not)."""
         name = self.kind.weight_name()
         if parametrize.is_parametrized(self.base_layer, name):
@@ -124,7 +132,7 @@ class LoraLayer(nn.Module):
         names = self._unmerged(names)
         if not names:
             return
-        weight = self.weight
+        weight = self.stored_weight
         scales = [self.adapters[n].weight_scale(weight) for n in names]
         merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
         self._shift_bias(names, 1)
@@ -135,7 +143,7 @@ class LoraLayer(nn.Module):
     def check_mergeable(self, names: list[str]) -> None:
         """Raises if merging the named adapters would put NaN or inf into the weight."""
         names = self._unmerged(names)
-        weight = self.weight
+        weight = self.stored_weight
         scales = [self.adapters[n].weight_scale(weight) for n in names]
         merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
         if names and not torch.isfinite(merged).all():
@@ -151,7 +159,7 @@ class LoraLayer(nn.Module):
             if isinstance(weight, nn.Parameter):
                 return weight.copy_(value.to(weight.dtype))
             self.kind.store_weight(self.base_layer, value.to(weight.dtype))
-        return self.weight
+        return self.stored_weight
 
     def _shift_bias(self, names: list[str], sign: int) -> None:
         """bias <- bias + sign * s * lora_B's bias, for adapters that train one (PEFT's lora_bias)."""
@@ -171,7 +179,7 @@ class LoraLayer(nn.Module):
 
     def unmerge(self) -> None:
         """W <- W - sum dW for every merged adapter: back to the base weight within one rounding step."""
-        weight = self.weight
+        weight = self.stored_weight
         for names, scales in reversed(self._merge_steps):
             restored = ops.rescaled_unmerge(weight, scales, [self.adapters[n].delta_weight() for n in names])
             weight = self._store_weight(weight, restored)

@@ -45,7 +45,7 @@ def _untie_shared_weights(model: nn.Module) -> None:
     """A merged delta belongs to the adapted layer alone: modules that share its weight (tied input and
     output embeddings) get their own copy of the base weight first, and the config stops re-tying them."""
     layers = dict(lora_layers(model))
-    adapted = {id(layer.weight): path for path, layer in layers.items()}
+    adapted = {id(layer.stored_weight): path for path, layer in layers.items()}
     for path, module in model.named_modules(remove_duplicate=False):
         if any(path == p or path.startswith(p + ".") for p in layers):
             continue

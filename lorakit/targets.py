@@ -88,7 +88,14 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
         raise TargetError(_nothing_matched(model, targets))
     if isinstance(targets, list):
         _warn_unused_names(targets, [p for p, _ in found])
-    return found
+    return [target for path, kind in found for target in _with_companions(model, path, kind)]
+
+
+def _with_companions(model: nn.Module, path: str, kind: Kind) -> list[tuple[str, Kind]]:
+    """The target and the child weights its kind adapts with it (MHA's out_proj), children first: wrapping the
+    parent moves them below its base_layer, where a file names them (PEFT's attn.base_layer.out_proj)."""
+    below = f"{path}.base_layer" if isinstance(model.get_submodule(path), LoraLayer) else path
+    return [(f"{below}.{child}", child_kind) for child, child_kind in kind.companions()] + [(path, kind)]
 
 
 def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, Kind]]:

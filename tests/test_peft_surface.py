@@ -5,18 +5,20 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit import (
     ConfigError,
     LoraConfig,
     LorakitError,
+    LoraLayer,
     LoraModel,
     TargetError,
     TrainableTokensConfig,
     get_lora_model,
 )
-from tests.cases import conv_mlp, mlp, tiny_gpt2
+from tests.cases import conv_mlp, mha_block, mlp, tiny_gpt2
 
 ATOL = 1e-5
 
@@ -146,3 +148,72 @@ def test_trainable_tokens_refuse_tied_tables_and_ids_outside_the_table():
         get_lora_model(conv_mlp(), TrainableTokensConfig(target_modules=["emb"], token_indices=[1, 25]))
     with pytest.raises(ConfigError, match="distinct token ids"):
         LoraConfig(target_modules=["lin1"], trainable_token_indices=[1, 1])
+
+
+# -- nn.MultiheadAttention -----------------------------------------------------------------------------------------
+# PEFT adapts in_proj_weight and out_proj.weight of a targeted nn.MultiheadAttention, under the keys attn.lora_A/B and
+# attn.base_layer.out_proj.lora_A/B. PEFT 0.21 adds out_proj's delta twice (W + 2 dW) in forward and merge
+# (huggingface/peft#3774); lorakit computes W + dW, so parity with PEFT is checked with out_proj's delta at zero and
+# the whole adapter against the math written out.
+def _mha_ids() -> dict[str, torch.Tensor]:
+    return {"ids": torch.randint(1, 20, (2, 7), generator=torch.Generator().manual_seed(1))}
+
+
+def _mha_run(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**_mha_ids())
+
+
+def _mha_model() -> LoraModel:
+    torch.manual_seed(0)
+    return get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], r=4, init_lora_weights=False))
+
+
+def _out_proj_adapter(model: LoraModel):
+    return model.model.attn.base_layer.out_proj.adapters["default"]
+
+
+def test_mha_adapts_in_proj_and_out_proj_as_the_math_says():
+    model = _mha_model()
+    reference = mha_block()
+    with torch.no_grad():  # W + dW for both weights, in a plain nn.MultiheadAttention
+        reference.attn.in_proj_weight += model.model.attn.adapters["default"].delta_weight()
+        reference.attn.out_proj.weight += _out_proj_adapter(model).delta_weight()
+    expected = _mha_run(reference)
+    assert not torch.allclose(expected, _mha_run(mha_block()), atol=1e-4)
+    torch.testing.assert_close(_mha_run(model), expected, atol=ATOL, rtol=0)
+    merged = model.merge_and_unload()
+    assert type(merged.attn) is nn.MultiheadAttention and type(merged.attn.out_proj) is not LoraLayer
+    torch.testing.assert_close(_mha_run(merged), expected, atol=ATOL, rtol=0)
+
+
+def test_mha_in_proj_equals_peft_and_files_go_both_ways(tmp_path):
+    ours = _mha_model()
+    with torch.no_grad():
+        _out_proj_adapter(ours).lora_B.zero_()  # PEFT doubles out_proj's delta (see above): compare in_proj alone
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(mha_block(), tmp_path / "ours")
+    expected = _mha_run(ours)
+    assert not torch.allclose(expected, _mha_run(mha_block()), atol=1e-4)
+    torch.testing.assert_close(_mha_run(theirs), expected, atol=ATOL, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = LoraModel.from_pretrained(mha_block(), tmp_path / "theirs")
+    torch.testing.assert_close(_mha_run(back), expected, atol=ATOL, rtol=0)
+
+
+def test_a_peft_mha_folder_loads_tensor_for_tensor(tmp_path):
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(mha_block(), peft.LoraConfig(target_modules=["attn"], r=4, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(mha_block(), tmp_path)
+    file = load_file(tmp_path / "adapter_model.safetensors")
+    assert set(file) == set(_peft_state(ours))
+    for key, tensor in _peft_state(ours).items():
+        torch.testing.assert_close(tensor, file[key], atol=0, rtol=0, msg=key)
+
+
+def test_mha_refuses_dropout_and_dora():
+    with pytest.raises(ConfigError, match="lora_dropout must be 0.*MultiheadAttention"):
+        get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], lora_dropout=0.1))
+    with pytest.raises(TargetError, match="use_dora=True needs a layer's output"):
+        get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], use_dora=True))

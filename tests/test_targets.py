@@ -60,8 +60,9 @@ def test_partly_matching_list_warns_about_the_rest():
 def test_unsupported_layer_kind_suggests_target_parameters():
     with pytest.raises(TargetError, match=r"input_layernorm \(LlamaRMSNorm\).*target_parameters"):
         get_lora_model(tiny_llama(), LoraConfig(target_modules=["input_layernorm"]))
-    with pytest.raises(TargetError, match=r"attn \(MultiheadAttention\)"):
-        get_lora_model(mha_block(), LoraConfig(target_modules=["attn"]))
+    separate_qkv = nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))  # PEFT refuses it too
+    with pytest.raises(TargetError, match=r"0 \(MultiheadAttention\)"):
+        get_lora_model(separate_qkv, LoraConfig(target_modules=["0"]))
 
 
 def test_target_parameters_errors():

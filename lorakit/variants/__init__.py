@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.errors import TargetError
 from lorakit.kinds import Kind
-from lorakit.variants import delta_lora, lora_fa
+from lorakit.variants import delta_lora, dora, lora_fa
 from lorakit.variants.delta_lora import DeltaLora
 from lorakit.variants.dora import Dora
 from lorakit.variants.lora import Lora, Variant
@@ -40,7 +40,7 @@ def _shared(variant: Variant, check: Callable[[Targets], None] = lambda _: None)
 # The one registry: a config's variant name -> how to build its strategy for a set of targets.
 _REGISTRY: dict[str, Builder] = {
     "lora": _shared(Lora()),
-    "dora": _shared(Dora()),
+    "dora": _shared(Dora(), dora.check_targets),
     "lora_fa": _shared(LoraFA(), lora_fa.check_targets),
     "delta_lora": _shared(DeltaLora(), delta_lora.check_targets),
     "vera": Vera.for_targets,  # holds the pair shared by its targets, so one instance per adapter

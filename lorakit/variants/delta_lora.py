@@ -57,7 +57,7 @@ def register_delta_lora(optimizer: torch.optim.Optimizer, model: nn.Module) -> N
         for layer, adapter in pairs:
             if adapter.lora_B.requires_grad:
                 lora_A, lora_B = before[id(adapter)]
-                apply_delta_update(layer.weight, adapter, lora_A, lora_B)
+                apply_delta_update(layer.stored_weight, adapter, lora_A, lora_B)
         before.clear()
 
     optimizer._lorakit_delta_lora = True  # hooked here: the model's own hooks (lorakit.after_step) leave it alone
