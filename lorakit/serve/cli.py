@@ -32,11 +32,18 @@ def serve_command(
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens at most")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="The base model's id in the API")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer folder (default: MODEL's)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for the model (default: torch's; 1 on a busy machine)")
+    ] = None,
 ) -> None:
     """Serve MODEL and its adapters over an OpenAI-compatible HTTP API, batching requests for many adapters."""
+    import torch
     import uvicorn
 
     from lorakit.serve.server import build_server
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     base, tok, base_id = _load(model, tokenizer)
     named = dict(_name_and_path(a) for a in adapter or [])
