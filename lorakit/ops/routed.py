@@ -25,8 +25,9 @@ from torch import Tensor
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 
-_STACKS: OrderedDict[tuple, tuple[list, Tensor, Tensor, Tensor]] = OrderedDict()
-_STACKS_MAX = 512  # entries (one per layer and group); enough for every layer of a large model
+_STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
+_LAYOUTS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
+_CACHE_MAX = 512  # entries each (one per layer and group); enough for every layer of a large model
 
 
 def add_routed_lora(
@@ -54,26 +55,32 @@ def add_routed_lora(
 
 def _disjoint_levels(members: list[tuple[LoraFactors, Tensor]]) -> list[list[tuple[LoraFactors, Tensor]]]:
     """Splits a group so that no row appears twice in one level (a tree path puts a row under several adapters)."""
-    levels: list[tuple[set[int], list]] = []
-    for a, idx in members:
+    split = _memo(_LAYOUTS, ("levels",), [idx for _, idx in members], _level_numbers)
+    levels: list[list] = [[] for _ in range(max(split) + 1)]
+    for member, number in zip(members, split, strict=True):
+        levels[number].append(member)
+    return levels
+
+
+def _level_numbers(rows: list[Tensor]) -> list[int]:
+    """For each row set, the first level none of whose sets shares a row with it."""
+    taken: list[set[int]] = []
+    numbers = []
+    for idx in rows:
         ids = set(idx.tolist())
-        for taken, level in levels:
-            if not taken & ids:
-                taken |= ids
-                level.append((a, idx))
-                break
-        else:
-            levels.append((ids, [(a, idx)]))
-    return [level for _, level in levels]
+        number = next((i for i, t in enumerate(taken) if not t & ids), len(taken))
+        if number == len(taken):
+            taken.append(set())
+        taken[number] |= ids
+        numbers.append(number)
+    return numbers
 
 
 def _batched(out: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], acc: Tensor | None) -> Tensor:
     """One level: rows laid out per adapter in a zero-padded (K, L, ...) block, two bmm with the stacked factors."""
     A, B, scale = _stacked([a for a, _ in level])  # (K, r, in), (K, out, r), (K,)
-    counts = [idx.numel() for _, idx in level]
-    k, longest = len(level), max(counts)
-    sel = torch.cat([idx for _, idx in level])  # the rows, adapter by adapter
-    pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
+    sel, pos, longest = _memo(_LAYOUTS, ("block",), [idx for _, idx in level], _block_layout)
+    k = len(level)
     xs = x.index_select(0, sel).to(A.dtype)
     padded = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
     h = torch.bmm(padded.reshape(k, -1, xs.shape[-1]), A.transpose(1, 2))  # (K, L * tokens, r)
@@ -82,6 +89,32 @@ def _batched(out: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], ac
     if acc is None:
         acc = out.new_zeros(out.shape, dtype=y.dtype)
     return acc.index_add(0, sel, y)
+
+
+def _block_layout(rows: list[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """The level's rows adapter by adapter (sel), and where each sits in the padded block (pos)."""
+    counts = [idx.numel() for idx in rows]
+    longest = max(counts)
+    sel = torch.cat(rows)
+    pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
+    return sel, pos, longest
+
+
+def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
+    """build(tensors), reused while the same tensor objects come back unchanged (every layer of one routed call
+    passes the same row tensors); weak references, so a reused id() is never a hit."""
+    key = (*tag, *((id(t), t._version) for t in tensors))
+    hit = cache.get(key)
+    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
+        cache.move_to_end(key)
+        return hit[1]
+    value = build(tensors)
+    for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
+        del cache[stale]  # its tensors are gone: so is what was built from them
+    cache[key] = ([weakref.ref(t) for t in tensors], value)
+    if len(cache) > _CACHE_MAX:
+        cache.popitem(last=False)
+    return value
 
 
 def _balanced(level: list[tuple[LoraFactors, Tensor]]) -> bool:
@@ -95,18 +128,7 @@ def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _stack(adapters)  # part of the autograd graph: built fresh every call
-    key = tuple((id(t), t._version) for t in tensors) + tuple(a.scale for a in adapters)
-    hit = _STACKS.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
-        _STACKS.move_to_end(key)
-        return hit[1:]
-    stacked = _stack(adapters)
-    for stale in [k for k, v in _STACKS.items() if any(ref() is None for ref in v[0])]:
-        del _STACKS[stale]  # an adapter was deleted: its stacked copy goes too
-    _STACKS[key] = ([weakref.ref(t) for t in tensors], *stacked)  # weak refs: a reused id() is not a hit
-    if len(_STACKS) > _STACKS_MAX:
-        _STACKS.popitem(last=False)
-    return stacked
+    return _memo(_STACKS, tuple(a.scale for a in adapters), tensors, lambda _: _stack(adapters))
 
 
 def _stack(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
