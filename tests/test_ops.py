@@ -119,3 +119,14 @@ def test_batched_routed_lora_rounds_once_and_sees_factors_changed_in_place():
             second, reference.add_routed_lora(out, x, adapters, rows, False), atol=1e-5, rtol=1e-5
         )
     assert not torch.allclose(first, second)
+
+
+def test_batched_routed_lora_under_inference_mode():
+    from lorakit.ops import reference, routed
+
+    adapters, _, x, out = _routed_case()
+    with torch.inference_mode():  # row tensors made here carry no version counter
+        rows = [torch.tensor(i) for i in ([0, 3], [1, 5], [2], [4, 7], [], [6])]
+        for _ in range(2):  # the second call reuses the plan and the stacked factors
+            fast = routed.add_routed_lora(out, x, adapters, rows, False)
+            torch.testing.assert_close(fast, reference.add_routed_lora(out, x, adapters, rows, False))

@@ -103,7 +103,7 @@ def _block_layout(rows: list[Tensor]) -> tuple[Tensor, Tensor, int]:
 def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
     """build(tensors), reused while the same tensor objects come back unchanged (every layer of one routed call
     passes the same row tensors); weak references, so a reused id() is never a hit."""
-    key = (*tag, *((id(t), t._version) for t in tensors))
+    key = (*tag, *((id(t), _version(t)) for t in tensors))
     hit = cache.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
         cache.move_to_end(key)
@@ -121,6 +121,11 @@ def _balanced(level: list[tuple[LoraFactors, Tensor]]) -> bool:
     """Padding every adapter's rows to the longest costs at most twice the real rows."""
     counts = [idx.numel() for _, idx in level]
     return len(level) * max(counts) <= 2 * sum(counts)
+
+
+def _version(t: Tensor) -> int:
+    """torch's in-place change counter; inference tensors have none (and rows are never changed in place)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
