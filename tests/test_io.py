@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
-from tests.cases import CASES, Case, output
+from tests.cases import CASES, PEFT_OUTPUTS, Case, output
 
 ATOL = 1e-5
 
@@ -37,7 +37,7 @@ def _run(model, case: Case) -> torch.Tensor:
         return output(model(**case.inputs()))
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", PEFT_OUTPUTS, ids=str)
 def test_our_files_load_in_peft_with_same_outputs(case: Case, tmp_path):
     ours = _ours(case)
     ours.save_pretrained(tmp_path)
@@ -48,7 +48,7 @@ def test_our_files_load_in_peft_with_same_outputs(case: Case, tmp_path):
     torch.testing.assert_close(_run(theirs, case), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", PEFT_OUTPUTS, ids=str)
 def test_peft_files_load_in_ours_with_same_outputs(case: Case, tmp_path):
     torch.manual_seed(3)
     theirs = peft.get_peft_model(case.build(), peft.LoraConfig(init_lora_weights=False, **case.config))
@@ -65,7 +65,7 @@ def _perturb_saved_copies_peft(model) -> None:
                 param.add_(torch.randn_like(param) * 0.1)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", PEFT_OUTPUTS, ids=str)
 def test_same_weights_same_outputs_as_peft_in_memory(case: Case):
     """PEFT builds its own layers from the same config; our tensors are copied in by key."""
     ours = _ours(case)

@@ -11,8 +11,13 @@ from lorakit.io import adapter_tensors
 from tests.cases import CASES, Case, output
 
 ATOL = 1e-5
-# PEFT has no DoRA for raw weights or with lora_bias; DoRA's norm needs dW, which a grouped conv cannot form
-DORA_CASES = [c for c in CASES if not (c.config.get("target_parameters") or c.config.get("lora_bias")) and c.mergeable]
+# compared with PEFT: cases PEFT computes as lorakit does, without raw weights or lora_bias (PEFT has no DoRA there),
+# mergeable (DoRA's norm needs dW, which a grouped conv cannot form)
+DORA_CASES = [
+    c
+    for c in CASES
+    if c.peft_outputs and c.mergeable and not (c.config.get("target_parameters") or c.config.get("lora_bias"))
+]
 RSLORA_CASES = [c for c in CASES if c.name in ("convmlp", "gpt2", "llama-layer1")]
 
 
