@@ -81,7 +81,8 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
     if unsupported:
         raise TargetError(
             "target_modules selects modules LoRA cannot wrap: " + ", ".join(unsupported) + ". "
-            "Supported: Linear, Embedding, Conv1d/2d/3d, transformers Conv1D; to adapt a weight of "
+            "Supported: Linear, Embedding, Conv1d/2d/3d (grouped too), transformers Conv1D, nn.MultiheadAttention "
+            "(one in_proj_weight); to adapt a weight of "
             "another module use target_parameters=['<module>.<parameter>']"
         )
     if not found and not config.target_parameters:

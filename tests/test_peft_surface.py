@@ -187,6 +187,17 @@ def test_mha_adapts_in_proj_and_out_proj_as_the_math_says():
     torch.testing.assert_close(_mha_run(merged), expected, atol=ATOL, rtol=0)
 
 
+def test_a_second_mha_adapter_finds_both_weights_and_runs_alone():
+    model = _mha_model()
+    model.add_adapter("other", LoraConfig(target_modules=["attn"], r=2, init_lora_weights=False))
+    model.set_adapter("other")
+    reference = mha_block()
+    with torch.no_grad():
+        reference.attn.in_proj_weight += model.model.attn.adapters["other"].delta_weight()
+        reference.attn.out_proj.weight += model.model.attn.base_layer.out_proj.adapters["other"].delta_weight()
+    torch.testing.assert_close(_mha_run(model), _mha_run(reference), atol=ATOL, rtol=0)
+
+
 def test_mha_in_proj_equals_peft_and_files_go_both_ways(tmp_path):
     ours = _mha_model()
     with torch.no_grad():
