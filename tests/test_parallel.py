@@ -287,3 +287,11 @@ def test_gradient_checkpointing_is_refused_for_jobs(tmp_path: Path, bert_folder:
     path = _jobs_file(tmp_path, bert_folder, '[[adapters]]\nname = "a"\n')
     with pytest.raises(ConfigError, match="gradient_checkpointing cannot be used with"):
         load_jobs(path, ["model.gradient_checkpointing=true"])
+
+
+def test_a_model_with_activation_checkpointing_is_refused() -> None:
+    model = _bert()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    with pytest.raises(ConfigError, match="gradient checkpointing on"):
+        ParallelTrainer(model, _jobs())

@@ -102,7 +102,7 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
     """Refuses, before any adapter is added, jobs that cannot train side by side on one shared base."""
     if not jobs:
         raise ConfigError("no jobs to train; pass at least one ParallelJob")
-    if getattr(model.model, "is_gradient_checkpointing", False):
+    if _checkpointing(model.model):
         raise ConfigError(
             "the model has gradient checkpointing on: the forward recomputed during backward would not see which "
             "rows belong to which job; turn it off (gradient_checkpointing_disable()) to train jobs in parallel"
@@ -117,6 +117,14 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
         if job.steps < 1 or job.grad_accum < 1:
             raise ConfigError(f"job {job.name!r}: steps and grad_accum must be >= 1, got {job.steps}, {job.grad_accum}")
         _check_shares_base(job)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes activations in backward (its current property name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _check_shares_base(job: ParallelJob) -> None:
