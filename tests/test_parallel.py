@@ -159,6 +159,10 @@ def test_concat_pads_to_the_longest_and_masks_the_padding() -> None:
         (lambda jobs: jobs[1].__setattr__("name", "wide"), "two jobs are named 'wide'"),
         (lambda jobs: jobs[0].lora_config.__setattr__("bias", "all"), "bias='all' trains the base's biases"),
         (lambda jobs: jobs[2].__setattr__("steps", 0), "steps and grad_accum must be >= 1"),
+        (
+            lambda jobs: jobs[2].lora_config.__setattr__("target_parameters", ["attention.self.query.weight"]),
+            "target_parameters adapters change the shared weight",
+        ),
     ],
 )
 def test_jobs_that_cannot_share_a_base_are_refused_before_any_adapter(change, message: str) -> None:

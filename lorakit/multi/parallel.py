@@ -135,6 +135,8 @@ def _check_shares_base(job: ParallelJob) -> None:
         problem = f"bias={config.bias!r} trains the base's biases, which every job shares; use bias='none'"
     elif isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(("pissa", "olora")):
         problem = f"init_lora_weights={config.init_lora_weights!r} rewrites the shared base weights; use True"
+    elif config.target_parameters:
+        problem = "target_parameters adapters change the shared weight itself, so rows cannot be routed to them"
     elif config.variant == "delta_lora":
         problem = "Delta-LoRA updates the shared base weights after each step; train it on its own"
     if problem:
