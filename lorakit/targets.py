@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetError
-from lorakit.kinds import Kind, kind_of, parameter_kind
+from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, parameter_kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 
@@ -73,7 +73,7 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
     for path, module in logical_modules(model):
         if _matches_any(path, saved) or not _selected(path, module, targets, head, config):
             continue
-        kind = kind_of(module)
+        kind = _kind_in_place(model, path, module)
         if kind is None:
             unsupported.append(f"{path} ({type(module).__name__})")
         else:
@@ -89,7 +89,18 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
         raise TargetError(_nothing_matched(model, targets))
     if isinstance(targets, list):
         _warn_unused_names(targets, [p for p, _ in found])
-    return [target for path, kind in found for target in _with_companions(model, path, kind)]
+    with_companions = [target for path, kind in found for target in _with_companions(model, path, kind)]
+    return list(dict.fromkeys(with_companions))  # "attn" and "out_proj" both named: out_proj once
+
+
+def _kind_in_place(model: nn.Module, path: str, module: nn.Module) -> Kind | None:
+    """kind_of, but a layer its parent reads without calling it is adapted on its weight: nn.MultiheadAttention
+    hands out_proj's weight to the attention function, so a LoRA term on out_proj's output would never run."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+        return MULTIHEAD_ATTENTION.companions()[0][1]
+    return kind_of(module)
 
 
 def _with_companions(model: nn.Module, path: str, kind: Kind) -> list[tuple[str, Kind]]:

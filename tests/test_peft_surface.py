@@ -223,6 +223,23 @@ def test_a_peft_mha_folder_loads_tensor_for_tensor(tmp_path):
         torch.testing.assert_close(tensor, file[key], atol=0, rtol=0, msg=key)
 
 
+def test_mha_out_proj_targeted_alone_or_by_all_linear_takes_effect():
+    # nn.MultiheadAttention never calls out_proj, so an adapter on its output would be dead (it is in PEFT 0.21)
+    for targets in (["out_proj"], "all-linear", ["attn", "out_proj"]):
+        model = get_lora_model(mha_block(), LoraConfig(target_modules=targets, r=2, init_lora_weights=False))
+        out_proj = model.model.get_submodule(
+            "attn.base_layer.out_proj" if isinstance(model.model.attn, LoraLayer) else "attn.out_proj"
+        )
+        reference = mha_block()
+        with torch.no_grad():
+            reference.attn.out_proj.weight += out_proj.adapters["default"].delta_weight()
+            if isinstance(model.model.attn, LoraLayer):
+                reference.attn.in_proj_weight += model.model.attn.adapters["default"].delta_weight()
+            if isinstance(model.model.out, LoraLayer):
+                reference.out.weight += model.model.out.adapters["default"].delta_weight()
+        torch.testing.assert_close(_mha_run(model), _mha_run(reference), atol=ATOL, rtol=0, msg=str(targets))
+
+
 def test_mha_refuses_dropout_and_dora():
     with pytest.raises(ConfigError, match="lora_dropout must be 0.*MultiheadAttention"):
         get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], lora_dropout=0.1))
