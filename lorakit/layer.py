@@ -74,7 +74,8 @@ class LoraLayer(nn.Module):
         if routing is not None:
             return self._routed(x, routing, self.base_layer(x, *args, **kwargs))
         adapters = self.live_adapters()
-        plain = [f for f in map(_plain_factors, adapters) if f is not None]
+        factors = [_plain_factors(a) for a in adapters]
+        plain = [f for f in factors if f is not None]
         if plain and len(plain) == len(adapters) and not args and not kwargs and _is_bare_linear(self.base_layer):
             return ops.lora_linear(x, self.base_layer.weight, self.base_layer.bias, plain, self.training)
         out = self.base_layer(x, *args, **kwargs)
@@ -83,8 +84,8 @@ class LoraLayer(nn.Module):
         acc = out.to(_sum_dtype(out, adapters))
         if plain:
             acc = ops.add_lora(acc, x, plain, self.training)
-        for adapter in adapters:
-            if _plain_factors(adapter) is None:
+        for adapter, f in zip(adapters, factors, strict=True):
+            if f is None:
                 acc = acc + adapter.contribution(self.base_layer, x, out)
         return acc.to(out.dtype)
 
@@ -99,11 +100,12 @@ class LoraLayer(nn.Module):
         rows, _ = routing.rows_for(x.shape[0], x.device)
         adapters = [self.adapters[n] for n in names]
         acc = out.to(_sum_dtype(out, adapters))
-        plain = [(f, rows[n]) for n, f in zip(names, map(_plain_factors, adapters), strict=True) if f is not None]
+        factors = [_plain_factors(a) for a in adapters]
+        plain = [(f, rows[n]) for n, f in zip(names, factors, strict=True) if f is not None]
         if plain:
             acc = ops.add_routed_lora(acc, x, [f for f, _ in plain], [idx for _, idx in plain], self.training)
-        for name, adapter in zip(names, adapters, strict=True):
-            if _plain_factors(adapter) is None:  # one group of rows through the variant's own contribution
+        for name, adapter, f in zip(names, adapters, factors, strict=True):
+            if f is None:  # one group of rows through the variant's own contribution
                 idx = rows[name]
                 term = adapter.contribution(self.base_layer, x.index_select(0, idx), out.index_select(0, idx))
                 acc = acc.index_add(0, idx, term.to(acc.dtype))

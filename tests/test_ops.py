@@ -130,3 +130,23 @@ def test_batched_routed_lora_under_inference_mode():
         for _ in range(2):  # the second call reuses the plan and the stacked factors
             fast = routed.add_routed_lora(out, x, adapters, rows, False)
             torch.testing.assert_close(fast, reference.add_routed_lora(out, x, adapters, rows, False))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1], [2, 3], [4, 5]]],
+    ids=["sorted-whole-batch", "interleaved", "sorted-part"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_routed_lora_block_layouts(rows, dtype):
+    from lorakit.ops import reference, routed
+
+    adapters, _, x, out = _routed_case(requires_grad=True)
+    adapters = [adapters[i] for i in (0, 1, 2, 4)]  # four of rank 4: one level, no padding
+    rows = [torch.tensor(r) for r in rows] + [torch.tensor([], dtype=torch.long)] * (4 - len(rows))
+    out = out.to(dtype)
+    fast, slow = (op(out, x, adapters, rows, False) for op in (routed.add_routed_lora, reference.add_routed_lora))
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.float().square().sum(), adapters[0].lora_B) for y in (fast, slow)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)

@@ -5,7 +5,7 @@ The reference loops over adapters (an index_select, two matmuls and an index_add
 levels where each row has at most one adapter (a tree path puts a row under several), and each level is
 
     X[k] = the rows of adapter k, zero-padded to the longest      (K, L * tokens, in)
-    Y[k] = s_k * X[k] @ A_k^T @ B_k^T                             two bmm over the stacked factors
+    Y[k] = (s_k * X[k] @ A_k^T) @ B_k^T                           two bmm over the stacked factors
     out[rows of k] += Y[k] (the padding dropped)
 
 The stacked factors (K, r, in) and (K, out, r) are kept between calls while no gradient is recorded and no
@@ -40,14 +40,14 @@ def add_routed_lora(
     for a, idx in pairs:
         if not (a.dropout and training):
             groups.setdefault((a.lora_A.shape[0], a.lora_A.dtype), []).append((a, idx))
-    acc = None
+    summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
     for members in groups.values():
         for level in _disjoint_levels(members):
             if len(level) == 1 or not _balanced(level):
                 looped.extend(level)
                 continue
-            acc = _batched(out, x, level, acc)
-    summed = out if acc is None else out.to(acc.dtype) + acc  # rounded once, below or inside the reference
+            summed = _batched(out if summed is None else summed, x, level, fresh=summed is None)
+    summed = out if summed is None else summed
     if looped:
         summed = reference.add_routed_lora(summed, x, [a for a, _ in looped], [i for _, i in looped], training)
     return summed.to(out.dtype)
@@ -76,28 +76,39 @@ def _level_numbers(rows: list[Tensor]) -> list[int]:
     return numbers
 
 
-def _batched(out: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], acc: Tensor | None) -> Tensor:
-    """One level: rows laid out per adapter in a zero-padded (K, L, ...) block, two bmm with the stacked factors."""
-    A, B, scale = _stacked([a for a, _ in level])  # (K, r, in), (K, out, r), (K,)
-    sel, pos, longest = _memo(_LAYOUTS, ("block",), [idx for _, idx in level], _block_layout)
+def _batched(acc: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], fresh: bool) -> Tensor:
+    """acc plus one level's terms: the rows laid out per adapter in a (K, L, ...) block (zero-padded to the
+    longest), two bmm with the stacked factors. fresh: acc is the caller's `out`, so it is not changed in place."""
+    A_t, B_t, scale = _stacked([a for a, _ in level])  # (K, in, r), (K, r, out), (K,)
+    sel, pos, longest, layout = _memo(_LAYOUTS, ("block",), [idx for _, idx in level], _block_layout)
     k = len(level)
-    xs = x.index_select(0, sel).to(A.dtype)
-    padded = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
-    h = torch.bmm(padded.reshape(k, -1, xs.shape[-1]), A.transpose(1, 2))  # (K, L * tokens, r)
-    y = torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # (K, L * tokens, out)
-    y = y.reshape(k * longest, *out.shape[1:]).index_select(0, pos)
-    if acc is None:
-        acc = out.new_zeros(out.shape, dtype=y.dtype)
-    return acc.index_add(0, sel, y)
+    if layout == "all rows in order" and sel.numel() != acc.shape[0]:
+        layout = "equal"  # in order, but not every row of the batch
+    xs = x if layout == "all rows in order" else x.index_select(0, sel)
+    if layout == "padded":
+        xs = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
+    h = torch.bmm(xs.to(A_t.dtype).reshape(k, -1, xs.shape[-1]), A_t)  # (K, L * tokens, r)
+    y = torch.bmm(h * scale[:, None, None], B_t)  # (K, L * tokens, out)
+    y = y.reshape(-1, *acc.shape[1:])
+    y = y.index_select(0, pos) if layout == "padded" else y
+    if fresh and acc.dtype != y.dtype:  # bf16 out, fp32 factors: the sum is kept in fp32, a tensor of our own
+        acc, fresh = acc.to(y.dtype), False
+    if layout == "all rows in order":
+        return acc + y if fresh else acc.add_(y)
+    return acc.index_add(0, sel, y) if fresh else acc.index_add_(0, sel, y)
 
 
-def _block_layout(rows: list[Tensor]) -> tuple[Tensor, Tensor, int]:
-    """The level's rows adapter by adapter (sel), and where each sits in the padded block (pos)."""
+def _block_layout(rows: list[Tensor]) -> tuple[Tensor, Tensor, int, str]:
+    """The level's rows adapter by adapter (sel), where each sits in the padded block (pos), and whether the
+    block needs padding, or is even the whole batch in order (rows already sorted by adapter)."""
     counts = [idx.numel() for idx in rows]
     longest = max(counts)
     sel = torch.cat(rows)
     pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
-    return sel, pos, longest
+    if min(counts) < longest:
+        return sel, pos, longest, "padded"
+    in_order = bool(torch.equal(sel, torch.arange(sel.numel(), device=sel.device)))
+    return sel, pos, longest, "all rows in order" if in_order else "equal"
 
 
 def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
@@ -129,7 +140,8 @@ def _version(t: Tensor) -> int:
 
 
 def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
-    """torch.stack of the factors and scales; reused while no gradient is taken and no factor changed."""
+    """The factors stacked and transposed for bmm, (K, in, r) and (K, r, out), and the scales; reused while no
+    gradient is taken and no factor changed."""
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _stack(adapters)  # part of the autograd graph: built fresh every call
@@ -137,7 +149,7 @@ def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _stack(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
-    A = torch.stack([a.lora_A for a in adapters])
-    B = torch.stack([a.lora_B for a in adapters])
-    scale = torch.tensor([a.scale for a in adapters], dtype=A.dtype, device=A.device)
-    return A, B, scale
+    A_t = torch.stack([a.lora_A.T for a in adapters])  # contiguous: bmm reads it faster than a transposed view
+    B_t = torch.stack([a.lora_B.T for a in adapters])
+    scale = torch.tensor([a.scale for a in adapters], dtype=A_t.dtype, device=A_t.device)
+    return A_t, B_t, scale
