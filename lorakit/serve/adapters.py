@@ -57,7 +57,12 @@ class AdapterRegistry:
             return BASE_NAME
         if model_id in self.served:
             return model_id
-        raise model_not_found(model_id, [self.base_id, *self.served])
+        raise model_not_found(model_id, [self.base_id, *(a.name for a in self.snapshot())])
+
+    def snapshot(self) -> list[ServedAdapter]:
+        """The served adapters now (a copy: the worker may add one while a request lists them)."""
+        with self._lock:
+            return list(self.served.values())
 
     def read(self, name: str, path: Path, parent: str | None = None) -> _ReadAdapter:
         """Reserves `name` and reads the adapter's files (call outside the worker: this is the slow part)."""

@@ -79,7 +79,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
                 "parent": a.parent or settings.base_id,
                 "root": str(a.path),
             }
-            for a in registry.served.values()
+            for a in registry.snapshot()
         ]
         return {"object": "list", "data": [{"created": 0, **card} for card in cards]}
 
