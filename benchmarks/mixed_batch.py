@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -108,6 +110,18 @@ def measure(args, base, n: int, seq: int) -> dict:
     }
 
 
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _commit() -> str:
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return run.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, nargs="+", default=[8, 64])
@@ -123,6 +137,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     base = base_model(args)
     results = []
     for n in args.adapters:
@@ -137,7 +152,9 @@ def main() -> None:
             )
     record = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.threads} torch threads",
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads",
+        "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+        "commit": _commit(),
         "versions": {"torch": torch.__version__, "peft": peft.__version__, "lorakit": lorakit.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
