@@ -94,7 +94,7 @@ class LoraModel(nn.Module):
                 f"adapters {on_weight} use target_parameters: they change the weight every row shares, so they "
                 "cannot be routed per row; use set_adapter() for them, or serve them in their own batches"
             )
-        merged = sorted({n for _, layer in lora_layers(self.model) for n in layer.merged_adapters})
+        merged = self.merged_adapters
         if merged:
             raise LorakitError(f"adapters {merged} are merged into the weights; unmerge_adapter() before adapter_names")
 
@@ -121,7 +121,7 @@ class LoraModel(nn.Module):
     def add_adapter(
         self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None, parent: str | None = None
     ) -> None:
-        """Adds adapter `name` (inactive unless it is the first); its factors are new and trainable.
+        """Adds adapter `name`, inactive and frozen unless it is the first (set_adapter activates and trains it).
 
         parent: makes it a tree node, a LoRA on top of `parent`: the model at the node is the base plus every delta
         on the path root .. node, and set_adapter(name) activates that path while only the node trains."""
