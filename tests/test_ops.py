@@ -150,3 +150,18 @@ def test_batched_routed_lora_block_layouts(rows, dtype):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     grads = [torch.autograd.grad(y.float().square().sum(), adapters[0].lora_B) for y in (fast, slow)]
     torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)
+
+
+def test_stacked_factors_kept_between_calls_stay_within_their_byte_budget(monkeypatch):
+    from lorakit.ops import reference, routed
+
+    adapters, rows, x, out = _routed_case()
+    monkeypatch.setattr(routed, "STACKS_MAX_BYTES", 2 * (4 * 12 + 10 * 4) * 4 + 8 + 64)  # one stack of two adapters
+    monkeypatch.setattr(routed, "_STACKS", type(routed._STACKS)())
+    with torch.no_grad():
+        for subset in ([0, 2], [1, 2], [0, 2]):  # levels of other adapters each call: re-stacked, not accumulated
+            picked = [adapters[i] for i in subset]
+            fast = routed.add_routed_lora(out, x, picked, [rows[2], rows[0]], False)
+            torch.testing.assert_close(fast, reference.add_routed_lora(out, x, picked, [rows[2], rows[0]], False))
+            held = sum(t.nbytes for _, value in routed._STACKS.values() for t in value)
+            assert len(routed._STACKS) == 1 and held <= routed.STACKS_MAX_BYTES

@@ -9,8 +9,9 @@ levels where each row has at most one adapter (a tree path puts a row under seve
     out[rows of k] += Y[k] (the padding dropped)
 
 The stacked factors (K, r, in) and (K, out, r) are kept between calls while no gradient is recorded and no
-factor has changed (torch's version counter), so serving pays the stacking once. Dropout in training,
-single-adapter levels and levels whose padding would more than double the rows go through the reference loop.
+factor has changed (torch's version counter), up to STACKS_MAX_BYTES, so serving pays the stacking once.
+Dropout in training, single-adapter levels and levels whose padding would more than double the rows go through
+the reference loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lorakit.ops.reference import LoraFactors
 _STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _LAYOUTS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _CACHE_MAX = 512  # entries each (one per layer and group); enough for every layer of a large model
+STACKS_MAX_BYTES = 512 * 2**20  # the stacked copies of factors kept between calls, least recently used dropped
 
 
 def add_routed_lora(
@@ -145,7 +147,17 @@ def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _stack(adapters)  # part of the autograd graph: built fresh every call
-    return _memo(_STACKS, tuple(a.scale for a in adapters), tensors, lambda _: _stack(adapters))
+    return _memo(_STACKS, tuple(a.scale for a in adapters), tensors, lambda _: _stack_within_budget(adapters))
+
+
+def _stack_within_budget(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
+    """_stack, after dropping the least recently used stacks that would exceed STACKS_MAX_BYTES (batches that keep
+    mixing other subsets of adapters then re-stack, as without a cache, instead of growing memory)."""
+    stacked = _stack(adapters)
+    need = sum(t.nbytes for t in stacked)
+    while _STACKS and need + sum(t.nbytes for _, value in _STACKS.values() for t in value) > STACKS_MAX_BYTES:
+        _STACKS.popitem(last=False)
+    return stacked
 
 
 def _stack(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
