@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import LorakitError
@@ -146,7 +147,8 @@ async def _respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(job, events, shape, rid, body.model, prompt_tokens, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        # background: also when the client leaves before the stream's first chunk (the generator never ran)
+        return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(job.cancel))
     text = []
     try:
         while True:
