@@ -16,7 +16,7 @@ _MODEL_HELP = (
 
 
 def serve_command(
-    model: Annotated[str | None, typer.Argument(metavar="[MODEL]", help=_MODEL_HELP)] = None,
+    model: Annotated[str | None, typer.Argument(metavar="MODEL", help=_MODEL_HELP)] = None,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH of an adapter folder; repeatable")] = None,
     adapter_root: Annotated[
         list[Path] | None,
@@ -45,8 +45,8 @@ def serve_command(
     if threads is not None:
         torch.set_num_threads(threads)
 
+    named = dict(_name_and_path(a) for a in adapter or [])  # bad options fail before a model loads
     base, tok, base_id = _load(model, tokenizer)
-    named = dict(_name_and_path(a) for a in adapter or [])
     app, registry = build_server(
         base,
         tok,
@@ -73,6 +73,7 @@ def _load(model: str | None, tokenizer: str | None) -> tuple[Any, Any, str]:
     from transformers import AutoTokenizer
 
     folder = models.model_folder(model)
+    base = models.load_model(model, "CAUSAL_LM").eval()  # its errors name a missing or broken model folder
     source = tokenizer or folder
     if source is None:
         raise ServeError(f"{model} brings no tokenizer folder; pass --tokenizer FOLDER")
@@ -80,7 +81,7 @@ def _load(model: str | None, tokenizer: str | None) -> tuple[Any, Any, str]:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ServeError(f"cannot load a tokenizer from {source} ({err}); pass --tokenizer FOLDER") from None
-    return models.load_model(model, "CAUSAL_LM").eval(), tok, folder.name if folder is not None else model
+    return base, tok, folder.name if folder is not None else model
 
 
 def _name_and_path(option: str) -> tuple[str, Path]:

@@ -75,3 +75,21 @@ def test_rows_leave_and_padding_columns_go(tokenizer) -> None:
     batch.remove([0, 2])  # the longest row leaves: two columns were padding in both others
     assert batch.rows == [0, 2] and batch.mask.shape == (2, 5)
     assert batch.cache.layers[0].keys.shape[2] == 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--adapter", "nope"], "write it as NAME=PATH"),
+        (["--adapter-root", "/no/such/folder"], "is not a folder"),
+        (["--adapter", "x=/tmp"], "lacks adapter_config.json"),
+    ],
+)
+def test_bad_serve_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    model_dir, _ = write_tiny(tmp_path, [])
+    result = CliRunner().invoke(app, ["serve", str(model_dir), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
