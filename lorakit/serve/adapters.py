@@ -45,7 +45,9 @@ class AdapterRegistry:
 
     def __init__(self, engine: Engine, base_id: str, cache: AdapterCache | None = None) -> None:
         self.engine, self.base_id = engine, base_id
-        self.cache = cache or AdapterCache(device_slots=0)  # read only here, never by the worker: no lock needed
+        self.cache = (
+            cache if cache is not None else AdapterCache(device_slots=0)
+        )  # read only here, never by the worker: no lock needed
         self.served: dict[str, ServedAdapter] = {}
         self._reserved: set[str] = set()
         self._lock = threading.Lock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,36 @@ def test_bad_serve_options_are_one_line_errors(tmp_path: Path, args: list[str], 
     model_dir, _ = write_tiny(tmp_path, [])
     result = CliRunner().invoke(app, ["serve", str(model_dir), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_reading_an_adapter_does_not_pause_decoding(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit import LoraModel
+    from lorakit.multi import AdapterCache
+    from lorakit.serve.adapters import AdapterRegistry
+    from lorakit.serve.engine import Engine, GenerationRequest
+
+    class SlowDisk(AdapterCache):
+        def read(self, directory):
+            time.sleep(1.0)  # a slow disk or a large adapter
+            return super().read(directory)
+
+    model_dir, root = write_tiny(tmp_path, ["a1"])
+    model = LoraModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), max_concurrent=2)
+    registry = AdapterRegistry(engine, "model", cache=SlowDisk(device_slots=0))
+    engine.start()
+    try:
+        job = engine.submit(GenerationRequest("__base__", [5, 6, 7], max_tokens=4000), lambda event: None)
+        while len(job.tokens) < 2:
+            time.sleep(0.01)
+        before = len(job.tokens)
+        read = registry.read("a1", root / "a1")  # in this thread, while the worker decodes
+        decoded_meanwhile = len(job.tokens) - before
+        registry.attach(read).result(timeout=60)
+        assert decoded_meanwhile >= 5 and [a.name for a in registry.snapshot()] == ["a1"]
+        assert "a1" in model.peft_config
+    finally:
+        job.cancel()
+        engine.stop()
