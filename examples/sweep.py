@@ -7,7 +7,7 @@ shared machine wall time says more about the neighbours than about the work, CPU
 same adapters from the same start on the same batches; with dropout (0.1 in LoRA and in MiniLM itself) the random
 masks differ between the two ways, so their accuracies differ a little.
 
-Run: python examples/sweep.py [OUT]   (OUT defaults to runs/sweep-example; a few minutes on 2 idle CPU cores)
+Run: python examples/sweep.py [OUT]   (OUT defaults to runs/sweep-example; 16 CPU-minutes for both ways)
 """
 
 from __future__ import annotations
