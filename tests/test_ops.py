@@ -134,8 +134,13 @@ def test_batched_routed_lora_under_inference_mode():
 
 @pytest.mark.parametrize(
     "rows",
-    [[[0, 1], [2, 3], [4, 5], [6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1], [2, 3], [4, 5]]],
-    ids=["sorted-whole-batch", "interleaved", "sorted-part"],
+    [
+        [[0, 1], [2, 3], [4, 5], [6, 7]],
+        [[0, 4], [1, 5], [2, 6], [3, 7]],
+        [[0, 1], [2, 3], [4, 5]],
+        [[0, 2, 3, 4, 5], [1], [6], [7]],
+    ],
+    ids=["sorted-whole-batch", "interleaved", "sorted-part", "uneven-padded"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_routed_lora_block_layouts(rows, dtype):
@@ -165,3 +170,19 @@ def test_stacked_factors_kept_between_calls_stay_within_their_byte_budget(monkey
             torch.testing.assert_close(fast, reference.add_routed_lora(out, x, picked, [rows[2], rows[0]], False))
             held = sum(t.nbytes for _, value in routed._STACKS.values() for t in value)
             assert len(routed._STACKS) == 1 and held <= routed.STACKS_MAX_BYTES
+
+
+def test_batched_routed_lora_with_dropout_draws_the_references_masks():
+    from lorakit.ops import reference, routed
+
+    adapters, rows, x, out = _routed_case()
+    adapters = [
+        ops.LoraFactors(a.lora_A, a.lora_B, a.scale, dropout=0.3 if i % 2 else 0.0) for i, a in enumerate(adapters)
+    ]
+    results = []
+    for op in (routed.add_routed_lora, reference.add_routed_lora):
+        torch.manual_seed(7)
+        results.append(op(out, x, adapters, rows, True))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(7)
+    assert not torch.allclose(results[0], routed.add_routed_lora(out, x, adapters, rows, False))

@@ -10,8 +10,8 @@ levels where each row has at most one adapter (a tree path puts a row under seve
 
 The stacked factors (K, r, in) and (K, out, r) are kept between calls while no gradient is recorded and no
 factor has changed (torch's version counter), up to STACKS_MAX_BYTES, so serving pays the stacking once.
-Dropout in training, single-adapter levels and levels whose padding would more than double the rows go through
-the reference loop.
+Dropout in training, single-adapter levels and levels whose padding would more than double many rows go through
+the reference's loop (adding in place).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lorakit.ops import reference
@@ -29,6 +30,7 @@ from lorakit.ops.reference import LoraFactors
 _STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _LAYOUTS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _CACHE_MAX = 512  # entries each (one per layer and group); enough for every layer of a large model
+_PADDING_FREE = 256  # padded positions a level may add regardless of the ratio
 STACKS_MAX_BYTES = 512 * 2**20  # the stacked copies of factors kept between calls, least recently used dropped
 
 
@@ -42,17 +44,30 @@ def add_routed_lora(
     for a, idx in pairs:
         if not (a.dropout and training):
             groups.setdefault((a.lora_A.shape[0], a.lora_A.dtype), []).append((a, idx))
+    tokens = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1  # positions per row
     summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
     for members in groups.values():
         for level in _disjoint_levels(members):
-            if len(level) == 1 or not _balanced(level):
+            if len(level) == 1 or not _balanced(level, tokens):
                 looped.extend(level)
                 continue
             summed = _batched(out if summed is None else summed, x, level, fresh=summed is None)
-    summed = out if summed is None else summed
     if looped:
-        summed = reference.add_routed_lora(summed, x, [a for a, _ in looped], [i for _, i in looped], training)
-    return summed.to(out.dtype)
+        summed = _looped(out if summed is None else summed, x, looped, training, fresh=summed is None)
+    return out if summed is None else summed.to(out.dtype)
+
+
+def _looped(acc: Tensor, x: Tensor, pairs: list[tuple[LoraFactors, Tensor]], training: bool, fresh: bool) -> Tensor:
+    """The reference's loop, adding in place into a sum of our own instead of copying it once per adapter."""
+    dtype = acc.dtype
+    for a, _ in pairs:
+        dtype = torch.promote_types(dtype, a.lora_A.dtype)
+    acc = acc.to(dtype, copy=fresh)  # the caller's out is never changed in place
+    for a, idx in pairs:
+        h = x.index_select(0, idx).to(a.lora_A.dtype)
+        h = F.dropout(h, a.dropout, training) if a.dropout else h
+        acc.index_add_(0, idx, reference.linear_contribution(h, a.lora_A, a.lora_B, a.scale).to(dtype))
+    return acc
 
 
 def _disjoint_levels(members: list[tuple[LoraFactors, Tensor]]) -> list[list[tuple[LoraFactors, Tensor]]]:
@@ -130,10 +145,12 @@ def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
     return value
 
 
-def _balanced(level: list[tuple[LoraFactors, Tensor]]) -> bool:
-    """Padding every adapter's rows to the longest costs at most twice the real rows."""
+def _balanced(level: list[tuple[LoraFactors, Tensor]], tokens: int) -> bool:
+    """Padding every adapter's rows to the longest costs at most twice the real rows, or few positions in all
+    (decoding steps: a padded position costs far less than a loop's extra ops)."""
     counts = [idx.numel() for _, idx in level]
-    return len(level) * max(counts) <= 2 * sum(counts)
+    padded, real = len(level) * max(counts), sum(counts)
+    return padded <= 2 * real or (padded - real) * tokens <= _PADDING_FREE
 
 
 def _version(t: Tensor) -> int:
