@@ -29,11 +29,11 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 from typer.core import TyperGroup
 
-from lorakit import LoraConfig, LorakitError, LoraModel, TargetError, models
+from lorakit import LoraConfig, LorakitError, LoraModel, models
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
-from lorakit.kinds import kind_of
 from lorakit.serve import vllm
-from lorakit.targets import default_targets, find_module_targets, logical_modules, modules_to_save
+from lorakit.survey import Adaptable, adaptable_modules, default_target_modules
+from lorakit.targets import modules_to_save
 
 
 class _Commands(TyperGroup):
@@ -70,21 +70,9 @@ def load_model(source: str, task_type: str | None = None, **kwargs: Any) -> nn.M
 
 # -- inspect --------------------------------------------------------------------------------------------------------
 @dataclass
-class _Adaptable:
-    """One module LoRA can wrap, as inspect shows it."""
-
-    path: str
-    kind: str
-    shape: str
-    params: int
-    in_all_linear: bool
-    plain_matmul: bool  # a linear layer however stored: one outside all-linear is the output head
-
-
-@dataclass
 class _Node:
     module: nn.Module
-    target: _Adaptable | None = None
+    target: Adaptable | None = None
     children: dict[str, _Node] = field(default_factory=dict)
 
     def signature(self) -> tuple:
@@ -105,7 +93,7 @@ def inspect_model(
 ) -> None:
     """Show the modules LoRA can adapt, their kinds and shapes, and target_modules to start from."""
     module = load_model(model)
-    targets = _adaptable_modules(module)
+    targets = adaptable_modules(module)
     console = _console()
     total = sum(p.numel() for p in module.parameters())
     root = Tree(Text(f"{type(module).__name__}  ({total:,} parameters, {len(targets)} modules LoRA can adapt)"))
@@ -117,30 +105,7 @@ def inspect_model(
     _print_suggestions(console, module, targets)
 
 
-def _adaptable_modules(model: nn.Module) -> list[_Adaptable]:
-    all_linear = _all_linear_paths(model)
-    found = []
-    for path, module in logical_modules(model):
-        kind = kind_of(module)
-        if kind is None:
-            continue
-        in_f, out_f = kind.in_out(kind.weight_of(module))
-        kernel = tuple(getattr(module, "kernel_size", ()))
-        shape = f"{in_f}->{out_f}" + (f" k{'x'.join(map(str, kernel))}" if kernel else "")
-        params = sum(p.numel() for p in module.parameters())
-        found.append(_Adaptable(path, kind.name, shape, params, path in all_linear, kind.is_plain_matmul))
-    return found
-
-
-def _all_linear_paths(model: nn.Module) -> set[str]:
-    """What target_modules="all-linear" selects, asked of the library so inspect and training agree."""
-    try:
-        return {path for path, _ in find_module_targets(model, LoraConfig(target_modules="all-linear"))}
-    except TargetError:
-        return set()
-
-
-def _module_tree(model: nn.Module, targets: list[_Adaptable]) -> _Node:
+def _module_tree(model: nn.Module, targets: list[Adaptable]) -> _Node:
     root = _Node(model)
     for target in targets:
         node, prefix = root, ""
@@ -190,7 +155,7 @@ def _label(name: str, node: _Node, repeats: int) -> Text:
     return text
 
 
-def _leaf_table(targets: list[_Adaptable]) -> Table:
+def _leaf_table(targets: list[Adaptable]) -> Table:
     counts = Counter((t.path.rsplit(".", 1)[-1], t.kind, t.shape, t.params) for t in targets)
     table = Table(title="Modules LoRA can adapt, by name", title_justify="left", box=None)
     for column in ("name", "count", "kind", "shape", "params each"):
@@ -200,18 +165,16 @@ def _leaf_table(targets: list[_Adaptable]) -> Table:
     return table
 
 
-def _print_suggestions(console: Console, model: nn.Module, targets: list[_Adaptable]) -> None:
+def _print_suggestions(console: Console, model: nn.Module, targets: list[Adaptable]) -> None:
     console.print("\nSuggested target_modules:", style="bold")
-    try:
-        default = default_targets(model)
-        model_type = model.config.model_type
+    default = default_target_modules(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if default is not None:
         matched = sum(t.path.rsplit(".", 1)[-1] in default for t in targets)
         line = f"  target_modules={json.dumps(default)}  # the {model_type} default, {matched} modules"
-        console.print(line, soft_wrap=True)
-    except TargetError:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+    else:
         line = f"  (no known default target_modules for model_type={model_type!r}; pick names from the table)"
-        console.print(line, soft_wrap=True)
+    console.print(line, soft_wrap=True)
     n_linear = sum(t.in_all_linear for t in targets)
     if n_linear:
         line = f'  target_modules="all-linear"  # every linear layer but the output head, {n_linear} modules'

@@ -346,3 +346,18 @@ def test_a_stray_module_in_the_current_folder_never_runs(tmp_path, launcher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "RAN").exists()  # the factory the config names was imported; nothing else from here
     assert (tmp_path / "run" / "accuracy.png").is_file()  # the real matplotlib drew the plots
+
+
+def test_survey_lists_what_lora_can_adapt_as_training_sees_it(gpt2_folder):
+    from lorakit.survey import adaptable_modules, default_target_modules
+
+    model = GPT2LMHeadModel.from_pretrained(gpt2_folder)
+    found = {t.path: t for t in adaptable_modules(model)}
+    assert found["transformer.h.0.attn.c_attn"].shape == "32->96" and found["transformer.h.0.attn.c_attn"].in_all_linear
+    head = found["lm_head"]
+    assert head.plain_matmul and not head.in_all_linear  # the output head: adaptable, not in all-linear
+    assert default_target_modules(model) == ["c_attn"]
+    assert default_target_modules(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    lora = get_lora_model(model, LoraConfig(target_modules="all-linear"))
+    trained = {n.removeprefix("model.").split(".adapters.")[0] for n, _ in lora.named_parameters() if "lora_A" in n}
+    assert trained == {path for path, t in found.items() if t.in_all_linear}  # inspect and training agree
