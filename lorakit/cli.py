@@ -30,10 +30,9 @@ from torch import Tensor, nn
 from typer.core import TyperGroup
 
 from lorakit import LoraConfig, LorakitError, LoraModel, models
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, TensorRole, read_config, read_weights, tensor_roles
 from lorakit.serve import vllm
 from lorakit.survey import Adaptable, adaptable_modules, default_target_modules
-from lorakit.targets import modules_to_save
 
 
 class _Commands(TyperGroup):
@@ -182,8 +181,6 @@ def _print_suggestions(console: Console, model: nn.Module, targets: list[Adaptab
 
 
 # -- info -----------------------------------------------------------------------------------------------------------
-# PEFT's key suffixes for LoRA factors, and the dimension of each that holds the rank (A: r x in, B: out x r)
-_FACTOR_SUFFIXES = ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0), (".lora_embedding_B", 1))
 _ALWAYS_SHOWN = ("r", "lora_alpha", "target_modules", "modules_to_save", "task_type", "bias", "lora_dropout")
 
 
@@ -226,13 +223,12 @@ def _weights_summary(adapter: Path, weights: dict[str, Tensor]) -> str:
 def _module_breakdown(config: LoraConfig, weights: dict[str, Tensor]) -> Table:
     """Parameters grouped by what they belong to: LoRA factors per module name, full copies, biases."""
     groups: dict[str, dict[str, Any]] = {}
-    for key, tensor in weights.items():
-        label, module_path, rank = _tensor_group(key, tensor, config)
-        group = groups.setdefault(label, {"modules": set(), "ranks": set(), "params": 0})
-        group["modules"].add(module_path)
-        group["params"] += tensor.numel()
-        if rank is not None:
-            group["ranks"].add(rank)
+    for item in tensor_roles(config, weights):
+        group = groups.setdefault(_group_label(item, config), {"modules": set(), "ranks": set(), "params": 0})
+        group["modules"].add(item.module)
+        group["params"] += weights[item.key].numel()
+        if item.rank is not None:
+            group["ranks"].add(item.rank)
     table = Table(title="\nParameters by target module", title_justify="left", box=None)
     for column in ("module", "count", "rank", "parameters"):
         table.add_column(column, justify="left" if column == "module" else "right")
@@ -242,18 +238,12 @@ def _module_breakdown(config: LoraConfig, weights: dict[str, Tensor]) -> Table:
     return table
 
 
-def _tensor_group(key: str, tensor: Tensor, config: LoraConfig) -> tuple[str, str, int | None]:
-    """(group label, module path, rank or None) for one key of an adapter file (PEFT's key names)."""
-    path = key.removeprefix("base_model.model.")
-    for suffix, rank_dim in _FACTOR_SUFFIXES:
-        if path.endswith(suffix):
-            module = path.removesuffix(suffix)
-            return module.rsplit(".", 1)[-1], module, tensor.shape[rank_dim]
-    parts = path.split(".")
-    for name in modules_to_save(config):
-        if name in parts:
-            return f"{name} (trained in full)", ".".join(parts[: parts.index(name) + 1]), None
-    return f"biases (bias={config.bias})", path.rsplit(".", 1)[0], None
+def _group_label(item: TensorRole, config: LoraConfig) -> str:
+    if item.role in ("lora_A", "lora_B"):
+        return item.module.rsplit(".", 1)[-1]
+    if item.role == "saved":
+        return f"{item.module.rsplit('.', 1)[-1]} (trained in full)"
+    return f"biases (bias={config.bias})"
 
 
 def _subadapter_dirs(adapter: Path) -> list[Path]:
@@ -320,8 +310,11 @@ def _head_size(config: LoraConfig, weights: dict[str, Tensor]) -> dict[str, int]
     """num_labels for a classifier: the rows of the head the adapter trained in full (modules_to_save)."""
     if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         return {}
-    heads = set(modules_to_save(config))
-    rows = [t.shape[0] for key, t in sorted(weights.items()) if t.dim() == 2 and heads & set(key.split("."))]
+    rows = [
+        weights[t.key].shape[0]
+        for t in tensor_roles(config, weights)
+        if t.role == "saved" and weights[t.key].dim() == 2
+    ]
     return {"num_labels": rows[-1]} if rows else {}
 
 

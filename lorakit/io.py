@@ -7,6 +7,7 @@ both saving and loading go through it, so what is written is exactly what is rea
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from lorakit.config import LORAKIT_ONLY_FIELDS, LoraConfig, read_json_object
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import lora_layers, saved_modules
 from lorakit.names import check_adapter_name
+from lorakit.targets import modules_to_save
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 from lorakit.variants.init import converted_config, converted_to_lora
 
@@ -70,6 +72,43 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
             for key, value in saved.copies[name].state_dict(keep_vars=True).items():
                 tensors[f"{_PREFIX}{path}.{key}"] = value
     return tensors
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What one tensor of an adapter file is, read from its key: tools describe files without knowing PEFT's keys."""
+
+    key: str
+    module: str  # the module path it belongs to
+    role: str  # "lora_A", "lora_B", "saved" (a module trained in full), or "other" (biases, variant vectors)
+    rank: int | None  # the LoRA rank for factors, else None
+
+
+_FACTOR_ROLES = {
+    suffix: role for keys in _FACTOR_KEYS.values() for role, suffix in keys.items() if role != "lora_B_bias"
+}
+
+
+def tensor_roles(
+    config: LoraConfig | VeraConfig | TrainableTokensConfig, weights: dict[str, Tensor]
+) -> list[TensorRole]:
+    """The role of every tensor in `weights` (an adapter file's), in key order."""
+    saved = set(modules_to_save(config))
+    roles = []
+    for key in sorted(weights):
+        path = key.removeprefix(_PREFIX)
+        role = next(((r, path.removesuffix("." + s)) for s, r in _FACTOR_ROLES.items() if path.endswith("." + s)), None)
+        if role is not None:
+            rank = weights[key].shape[0 if role[0] == "lora_A" else 1]
+            roles.append(TensorRole(key, role[1], role[0], rank))
+            continue
+        parts = path.split(".")
+        hit = next((i for i, part in enumerate(parts) if part in saved), None)
+        if hit is not None:
+            roles.append(TensorRole(key, ".".join(parts[: hit + 1]), "saved", None))
+        else:
+            roles.append(TensorRole(key, path.rsplit(".", 1)[0], "other", None))
+    return roles
 
 
 def _whole(tensor: Tensor) -> Tensor:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model
+from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model, io
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
-from tests.cases import CASES, PEFT_OUTPUTS, Case, output
+from tests.cases import CASES, PEFT_OUTPUTS, Case, output, tiny_bert_cls
 
 ATOL = 1e-5
 
@@ -267,3 +267,22 @@ def test_a_header_whose_dtype_does_not_fit_the_bytes_is_caught_by_safetensors(tm
     _relabel(tmp_path / WEIGHTS_NAME, "base_model.model.lin1.lora_A.weight", "F16")  # half the bytes it spans
     with pytest.raises(AdapterFileError, match="truncated or corrupt"):
         LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_tensor_roles_name_each_factor_rank_and_saved_module(tmp_path):
+    config = LoraConfig(
+        r=4, target_modules=["query", "value"], rank_pattern={"value": 2}, task_type="SEQ_CLS", init_lora_weights=False
+    )
+    model = get_lora_model(tiny_bert_cls(), config)
+    model.save_pretrained(tmp_path)
+    roles = io.tensor_roles(io.read_config(tmp_path), io.read_weights(tmp_path))
+    by_role: dict[str, list] = {}
+    for item in roles:
+        by_role.setdefault(item.role, []).append(item)
+    layers = {path.removeprefix("model."): layer for path, layer in model.named_modules() if hasattr(layer, "adapters")}
+    factors = by_role["lora_A"] + by_role["lora_B"]
+    assert {item.module for item in factors} == set(layers)
+    for item in factors:
+        assert item.rank == layers[item.module].adapters["default"].r  # 4 for query, 2 for value
+    assert {item.module for item in by_role["saved"]} == {"classifier"}
+    assert "other" not in by_role
