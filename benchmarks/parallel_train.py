@@ -36,7 +36,6 @@ from multiprocessing import get_context
 
 import torch
 from torch import nn
-from train_step_cpu import BackgroundLoad  # benchmarks/ is on sys.path when this script runs
 
 MODES = ("parallel", "ours-serial", "peft-serial")
 JOBS = [  # name, rank, alpha, targets, lr
@@ -158,6 +157,21 @@ def worker(mode: str, arg_dict: dict) -> dict:
             "rss_peak_mib": peak, "final_loss": final}  # fmt: skip
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(busy seconds of all CPUs, CPU seconds of this process and its finished workers, wall clock)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    t = os.times()
+    ours = t.user + t.system + t.children_user + t.children_system
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), ours, time.perf_counter()
+
+
+def _others_share(start: tuple[float, float, float]) -> float:
+    """The share of all CPUs' time that processes other than this one and its worker used since `start`."""
+    (busy, ours, now), (busy0, ours0, then) = _cpu_seconds(), start
+    return max(0.0, (busy - busy0) - (ours - ours0)) / ((now - then) * (os.cpu_count() or 1))
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -170,12 +184,13 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for i in range(args.rounds):
         for mode in MODES if i % 2 == 0 else MODES[::-1]:
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool, BackgroundLoad() as load:
+            start = _cpu_seconds()
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
                 runs[mode].append(pool.submit(worker, mode, vars(args)).result())
-            runs[mode][-1]["background_cpu_share"] = load.share
+            runs[mode][-1]["background_cpu_share"] = _others_share(start)
             r = runs[mode][-1]
             print(f"  round {i + 1} {mode}: {r['seconds']:.1f}s wall, {r['cpu_seconds']:.1f}s CPU, other processes "
-                  f"{100 * load.share:.0f}% of the CPUs", flush=True)  # fmt: skip
+                  f"{100 * r['background_cpu_share']:.0f}% of the CPUs", flush=True)  # fmt: skip
     keys = ("seconds", "cpu_seconds", "base_mib", "rss_before_mib", "rss_peak_mib", "background_cpu_share")
     return {
         mode: {k: statistics.median(r[k] for r in runs[mode]) for k in keys} | {"runs": runs[mode]} for mode in MODES
