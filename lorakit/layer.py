@@ -66,7 +66,7 @@ class LoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        routing = self.state.routing if self.state.enabled else None
+        routing = self.state.routing_now() if self.state.enabled else None
         if self.kind.acts_on_weight:
             if routing is not None and any(n in self.adapters for n in routing.rows):
                 raise LorakitError(_UNROUTABLE)

@@ -49,8 +49,11 @@ class LoraModel(nn.Module):
         def forward(*args, adapter_names: list[str] | None = None, **kwargs):
             if adapter_names is None:
                 return base(*args, **kwargs)
+            state = owner().state
             with owner().routed(adapter_names, _batch_size(args, kwargs)):
-                return base(*args, **kwargs)
+                routing, out = state.routing, base(*args, **kwargs)
+            state.replay_in_backward(out, routing)  # activation checkpointing reruns the forward in backward
+            return out
 
         forward.__wrapped__ = base.forward
         self.__dict__["forward"] = forward

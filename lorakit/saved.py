@@ -47,7 +47,7 @@ class SavedModule(nn.Module):
         return self.copies[owners[0]] if owners else self.original_module
 
     def forward(self, *args, **kwargs):
-        routing = self.state.routing if self.state.enabled else None
+        routing = self.state.routing_now() if self.state.enabled else None
         if routing is None or not any(n in self.copies for n in routing.rows):
             return self.current()(*args, **kwargs)
         return self._routed(routing, args, kwargs)

@@ -9,11 +9,14 @@ which of them are merged into its weight.
     enabled     False inside `disable_adapter()`: every layer is its base layer
     parents     every known adapter -> its parent (None for a root): the tree
     routing     for the duration of one forward / generate: which batch rows use which adapters
+
+Activation checkpointing runs a forward again inside backward, after the routed call has returned: a routed
+forward marks its outputs so that the backward through them replays its routing (`routing_now`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,6 +71,7 @@ class AdapterState:
         self.enabled: bool = True
         self.parents: dict[str, str | None] = {}
         self.routing: Routing | None = None
+        self._replayed: tuple[int, Routing | None] | None = None  # (backward's graph task, its routing)
 
     # -- the tree ----------------------------------------------------------------------------------
     def add(self, name: str, parent: str | None = None) -> None:
@@ -163,3 +167,43 @@ class AdapterState:
             yield routing
         finally:
             self.routing = None
+
+    def routing_now(self) -> Routing | None:
+        """The routing a forward runs under: the routed block's, or, in a backward, the routing of the routed forward
+        it goes through, which activation checkpointing recomputes after the routed call has returned."""
+        if self.routing is not None or self._replayed is None:
+            return self.routing
+        task, routing = self._replayed
+        if task != torch._C._current_graph_task_id():
+            return None  # a stale mark from an earlier backward, or no backward at all
+        if routing is None:
+            raise LorakitError(
+                "one backward goes through several routed forwards and activation checkpointing recomputes them, so "
+                "which rows use which adapters is ambiguous; call backward() once per routed forward, or route all "
+                "rows in one call"
+            )
+        return routing
+
+    def replay_in_backward(self, outputs: object, routing: Routing) -> None:
+        """Marks the tensors in `outputs` (nested in tuples, lists, dicts) so that a backward through any of them
+        sees `routing` in the forwards it recomputes (activation checkpointing)."""
+
+        def mark(_grad: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            clash = self._replayed is not None and self._replayed[0] == task and self._replayed[1] is not routing
+            self._replayed = (task, None if clash else routing)
+
+        for tensor in _tensors(outputs):
+            if tensor.requires_grad:
+                tensor.register_hook(mark)
+
+
+def _tensors(value: object) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)

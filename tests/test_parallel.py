@@ -293,9 +293,40 @@ def test_gradient_checkpointing_is_refused_for_jobs(tmp_path: Path, bert_folder:
         load_jobs(path, ["model.gradient_checkpointing=true"])
 
 
-def test_a_model_with_activation_checkpointing_is_refused() -> None:
-    model = _bert()
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-    with pytest.raises(ConfigError, match="gradient checkpointing on"):
-        ParallelTrainer(model, _jobs())
+def _llama_jobs() -> list[ParallelJob]:
+    """Two causal-LM jobs with random B (init_lora_weights=False), so that each adapter changes what the layers after
+    it see, and a forward recomputed with the wrong adapters would give other gradients."""
+
+    def batches(seed: int) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        return [{"input_ids": (ids := torch.randint(1, 64, (2, 6), generator=g)), "labels": ids} for _ in range(3)]
+
+    config = LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    return [
+        ParallelJob("a", config, batches(1), steps=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=1),
+        ParallelJob("b", config, batches(2), steps=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=2),
+    ]
+
+
+def _causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return mean_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_with_activation_checkpointing_each_adapter_equals_the_run_without(reentrant: bool) -> None:
+    from tests.cases import tiny_llama
+
+    trained = {}
+    for checkpointing in (False, True):
+        base = tiny_llama().train()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        trainer = ParallelTrainer(base, _llama_jobs(), _causal_loss)
+        start = {n: [p.detach().clone() for p in trainer.parameters_of(n)] for n in ("a", "b")}
+        trainer.run()
+        trained[checkpointing] = {n: trainer.parameters_of(n) for n in ("a", "b")}
+    assert base.is_gradient_checkpointing
+    for name in ("a", "b"):
+        for ours, plain, first in zip(trained[True][name], trained[False][name], start[name], strict=True):
+            assert not torch.equal(plain, first)
+            torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)

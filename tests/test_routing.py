@@ -146,6 +146,44 @@ def test_training_on_a_mixed_batch_gives_each_adapter_its_own_rows_gradient():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-6, rtol=1e-5)
 
 
+def _llama_grads(checkpointing: dict | None, names: list[str], calls: int = 1) -> dict[str, torch.Tensor]:
+    """Gradients of each adapter's factors after model(ids, adapter_names=names) and one backward outside the call;
+    with checkpointing (its kwargs), the forward runs again in backward, after the routing block has ended."""
+    model = _model(
+        tiny_llama,
+        LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]),
+        LoraConfig(r=3, init_lora_weights=False, target_modules=["q_proj", "up_proj"]),
+    ).train()
+    model.set_adapter(["a", "b"])  # both train; the active set alone would put both on every row
+    if checkpointing is not None:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    ids = _ids(64, rows=len(names))
+    loss = sum(
+        output(model(input_ids=ids[i::calls], adapter_names=names[i::calls])).float().pow(2).mean()
+        for i in range(calls)
+    )
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_recomputes_each_row_with_its_own_adapter(reentrant):
+    names = ["a", "b", "__base__", "b"]
+    plain = _llama_grads(None, names)
+    checkpointed = _llama_grads({"use_reentrant": reentrant}, names)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 20
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-5)
+
+
+def test_one_backward_through_two_routed_forwards_with_checkpointing_is_refused():
+    names = ["a", "b", "b", "a"]
+    _llama_grads(None, names, calls=2)  # without checkpointing nothing is recomputed, so it stays allowed
+    with pytest.raises(LorakitError, match="once per routed forward"):
+        _llama_grads({"use_reentrant": False}, names, calls=2)
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def _two_adapter_mlp() -> LoraModel:
     return _model(

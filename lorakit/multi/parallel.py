@@ -9,6 +9,9 @@ ignored), runs the model once with `adapter_names` routing each row to its job's
 Rows are independent through the model, so adapter j's gradient is exactly the gradient of its own mean loss,
 as in a run of job j alone; each job then clips and steps only its own adapter's parameters. A job that has done
 its steps drops out of the following batches.
+
+Activation checkpointing works too: the forward it recomputes in backward replays the step's routing (LoraModel
+marks a routed call's outputs), so each job's rows still use its own adapter.
 """
 
 from __future__ import annotations
@@ -102,11 +105,6 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
     """Refuses, before any adapter is added, jobs that cannot train side by side on one shared base."""
     if not jobs:
         raise ConfigError("no jobs to train; pass at least one ParallelJob")
-    if _checkpointing(model.model):
-        raise ConfigError(
-            "the model has gradient checkpointing on: the forward recomputed during backward would not see which "
-            "rows belong to which job; turn it off (gradient_checkpointing_disable()) to train jobs in parallel"
-        )
     seen: set[str] = set()
     for job in jobs:
         if job.name in seen:
@@ -117,14 +115,6 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
         if job.steps < 1 or job.grad_accum < 1:
             raise ConfigError(f"job {job.name!r}: steps and grad_accum must be >= 1, got {job.steps}, {job.grad_accum}")
         _check_shares_base(job)
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model recomputes activations in backward (its current property name first)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 def _check_shares_base(job: ParallelJob) -> None:
