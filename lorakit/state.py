@@ -171,8 +171,8 @@ class AdapterState:
     def routing_now(self) -> Routing | None:
         """The routing a forward runs under: the routed block's, or, in a backward, the routing of the routed forward
         it goes through, which activation checkpointing recomputes after the routed call has returned."""
-        if self.routing is not None or self._replayed is None:
-            return self.routing
+        if self.routing is not None or self._replayed is None or torch.compiler.is_compiling():
+            return self.routing  # a compiled graph recomputes in its own backward, never through this forward
         task, routing = self._replayed
         if task != torch._C._current_graph_task_id():
             return None  # a stale mark from an earlier backward, or no backward at all

@@ -184,6 +184,15 @@ def test_one_backward_through_two_routed_forwards_with_checkpointing_is_refused(
         _llama_grads({"use_reentrant": False}, names, calls=2)
 
 
+def test_a_routed_backward_leaves_the_model_compilable_in_one_graph():
+    model = _two_adapter_mlp().train()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    model(x=x, adapter_names=["a", "b", "b", "a"]).sum().backward()  # leaves the mark for its recomputes
+    compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x=x), model.model(x=x))
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def _two_adapter_mlp() -> LoraModel:
     return _model(
