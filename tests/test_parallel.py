@@ -287,10 +287,20 @@ def test_bad_jobs_files_fail_before_anything_is_written(tmp_path: Path, bert_fol
     assert not (tmp_path / "runs").exists()
 
 
-def test_gradient_checkpointing_is_refused_for_jobs(tmp_path: Path, bert_folder: Path) -> None:
-    path = _jobs_file(tmp_path, bert_folder, '[[adapters]]\nname = "a"\n')
-    with pytest.raises(ConfigError, match="gradient_checkpointing cannot be used with"):
-        load_jobs(path, ["model.gradient_checkpointing=true"])
+def test_a_jobs_file_with_gradient_checkpointing_trains_the_same_adapters(tmp_path: Path, bert_folder: Path) -> None:
+    trained = {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        out.mkdir()
+        path = _jobs_file(out, bert_folder, _TWO_JOBS)
+        train_jobs(load_jobs(path, [f"model.gradient_checkpointing={checkpointing}", "run.plots=false"]))
+        trained[checkpointing] = {
+            name: load_file(out / "runs" / name / "adapter" / "adapter_model.safetensors") for name in ("r2", "r4-sgd")
+        }
+    for name, plain in trained["false"].items():
+        assert plain.keys() == trained["true"][name].keys()
+        for key, value in plain.items():
+            torch.testing.assert_close(trained["true"][name][key], value, atol=1e-5, rtol=1e-5)
 
 
 def _llama_jobs() -> list[ParallelJob]:
