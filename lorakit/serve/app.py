@@ -134,7 +134,11 @@ def _generation(
     stop = body.stop_list()
     if len(stop) > 8 or any(len(s) > 256 for s in stop):
         raise APIError(400, "give at most 8 stop strings of at most 256 characters each", param="stop")
-    return GenerationRequest(adapter, ids, max_tokens, body.temperature, body.top_p, body.seed, stop)
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens")
+    return GenerationRequest(
+        adapter, ids, max_tokens, body.temperature, body.top_p, body.seed, stop, body.ignore_eos, body.min_tokens
+    )
 
 
 async def _respond(

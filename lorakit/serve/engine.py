@@ -39,6 +39,8 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass
@@ -67,9 +69,12 @@ class Job:
 
     def accept(self, logits: Tensor) -> bool:
         """Picks the next token from this row's logits and reports it; True when the job is finished."""
+        if self.eos and len(self.tokens) < self.request.min_tokens:
+            logits = logits.clone()
+            logits[list(self.eos)] = float("-inf")
         token = next_token(logits, self.request.temperature, self.request.top_p, self.generator)
         self.tokens.append(token)
-        if token in self.eos:
+        if token in self.eos and not self.request.ignore_eos:
             return self._finish(self.text.finish(), "stop")
         delta, stopped = self.text.push(token)
         if stopped:

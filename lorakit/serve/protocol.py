@@ -29,6 +29,9 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(None)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extra sampling fields: keep going past the end-of-sequence token, or forbid it for the first tokens
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

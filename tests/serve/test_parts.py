@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from lorakit.serve.batch import DecodeBatch
+from lorakit.serve.engine import GenerationRequest, Job
 from lorakit.serve.errors import ServeError
 from lorakit.serve.roots import AdapterRoots
 from lorakit.serve.text import TextStream
@@ -42,6 +43,21 @@ def test_a_stop_string_cuts_the_text_and_is_never_sent(tokenizer) -> None:
     deltas, stopped = stream_all(tokenizer, "the quick brown fox jumps", ["brown f", "zzz"])
     assert stopped and "".join(deltas) == "the quick "
     assert not any("brown" in d for d in deltas)
+
+
+@pytest.mark.parametrize(("ignore_eos", "min_tokens", "finished_after"), [(False, 0, 1), (False, 3, 4), (True, 0, 6)])
+def test_end_token_rules(tokenizer, ignore_eos: bool, min_tokens: int, finished_after: int) -> None:
+    """The end token is the greedy pick at every step: it ends the job at once, after min_tokens tokens (it is
+    masked before), or never with ignore_eos (the job runs to max_tokens)."""
+    eos, events = tokenizer.eos_token_id, []
+    request = GenerationRequest("a", [1], 6, ignore_eos=ignore_eos, min_tokens=min_tokens)
+    job = Job(request, events.append, tokenizer, {eos})
+    logits = torch.zeros(len(tokenizer))
+    logits[eos], logits[65] = 2.0, 1.0
+    steps = next(n for n in range(1, 7) if job.accept(logits))
+    assert steps == finished_after
+    assert job.tokens == [65] * min_tokens + [eos] * (steps - min_tokens)
+    assert events[-1].finish_reason == ("length" if ignore_eos else "stop")
 
 
 def test_roots_refuse_paths_that_leave_them(tmp_path: Path) -> None:

@@ -149,6 +149,7 @@ def test_paths_outside_the_roots_are_refused(servers: dict[str, Server], tmp_pat
         shutil.rmtree(pickled)
 
 
+HI = [{"role": "user", "content": "hi"}]
 BAD = [
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"model": "a1", "messages": []}, 400, "messages"),
@@ -159,6 +160,8 @@ BAD = [
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi " * 5000}]}, 400, "messages"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400, "messages"),
+    ({"model": "a1", "messages": HI, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ({"model": "a1", "messages": HI, "ignore_eos": "yes"}, 400, "ignore_eos"),
 ]
 
 
@@ -182,6 +185,7 @@ def test_an_aborted_stream_frees_its_row(servers: dict[str, Server]) -> None:
     url = servers["main"].url
     cancelled = httpx.get(f"{url}/health").json()["cancelled"]
     body = {"model": "a1", "prompt": "hello", "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    body["ignore_eos"] = True  # a sampled end token must not finish it before the checks
     with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the role chunk, sent before the job may have left the queue
@@ -207,6 +211,7 @@ def test_api_key_is_required(servers: dict[str, Server]) -> None:
 def test_past_the_limits_requests_get_429(servers: dict[str, Server]) -> None:
     url, headers = servers["limited"].url, {"authorization": f"Bearer {API_KEY}"}
     body = {"model": "a1", "prompt": "hello", "max_tokens": 4000, "temperature": 1.0, "stream": True}
+    body["ignore_eos"] = True  # a sampled end token must not finish it before the checks
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as running:
         lines = running.iter_lines()  # held: a dropped iterator closes the connection, which cancels the request
         next(lines)
