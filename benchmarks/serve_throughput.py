@@ -10,6 +10,8 @@ Each request: a ~20-token prompt, 32 new tokens, greedy; the end token's logit i
     python benchmarks/serve_throughput.py                      # 64 requests per setting, clients 1, 8 and 32,
                                                                # 2 rounds each, the best round in the table
     python benchmarks/serve_throughput.py --requests 128 --clients 1 8 32 64
+    # on a GPU (bf16 weights and factors), SmolLM2-135M's shape (30 layers, hidden 576):
+    python benchmarks/serve_throughput.py --device cuda --hidden 576 --layers 30 --requests 32 --rounds 1
 """
 
 from __future__ import annotations
@@ -73,13 +75,14 @@ def build(folder: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
 
 def start_server(
-    model_dir: Path, root: Path, max_concurrent: int, threads: int, log: Path
+    model_dir: Path, root: Path, max_concurrent: int, threads: int, log: Path, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lorakit", "serve", str(model_dir), "--adapter-root", str(root), "--port", str(port),
-           "--max-concurrent", str(max_concurrent), "--max-queue", "1024", "--threads", str(threads)]  # fmt: skip
+           "--max-concurrent", str(max_concurrent), "--max-queue", "1024", "--threads", str(threads),
+           "--device", device, "--dtype", dtype]  # fmt: skip
     process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -152,12 +155,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--rounds", type=int, default=2, help="runs per setting; the table shows the best")
-    default_out = Path("benchmarks/results") / f"serve_throughput_cpu_{time.strftime('%Y-%m-%d')}.json"
-    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--device", default="cpu", help="the server's --device (cuda: the GPU)")
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bfloat16 on a GPU)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    kind = "cpu" if args.device == "cpu" else "gpu"
+    args.out = args.out or Path("benchmarks/results") / f"serve_throughput_{kind}_{time.strftime('%Y-%m-%d')}.json"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, root = build(Path(tmp), args.hidden, args.layers)
-        process, url = start_server(model_dir, root, max(args.clients), args.threads, Path(tmp) / "server.log")
+        log = Path(tmp) / "server.log"
+        process, url = start_server(model_dir, root, max(args.clients), args.threads, log, args.device, args.dtype)
         try:
             asyncio.run(run_setting(url, 8, 16, ADAPTERS, 4))  # warm-up
             runs = []
@@ -169,12 +176,15 @@ def main() -> None:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
+            print(log.read_text()[-2000:], file=sys.stderr)
     rows = [best(runs, c, a) for c in args.clients for a in (len(ADAPTERS), 1)]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+    if kind == "gpu":
+        machine = f"{torch.cuda.get_device_name()}, {args.dtype} weights; {machine}"
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv), "threads": args.threads,
-        "model": f"Llama {args.layers} layers, hidden {args.hidden}",
+        "model": f"Llama {args.layers} layers, hidden {args.hidden}", "device": args.device,
         "rows": rows, "all_rounds": runs,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lorakit import io
@@ -111,7 +112,7 @@ class AdapterRegistry:
         model, adapter = self.engine.model, read.adapter
         try:
             read.config.inference_mode = True
-            model.add_adapter(adapter.name, read.config, parent=adapter.parent)
+            model.add_adapter(adapter.name, read.config, adapter_dtype=_serving_dtype(model), parent=adapter.parent)
             try:
                 io.load_weights(model.model, adapter.name, model.peft_config[adapter.name], read.weights)
             except Exception:
@@ -129,3 +130,11 @@ class AdapterRegistry:
     def _restore(self, adapter: ServedAdapter) -> None:
         with self._lock:
             self.served[adapter.name] = adapter
+
+
+def _serving_dtype(model: Any) -> torch.dtype | None:
+    """The base's dtype for a half-precision base (factors in it, as vLLM serves them: no fp32 pass per layer);
+    None (the library's default, fp32 factors) otherwise."""
+    embeddings = model.model.get_input_embeddings() if hasattr(model.model, "get_input_embeddings") else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None

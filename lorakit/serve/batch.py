@@ -22,10 +22,11 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
 class DecodeBatch:
     """Rows (one per request) with their shared padded cache; rows join and leave between decode steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.rows: list = []
         self.cache = DynamicCache()
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.mask = self._ones(0, 0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -35,7 +36,7 @@ class DecodeBatch:
         new = cache_tensors(cache)
         new_length = new[0][0].shape[2]
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, torch.ones(1, new_length, dtype=torch.long)
+            self.rows, self.cache, self.mask = [row], cache, self._ones(1, new_length)
             return
         width = max(self.mask.shape[1], new_length)
         self.cache = DynamicCache(
@@ -44,17 +45,16 @@ class DecodeBatch:
                 for (k, v), (nk, nv) in zip(cache_tensors(self.cache), new, strict=True)
             ]
         )
-        new_mask = torch.ones(1, new_length, dtype=torch.long)
-        self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(new_mask, width, dim=1)])
+        self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(self._ones(1, new_length), width, dim=1)])
         self.rows.append(row)
 
     def remove(self, keep: list[int]) -> None:
         """Keeps the rows at indices `keep`; columns that are padding in every remaining row are dropped."""
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.cache, self.mask = DynamicCache(), torch.zeros(0, 0, dtype=torch.long)
+            self.cache, self.mask = DynamicCache(), self._ones(0, 0)
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         mask = self.mask[index]
         start = int((mask.sum(0) > 0).nonzero()[0])  # the first column a remaining row still uses
         self.mask = mask[:, start:]
@@ -63,14 +63,17 @@ class DecodeBatch:
     def step_inputs(self, last_tokens: list[int]) -> dict[str, object]:
         """Forward arguments for one decode step: each row's last token at its own next position. The step
         appends one column to `self.cache` in place."""
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        self.mask = torch.cat([self.mask, self._ones(len(self.rows), 1)], dim=1)
         return {
-            "input_ids": torch.tensor(last_tokens).unsqueeze(1),
+            "input_ids": torch.tensor(last_tokens, device=self.device).unsqueeze(1),
             "attention_mask": self.mask,
             "position_ids": self.mask.sum(1, keepdim=True) - 1,
             "cache": self.cache,
             "use_cache": True,
         }
+
+    def _ones(self, rows: int, length: int) -> Tensor:
+        return torch.ones(rows, length, dtype=torch.long, device=self.device)
 
 
 def _pad(t: Tensor, width: int, dim: int = 2) -> Tensor:

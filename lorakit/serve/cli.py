@@ -35,6 +35,15 @@ def serve_command(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for the model (default: torch's; 1 on a busy machine)")
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where the model runs: auto (cuda if there is one), cpu, cuda, cuda:1")
+    ] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weights' dtype: auto (bfloat16 on a GPU, the model's own on CPU), float32, bfloat16, float16"
+        ),
+    ] = "auto",
 ) -> None:
     """Serve MODEL and its adapters over an OpenAI-compatible HTTP API, batching requests for many adapters."""
     import torch
@@ -46,7 +55,9 @@ def serve_command(
         torch.set_num_threads(threads)
 
     named = dict(_name_and_path(a) for a in adapter or [])  # bad options fail before a model loads
+    where, weights_dtype = _placement(device, dtype)
     base, tok, base_id = _load(model, tokenizer)
+    base.to(device=where, dtype=weights_dtype)
     app, registry = build_server(
         base,
         tok,
@@ -82,6 +93,28 @@ def _load(model: str | None, tokenizer: str | None) -> tuple[Any, Any, str]:
     except (OSError, ValueError) as err:
         raise ServeError(f"cannot load a tokenizer from {source} ({err}); pass --tokenizer FOLDER") from None
     return base, tok, folder.name if folder is not None else model
+
+
+def _placement(device: str, dtype: str) -> tuple[Any, Any]:
+    """(device, dtype or None to keep the model's) for the options; a named error for what cannot be."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ServeError(f"--device {device!r}: give cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ServeError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if where.type not in ("cpu", "cuda"):
+        raise ServeError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return where, torch.bfloat16 if where.type == "cuda" else None
+    if dtype not in choices:
+        raise ServeError(f"--dtype {dtype!r}: give auto, {', '.join(choices)}")
+    return where, choices[dtype]
 
 
 def _name_and_path(option: str) -> tuple[str, Path]:

@@ -67,12 +67,19 @@ class Job:
         """The client is gone: the worker drops the row before the next step."""
         self.cancelled.set()
 
-    def accept(self, logits: Tensor) -> bool:
-        """Picks the next token from this row's logits and reports it; True when the job is finished."""
-        if self.eos and len(self.tokens) < self.request.min_tokens:
-            logits = logits.clone()
+    def next_token(self, logits: Tensor, greedy: int | None = None) -> int:
+        """This row's next token: `greedy` (the batch's argmax, picked on the device in one go) when the request
+        is greedy and may end now, else picked from the row's logits on the host with the request's own stream."""
+        masked = bool(self.eos) and len(self.tokens) < self.request.min_tokens
+        if greedy is not None and self.request.temperature == 0 and not masked:
+            return greedy
+        logits = logits.to("cpu", torch.float32, copy=masked)  # the caller's logits stay as they are
+        if masked:
             logits[list(self.eos)] = float("-inf")
-        token = next_token(logits, self.request.temperature, self.request.top_p, self.generator)
+        return next_token(logits, self.request.temperature, self.request.top_p, self.generator)
+
+    def accept(self, token: int) -> bool:
+        """Adds the next token and reports it; True when the job is finished."""
         self.tokens.append(token)
         if token in self.eos and not self.request.ignore_eos:
             return self._finish(self.text.finish(), "stop")
@@ -112,7 +119,8 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._ops: list[_Op] = []
-        self._batch = DecodeBatch()
+        self.device = next(model.parameters()).device
+        self._batch = DecodeBatch(self.device)
         self._stopping = False
         self._counts = {"finished": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._run, name="lorakit-serve-engine", daemon=True)
@@ -207,14 +215,14 @@ class Engine:
                 self._counts["cancelled"] += 1
                 continue
             cache = DynamicCache()
-            ids = torch.tensor([job.request.prompt_ids])
+            ids = torch.tensor([job.request.prompt_ids], device=self.device)
             try:
                 logits = forward_rows(self.model, [job.request.adapter], input_ids=ids, cache=cache, use_cache=True)
             except Exception:
                 traceback.print_exc(file=sys.stderr)
                 job.fail("internal error while reading the prompt; see the server log")
                 continue
-            if job.accept(logits[0]):
+            if job.accept(job.next_token(logits[0])):
                 self._counts["finished"] += 1
             else:
                 self._batch.add(job, cache)
@@ -223,7 +231,8 @@ class Engine:
         jobs = self._batch.rows
         inputs = self._batch.step_inputs([job.tokens[-1] for job in jobs])
         logits = forward_rows(self.model, [job.request.adapter for job in jobs], **inputs)
-        keep = [i for i, job in enumerate(jobs) if not job.accept(logits[i])]
+        greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch; sampled rows copy their own row
+        keep = [i for i, job in enumerate(jobs) if not job.accept(job.next_token(logits[i], greedy[i]))]
         if len(keep) < len(jobs):
             self._counts["finished"] += len(jobs) - len(keep)
             self._batch.remove(keep)

@@ -54,7 +54,7 @@ def test_end_token_rules(tokenizer, ignore_eos: bool, min_tokens: int, finished_
     job = Job(request, events.append, tokenizer, {eos})
     logits = torch.zeros(len(tokenizer))
     logits[eos], logits[65] = 2.0, 1.0
-    steps = next(n for n in range(1, 7) if job.accept(logits))
+    steps = next(n for n in range(1, 7) if job.accept(job.next_token(logits, greedy=int(logits.argmax()))))
     assert steps == finished_after
     assert job.tokens == [65] * min_tokens + [eos] * (steps - min_tokens)
     assert events[-1].finish_reason == ("length" if ignore_eos else "stop")
@@ -100,6 +100,10 @@ def test_rows_leave_and_padding_columns_go(tokenizer) -> None:
         (["--adapter", "nope"], "write it as NAME=PATH"),
         (["--adapter-root", "/no/such/folder"], "is not a folder"),
         (["--adapter", "x=/tmp"], "lacks adapter_config.json"),
+        (["--device", "tpu9"], "give cpu, cuda or cuda:N"),
+        (["--device", "meta"], "give cpu, cuda or cuda:N"),
+        (["--dtype", "int8"], "give auto, float32, bfloat16, float16"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]),
     ],
 )
 def test_bad_serve_options_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
