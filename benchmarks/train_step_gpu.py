@@ -30,7 +30,8 @@ import time
 import torch
 
 
-def build_model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace, device: str = "cuda"):
+    """The Llama-shaped model of `args`, seeded random bf16 weights (device "cpu": other scripts' smoke runs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -45,7 +46,7 @@ def build_model(args: argparse.Namespace):
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model
 

@@ -1,0 +1,201 @@
+"""Inference on the GPU against the base model: a decode step with 64 adapters (one per row), and one adapter
+unmerged (prefill forward and decode step), lorakit and PEFT side by side in one run (issue 11's targets
+"decode step, 64 distinct adapters / base <= 1.15x" and "inference, 1 adapter unmerged / base <= 1.10x").
+
+Model: Llama-3.2-1B shape (hidden 2048, intermediate 8192, 32/8 heads, vocab 128256, tied head) with seeded random
+bf16 weights from config (benchmarks/train_step_gpu.build_model): --layers 16 as the real model, but decode-64 has
+--decode-layers 8 by default, to keep the run short: adding 64 adapters grows with the depth (each add_adapter walks
+every module; at 16 layers it took lorakit 71 s and PEFT 32 s on the project's shared 2-core CPU), while a decode
+step costs about the same per layer, so its ratio to the base moves little with the depth (the head's share of a
+step doubles). Adapters: r16,
+lora_alpha 32, all-linear, bf16 factors, random non-zero B (benchmarks/mixed_batch_gpu.adapt). Eager, no compile.
+Cases, each mode on a fresh model (base: the model alone; ours: lorakit; peft: PEFT 0.21):
+  decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
+              decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
+  one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
+              --batch x --seq (use_cache=False, full logits), "decode" = one decode step of those --batch rows
+              after a prefill of --seq tokens.
+Timing: torch.cuda.synchronize + perf_counter around each call, median of --steps after --warmup; decode steps
+follow one another, so the KV cache grows by one token a step, equally in every mode. logits_vs_base is the largest
+difference of the first decode step's logits from the base's (nonzero: the adapters act).
+
+Run (CUDA): PYTHONPATH=. python benchmarks/decode_step_gpu.py [--layers 16] [--json PATH]
+Smoke run (CPU, tiny model, seconds): PYTHONPATH=. python benchmarks/decode_step_gpu.py --quick --json /tmp/d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from mixed_batch_gpu import adapt
+from train_step_gpu import build_model
+from transformers.cache_utils import DynamicCache
+
+CASES = ("decode-64", "one-adapter")
+QUICK = dict(
+    layers=2,
+    decode_layers=2,
+    hidden=64,
+    intermediate=128,
+    vocab=256,
+    decode_prompt=8,
+    seq=16,
+    steps=3,
+    warmup=1,
+    device="cpu",
+)
+
+
+def median_ms(call: Callable[[], object], warmup: int, steps: int, device: str) -> float:
+    """Median wall time of `call`, the device drained before and after each call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple[float, torch.Tensor]:
+    """(median ms of one decode step after a prefill of `prompt`, the first step's logits)."""
+    cache = DynamicCache()
+    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
+    token = torch.randint(0, args.vocab, (prompt.shape[0], 1), device=prompt.device, generator=_generator(args, 2))
+
+    def step() -> torch.Tensor:
+        return model(input_ids=token, past_key_values=cache, use_cache=True, **routing).logits[:, -1]
+
+    first = step().float().cpu()
+    return median_ms(step, args.warmup, args.steps, args.device), first
+
+
+def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float | torch.Tensor]:
+    n_adapters = args.adapters if case == "decode-64" else 1
+    names = [f"a{i}" for i in range(n_adapters)]
+    layers = args.decode_layers if case == "decode-64" else args.layers
+    start = time.perf_counter()
+    base = build_model(argparse.Namespace(**{**vars(args), "layers": layers}), args.device)
+    model = adapt(mode, base, names, args.rank).eval()
+    result: dict = {"layers": layers, "build_s": time.perf_counter() - start}
+    rows = args.decode_batch if case == "decode-64" else args.batch
+    length = args.decode_prompt if case == "decode-64" else args.seq
+    prompt = torch.randint(0, args.vocab, (rows, length), device=args.device, generator=_generator(args, 1))
+    routing = {}
+    if mode != "base" and case == "decode-64":
+        routing = {"adapter_names": [names[i % n_adapters] for i in range(rows)]}
+    elif mode != "base":
+        model.set_adapter(names[0])
+    with torch.no_grad():
+        if case == "one-adapter":
+
+            def forward() -> object:
+                return model(input_ids=prompt, use_cache=False)
+
+            result["forward_ms"] = median_ms(forward, args.warmup, args.steps, args.device)
+        result["decode_ms"], result["logits"] = decode_ms(model, prompt, routing, args)
+    return result
+
+
+def _generator(args: argparse.Namespace, seed: int) -> torch.Generator:
+    return torch.Generator(args.device).manual_seed(seed)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Every (case, mode), base first so the others' logits compare with it; the JSON is rewritten after each."""
+    results: dict[str, dict[str, float]] = {}
+    base_logits = {}
+    for mode in args.modes.split(","):
+        for case in args.cases.split(","):
+            result = measure(case, mode, args)
+            logits = result.pop("logits")
+            if mode == "base":
+                base_logits[case] = logits
+            elif case in base_logits:
+                result["logits_vs_base"] = (logits - base_logits[case]).abs().max().item()
+            results[f"{case} {mode}"] = result
+            print(f"{case} {mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            if args.json:
+                write_json(args.json, args, results)
+    return results
+
+
+def environment(device: str) -> dict:
+    """Device name and library versions, for the record every result carries."""
+    import peft
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_json(path: str, args: argparse.Namespace, results: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({**environment(args.device), "args": vars(args), "results": results}, f, indent=2)
+
+
+def summary(results: dict[str, dict[str, float]]) -> None:
+    print(f"{'case':<13}{'mode':<6}{'layers':>7} {'metric':<12}{'ms':>9}{'/ base':>8}{'logits vs base':>16}")
+    for key, result in results.items():
+        case, mode = key.split(" ")
+        base = results.get(f"{case} base", {})
+        for metric in ("forward_ms", "decode_ms"):
+            if metric in result:
+                ratio = f"{result[metric] / base[metric]:.3f}" if metric in base else "-"
+                diff = f"{result['logits_vs_base']:.3g}" if "logits_vs_base" in result else "-"
+                row = f"{case:<13}{mode:<6}{result['layers']:>7} {metric:<12}{result[metric]:>9.2f}{ratio:>8}{diff:>16}"
+                print(row)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in (("layers", 16), ("hidden", 2048), ("intermediate", 8192), ("vocab", 128256), ("rank", 16)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--decode-layers", type=int, default=8, help="decode-64: layers (its setup is the slow part)")
+    parser.add_argument("--adapters", type=int, default=64, help="decode-64: distinct adapters over the rows")
+    parser.add_argument("--decode-batch", type=int, default=64, help="decode-64: rows")
+    parser.add_argument("--decode-prompt", type=int, default=128, help="decode-64: prompt tokens per row in the cache")
+    parser.add_argument("--batch", type=int, default=4, help="one-adapter: rows")
+    parser.add_argument("--seq", type=int, default=512, help="one-adapter: prompt tokens per row")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--modes", default="base,ours,peft", help="base first: the others compare with it")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="a tiny model on CPU, a few steps: a smoke run")
+    parser.add_argument("--json", help="also write the results here (rewritten after every case)")
+    if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win
+        parser.set_defaults(**QUICK)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = run(args)
+    print(f"{environment(args.device)['device']}, torch {torch.__version__}, r{args.rank} all-linear, bf16, eager")
+    summary(results)
+
+
+if __name__ == "__main__":
+    main()
