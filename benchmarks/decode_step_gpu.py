@@ -52,9 +52,14 @@ QUICK = dict(
 )
 
 
+def synchronizer(device: str) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def median_ms(call: Callable[[], object], warmup: int, steps: int, device: str) -> float:
     """Median wall time of `call`, the device drained before and after each call."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(warmup):
         call()
     times = []
@@ -193,7 +198,8 @@ def main() -> None:
     args = parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     results = run(args)
-    print(f"{environment(args.device)['device']}, torch {torch.__version__}, r{args.rank} all-linear, bf16, eager")
+    device = environment(args.device)["device"]
+    print(f"== decode_step_gpu: {device}, torch {torch.__version__}, r{args.rank} all-linear, bf16, eager")
     summary(results)
 
 
