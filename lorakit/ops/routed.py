@@ -16,6 +16,7 @@ the reference's loop (adding in place).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 
 _STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
-_LAYOUTS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
-_CACHE_MAX = 512  # entries each (one per layer and group); enough for every layer of a large model
+_PLANS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
+_CACHE_MAX = 512  # entries each (stacks: one per layer and level; plans: one per routing and rank group)
 _PADDING_FREE = 256  # padded positions a level may add regardless of the ratio
 STACKS_MAX_BYTES = 512 * 2**20  # the stacked copies of factors kept between calls, least recently used dropped
 
@@ -38,105 +38,143 @@ def add_routed_lora(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
     """Semantics: reference.add_routed_lora (the spec); adapters of equal rank and dtype run as one batched group."""
-    pairs = [(a, idx) for a, idx in zip(adapters, rows, strict=True) if idx.numel()]
-    looped = [(a, idx) for a, idx in pairs if a.dropout and training]
-    groups: dict[tuple, list[tuple[LoraFactors, Tensor]]] = {}
-    for a, idx in pairs:
-        if not (a.dropout and training):
-            groups.setdefault((a.lora_A.shape[0], a.lora_A.dtype), []).append((a, idx))
-    tokens = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1  # positions per row
+    tokens = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # positions per row
+    batched, looped = _plan(adapters, rows, training, x.shape[0], tokens)
     summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
-    for members in groups.values():
-        for level in _disjoint_levels(members):
-            if len(level) == 1 or not _balanced(level, tokens):
-                looped.extend(level)
-                continue
-            summed = _batched(out if summed is None else summed, x, level, fresh=summed is None)
+    for members, layout in batched:
+        level = [adapters[i] for i in members]
+        summed = _batched(out if summed is None else summed, x, level, layout, fresh=summed is None)
     if looped:
-        summed = _looped(out if summed is None else summed, x, looped, training, fresh=summed is None)
+        pairs = [(adapters[i], rows[i], whole) for i, whole in looped]
+        summed = _looped(out if summed is None else summed, x, pairs, training, fresh=summed is None)
     return out if summed is None else summed.to(out.dtype)
 
 
-def _looped(acc: Tensor, x: Tensor, pairs: list[tuple[LoraFactors, Tensor]], training: bool, fresh: bool) -> Tensor:
-    """The reference's loop, adding in place into a sum of our own instead of copying it once per adapter."""
+def _plan(
+    adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool, n: int, tokens: int
+) -> tuple[list[tuple[list[int], tuple]], list[tuple[int, bool]]]:
+    """Which adapters (by position) run batched in which levels and block layouts, and which loop (with whether
+    their rows are the whole batch in order). It depends only on the rows and each adapter's rank, dtype and
+    dropout, so it is built once per routing and reused by every layer of every call that passes the same rows."""
+    key = (
+        training,
+        n,
+        tokens,
+        *[
+            (id(i), _version(i), a.lora_A.shape[0], a.lora_A.dtype, a.dropout)
+            for a, i in zip(adapters, rows, strict=True)
+        ],
+    )
+    return _memo(_PLANS, key, rows, lambda: _new_plan(adapters, rows, training, n, tokens))
+
+
+def _new_plan(
+    adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool, n: int, tokens: int
+) -> tuple[list[tuple[list[int], tuple]], list[tuple[int, bool]]]:
+    looped: list[int] = []  # dropout in training draws the reference's masks, adapter by adapter
+    groups: dict[tuple, list[int]] = {}
+    for i, (a, idx) in enumerate(zip(adapters, rows, strict=True)):
+        if idx.numel() and a.dropout and training:
+            looped.append(i)
+        elif idx.numel():
+            groups.setdefault((a.lora_A.shape[0], a.lora_A.dtype), []).append(i)
+    batched = []
+    for members in groups.values():
+        for level in _disjoint_levels(members, rows):
+            if len(level) == 1 or not _balanced([rows[i] for i in level], tokens):
+                looped.extend(level)
+            else:
+                batched.append((level, _block_layout([rows[i] for i in level], n)))
+    return batched, [(i, _is_whole_batch(rows[i], n)) for i in looped]
+
+
+def _looped(
+    acc: Tensor, x: Tensor, pairs: list[tuple[LoraFactors, Tensor, bool]], training: bool, fresh: bool
+) -> Tensor:
+    """The reference's loop, adding in place into a sum of our own instead of copying it once per adapter; rows
+    that are the whole batch in order (one adapter for every row) skip the gather and the scatter."""
     dtype = acc.dtype
-    for a, _ in pairs:
+    for a, _, _ in pairs:
         dtype = torch.promote_types(dtype, a.lora_A.dtype)
-    acc = acc.to(dtype, copy=fresh)  # the caller's out is never changed in place
-    for a, idx in pairs:
-        h = x.index_select(0, idx).to(a.lora_A.dtype)
+    for a, idx, whole in pairs:
+        h = (x if whole else x.index_select(0, idx)).to(a.lora_A.dtype)
         h = F.dropout(h, a.dropout, training) if a.dropout else h
-        acc.index_add_(0, idx, reference.linear_contribution(h, a.lora_A, a.lora_B, a.scale).to(dtype))
+        term = _contribution(h, a).to(dtype)
+        if fresh:  # the caller's out is never changed in place
+            acc, fresh = (acc.to(dtype) + term if whole else acc.to(dtype).index_add(0, idx, term)), False
+        else:
+            acc = acc.add_(term) if whole else acc.index_add_(0, idx, term)
     return acc
 
 
-def _disjoint_levels(members: list[tuple[LoraFactors, Tensor]]) -> list[list[tuple[LoraFactors, Tensor]]]:
+def _contribution(h: Tensor, a: LoraFactors) -> Tensor:
+    """reference.linear_contribution, without the multiply when the scale is 1 (a server's slots, alpha = r)."""
+    y = F.linear(F.linear(h, a.lora_A), a.lora_B)
+    return y if a.scale == 1 else y * a.scale
+
+
+def _disjoint_levels(members: list[int], rows: Sequence[Tensor]) -> list[list[int]]:
     """Splits a group so that no row appears twice in one level (a tree path puts a row under several adapters)."""
-    split = _memo(_LAYOUTS, ("levels",), [idx for _, idx in members], _level_numbers)
-    levels: list[list] = [[] for _ in range(max(split) + 1)]
-    for member, number in zip(members, split, strict=True):
-        levels[number].append(member)
+    taken: list[set[int]] = []
+    levels: list[list[int]] = []
+    for i in members:
+        ids = set(rows[i].tolist())
+        number = next((k for k, t in enumerate(taken) if not t & ids), len(taken))
+        if number == len(taken):
+            taken.append(set())
+            levels.append([])
+        taken[number] |= ids
+        levels[number].append(i)
     return levels
 
 
-def _level_numbers(rows: list[Tensor]) -> list[int]:
-    """For each row set, the first level none of whose sets shares a row with it."""
-    taken: list[set[int]] = []
-    numbers = []
-    for idx in rows:
-        ids = set(idx.tolist())
-        number = next((i for i, t in enumerate(taken) if not t & ids), len(taken))
-        if number == len(taken):
-            taken.append(set())
-        taken[number] |= ids
-        numbers.append(number)
-    return numbers
-
-
-def _batched(acc: Tensor, x: Tensor, level: list[tuple[LoraFactors, Tensor]], fresh: bool) -> Tensor:
+def _batched(acc: Tensor, x: Tensor, level: list[LoraFactors], layout: tuple, fresh: bool) -> Tensor:
     """acc plus one level's terms: the rows laid out per adapter in a (K, L, ...) block (zero-padded to the
     longest), two bmm with the stacked factors. fresh: acc is the caller's `out`, so it is not changed in place."""
-    A_t, B_t, scale = _stacked([a for a, _ in level])  # (K, in, r), (K, r, out), (K,)
-    sel, pos, longest, layout = _memo(_LAYOUTS, ("block",), [idx for _, idx in level], _block_layout)
+    A_t, B_t, scale = _stacked(level)  # (K, in, r), (K, r, out), (K,)
+    sel, pos, longest, how = layout
     k = len(level)
-    if layout == "all rows in order" and sel.numel() != acc.shape[0]:
-        layout = "equal"  # in order, but not every row of the batch
-    xs = x if layout == "all rows in order" else x.index_select(0, sel)
-    if layout == "padded":
+    xs = x if how == "all rows in order" else x.index_select(0, sel)
+    if how == "padded":
         xs = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
     h = torch.bmm(xs.to(A_t.dtype).reshape(k, -1, xs.shape[-1]), A_t)  # (K, L * tokens, r)
-    y = torch.bmm(h * scale[:, None, None], B_t)  # (K, L * tokens, out)
-    y = y.reshape(-1, *acc.shape[1:])
-    y = y.index_select(0, pos) if layout == "padded" else y
+    if any(a.scale != 1 for a in level):
+        h = h * scale[:, None, None]
+    y = torch.bmm(h, B_t).reshape(-1, *acc.shape[1:])  # (K * L, ..., out)
+    y = y.index_select(0, pos) if how == "padded" else y
     if fresh and acc.dtype != y.dtype:  # bf16 out, fp32 factors: the sum is kept in fp32, a tensor of our own
         acc, fresh = acc.to(y.dtype), False
-    if layout == "all rows in order":
+    if how == "all rows in order":
         return acc + y if fresh else acc.add_(y)
     return acc.index_add(0, sel, y) if fresh else acc.index_add_(0, sel, y)
 
 
-def _block_layout(rows: list[Tensor]) -> tuple[Tensor, Tensor, int, str]:
+def _block_layout(rows: list[Tensor], n: int) -> tuple[Tensor, Tensor | None, int, str]:
     """The level's rows adapter by adapter (sel), where each sits in the padded block (pos), and whether the
-    block needs padding, or is even the whole batch in order (rows already sorted by adapter)."""
+    block needs padding, or is even the whole batch of n rows in order (rows already sorted by adapter)."""
     counts = [idx.numel() for idx in rows]
     longest = max(counts)
     sel = torch.cat(rows)
-    pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
     if min(counts) < longest:
+        pos = torch.cat([torch.arange(c, device=sel.device) + i * longest for i, c in enumerate(counts)])
         return sel, pos, longest, "padded"
-    in_order = bool(torch.equal(sel, torch.arange(sel.numel(), device=sel.device)))
-    return sel, pos, longest, "all rows in order" if in_order else "equal"
+    return sel, None, longest, "all rows in order" if _is_whole_batch(sel, n) else "equal"
 
 
-def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
-    """build(tensors), reused while the same tensor objects come back unchanged (every layer of one routed call
-    passes the same row tensors); weak references, so a reused id() is never a hit."""
-    key = (*tag, *((id(t), _version(t)) for t in tensors))
+def _is_whole_batch(idx: Tensor, n: int) -> bool:
+    return idx.numel() == n and bool(torch.equal(idx, torch.arange(n, device=idx.device)))
+
+
+def _memo(cache: OrderedDict, key: tuple, tensors: Sequence[Tensor], build):
+    """build(), reused while `key` (which names `tensors` by id and version) comes back with the same tensor objects
+    (every layer of one routed call, and every call of a routing, passes the same row tensors); weak references,
+    so a reused id() is never a hit."""
     hit = cache.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
         cache.move_to_end(key)
         return hit[1]
-    value = build(tensors)
+    with torch.inference_mode(False):  # kept for later calls, which may record gradients
+        value = build()
     for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
         del cache[stale]  # its tensors are gone: so is what was built from them
     cache[key] = ([weakref.ref(t) for t in tensors], value)
@@ -145,17 +183,20 @@ def _memo(cache: OrderedDict, tag: tuple, tensors: list[Tensor], build):
     return value
 
 
-def _balanced(level: list[tuple[LoraFactors, Tensor]], tokens: int) -> bool:
+def _balanced(rows: list[Tensor], tokens: int) -> bool:
     """Padding every adapter's rows to the longest costs at most twice the real rows, or few positions in all
     (decoding steps: a padded position costs far less than a loop's extra ops)."""
-    counts = [idx.numel() for _, idx in level]
-    padded, real = len(level) * max(counts), sum(counts)
+    counts = [idx.numel() for idx in rows]
+    padded, real = len(rows) * max(counts), sum(counts)
     return padded <= 2 * real or (padded - real) * tokens <= _PADDING_FREE
 
 
 def _version(t: Tensor) -> int:
     """torch's in-place change counter; inference tensors have none (and rows are never changed in place)."""
-    return -1 if t.is_inference() else t._version
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,7 +205,9 @@ def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _stack(adapters)  # part of the autograd graph: built fresh every call
-    return _memo(_STACKS, tuple(a.scale for a in adapters), tensors, lambda _: _stack_within_budget(adapters))
+    # data_ptr: model.to(dtype or device) swaps a parameter's storage, keeping its id and version counter
+    key = (*[a.scale for a in adapters], *[(id(t), _version(t), t.data_ptr()) for t in tensors])
+    return _memo(_STACKS, key, tensors, lambda: _stack_within_budget(adapters))
 
 
 def _stack_within_budget(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
