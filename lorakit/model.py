@@ -91,15 +91,14 @@ class LoraModel(nn.Module):
             yield
 
     def _check_routable(self, names: list[str]) -> None:
+        """Refuses what no row can be routed to. Merged adapters are refused by each layer holding them as the
+        forward reaches it: walking every module here would cost more than a decode step's LoRA math."""
         on_weight = [n for n in names if self.peft_config[n].target_parameters]
         if on_weight:
             raise LorakitError(
                 f"adapters {on_weight} use target_parameters: they change the weight every row shares, so they "
                 "cannot be routed per row; use set_adapter() for them, or serve them in their own batches"
             )
-        merged = self.merged_adapters
-        if merged:
-            raise LorakitError(f"adapters {merged} are merged into the weights; unmerge_adapter() before adapter_names")
 
     @property
     def config(self):

@@ -16,6 +16,7 @@ forward marks its outputs so that the backward through them replays its routing 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,13 +27,15 @@ from torch import Tensor
 from lorakit.errors import LorakitError
 
 BASE = "__base__"  # PEFT's name for "no adapter on this row"
+ROUTINGS_KEPT = 64  # the Routing of each recent adapter_names list, so decode steps reuse their row tensors
 
 
 @dataclass(frozen=True)
 class Routing:
     """Row -> adapters for one batch. `rows[name]` lists (int64, ascending) every row whose path contains `name`;
     `groups` maps each distinct path (root..node; () = the base) to its rows, for modules that run a row group
-    through one module (modules_to_save copies)."""
+    through one module (modules_to_save copies). Never changed once built: AdapterState hands the same object to
+    every call with the same adapter_names, and the ops key their caches on its row tensors."""
 
     batch_size: int
     rows: dict[str, Tensor]
@@ -51,10 +54,11 @@ class Routing:
                     "of the batch (a layer that mixes rows of different samples cannot be routed per row)"
                 )
             k = n // self.batch_size
-            self._cache[key] = (
-                {name: _expand(idx, k).to(device) for name, idx in self.rows.items()},
-                {path: _expand(idx, k).to(device) for path, idx in self.groups.items()},
-            )
+            with torch.inference_mode(False):  # kept across calls: usable in a later forward that records grads
+                self._cache[key] = (
+                    {name: _expand(idx, k).to(device) for name, idx in self.rows.items()},
+                    {path: _expand(idx, k).to(device) for path, idx in self.groups.items()},
+                )
         return self._cache[key]
 
 
@@ -71,6 +75,7 @@ class AdapterState:
         self.enabled: bool = True
         self.parents: dict[str, str | None] = {}
         self.routing: Routing | None = None
+        self._routings: OrderedDict[tuple[str, ...], Routing] = OrderedDict()  # recent; cleared when the tree changes
         self._replayed: tuple[int, Routing | None] | None = None  # (backward's graph task, its routing)
 
     # -- the tree ----------------------------------------------------------------------------------
@@ -83,6 +88,7 @@ class AdapterState:
         if parent is not None and parent not in self.parents:
             raise LorakitError(f"parent {parent!r} is not a loaded adapter; loaded: {sorted(self.parents)}")
         self.parents[name] = parent
+        self._routings.clear()
 
     def remove(self, name: str) -> None:
         children = self.children(name)
@@ -92,6 +98,7 @@ class AdapterState:
                 "defined on top of its parent's)"
             )
         del self.parents[name]
+        self._routings.clear()
         self.active = [n for n in self.active if n != name]
         self.trainable.discard(name)
 
@@ -100,6 +107,7 @@ class AdapterState:
         one active and trainable, as PEFT's layers start with their first adapter active."""
         if name not in self.parents:
             self.parents[name] = None
+            self._routings.clear()
             if not self.active:
                 self.active, self.trainable = [name], {name}
 
@@ -139,23 +147,34 @@ class AdapterState:
 
     # -- per-row routing ---------------------------------------------------------------------------
     def routing_for(self, adapter_names: Sequence[str]) -> Routing:
-        """The Routing for one adapter name (or BASE) per batch row; a tree node stands for its whole path."""
+        """The Routing for one adapter name (or BASE) per batch row; a tree node stands for its whole path. The same
+        list of names gets the same Routing while the tree is unchanged (a server's decode steps repeat it)."""
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        key = tuple(adapter_names)
+        routing = self._routings.get(key)
+        if routing is None:
+            routing = self._routings[key] = self._new_routing(adapter_names)
+            if len(self._routings) > ROUTINGS_KEPT:
+                self._routings.popitem(last=False)
+        self._routings.move_to_end(key)
+        return routing
+
+    def _new_routing(self, adapter_names: Sequence[str]) -> Routing:
         if not adapter_names:
             raise LorakitError("adapter_names is empty; give one adapter name (or '__base__') per row of the batch")
         self.check_known([n for n in dict.fromkeys(adapter_names) if n != BASE])
         by_path: dict[tuple[str, ...], list[int]] = {}
         for i, name in enumerate(adapter_names):
             by_path.setdefault(() if name == BASE else tuple(self.path(name)), []).append(i)
-        groups = {path: torch.tensor(idx, dtype=torch.long) for path, idx in by_path.items()}
         rows: dict[str, list[int]] = {}
         for path, idx in by_path.items():
             for name in path:
                 rows.setdefault(name, []).extend(idx)
-        return Routing(
-            len(adapter_names), {n: torch.tensor(sorted(i), dtype=torch.long) for n, i in rows.items()}, groups
-        )
+        with torch.inference_mode(False):  # kept across calls: usable in a later forward that records grads
+            groups = {path: torch.tensor(idx, dtype=torch.long) for path, idx in by_path.items()}
+            rows_t = {n: torch.tensor(sorted(i), dtype=torch.long) for n, i in rows.items()}
+        return Routing(len(adapter_names), rows_t, groups)
 
     @contextmanager
     def routed(self, routing: Routing) -> Iterator[Routing]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, LorakitError, LoraModel, VeraConfig, get_lora_model
+from lorakit.layer import LoraLayer
 from tests.cases import conv_mlp, mlp, output, tiny_gpt2, tiny_llama
 
 NAMES = ["a", "b", "__base__", "a", "b"]
@@ -237,3 +238,116 @@ def test_merged_adapters_must_be_unmerged_before_routing():
     model.merge_adapter()
     with pytest.raises(LorakitError, match="unmerge_adapter"):
         model(torch.randn(2, 6), adapter_names=["a", "b"])
+
+
+# -- what is reused between routed calls -------------------------------------------------------------
+EVEN = ["a", "b", "c", "b", "c", "a"]  # three adapters of one rank: one batched level
+UNEVEN = ["a", "a", "a", "b", "__base__", "c"]  # padded
+WHOLE = ["b"] * 6  # one adapter on every row
+PART = ["__base__", "b", "__base__", "__base__", "b", "__base__"]  # one adapter on some rows: gathered
+
+
+def _three_adapter_mlp() -> LoraModel:
+    torch.manual_seed(3)
+    model = get_lora_model(mlp(), _CONFIG, adapter_name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, _CONFIG)
+    return model.eval()
+
+
+_CONFIG = LoraConfig(r=2, init_lora_weights=False, target_modules=["lin0", "lin1"])
+
+
+def _adapters(model: LoraModel, name: str) -> list:
+    return [m.adapters[name] for m in model.modules() if isinstance(m, LoraLayer) and name in m.adapters]
+
+
+def _double_scale(model: LoraModel) -> None:
+    for adapter in _adapters(model, "b"):
+        adapter.scale *= 2  # as a slot folds its scale
+
+
+def _scale_factor_in_place(model: LoraModel) -> None:
+    with torch.no_grad():
+        for adapter in _adapters(model, "b"):
+            adapter.lora_B.mul_(-3)
+
+
+def _replace_factor(model: LoraModel) -> None:
+    for adapter in _adapters(model, "b"):
+        adapter.lora_A = torch.nn.Parameter(adapter.lora_A.detach() + 1)
+
+
+def _readd(model: LoraModel) -> None:
+    model.delete_adapter("b")
+    torch.manual_seed(11)
+    model.add_adapter("b", _CONFIG)  # same name, other random factors
+
+
+def _hotswap(model: LoraModel, tmp_path) -> None:
+    torch.manual_seed(12)
+    get_lora_model(mlp(), _CONFIG).save_pretrained(tmp_path / "other")
+    model.hotswap_adapter(tmp_path / "other", "b")
+
+
+def _assign_data(model: LoraModel) -> None:
+    for adapter in _adapters(model, "b"):
+        adapter.lora_B.data = adapter.lora_B.data * -3  # same tensor object, same version counter, new storage
+
+
+CHANGES = {
+    "scale": _double_scale,
+    "data-assigned": _assign_data,
+    "factor-in-place": _scale_factor_in_place,
+    "factor-replaced": _replace_factor,
+    "deleted-and-readded": _readd,
+    "hotswap": _hotswap,
+    "to-float64": lambda model: model.double(),
+}
+
+
+@pytest.mark.parametrize("names", [EVEN, UNEVEN, WHOLE], ids=["even", "uneven", "whole-batch"])
+@pytest.mark.parametrize("change", CHANGES, ids=str)
+def test_a_repeated_routed_call_sees_every_change_of_its_adapters(change, names, tmp_path):
+    model = _three_adapter_mlp()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = [model(x=x, adapter_names=names) for _ in range(2)]  # the second call reuses what the first built
+    changed = CHANGES[change]
+    changed(model, tmp_path) if change == "hotswap" else changed(model)
+    x = x.to(next(model.parameters()).dtype)
+    with torch.inference_mode():
+        mixed = model(x=x, adapter_names=names)
+        expected = _one_at_a_time(model, lambda: model(x=x), names)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    row = names.index("b")
+    assert mixed.dtype == x.dtype
+    assert (change == "to-float64") == torch.allclose(mixed[row].float(), before[1][row])  # b's row changed
+
+
+def test_the_same_adapter_names_get_the_same_routing_until_the_tree_changes():
+    model = _three_adapter_mlp()
+    routing = model.state.routing_for(EVEN)
+    assert model.state.routing_for(list(EVEN)) is routing
+    model.add_adapter("d", _CONFIG)
+    assert model.state.routing_for(EVEN) is not routing
+
+
+@pytest.mark.parametrize("names", [EVEN, UNEVEN, WHOLE, PART], ids=["even", "uneven", "whole-batch", "part"])
+def test_what_a_routed_call_under_inference_mode_keeps_serves_a_later_backward(names):
+    model = _three_adapter_mlp().requires_grad_(False)  # frozen factors: their stacked copies are kept
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(x=x, adapter_names=names)
+    x.requires_grad_(True)
+    mixed = torch.autograd.grad(model(x=x, adapter_names=names).pow(2).sum(), x)[0]  # rows and stacks are saved
+    expected = _one_at_a_time(model, lambda: torch.autograd.grad(model(x=x).pow(2).sum(), x)[0], names)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_merged_elsewhere_stops_routing_of_the_others():
+    model = _three_adapter_mlp()
+    model.merge_adapter(["c"])  # in the weights of every row, whatever the row's adapter
+    with pytest.raises(LorakitError, match=r"\['c'\] are merged into the weights; unmerge_adapter"):
+        model(torch.randn(2, 6), adapter_names=["a", "__base__"])
+    assert model.state.routing is None
