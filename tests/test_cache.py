@@ -10,6 +10,8 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorakit import LoraConfig, LorakitError, LoraModel, get_lora_model
 from lorakit import io as lorakit_io
@@ -295,3 +297,51 @@ def test_swaps_that_cannot_work_are_refused(folders):
     with pytest.raises(LorakitError, match="rank must be an integer >= 8"):
         prepare_slot(model, "live", rank=4)
     _assert_same_state(model, before)
+
+
+class _DataOps(TorchDispatchMode):
+    """Counts the ops that read or write tensor data (each a kernel launch on a GPU); views are free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _switch_ops(tmp_path, layers: int) -> int:
+    """Data ops of one switch from RAM of an adapter at the slot's rank, on `layers` linear layers."""
+
+    def deep() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(*(nn.Linear(6, 6) for _ in range(layers)))
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[str(i) for i in range(layers)], init_lora_weights=False)
+    for seed in (0, 1):
+        torch.manual_seed(10 + seed)
+        get_lora_model(deep(), config).save_pretrained(tmp_path / f"{layers}-{seed}")
+    model = LoraModel(deep()).eval()
+    model.adapter_cache = AdapterCache(device_slots=0)
+    model.load_adapter(tmp_path / f"{layers}-0", "live")
+    prepare_slot(model, "live")
+    model.adapter_cache.get(tmp_path / f"{layers}-1")
+    with _DataOps() as ops:
+        model.hotswap_adapter(tmp_path / f"{layers}-1", "live")
+    x = torch.randn(3, 6)
+    expected = LoraModel.from_pretrained(deep(), tmp_path / f"{layers}-1").eval()
+    torch.testing.assert_close(_run_x(model, x), _run_x(expected, x), atol=ATOL, rtol=0)
+    return ops.count
+
+
+def _run_x(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_a_switch_from_ram_costs_a_few_ops_whatever_the_depth(tmp_path):
+    """The adapter moves as one buffer per dtype and is scaled and copied by multi-tensor ops: not a few ops per
+    layer (on a GPU, hundreds of kernel launches and small host-to-device copies for an all-linear LLM)."""
+    shallow, deep = _switch_ops(tmp_path, 2), _switch_ops(tmp_path, 24)
+    assert shallow == deep <= 4

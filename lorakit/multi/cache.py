@@ -1,6 +1,6 @@
 """Adapters held in RAM, and fixed-shape slots to switch them into without file I/O or recompiling.
 
-    disk ──read once──► RAM        AdapterCache: config + tensors (pinned on CUDA), LRU by bytes and/or count
+    disk ──read once──► RAM        AdapterCache: config + tensors in one buffer per dtype (pinned on CUDA), LRU
     RAM  ──stage──────► device     up to `device_slots` adapters kept ready, padded to the slot's rank, s folded in B
     device ──copy─────► slot       the model adapter being served: fixed shapes, scale 1.0
 
@@ -46,8 +46,9 @@ class CachedAdapter:
     path: Path
     signature: tuple[tuple[str, int, int], ...]  # (file name, mtime_ns, size) per file: a change means reload
     config: LoraConfig
-    weights: dict[str, Tensor]
+    weights: dict[str, Tensor]  # views of `buffers`, laid out in this order
     nbytes: int
+    buffers: dict[torch.dtype, Tensor]  # every tensor of one dtype, back to back: one copy moves them to a device
 
 
 class AdapterCache:
@@ -132,10 +133,9 @@ class AdapterCache:
         if signature is None:
             raise AdapterFileError(f"adapter folder {path} does not exist or lacks {io.CONFIG_NAME}")
         config, weights = io.read_config(path), io.read_weights(path)
-        if self.pin_memory:
-            weights = {k: t.pin_memory() for k, t in weights.items()}
+        buffers, weights = _pack(weights, self.pin_memory)
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        return CachedAdapter(path, signature, config, weights, nbytes)
+        return CachedAdapter(path, signature, config, weights, nbytes, buffers)
 
     def _make_room(self, entry: CachedAdapter) -> None:
         """Evicts least recently used adapters until `entry` fits; refuses one that cannot fit at all."""
@@ -162,7 +162,8 @@ class AdapterCache:
         key = (entry.path, entry.signature, slot.layout)
         tensors = self._staged.get(key)
         if tensors is None:
-            tensors = slot.stage(_factors_from_file(slot, entry))
+            moved = {dtype: b.to(slot.device, non_blocking=True, copy=True) for dtype, b in entry.buffers.items()}
+            tensors = slot.stage(_factors_from_file(slot, entry, _views(moved, entry.weights)), owned=True)
             if self.device_slots:
                 self._staged[key] = tensors
                 while len(self._staged) > self.device_slots:
@@ -170,6 +171,30 @@ class AdapterCache:
         else:
             self._staged.move_to_end(key)
         return tensors
+
+
+def _pack(weights: dict[str, Tensor], pin: bool) -> tuple[dict[torch.dtype, Tensor], dict[str, Tensor]]:
+    """(one buffer per dtype, pinned if `pin`; the tensors as views of it): an adapter then moves to the GPU in one
+    copy per dtype instead of one small copy per tensor (hundreds for an all-linear adapter)."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in weights.values():
+        sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    buffers = {dtype: torch.empty(n, dtype=dtype, pin_memory=pin) for dtype, n in sizes.items()}
+    views = _views(buffers, weights)
+    for key, view in views.items():
+        view.copy_(weights[key])
+    return buffers, views
+
+
+def _views(buffers: dict[torch.dtype, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor of `like` as a view of its dtype's buffer, back to back in `like`'s order (as _pack lays them)."""
+    offsets = dict.fromkeys(buffers, 0)
+    views = {}
+    for key, tensor in like.items():
+        start = offsets[tensor.dtype]
+        offsets[tensor.dtype] = start + tensor.numel()
+        views[key] = buffers[tensor.dtype][start : start + tensor.numel()].view(tensor.shape)
+    return views
 
 
 def _signature(path: Path) -> tuple[tuple[str, int, int], ...] | None:
@@ -205,6 +230,10 @@ class Slot:
     def tensors(self) -> list[Tensor]:
         return [t for a in self.adapters for t in (a.lora_A, a.lora_B)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.layout[0][3]
+
     def is_current(self, model: LoraModel) -> bool:
         """Still the model's adapter: not deleted, re-added, reshaped or moved (.to()) since this slot was built."""
         first = self.adapters[0].lora_A
@@ -214,8 +243,18 @@ class Slot:
             and all(a.r == self.rank and a.scale == 1.0 and a.lora_A.shape[0] == self.rank for a in self.adapters)
         )
 
-    def stage(self, factors: dict[int, tuple[Tensor, Tensor, float]]) -> list[Tensor]:
-        """[A', B'] per layer: each layer's (A, B, s) padded to rank R with s folded into B; zeros where absent."""
+    def stage(self, factors: dict[int, tuple[Tensor, Tensor, float]], owned: bool = False) -> list[Tensor]:
+        """[A', B'] per layer: each layer's (A, B, s) padded to rank R with s folded into B; zeros where absent.
+
+        owned: the factors are the caller's copies, which may be scaled in place and kept as the staged tensors."""
+        if self._fits_as_is(factors):  # one multi-tensor op instead of a few small ones per layer
+            ordered = [factors[i] for i in range(len(self.adapters))]
+            Bs, scales = [B for _, B, _ in ordered], [s for _, _, s in ordered]
+            if owned:
+                torch._foreach_mul_(Bs, scales)
+            else:
+                Bs = list(torch._foreach_mul(Bs, scales))
+            return [t for (A, _, _), B in zip(ordered, Bs, strict=True) for t in (A, B)]
         staged = []
         for i, adapter in enumerate(self.adapters):
             A, B = torch.zeros_like(adapter.lora_A), torch.zeros_like(adapter.lora_B)
@@ -226,6 +265,17 @@ class Slot:
                 B[:, :r].copy_(lora_B.to(B.device, B.dtype, non_blocking=True) * scale)
             staged += [A, B]
         return staged
+
+    def _fits_as_is(self, factors: dict[int, tuple[Tensor, Tensor, float]]) -> bool:
+        """Every layer present at the slot's rank, dtype and device: nothing to pad, fill or convert."""
+        if len(factors) != len(self.adapters):
+            return False
+        for i, (A, B, _) in factors.items():
+            (_, a_shape, dtype, device), (_, b_shape, _, _) = self.layout[2 * i], self.layout[2 * i + 1]
+            expected = (a_shape, b_shape, dtype, dtype, device, device)
+            if (A.shape, B.shape, A.dtype, B.dtype, A.device, B.device) != expected:
+                return False
+        return True
 
     def load(self, staged: list[Tensor]) -> None:
         with torch.no_grad():
@@ -316,17 +366,19 @@ def _build_slot(model: LoraModel, adapter_name: str, rank: int, layers: list[tup
 # -- what goes into a slot ------------------------------------------------------------------------------
 
 
-def _factors_from_file(slot: Slot, entry: CachedAdapter) -> dict[int, tuple[Tensor, Tensor, float]]:
-    """Layer index -> (A, B, s) of a cached adapter, every key and shape checked against the slot first."""
+def _factors_from_file(
+    slot: Slot, entry: CachedAdapter, weights: dict[str, Tensor]
+) -> dict[int, tuple[Tensor, Tensor, float]]:
+    """Layer index -> (A, B, s) of a cached adapter, from `weights` (its tensors, maybe moved), checked first."""
     _check_plain(None, str(entry.path), entry.config, what="the")
-    unknown = sorted(k for k in entry.weights if k not in slot.keys)
+    unknown = sorted(k for k in weights if k not in slot.keys)
     if unknown:
         raise CacheError(
             f"the adapter in {entry.path} adapts what slot {slot.name!r} does not: {unknown[:4]}"
             f"{' ...' if len(unknown) > 4 else ''}; a slot holds adapters whose targets are a subset of its own"
         )
     pairs: dict[int, list] = {}
-    for key, tensor in entry.weights.items():
+    for key, tensor in weights.items():
         i, which = slot.keys[key]
         pairs.setdefault(i, [None, None, key])[which] = tensor
     factors = {}
