@@ -28,6 +28,7 @@ import gc
 import json
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -163,7 +164,11 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     record("switch_from_pinned_ram", switch_ms(model, pinned, paths, args))
     record("pinned", all(t.is_pinned() for p in paths for t in pinned.get(p).weights.values()))
     record("switch_resident", switch_ms(model, AdapterCache(device_slots=len(paths)), paths, args))
-    record("compiled", compiled_switches(model, paths, args))
+    try:
+        record("compiled", compiled_switches(model, paths, args))
+    except Exception as err:  # kept in the JSON; the PEFT comparison still runs (one GPU call, no second try)
+        traceback.print_exc()
+        record("compiled", {"error": f"{type(err).__name__}: {err}"[:2000]})
     del model
     _release(args)
     if args.peft_rounds:
@@ -207,6 +212,9 @@ def main() -> None:
             print(f"{name:<24}{r['median_ms']:>8.3f} ms (quartiles {r['q1_ms']:.3f} .. {r['q3_ms']:.3f})")
     print(f"adapters held in pinned host RAM: {results['pinned']}")
     c = results["compiled"]
+    if "error" in c:
+        print(f"compiled ({args.backend}): failed: {c['error']}")
+        return
     print(f"compiled ({args.backend}): {c['recompiles']} recompiles after {c['frames_compiled_first_call']} frames, "
           f"outputs match the normal load: {c['matches']} (compiled {c['compiled_to_own_max']:.3g}, eager "
           f"{c['eager_to_own_max']:.3g} from own; nearest other adapter >= {c['nearest_other_min']:.3g})")  # fmt: skip

@@ -30,6 +30,7 @@ import gc
 import json
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,7 @@ from train_step_gpu import build_model
 from transformers.cache_utils import DynamicCache
 
 CASES = ("decode-64", "one-adapter")
+MODES = ("base", "ours", "peft")
 QUICK = dict(
     layers=2,
     decode_layers=2,
@@ -112,6 +114,10 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     return result
 
 
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _generator(args: argparse.Namespace, seed: int) -> torch.Generator:
     return torch.Generator(args.device).manual_seed(seed)
 
@@ -122,14 +128,18 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     base_logits = {}
     for mode in args.modes.split(","):
         for case in args.cases.split(","):
-            result = measure(case, mode, args)
+            try:
+                result = measure(case, mode, args)
+            except Exception as err:  # kept in the JSON; the other cases still run (one GPU call, no second try)
+                traceback.print_exc()
+                result = {"error": f"{type(err).__name__}: {err}"[:2000], "logits": None}
             logits = result.pop("logits")
             if mode == "base":
                 base_logits[case] = logits
-            elif case in base_logits:
+            elif case in base_logits and logits is not None:
                 result["logits_vs_base"] = (logits - base_logits[case]).abs().max().item()
             results[f"{case} {mode}"] = result
-            print(f"{case} {mode}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), flush=True)
+            print(f"{case} {mode}: " + ", ".join(f"{k} {_short(v)}" for k, v in result.items()), flush=True)
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
@@ -164,6 +174,8 @@ def summary(results: dict[str, dict[str, float]]) -> None:
     for key, result in results.items():
         case, mode = key.split(" ")
         base = results.get(f"{case} base", {})
+        if "error" in result:
+            print(f"{case:<13}{mode:<6} failed: {result['error'][:200]}")
         for metric in ("forward_ms", "decode_ms"):
             if metric in result:
                 ratio = f"{result[metric] / base[metric]:.3f}" if metric in base else "-"
@@ -191,7 +203,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here (rewritten after every case)")
     if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win
         parser.set_defaults(**QUICK)
-    return parser.parse_args()
+    args = parser.parse_args()
+    for flag, given, known in (("--modes", args.modes, MODES), ("--cases", args.cases, CASES)):
+        if not set(given.split(",")) <= set(known):
+            parser.error(f"{flag} takes a comma-separated subset of {','.join(known)}, got {given!r}")
+    return args
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export PYTHONPATH=.
 PYTHON="${PYTHON:-python}"
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr 'H' 'h')
-tag="${card:-cpu}_$(date -u +%Y-%m-%d)"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE '[A-Z][0-9]{2,3}' | head -1)
+case " $* " in *" --quick "*) card=cpu ;; esac
+tag="$(echo "${card:-gpu}" | tr 'A-Z' 'a-z')_$(date -u +%Y-%m-%d)"
 start=$(date +%s)
 
 run() {  # name, time limit in seconds, then the script's arguments
@@ -27,8 +28,13 @@ run() {  # name, time limit in seconds, then the script's arguments
 run decode_step_gpu 160 "$@"
 run adapter_switch_gpu 130 "$@"
 for name in decode_step_gpu adapter_switch_gpu; do
+    log="$OUT/${name}_$tag.log"
     echo
-    sed -n '/^== /,$p' "$OUT/${name}_$tag.log"
-    grep -m3 -E 'Error|Traceback' "$OUT/${name}_$tag.log"
+    if grep -q '^== ' "$log"; then
+        sed -n '/^== /,$p' "$log"
+    else  # cut off or failed: what it measured is in its JSON and at the end of its log
+        echo "== $name: no summary; the end of its log:"
+        grep -v -E 'Warning|warnings.warn|return forward_call' "$log" | tail -n 15
+    fi
 done
-echo "JSON and logs: $OUT/*_$tag.{json,log}"
+echo "total $(($(date +%s) - start)) s; JSON and logs: $OUT/*_$tag.{json,log}"
