@@ -157,6 +157,25 @@ def test_batched_routed_lora_block_layouts(rows, dtype):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)
 
 
+def test_the_busiest_adapter_of_a_level_loops_instead_of_padding_the_others():
+    from lorakit.ops import reference, routed
+
+    adapters, _, _, _ = _routed_case(requires_grad=True)
+    adapters = [adapters[i] for i in (0, 1, 2, 4)]  # four of rank 4
+    gen = torch.Generator().manual_seed(2)
+    x, out = torch.randn(40, 3, 12, generator=gen), torch.randn(40, 3, 10, generator=gen)
+    rows = [torch.randperm(40, generator=gen)[:37]]
+    rows += [torch.tensor([i]) for i in sorted(set(range(40)) - set(rows[0].tolist()))]
+    rows[0] = rows[0].sort().values
+    batched, looped = routed._plan(adapters, rows, False, 40, 3)
+    assert [members for members, _ in batched] == [[1, 2, 3]] and looped == [(0, False)]
+    fast, slow = (op(out, x, adapters, rows, False) for op in (routed.add_routed_lora, reference.add_routed_lora))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), [adapters[0].lora_A, adapters[3].lora_B]) for y in (fast, slow)]
+    for g_fast, g_slow in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fast, g_slow, atol=1e-4, rtol=1e-4)
+
+
 def test_stacked_factors_kept_between_calls_stay_within_their_byte_budget(monkeypatch):
     from lorakit.ops import reference, routed
 

@@ -10,8 +10,8 @@ levels where each row has at most one adapter (a tree path puts a row under seve
 
 The stacked factors (K, r, in) and (K, out, r) are kept between calls while no gradient is recorded and no
 factor has changed (torch's version counter), up to STACKS_MAX_BYTES, so serving pays the stacking once.
-Dropout in training, single-adapter levels and levels whose padding would more than double many rows go through
-the reference's loop (adding in place).
+Dropout in training, single-adapter levels, levels whose padding would more than double many rows and the busiest
+adapters of a level whose padding they alone cause go through the reference's loop (adding in place).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ _STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _PLANS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
 _CACHE_MAX = 512  # entries each (stacks: one per layer and level; plans: one per routing and rank group)
 _PADDING_FREE = 256  # padded positions a level may add regardless of the ratio
+_PADDING_PER_LOOP = 64  # padded positions that cost about as much as one adapter's four ops in the loop (CPU)
 STACKS_MAX_BYTES = 512 * 2**20  # the stacked copies of factors kept between calls, least recently used dropped
 
 
@@ -81,11 +82,23 @@ def _new_plan(
     batched = []
     for members in groups.values():
         for level in _disjoint_levels(members, rows):
+            level, busiest = _without_busiest(level, rows, tokens)
+            looped.extend(busiest)
             if len(level) == 1 or not _balanced([rows[i] for i in level], tokens):
                 looped.extend(level)
             else:
                 batched.append((level, _block_layout([rows[i] for i in level], n)))
     return batched, [(i, _is_whole_batch(rows[i], n)) for i in looped]
+
+
+def _without_busiest(level: list[int], rows: Sequence[Tensor], tokens: int) -> tuple[list[int], list[int]]:
+    """(the level, its busiest adapters): one adapter with many rows among quiet ones would pad every adapter to its
+    count, so the busiest ones loop instead while that drops at least _PADDING_PER_LOOP padded positions each."""
+    counts = sorted(((rows[i].numel(), i) for i in level), reverse=True)
+    busiest = []
+    while len(counts) > 1 and (len(counts) - 1) * (counts[0][0] - counts[1][0]) * tokens >= _PADDING_PER_LOOP:
+        busiest.append(counts.pop(0)[1])
+    return [i for i in level if i not in busiest], busiest
 
 
 def _looped(
