@@ -117,15 +117,29 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for path, module in model.named_modules():
+    for path, module in _hosts_and_bases(model):
         if isinstance(module, LoraLayer):
             yield path, module
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    for path, module in model.named_modules():
+    for path, module in _hosts_and_bases(model):
         if isinstance(module, SavedModule):
             yield path, module
+
+
+def _hosts_and_bases(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> Iterator[tuple]:
+    """named_modules() without descending into adapters (a layer's `adapters`, a saved module's `copies`): those
+    hold no further hosts, and with many adapters they are most of the modules, so a walk per add stays cheap."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    skip = "adapters" if isinstance(module, LoraLayer) else "copies" if isinstance(module, SavedModule) else None
+    for name, child in module._modules.items():
+        if child is not None and name != skip:
+            yield from _hosts_and_bases(child, f"{prefix}.{name}" if prefix else name, seen)
 
 
 def unwrap_all(model: nn.Module, keep: str = "original") -> nn.Module:

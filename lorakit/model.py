@@ -143,7 +143,9 @@ class LoraModel(nn.Module):
         self._register_after_step()
         if not self.state.active:
             self.state.activate([name])
-        self._set_trainable()
+            self._set_trainable()
+        else:
+            self._set_trainable([name])  # the others' flags are unchanged
 
     def _check_new_config(self, name: str, config: LoraConfig, parent: str | None) -> None:
         biased = [n for n, c in self.peft_config.items() if c.bias != "none"]
@@ -358,15 +360,19 @@ class LoraModel(nn.Module):
         for module in self._adapter_hosts():
             module.state = self.state
 
-    def _set_trainable(self) -> None:
-        for name, config in self.peft_config.items():
+    def _set_trainable(self, names: list[str] | None = None) -> None:
+        """requires_grad of adapters `names` (all when None) from the state and their configs."""
+        layers = [layer for _, layer in lora_layers(self.model)]  # one walk for all names
+        saved_copies = [saved for _, saved in saved_modules(self.model)]
+        for name in self.peft_config if names is None else names:
+            config = self.peft_config[name]
             train = name in self.state.trainable and not config.inference_mode
-            for _, layer in lora_layers(self.model):
+            for layer in layers:
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(train)
                     if config.bias == "lora_only" and layer.bias is not None and train:
                         layer.bias.requires_grad_(True)
-            for _, saved in saved_modules(self.model):
+            for saved in saved_copies:
                 if name in saved.copies:
                     saved.copies[name].requires_grad_(train)
             if config.bias == "all" and train:
