@@ -105,7 +105,8 @@ class LoraLayer(nn.Module):
         acc = out.to(_sum_dtype(out, adapters, factors))
         plain = [(f, rows[n]) for n, f in zip(names, factors, strict=True) if f is not None]
         if plain:
-            acc = ops.add_routed_lora(acc, x, [f for f, _ in plain], [idx for _, idx in plain], self.training)
+            plain_factors, plain_rows = zip(*plain, strict=True)
+            acc = ops.add_routed_lora(acc, x, plain_factors, plain_rows, self.training)
         for name, adapter, f in zip(names, adapters, factors, strict=True):
             if f is None:  # one group of rows through the variant's own contribution
                 idx = rows[name]
@@ -237,8 +238,8 @@ def _sum_dtype(out: Tensor, adapters: list[Adapter], factors: list[ops.LoraFacto
     """The dtype the terms are summed in before one rounding: the widest of the output and the adapters' (plain
     LoRA's is lora_B's, read from its factors)."""
     dtype = out.dtype
-    for adapter, f in zip(adapters, factors, strict=True):
-        dtype = torch.promote_types(dtype, adapter.dtype if f is None else f.lora_B.dtype)
+    for other in {adapter.dtype if f is None else f.lora_B.dtype for adapter, f in zip(adapters, factors, strict=True)}:
+        dtype = torch.promote_types(dtype, other)
     return dtype
 
 

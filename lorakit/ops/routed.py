@@ -17,6 +17,7 @@ adapters of a level whose padding they alone cause go through the reference's lo
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -57,15 +58,8 @@ def _plan(
     """Which adapters (by position) run batched in which levels and block layouts, and which loop (with whether
     their rows are the whole batch in order). It depends only on the rows and each adapter's rank, dtype and
     dropout, so it is built once per routing and reused by every layer of every call that passes the same rows."""
-    key = (
-        training,
-        n,
-        tokens,
-        *[
-            (id(i), _version(i), a.lora_A.shape[0], a.lora_A.dtype, a.dropout)
-            for a, i in zip(adapters, rows, strict=True)
-        ],
-    )
+    shapes = [(a.lora_A.shape[0], a.lora_A.dtype, a.dropout) for a in adapters]
+    key = (training, n, tokens, *_stamps(rows), *shapes)
     return _memo(_PLANS, key, rows, lambda: _new_plan(adapters, rows, training, n, tokens))
 
 
@@ -183,7 +177,7 @@ def _memo(cache: OrderedDict, key: tuple, tensors: Sequence[Tensor], build):
     (every layer of one routed call, and every call of a routing, passes the same row tensors); weak references,
     so a reused id() is never a hit."""
     hit = cache.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)):
+    if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], tensors)):
         cache.move_to_end(key)
         return hit[1]
     with torch.inference_mode(False):  # kept for later calls, which may record gradients
@@ -204,12 +198,13 @@ def _balanced(rows: list[Tensor], tokens: int) -> bool:
     return padded <= 2 * real or (padded - real) * tokens <= _PADDING_FREE
 
 
-def _version(t: Tensor) -> int:
-    """torch's in-place change counter; inference tensors have none (and rows are never changed in place)."""
+def _stamps(tensors: list[Tensor]) -> list[tuple[int, int, int]]:
+    """What tells each tensor's contents apart between calls: the object, its in-place change counter and its
+    storage (model.to() swaps a parameter's storage under the same object and counter)."""
     try:
-        return t._version
-    except RuntimeError:
-        return -1
+        return [(id(t), t._version, t.data_ptr()) for t in tensors]
+    except RuntimeError:  # an inference tensor has no counter (and nothing changes it in place outside inference)
+        return [(id(t), -1 if t.is_inference() else t._version, t.data_ptr()) for t in tensors]
 
 
 def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
@@ -218,8 +213,7 @@ def _stacked(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, Tensor]:
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _stack(adapters)  # part of the autograd graph: built fresh every call
-    # data_ptr: model.to(dtype or device) swaps a parameter's storage, keeping its id and version counter
-    key = (*[a.scale for a in adapters], *[(id(t), _version(t), t.data_ptr()) for t in tensors])
+    key = (*[a.scale for a in adapters], *_stamps(tensors))
     return _memo(_STACKS, key, tensors, lambda: _stack_within_budget(adapters))
 
 
