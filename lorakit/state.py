@@ -152,12 +152,10 @@ class AdapterState:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
         key = tuple(adapter_names)
-        routing = self._routings.get(key)
-        if routing is None:
-            routing = self._routings[key] = self._new_routing(adapter_names)
-            if len(self._routings) > ROUTINGS_KEPT:
-                self._routings.popitem(last=False)
-        self._routings.move_to_end(key)
+        routing = self._routings.pop(key, None) or self._new_routing(adapter_names)
+        self._routings[key] = routing  # now the most recent
+        while len(self._routings) > ROUTINGS_KEPT:
+            self._routings.popitem(last=False)
         return routing
 
     def _new_routing(self, adapter_names: Sequence[str]) -> Routing:

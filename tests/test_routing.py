@@ -8,6 +8,7 @@ import torch
 
 from lorakit import LoraConfig, LorakitError, LoraModel, VeraConfig, get_lora_model
 from lorakit.layer import LoraLayer
+from lorakit.state import ROUTINGS_KEPT
 from tests.cases import conv_mlp, mlp, output, tiny_gpt2, tiny_llama
 
 NAMES = ["a", "b", "__base__", "a", "b"]
@@ -330,6 +331,10 @@ def test_the_same_adapter_names_get_the_same_routing_until_the_tree_changes():
     routing = model.state.routing_for(EVEN)
     assert model.state.routing_for(list(EVEN)) is routing
     model.add_adapter("d", _CONFIG)
+    assert model.state.routing_for(EVEN) is not routing
+    routing = model.state.routing_for(EVEN)
+    for i in range(ROUTINGS_KEPT):  # as many other lists as are kept: EVEN's is the least recent, dropped
+        model.state.routing_for(["a"] * (i + 1))
     assert model.state.routing_for(EVEN) is not routing
 
 
