@@ -94,24 +94,32 @@ class LoraLayer(nn.Module):
         return acc.to(out.dtype)
 
     def _routed(self, x: Tensor, routing: Routing, out: Tensor) -> Tensor:
-        """base(x) plus, for every routed adapter held here, its term on its own rows only."""
-        held = self.adapters._modules  # the dict itself: nn.Module's lookups cost ~1 us a name, per layer per step
+        """base(x) plus, for every routed adapter held here, its term on its own rows only. One pass over the routed
+        names, reading the adapters dict itself: a decode step pays this for every adapter of every layer."""
+        held = self.adapters._modules  # nn.Module's attribute lookup costs ~1 us a name
         names = [n for n in routing.rows if n in held]
         if not names:
             return out
         rows, _ = routing.rows_for(x.shape[0], x.device)
-        adapters = [held[n] for n in names]
-        factors = [_plain_factors(a) for a in adapters]
-        acc = out.to(_sum_dtype(out, adapters, factors))
-        plain = [(f, rows[n]) for n, f in zip(names, factors, strict=True) if f is not None]
+        plain, plain_rows, others = [], [], []
+        dtype = out.dtype  # the terms are summed in the widest of the output's and the adapters' dtypes
+        for name in names:
+            adapter, idx = held[name], rows[name]
+            f = _plain_factors(adapter)
+            if f is None:
+                others.append((adapter, idx))
+            else:
+                plain.append(f)
+                plain_rows.append(idx)
+            term_dtype = adapter.dtype if f is None else f.lora_B.dtype
+            if term_dtype is not dtype:
+                dtype = torch.promote_types(dtype, term_dtype)
+        acc = out.to(dtype)
         if plain:
-            plain_factors, plain_rows = zip(*plain, strict=True)
-            acc = ops.add_routed_lora(acc, x, plain_factors, plain_rows, self.training)
-        for name, adapter, f in zip(names, adapters, factors, strict=True):
-            if f is None:  # one group of rows through the variant's own contribution
-                idx = rows[name]
-                term = adapter.contribution(self.base_layer, x.index_select(0, idx), out.index_select(0, idx))
-                acc = acc.index_add(0, idx, term.to(acc.dtype))
+            acc = ops.add_routed_lora(acc, x, plain, plain_rows, self.training)
+        for adapter, idx in others:  # one group of rows through the variant's own contribution
+            term = adapter.contribution(self.base_layer, x.index_select(0, idx), out.index_select(0, idx))
+            acc = acc.index_add(0, idx, term.to(acc.dtype))
         return acc.to(out.dtype)
 
     def live_adapters(self) -> list[Adapter]:
