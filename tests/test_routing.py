@@ -356,3 +356,19 @@ def test_an_adapter_merged_elsewhere_stops_routing_of_the_others():
     with pytest.raises(LorakitError, match=r"\['c'\] are merged into the weights; unmerge_adapter"):
         model(torch.randn(2, 6), adapter_names=["a", "__base__"])
     assert model.state.routing is None
+
+
+def test_a_compiled_model_routes_rows_and_sees_a_changed_scale():
+    model = _three_adapter_mlp()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model.model, backend="eager")
+    with torch.no_grad():
+        for names in (EVEN, UNEVEN, EVEN):
+            with model.routed(names):
+                mixed = compiled(x=x)
+            expected = _one_at_a_time(model, lambda: model(x=x), names)
+            torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+        _double_scale(model)
+        with model.routed(EVEN):
+            mixed = compiled(x=x)
+        torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), EVEN), atol=1e-5, rtol=1e-5)

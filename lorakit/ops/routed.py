@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 
 _STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
@@ -40,6 +41,8 @@ def add_routed_lora(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
     """Semantics: reference.add_routed_lora (the spec); adapters of equal rank and dtype run as one batched group."""
+    if torch.compiler.is_compiling():  # the plans and stacks kept below are found by tensor identity: not traceable
+        return reference.add_routed_lora(out, x, adapters, rows, training)
     tokens = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # positions per row
     batched, looped = _plan(adapters, rows, training, x.shape[0], tokens)
     summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
