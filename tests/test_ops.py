@@ -205,3 +205,13 @@ def test_batched_routed_lora_with_dropout_draws_the_references_masks():
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
     torch.manual_seed(7)
     assert not torch.allclose(results[0], routed.add_routed_lora(out, x, adapters, rows, False))
+
+
+def test_stacks_kept_from_an_inference_call_carry_no_gradient_history():
+    from lorakit.ops import routed
+
+    adapters, rows, x, out = _routed_case(requires_grad=True)
+    with torch.inference_mode():
+        routed.add_routed_lora(out, x, adapters, rows, False)  # kept: built outside inference mode, for later calls
+    kept = [t for _, value in routed._STACKS.values() for t in value]
+    assert kept and not any(t.requires_grad or t.is_inference() for t in kept)  # no graph held, usable in backward

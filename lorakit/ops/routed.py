@@ -183,7 +183,7 @@ def _memo(cache: OrderedDict, key: tuple, tensors: Sequence[Tensor], build):
     if hit is not None and all(map(operator.is_, [ref() for ref in hit[0]], tensors)):
         cache.move_to_end(key)
         return hit[1]
-    with torch.inference_mode(False):  # kept for later calls, which may record gradients
+    with torch.inference_mode(False), torch.no_grad():  # kept for later calls, which may record gradients
         value = build()
     for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
         del cache[stale]  # its tensors are gone: so is what was built from them
