@@ -8,6 +8,7 @@ that is being read from disk (in another thread) does not pause the others.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import traceback
@@ -120,6 +121,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._ops: list[_Op] = []
         self.device = next(model.parameters()).device
+        self._cache_keyword = _cache_keyword(model)
         self._batch = DecodeBatch(self.device)
         self._stopping = False
         self._counts = {"finished": 0, "cancelled": 0}
@@ -214,22 +216,23 @@ class Engine:
             if job.cancelled.is_set():
                 self._counts["cancelled"] += 1
                 continue
-            cache = DynamicCache()
-            ids = torch.tensor([job.request.prompt_ids], device=self.device)
-            try:
-                logits = forward_rows(self.model, [job.request.adapter], input_ids=ids, cache=cache, use_cache=True)
+            try:  # whatever goes wrong, this job (no longer waiting, not yet a row) gets an answer
+                cache = DynamicCache()
+                ids = torch.tensor([job.request.prompt_ids], device=self.device)
+                inputs = {"input_ids": ids, self._cache_keyword: cache, "use_cache": True}
+                logits = forward_rows(self.model, [job.request.adapter], **inputs)
+                if job.accept(job.next_token(logits[0])):
+                    self._counts["finished"] += 1
+                else:
+                    self._batch.add(job, cache)
             except Exception:
                 traceback.print_exc(file=sys.stderr)
                 job.fail("internal error while reading the prompt; see the server log")
-                continue
-            if job.accept(job.next_token(logits[0])):
-                self._counts["finished"] += 1
-            else:
-                self._batch.add(job, cache)
 
     def _decode_step(self) -> None:
         jobs = self._batch.rows
         inputs = self._batch.step_inputs([job.tokens[-1] for job in jobs])
+        inputs[self._cache_keyword] = inputs.pop("cache")
         logits = forward_rows(self.model, [job.request.adapter for job in jobs], **inputs)
         greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch; sampled rows copy their own row
         keep = [i for i, job in enumerate(jobs) if not job.accept(job.next_token(logits[i], greedy[i]))]
@@ -243,6 +246,14 @@ def _complete(op: _Op) -> None:
         op.future.set_result(op.run())
     except Exception as err:
         op.future.set_exception(err)
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward's key/value-cache argument: transformers renamed past_key_values to cache, and an older
+    forward would take `cache` into its **kwargs and silently keep no cache."""
+    base = getattr(model, "model", model)
+    parameters = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

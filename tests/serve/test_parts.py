@@ -147,3 +147,64 @@ def test_reading_an_adapter_does_not_pause_decoding(tmp_path: Path) -> None:
     finally:
         job.cancel()
         engine.stop()
+
+
+def _engine_tokens(model, tokenizer, requests: list) -> list:
+    """Runs `requests` through an Engine over `model`; each job's tokens, or its error."""
+    import threading
+
+    from lorakit.serve.engine import Engine
+
+    engine, results = Engine(model, tokenizer, max_concurrent=4), []
+    engine.start()
+    try:
+        for request in requests:
+            done, events = threading.Event(), []
+
+            def emit(event, done=done, events=events) -> None:
+                events.append(event)
+                if event.finish_reason or event.error:
+                    done.set()
+
+            job = engine.submit(request, emit)
+            assert done.wait(60), "the job never got an answer"
+            results.append(events[-1].error or job.tokens)
+    finally:
+        engine.stop()
+    return results
+
+
+def test_a_forward_that_names_its_cache_past_key_values_is_served(tokenizer) -> None:
+    """transformers before the rename takes past_key_values; given `cache` it would keep no cache at all."""
+    from lorakit import LoraModel
+    from lorakit.serve.engine import GenerationRequest
+
+    class OlderForward(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                    logits_to_keep=0):  # fmt: skip
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+
+    inner = build_model(len(tokenizer), tokenizer.eos_token_id)
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        expected = inner.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, 4:].tolist()
+    (tokens,) = _engine_tokens(LoraModel(OlderForward(inner)), tokenizer, [GenerationRequest("__base__", prompt, 6)])
+    assert tokens == expected
+
+
+def test_a_job_that_fails_while_joining_the_batch_gets_an_error(tokenizer, monkeypatch) -> None:
+    from lorakit import LoraModel
+    from lorakit.serve.engine import GenerationRequest
+
+    def broken_add(self, row, cache) -> None:
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(DecodeBatch, "add", broken_add)
+    model = LoraModel(build_model(len(tokenizer), tokenizer.eos_token_id))
+    results = _engine_tokens(model, tokenizer, [GenerationRequest("__base__", [5, 6, 7], 8)] * 2)
+    assert results == ["internal error while reading the prompt; see the server log"] * 2
