@@ -193,6 +193,25 @@ def test_routed_kernel_matches_float64_math(dtype):
 
 
 @needs_kernels
+def test_routed_kernel_sees_factors_changed_in_place():
+    """The kernel keeps the factors side by side between calls: a factor changed in place (hotswap, an optimizer
+    step) or another row list must be seen at the next call."""
+    from lorakit.ops.triton.routed import add_routed_lora
+
+    x, out, adapters, rows = _routed_case(torch.float32, torch.float32)
+    with torch.no_grad():
+        first = add_routed_lora(out, x, adapters, rows, False)
+        adapters[0].lora_B.mul_(-2.0)
+        adapters[3].lora_A.add_(0.5)
+        again = add_routed_lora(out, x, adapters, rows, False)
+        other_rows = [rows[3], rows[2], rows[1], rows[0]]
+        swapped = add_routed_lora(out, x, adapters, other_rows, False)
+    assert _rel(first, again.double()) > 1e-3
+    for y, r in ((again, rows), (swapped, other_rows)):
+        assert _rel(y, ops.reference.add_routed_lora(out, x, adapters, r, False).double()) < TOLERANCE[torch.float32]
+
+
+@needs_kernels
 def test_routed_op_with_gradients_uses_the_reference():
     x, out, adapters, rows = _routed_case(torch.bfloat16, torch.float32)
     y = ops.add_routed_lora(out, x, adapters, rows, True)
