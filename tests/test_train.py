@@ -465,3 +465,29 @@ def test_chat_template_prompts_are_masked_and_the_end_of_turn_is_learned() -> No
     assert tokenizer.decode(learned) == "monday [ end ]"
     masked = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label == IGNORE]
     assert tokenizer.decode(masked) == "[ user ] what day is it [ end ] [ assistant ]"
+
+
+def test_compiled_blocks_train_as_eager_does(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    """run.compile=on compiles each encoder layer in place (aot_eager here: no C compiler needed) and gives the
+    eager run's losses and adapter; auto leaves a CPU run eager."""
+
+    def run(name: str, *overrides: str):
+        (tmp_path / name).mkdir()
+        config = load_config(seq_cls_config(tmp_path / name, bert, csv_data), ["max_steps=4", *overrides])
+        result = train(config)
+        records = (Path(result.folder) / "metrics.jsonl").read_text().splitlines()
+        losses = [r["loss"] for r in map(json.loads, records) if r["kind"] == "train"]
+        return result, losses, load_file(Path(result.folder) / "adapter" / "adapter_model.safetensors")
+
+    eager, eager_losses, eager_weights = run("eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, losses, weights = run("compiled", "run.compile=on", "run.compile_backend=aot_eager")
+    assert not eager.compiled and compiled.compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled
+    assert json.loads((Path(compiled.folder) / "summary.json").read_text())["compiled"] is True
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for key, value in eager_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="run.compile must be one of"):
+        load_config(seq_cls_config(tmp_path, bert, csv_data), ["run.compile=yes"])

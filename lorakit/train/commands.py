@@ -137,7 +137,8 @@ def print_report(result: RunResult) -> None:
         f"adapter on disk: {_size(result.adapter_bytes)} vs full model {_size(result.model_bytes)} "
         f"({result.model_bytes / max(result.adapter_bytes, 1):.0f}x smaller)",
         f"{result.steps} steps on {result.train_examples:,} examples in {result.seconds:.0f}s "
-        f"({result.step_seconds:.3f}s/step, {100 * result.data_wait_fraction:.1f}% waiting for data)",
+        f"({result.step_seconds:.3f}s/step, {100 * result.data_wait_fraction:.1f}% waiting for data"
+        + (", compiled)" if result.compiled else ")"),
         f"run folder: {result.folder}  (adapter in {Path(result.folder) / ADAPTER_DIR})",
     ]
     console = _console()

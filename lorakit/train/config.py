@@ -100,6 +100,8 @@ class RunSection:
     wandb: bool = False  # offline mode only: nothing leaves the machine
     plots: bool = True
     distributed: str = "ddp"  # under torchrun: ddp (a model copy per rank) | fsdp (FSDP2: the model sharded)
+    compile: str = "auto"  # auto (on a GPU) | on | off: torch.compile each repeated block of the model
+    compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager to debug a compile problem)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class TrainConfig:
         _check_choice("optim.precision", self.optim.precision, ("auto", "fp32", "bf16"))
         _check_choice("run.progress", self.run.progress, ("rich", "tqdm", "none"))
         _check_choice("run.distributed", self.run.distributed, parallel.MODES)
+        _check_choice("run.compile", self.run.compile, ("auto", "on", "off"))
         for key in ("model.source", "data.path"):
             if not get_field(self, key):
                 raise ConfigError(f"{key} is missing; set it in the config file or pass --{key}=...")

@@ -65,6 +65,7 @@ class RunResult:
     data_wait_fraction: float
     peak_memory_bytes: int
     baseline: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. majority-class accuracy
+    compiled: bool = False  # the model's blocks ran under torch.compile (run.compile)
     already_finished: bool = False  # a resumed run that had finished: nothing was done
 
 
@@ -94,6 +95,7 @@ class _Setup:
     max_steps: int
     batches_per_epoch: int
     model_bytes: int
+    compiled: bool
 
 
 def train(
@@ -170,7 +172,7 @@ def train(
     tracker.log("eval", max_steps, after)
     progress.eval(max_steps, after)
     tracker.close()
-    result = _finish(folder, model, config, env, before, after, max_steps, prepared, run.model_bytes, timing)
+    result = _finish(folder, model, config, env, before, after, max_steps, prepared, run, timing)
     if env.world > 1:
         dist.destroy_process_group()
     return result
@@ -207,6 +209,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     tasks.check_outputs(model, prepared, torch.device("cpu"))  # labels beyond the head fail before the folder exists
     _gradient_checkpointing(model, config)
     wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
+    compiled = parallel.compile_blocks(model, config.run.compile, config.run.compile_backend, env.device)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
     from_epochs = max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
@@ -216,7 +219,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     if env.main:
         _start_folder(folder, config, overwrite, resume is not None)
     _barrier(env)
-    return _Setup(folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes)
+    return _Setup(folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled)
 
 
 def _setup_env() -> _Env:
@@ -407,7 +410,7 @@ def _barrier(env: _Env) -> None:
 
 # -- after the loop --------------------------------------------------------------------------------------------------
 def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, before: dict, after: dict, steps: int,
-            prepared: tasks.Prepared, model_bytes: int, timing: dict) -> RunResult:  # fmt: skip
+            prepared: tasks.Prepared, run: _Setup, timing: dict) -> RunResult:  # fmt: skip
     """Saves the adapter (atomically), plots and summary.json on rank 0; returns the report on every rank."""
     trainable, total = model.get_nb_trainable_parameters()
     adapter = folder / ADAPTER_DIR
@@ -429,7 +432,7 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         trainable_params=trainable,
         total_params=total,
         adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
-        model_bytes=model_bytes,
+        model_bytes=run.model_bytes,
         steps=steps,
         train_examples=len(prepared.train),
         seconds=timing["total"],
@@ -437,6 +440,7 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
         peak_memory_bytes=_peak_memory(env),
         baseline=tasks.majority_baseline(config.task, prepared),
+        compiled=run.compiled,
     )
     if env.main:
         if config.run.plots:

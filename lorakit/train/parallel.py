@@ -70,3 +70,16 @@ def _is_fsdp(module: nn.Module) -> bool:
 
 def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model)  # a LoraModel keeps the user's model as .model
+
+
+def compile_blocks(model: nn.Module, mode: str, backend: str, device: torch.device) -> bool:
+    """torch.compile on each repeated block (the base's decoder layers), in place, when `mode` asks for it ("auto":
+    on a GPU, where it pays; a CPU run would spend longer compiling than it saves). Blocks, not the whole model:
+    one compiled block serves every layer, so compiling takes seconds, and the model's modules, state dict and
+    adapter files stay as they are. True when compiled."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return False
+    targets = blocks(model) or [_base(model)]
+    for block in targets:
+        block.compile(backend=backend)
+    return True
