@@ -25,32 +25,39 @@ class DecodeBatch:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.rows: list = []
+        self.groups: list = []  # each row's adapter
         self.cache = DynamicCache()
         self.mask = self._ones(0, 0)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, row: object, cache: DynamicCache) -> None:
-        """Joins a row prefilled alone; the shorter side (the batch or the newcomer) is padded on the left."""
+    def add(self, row: object, cache: DynamicCache, group: object = None) -> None:
+        """Joins a row prefilled alone, right after the last row of the same `group` (its adapter): rows of one
+        adapter stay side by side, which the routed layers read without gathering. The shorter side (the batch or
+        the newcomer) is padded on the left."""
         new = cache_tensors(cache)
         new_length = new[0][0].shape[2]
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, self._ones(1, new_length)
+            self.rows, self.groups, self.cache, self.mask = [row], [group], cache, self._ones(1, new_length)
             return
+        at = max((i + 1 for i, g in enumerate(self.groups) if g == group), default=len(self.rows))
         width = max(self.mask.shape[1], new_length)
+
+        def insert(old: Tensor, added: Tensor, dim: int = 2) -> Tensor:
+            old, added = _pad(old, width, dim), _pad(added, width, dim)
+            return torch.cat([old[:at], added, old[at:]])
+
         self.cache = DynamicCache(
-            [
-                (torch.cat([_pad(k, width), _pad(nk, width)]), torch.cat([_pad(v, width), _pad(nv, width)]))
-                for (k, v), (nk, nv) in zip(cache_tensors(self.cache), new, strict=True)
-            ]
+            [(insert(k, nk), insert(v, nv)) for (k, v), (nk, nv) in zip(cache_tensors(self.cache), new, strict=True)]
         )
-        self.mask = torch.cat([_pad(self.mask, width, dim=1), _pad(self._ones(1, new_length), width, dim=1)])
-        self.rows.append(row)
+        self.mask = insert(self.mask, self._ones(1, new_length), dim=1)
+        self.rows.insert(at, row)
+        self.groups.insert(at, group)
 
     def remove(self, keep: list[int]) -> None:
         """Keeps the rows at indices `keep`; columns that are padding in every remaining row are dropped."""
-        self.rows = [self.rows[i] for i in keep]
+        self.rows, self.groups = [self.rows[i] for i in keep], [self.groups[i] for i in keep]
         if not self.rows:
             self.cache, self.mask = DynamicCache(), self._ones(0, 0)
             return

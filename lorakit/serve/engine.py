@@ -224,7 +224,7 @@ class Engine:
                 if job.accept(job.next_token(logits[0])):
                     self._counts["finished"] += 1
                 else:
-                    self._batch.add(job, cache)
+                    self._batch.add(job, cache, group=job.request.adapter)
             except Exception:
                 traceback.print_exc(file=sys.stderr)
                 job.fail("internal error while reading the prompt; see the server log")

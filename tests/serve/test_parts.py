@@ -94,6 +94,24 @@ def test_rows_leave_and_padding_columns_go(tokenizer) -> None:
     assert batch.cache.layers[0].keys.shape[2] == 5
 
 
+def test_rows_of_one_adapter_join_side_by_side_with_their_own_cache(tokenizer) -> None:
+    model = build_model(len(tokenizer), tokenizer.eos_token_id)
+    batch, own = DecodeBatch(), {}
+    for row, (length, adapter) in enumerate([(3, "a"), (7, "b"), (5, "a"), (2, "c"), (4, "b")]):
+        cache = DynamicCache()
+        model(input_ids=torch.arange(length)[None] + 10 + row, cache=cache, use_cache=True)
+        own[row] = (length, cache.layers[0].keys[0].clone())
+        batch.add(row, cache, group=adapter)
+    assert batch.rows == [0, 2, 1, 4, 3] and batch.groups == ["a", "a", "b", "b", "c"]
+    width = batch.mask.shape[1]
+    for i, row in enumerate(batch.rows):
+        length, keys = own[row]
+        assert batch.mask[i].tolist() == [0] * (width - length) + [1] * length
+        assert torch.equal(batch.cache.layers[0].keys[i, :, width - length :], keys)
+    batch.remove([0, 2, 4])
+    assert batch.rows == [0, 1, 3] and batch.groups == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -201,7 +219,7 @@ def test_a_job_that_fails_while_joining_the_batch_gets_an_error(tokenizer, monke
     from lorakit import LoraModel
     from lorakit.serve.engine import GenerationRequest
 
-    def broken_add(self, row, cache) -> None:
+    def broken_add(self, row, cache, group=None) -> None:
         raise RuntimeError("no room")
 
     monkeypatch.setattr(DecodeBatch, "add", broken_add)
