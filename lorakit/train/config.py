@@ -102,6 +102,7 @@ class RunSection:
     distributed: str = "ddp"  # under torchrun: ddp (a model copy per rank) | fsdp (FSDP2: the model sharded)
     compile: str = "auto"  # auto (on a GPU) | on | off: torch.compile each repeated block of the model
     compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager to debug a compile problem)
+    fused_head_loss: str = "auto"  # auto | on | off: causal-lm head + loss in chunks, no full logits tensor
 
 
 @dataclass
@@ -126,6 +127,9 @@ class TrainConfig:
         _check_choice("run.progress", self.run.progress, ("rich", "tqdm", "none"))
         _check_choice("run.distributed", self.run.distributed, parallel.MODES)
         _check_choice("run.compile", self.run.compile, ("auto", "on", "off"))
+        _check_choice("run.fused_head_loss", self.run.fused_head_loss, ("auto", "on", "off"))
+        if self.run.fused_head_loss == "on" and self.task != "causal-lm":
+            raise ConfigError(f"run.fused_head_loss = 'on' needs task 'causal-lm', not {self.task!r}; set it to 'auto'")
         for key in ("model.source", "data.path"):
             if not get_field(self, key):
                 raise ConfigError(f"{key} is missing; set it in the config file or pass --{key}=...")

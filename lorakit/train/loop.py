@@ -66,6 +66,7 @@ class RunResult:
     peak_memory_bytes: int
     baseline: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. majority-class accuracy
     compiled: bool = False  # the model's blocks ran under torch.compile (run.compile)
+    fused_head_loss: bool = False  # the loss came from the head in chunks, never the full logits (run.fused_head_loss)
     already_finished: bool = False  # a resumed run that had finished: nothing was done
 
 
@@ -96,6 +97,7 @@ class _Setup:
     batches_per_epoch: int
     model_bytes: int
     compiled: bool
+    fused: tasks.FusedHead | None  # the model split at its output head, when run.fused_head_loss applies
 
 
 def train(
@@ -124,7 +126,7 @@ def train(
     else:
         torch.manual_seed(config.seed + env.rank)  # dropout: different per rank, the same in every run
         random.seed(config.seed + env.rank)
-        before = evaluate(model, prepared, config, env)
+        before = evaluate(model, prepared, config, env, run.fused)
         tracker.log("eval", 0, before)
         _write_json(folder / "before.json", before, env)
     progress = Progress(config.run.progress if env.main else "none", max_steps, start_step, config.run.log_every)
@@ -136,7 +138,7 @@ def train(
     # -- the loop ------------------------------------------------------------------------------------------------
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
-        loss, examples = _accumulate_gradients(run.wrapped, prepared, config, step, run.batches_per_epoch, env, timing)
+        loss, examples = _accumulate_gradients(run, config, step, env, timing)
         grad_norm = _clip(model, optim.max_grad_norm)
         loss = _mean_over_ranks(loss, env)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -159,7 +161,7 @@ def train(
             )
         progress.update({"loss": loss, "lr": lr, "ex/s": throughput})
         if done % config.run.eval_every == 0 and done != max_steps:
-            scores = evaluate(model, prepared, config, env)
+            scores = evaluate(model, prepared, config, env, run.fused)
             tracker.log("eval", done, scores)
             progress.eval(done, scores)
         if done % config.run.checkpoint_every == 0 or done == max_steps:
@@ -168,7 +170,7 @@ def train(
             on_step(done)
     progress.close()
 
-    after = evaluate(model, prepared, config, env)
+    after = evaluate(model, prepared, config, env, run.fused)
     tracker.log("eval", max_steps, after)
     progress.eval(max_steps, after)
     tracker.close()
@@ -179,7 +181,8 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, env: _Env | None = None) -> dict:
+def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, env: _Env | None = None,
+             fused: tasks.FusedHead | None = None) -> dict:  # fmt: skip
     """The task's metrics over the whole eval set (every rank computes the same numbers)."""
     device = env.device if env else next(model.parameters()).device
     model.eval()
@@ -188,7 +191,7 @@ def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, en
     with _autocast(config, env) if env else nullcontext():
         for i in range(0, len(prepared.eval), size):
             batch = {k: v.to(device) for k, v in prepared.collate(prepared.eval[i : i + size]).items()}
-            scores = tasks.score(config.task, model, batch)
+            scores = tasks.score(config.task, model, batch, fused)
             loss_sum, count, correct = loss_sum + scores.loss_sum.item(), count + scores.count, correct + scores.correct
     if count == 0:
         return {}
@@ -209,6 +212,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     tasks.check_outputs(model, prepared, torch.device("cpu"))  # labels beyond the head fail before the folder exists
     _gradient_checkpointing(model, config)
     wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
+    fused = tasks.fused_head(config, model, prepared, env.world)  # checked eagerly, before blocks are compiled
     compiled = parallel.compile_blocks(model, config.run.compile, config.run.compile_backend, env.device)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
@@ -219,7 +223,9 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     if env.main:
         _start_folder(folder, config, overwrite, resume is not None)
     _barrier(env)
-    return _Setup(folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled)
+    return _Setup(
+        folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled, fused
+    )
 
 
 def _setup_env() -> _Env:
@@ -356,12 +362,12 @@ def _autocast(config: TrainConfig, env: _Env) -> Any:
 
 
 # -- inside the loop -------------------------------------------------------------------------------------------------
-def _accumulate_gradients(wrapped: nn.Module, prepared: tasks.Prepared, config: TrainConfig, step: int, per_epoch: int,
-                          env: _Env, timing: dict) -> tuple[float, int]:  # fmt: skip
+def _accumulate_gradients(run: _Setup, config: TrainConfig, step: int, env: _Env, timing: dict) -> tuple[float, int]:
     """Forward and backward over the grad_accum micro-batches of one optimizer step; (mean loss, examples).
 
     Gradients are averaged over ranks at the last micro-batch only (no sync before it), as one big batch would.
     """
+    wrapped, prepared, per_epoch = run.wrapped, run.prepared, run.batches_per_epoch
     wrapped.train()
     accum = config.optim.grad_accum
     loss_sum, examples = 0.0, 0
@@ -371,7 +377,7 @@ def _accumulate_gradients(wrapped: nn.Module, prepared: tasks.Prepared, config: 
         timing["wait"] += time.perf_counter() - t_data
         sync = micro == accum - 1 or env.world == 1
         with _autocast(config, env), parallel.no_sync(wrapped, sync):
-            loss = tasks.score(config.task, wrapped, batch).mean_loss() / accum
+            loss = tasks.score(config.task, wrapped, batch, run.fused).mean_loss() / accum
         loss.backward()
         loss_sum += loss.item()
         examples += len(batch["labels"])
@@ -441,6 +447,7 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         peak_memory_bytes=_peak_memory(env),
         baseline=tasks.majority_baseline(config.task, prepared),
         compiled=run.compiled,
+        fused_head_loss=run.fused is not None,
     )
     if env.main:
         if config.run.plots:

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit import models
+from lorakit import LoraModel, models
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.head_loss import head_loss
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import Split, check_columns, label_ids, load_split
 
@@ -96,8 +97,10 @@ def majority_baseline(task: str, prepared: Prepared) -> dict[str, float]:
     return {"accuracy": max(labels.count(c) for c in set(labels)) / len(labels)}
 
 
-def score(task: str, model: nn.Module, batch: Batch) -> Scores:
-    """Loss sum, item count and correct count of one batch."""
+def score(task: str, model: nn.Module, batch: Batch, fused: FusedHead | None = None) -> Scores:
+    """Loss sum, item count and correct count of one batch (through `fused`'s chunked head when given)."""
+    if fused is not None:
+        return fused.score(batch)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs)
@@ -114,6 +117,77 @@ def score_logits(task: str, logits: Tensor, labels: Tensor) -> Scores:
     loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     correct = int(((logits.argmax(-1) == labels) & valid).sum())
     return Scores(loss_sum, int(valid.sum()), correct)
+
+
+@dataclass
+class FusedHead:
+    """A causal LM split at its output head (run.fused_head_loss): the decoder's hidden states go through the head
+    and the loss chunk by chunk, so the batch's tokens x vocabulary fp32 logits never exist at once."""
+
+    decoder: nn.Module
+    head: nn.Module
+
+    def score(self, batch: Batch) -> Scores:
+        labels = batch["labels"][:, 1:]  # predict token t+1 from tokens <= t
+        hidden = self.decoder(**{k: v for k, v in batch.items() if k != "labels"})[0][:, :-1]  # (B, S-1, H)
+        valid = labels != IGNORE  # only scored rows go through the head
+        loss_sum, correct = head_loss(hidden[valid], self.head, labels[valid], IGNORE)
+        return Scores(loss_sum, int(valid.sum()), correct)
+
+
+def fused_head(config: TrainConfig, model: nn.Module, prepared: Prepared, world: int) -> FusedHead | None:
+    """The split model when run.fused_head_loss asks for it and its head gives the model's own logits on the first
+    training example; else None, with the reason printed ("auto") or a ConfigError ("on")."""
+    mode = config.run.fused_head_loss
+    if mode == "off" or config.task != "causal-lm":
+        return None
+    if world > 1:  # DDP's and FSDP's bookkeeping happens in the wrapped model's forward, which the split skips
+        reason = "it runs in one process only, not under torchrun"
+    else:
+        split = _split(model)
+        reason = _differs(model, split, prepared) if split else "the model has no decoder and output head to split"
+        if reason is None:
+            return split
+    if mode == "on":
+        raise ConfigError(f"run.fused_head_loss = 'on' but {reason}; set run.fused_head_loss = 'auto' or 'off'")
+    if world == 1:
+        print(f"fused head loss off ({reason}): the loss is computed from the model's full logits", flush=True)
+    return None
+
+
+def _split(model: nn.Module) -> FusedHead | None:
+    """transformers' causal LMs: base_model is the decoder (final norm included), the output embeddings the head."""
+    base = model.model if isinstance(model, LoraModel) else model
+    decoder = getattr(base, "base_model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(decoder, nn.Module) or decoder is base or not isinstance(head, nn.Module):
+        return None
+    return FusedHead(decoder, head)
+
+
+def _differs(model: nn.Module, split: FusedHead, prepared: Prepared) -> str | None:
+    """Why head(decoder(x)) is not the model's logits (a soft cap or scale after the head), or None when it is."""
+    if not prepared.train:
+        return "there is no training example to check it on"
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in prepared.collate(prepared.train[:1]).items() if k != "labels"}
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            mine = split.head(split.decoder(**inputs)[0])
+    except Exception as err:  # a decoder that cannot run alone is a model the split does not fit, not an error
+        return f"its decoder does not run alone ({models.first_line(err)})"
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if mine.dtype == torch.float32 else 2e-2  # bf16 logits hold 3 significant digits
+    if mine.shape != logits.shape:
+        return "the model changes its logits after the output head"
+    largest = logits.float().abs().max().clamp_min(1e-6)
+    if (mine.float() - logits.float()).abs().max() > tolerance * largest:
+        return "the model changes its logits after the output head"
+    return None
 
 
 def metrics(task: str, loss_sum: float, count: int, correct: int) -> dict[str, float]:

@@ -1,0 +1,194 @@
+"""The chunked head + loss equals the model's full logits and their cross-entropy, gradients included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import ConfigError, LoraConfig, get_lora_model
+from lorakit.head_loss import head_loss
+from lorakit.train import tasks
+from lorakit.train.config import DataSection, ModelSection, RunSection, TrainConfig, load_config
+from lorakit.train.loop import train
+from tests.test_train_helpers import tiny_gpt2, write_config
+
+IGNORE = tasks.IGNORE
+
+
+def _reference(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = head(hidden).float()
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return loss, int(((logits.argmax(-1) == labels) & (labels != IGNORE)).sum())
+
+
+def _grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, tensors))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1024])  # 7 does not divide the 45 rows
+def test_loss_count_and_gradients_equal_the_full_logits_in_float64(chunk_rows: int) -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=True).double()  # a trainable weight and bias
+    hidden = torch.randn(45, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (45,))
+    labels[::4] = IGNORE
+    reference, ref_correct = _reference(hidden, head, labels)
+    loss, correct = head_loss(hidden, head, labels, IGNORE, chunk_rows)
+    assert correct == ref_correct and torch.allclose(loss, reference.float(), rtol=1e-6)
+    wrt = [hidden, head.weight, head.bias]
+    for mine, ref in zip(_grads(loss * 0.5, wrt), _grads(reference * 0.5, wrt), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_head_with_nothing_trainable_gives_the_hidden_gradient_only() -> None:
+    torch.manual_seed(0)
+    head = nn.Linear(8, 30, bias=False).requires_grad_(False)
+    hidden = torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (20,))
+    (grad,) = _grads(head_loss(hidden, head, labels, IGNORE, 6)[0], [hidden])
+    torch.testing.assert_close(grad, _grads(_reference(hidden, head, labels)[0], [hidden])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_nothing_is_recorded() -> None:
+    head = nn.Linear(8, 30)
+    with torch.no_grad():
+        loss, _ = head_loss(torch.randn(10, 8), head, torch.randint(0, 30, (10,)), IGNORE, 3)
+    assert loss.grad_fn is None
+
+
+def _llama(tied: bool) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0  # a padded row: its labels are ignored, as the collate writes them
+    labels = ids.clone()
+    labels[2, 15:] = IGNORE
+    labels[0, :6] = IGNORE  # a prompt that is not learned
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize(
+    ("tied", "targets", "saved"),
+    [
+        (False, ["q_proj", "v_proj", "lm_head"], None),  # a LoRA on the head
+        (True, ["q_proj", "v_proj"], None),  # the head is the embedding's weight
+        (False, ["q_proj", "down_proj"], ["lm_head"]),  # the head trains in full
+    ],
+)
+def test_the_split_model_scores_like_the_whole_one(tied: bool, targets: list[str], saved: list[str] | None) -> None:
+    model = get_lora_model(_llama(tied), LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved))
+    for p in model.parameters():  # nonzero B factors, so every factor gets a gradient
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    split = tasks._split(model)
+    assert split is not None
+    batch = _batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    regular = tasks.score("causal-lm", model, batch)
+    assert split.head is model.model.get_output_embeddings()  # the model's own head (a LoRA layer, when targeted)
+    fused = tasks.score("causal-lm", model, batch, split)
+    assert (fused.count, fused.correct) == (regular.count, regular.correct)
+    torch.testing.assert_close(fused.loss_sum, regular.loss_sum, rtol=1e-5, atol=1e-5)
+    for mine, ref in zip(_grads(fused.mean_loss(), trainable), _grads(regular.mean_loss(), trainable), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
+class _ScaledLlama(nn.Module):
+    """A causal LM that scales its logits after the head (as Cohere's logit_scale does): the split must not be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _llama(tied=False)
+        self.base_model = self.inner.model
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.inner.lm_head
+
+    def forward(self, **inputs: torch.Tensor):
+        out = self.inner(**inputs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def _config(mode: str, task: str = "causal-lm") -> TrainConfig:
+    return TrainConfig(task=task, model=ModelSection(source="x"), data=DataSection(path="x"),
+                       run=RunSection(fused_head_loss=mode))  # fmt: skip
+
+
+def _prepared() -> tasks.Prepared:
+    batch = _batch()
+    rows = [{k: v[0] for k, v in batch.items()}]
+    return tasks.Prepared(rows, [], None, lambda examples: {k: torch.stack([e[k] for e in examples]) for k in rows[0]})
+
+
+def test_a_model_that_changes_its_logits_after_the_head_keeps_the_regular_loss(capsys) -> None:
+    model = get_lora_model(_ScaledLlama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert tasks._split(model) is not None
+    assert tasks.fused_head(_config("auto"), model, _prepared(), world=1) is None
+    assert "changes its logits after the output head" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="fused_head_loss = 'on'.*changes its logits"):
+        tasks.fused_head(_config("on"), model, _prepared(), world=1)
+
+
+def test_when_the_split_applies() -> None:
+    model = get_lora_model(_llama(tied=True), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.train()
+    assert isinstance(tasks.fused_head(_config("auto"), model, _prepared(), world=1), tasks.FusedHead)
+    assert model.training  # the check's eval mode is undone
+    assert tasks.fused_head(_config("off"), model, _prepared(), world=1) is None
+    assert tasks.fused_head(_config("auto"), model, _prepared(), world=2) is None  # DDP / FSDP wrap the forward
+    with pytest.raises(ConfigError, match="needs task 'causal-lm'"):
+        _config("on", task="seq-cls")
+
+
+def _lm_run(tmp_path: Path, mode: str) -> list[dict]:
+    model = tmp_path / "gpt2"  # GPT-2 ties its head to the token embeddings
+    if not model.exists():
+        tiny_gpt2(model)
+        (tmp_path / "lines.txt").write_text("the cat sat on the mat\nand a dog ran in the park today\n" * 12)
+    config = write_config(tmp_path / f"{mode}.toml", f"""
+        task = "causal-lm"
+        [model]
+        source = "{model}"
+        [data]
+        path = "{tmp_path / "lines.txt"}"
+        [lora]
+        target_modules = ["c_attn", "c_fc"]
+        [optim]
+        lr = 0.05
+        batch_size = 4
+        max_steps = 6
+        [run]
+        out_dir = "{tmp_path / mode}"
+        progress = "none"
+        log_every = 1
+        eval_every = 3
+        plots = false
+        tensorboard = false
+        fused_head_loss = "{mode}"
+    """)  # fmt: skip
+    result = train(load_config(config))
+    assert result.fused_head_loss == (mode == "on")
+    return [json.loads(line) for line in (Path(result.folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path) -> None:
+    fused, regular = _lm_run(tmp_path, "on"), _lm_run(tmp_path, "off")
+    assert [(r["kind"], r["step"]) for r in fused] == [(r["kind"], r["step"]) for r in regular]
+    for mine, ref in zip(fused, regular, strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (mine, ref)
