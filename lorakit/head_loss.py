@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CHUNK_ROWS = 1024  # rows of logits alive at once: 1024 x 128k words in fp32 is 512 MiB
+CHUNK_BYTES = 64 * 2**20  # fp32 logits alive at once (the whole batch's: 4 x 2048 tokens x 128k words = 4 GiB)
+CHUNK_ROWS = 1024  # when the vocabulary is not known
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a `vocab`-word head: one chunk's fp32 logits fill CHUNK_BYTES; 16 rows at least, so the
+    head's matmul stays a matmul."""
+    return max(16, CHUNK_BYTES // (4 * vocab))
 
 
 def head_loss(

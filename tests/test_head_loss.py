@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import ConfigError, LoraConfig, get_lora_model
-from lorakit.head_loss import head_loss
+from lorakit.head_loss import chunk_rows, head_loss
 from lorakit.train import tasks
 from lorakit.train.config import DataSection, ModelSection, RunSection, TrainConfig, load_config
 from lorakit.train.loop import train
@@ -52,6 +52,11 @@ def test_a_head_with_nothing_trainable_gives_the_hidden_gradient_only() -> None:
     labels = torch.randint(0, 30, (20,))
     (grad,) = _grads(head_loss(hidden, head, labels, IGNORE, 6)[0], [hidden])
     torch.testing.assert_close(grad, _grads(_reference(hidden, head, labels)[0], [hidden])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_hold_about_the_same_bytes_of_logits_whatever_the_vocabulary() -> None:
+    assert chunk_rows(32_000) == 524 and chunk_rows(128_256) == 130
+    assert chunk_rows(10**7) == 16  # a matmul of a few rows still
 
 
 def test_without_gradients_nothing_is_recorded() -> None:
@@ -96,7 +101,8 @@ def test_the_split_model_scores_like_the_whole_one(tied: bool, targets: list[str
         if p.requires_grad:
             nn.init.normal_(p, std=0.1)
     split = tasks._split(model)
-    assert split is not None
+    assert split is not None and split.chunk_rows == chunk_rows(96)
+    split.chunk_rows = 7  # 49 scored tokens: 7 chunks
     batch = _batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
     regular = tasks.score("causal-lm", model, batch)
@@ -187,7 +193,8 @@ def _lm_run(tmp_path: Path, mode: str) -> list[dict]:
     return [json.loads(line) for line in (Path(result.folder) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path) -> None:
+def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "chunk_rows", lambda vocab: 5)  # many chunks, not one
     fused, regular = _lm_run(tmp_path, "on"), _lm_run(tmp_path, "off")
     assert [(r["kind"], r["step"]) for r in fused] == [(r["kind"], r["step"]) for r in regular]
     for mine, ref in zip(fused, regular, strict=True):

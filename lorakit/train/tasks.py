@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lorakit import LoraModel, models
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.head_loss import head_loss
+from lorakit.head_loss import CHUNK_ROWS, chunk_rows, head_loss
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import Split, check_columns, label_ids, load_split
 
@@ -126,12 +126,13 @@ class FusedHead:
 
     decoder: nn.Module
     head: nn.Module
+    chunk_rows: int = CHUNK_ROWS
 
     def score(self, batch: Batch) -> Scores:
         labels = batch["labels"][:, 1:]  # predict token t+1 from tokens <= t
         hidden = self.decoder(**{k: v for k, v in batch.items() if k != "labels"})[0][:, :-1]  # (B, S-1, H)
         valid = labels != IGNORE  # only scored rows go through the head
-        loss_sum, correct = head_loss(hidden[valid], self.head, labels[valid], IGNORE)
+        loss_sum, correct = head_loss(hidden[valid], self.head, labels[valid], IGNORE, self.chunk_rows)
         return Scores(loss_sum, int(valid.sum()), correct)
 
 
@@ -162,7 +163,8 @@ def _split(model: nn.Module) -> FusedHead | None:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(decoder, nn.Module) or decoder is base or not isinstance(head, nn.Module):
         return None
-    return FusedHead(decoder, head)
+    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+    return FusedHead(decoder, head, chunk_rows(vocab) if isinstance(vocab, int) else CHUNK_ROWS)
 
 
 def _differs(model: nn.Module, split: FusedHead, prepared: Prepared) -> str | None:
