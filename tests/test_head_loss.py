@@ -142,8 +142,19 @@ def _prepared() -> tasks.Prepared:
     return tasks.Prepared(rows, [], None, lambda examples: {k: torch.stack([e[k] for e in examples]) for k in rows[0]})
 
 
-def test_a_model_that_changes_its_logits_after_the_head_keeps_the_regular_loss(capsys) -> None:
-    model = get_lora_model(_ScaledLlama(), LoraConfig(r=4, target_modules=["q_proj"]))
+def _soft_capped_gemma2() -> nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                          final_logit_softcapping=0.1)  # fmt: skip
+    return Gemma2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [_ScaledLlama, _soft_capped_gemma2])
+def test_a_model_that_changes_its_logits_after_the_head_keeps_the_regular_loss(build, capsys) -> None:
+    model = get_lora_model(build(), LoraConfig(r=4, target_modules=["q_proj"]))
     assert tasks._split(model) is not None
     assert tasks.fused_head(_config("auto"), model, _prepared(), world=1) is None
     assert "changes its logits after the output head" in capsys.readouterr().out
