@@ -210,3 +210,19 @@ def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path, monkeyp
     assert [(r["kind"], r["step"]) for r in fused] == [(r["kind"], r["step"]) for r in regular]
     for mine, ref in zip(fused, regular, strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (mine, ref)
+
+
+def test_under_bf16_autocast_the_split_model_scores_like_the_whole_one() -> None:
+    model = get_lora_model(_llama(tied=False), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    split = tasks._split(model)
+    split.chunk_rows = 16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        nn.init.normal_(p, std=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        regular = tasks.score("causal-lm", model, _batch())
+        fused = tasks.score("causal-lm", model, _batch(), split)
+    torch.testing.assert_close(fused.loss_sum, regular.loss_sum, rtol=2e-3, atol=0)
+    for mine, ref in zip(_grads(fused.mean_loss(), trainable), _grads(regular.mean_loss(), trainable), strict=True):
+        assert mine.dtype == ref.dtype == torch.float32  # fp32 factors keep fp32 gradients
+        torch.testing.assert_close(mine, ref, rtol=2e-2, atol=2e-3)
