@@ -187,8 +187,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     config = load_config(tabular_config(tmp_path, tabular_csv(tmp_path / "t.csv")))  # checkpoint every 2 steps
     real_score, calls = tasks.score, {"train": 0}
 
-    def score(task, model, batch):  # the 5th training forward (step 5) returns NaN, as an overflow would
-        scores = real_score(task, model, batch)
+    def score(task, model, batch, fused=None):  # the 5th training forward (step 5) returns NaN, as an overflow would
+        scores = real_score(task, model, batch, fused)
         if model.training:
             calls["train"] += 1
             if calls["train"] == 5:
