@@ -16,28 +16,50 @@ from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, parameter_kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 
-# model_type -> default target_modules (PEFT's choices for the common architectures)
-DEFAULT_TARGETS: dict[str, list[str]] = {
+# model_type -> default target_modules: PEFT 0.21's table (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), entry
+# for entry, so a config without target_modules adapts what it adapts in PEFT, and a model PEFT has no default for
+# asks for target_modules here too. A str entry is a regex on the whole path.
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
+    "electra": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
     "mistral": ["q_proj", "v_proj"],
     "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "t5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
-    "falcon": ["query_key_value"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 # Task types whose heads train in full, as PEFT adds them to modules_to_save.
@@ -71,7 +93,7 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
     head = _output_head(model) if targets == "all-linear" else None
     found, unsupported = [], []
     for path, module in logical_modules(model):
-        if _matches_any(path, saved) or not _selected(path, module, targets, head, config):
+        if _within_saved(path, saved) or not _selected(path, module, targets, head, config):
             continue
         kind = _kind_in_place(model, path, module)
         if kind is None:
@@ -88,7 +110,8 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
     if not found and not config.target_parameters:
         raise TargetError(_nothing_matched(model, targets))
     if isinstance(targets, list):
-        _warn_unused_names(targets, [p for p, _ in found])
+        in_saved = [p for p, _ in logical_modules(model) if _within_saved(p, saved)]  # PEFT lists them as targets
+        _warn_unused_names(targets, [p for p, _ in found] + in_saved)
     with_companions = [target for path, kind in found for target in _with_companions(model, path, kind)]
     return list(dict.fromkeys(with_companions))  # "attn" and "out_proj" both named: out_proj once
 
@@ -183,10 +206,11 @@ def modules_to_save(config: LoraConfig) -> list[str]:
     return list(config.modules_to_save or []) + TASK_HEADS.get(config.task_type or "", [])
 
 
-def default_targets(model: nn.Module) -> list[str]:
+def default_targets(model: nn.Module) -> list[str] | str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
+        targets = DEFAULT_TARGETS[model_type]
+        return targets if isinstance(targets, str) else list(targets)
     raise TargetError(
         f"no default target_modules for this model (model_type={model_type!r}); pass target_modules, "
         "e.g. target_modules='all-linear' or the names that `lorakit inspect` suggests"
@@ -233,6 +257,13 @@ def _layer_index(path: str, config: LoraConfig) -> int | None:
             if match:
                 break
     return int(match.group(1)) if match else None
+
+
+def _within_saved(path: str, saved: set[str]) -> bool:
+    """The module is, or lies inside, a modules_to_save module: it trains in full there, so PEFT gives it no LoRA
+    (all-linear with task_type SEQ_CLS names classifier.dense, and the classifier is saved whole)."""
+    parts = path.split(".")
+    return any(_matches_any(".".join(parts[:end]), saved) for end in range(1, len(parts) + 1))
 
 
 def _suffix_match(path: str, name: str) -> bool:
