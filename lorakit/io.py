@@ -190,8 +190,8 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
 
 def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[str, Tensor]) -> None:
     """Copies file tensors into adapter `name`; checks every key and shape before changing anything."""
-    expected = adapter_tensors(model, name, config)
     weights = _without_peft_wrapper_names(weights)
+    expected = adapter_tensors(model, name, config) | _base_weights_in_file(model, weights)
     problems = []
     missing = sorted(k for k in expected if k not in weights)
     unexpected = sorted(k for k in weights if k not in expected)
@@ -217,6 +217,18 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
         for key, target in expected.items():
             if key in weights:
                 target.copy_(weights[key])
+
+
+def _base_weights_in_file(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """PEFT's key -> base weight of an adapted layer whose full weight the file carries: PEFT saves an adapted
+    embed_tokens / lm_head whole (save_embedding_layers="auto"), so that resized vocabularies travel, and loads it
+    into the base layer."""
+    found = {}
+    for path, layer in lora_layers(model):
+        key = f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"
+        if key in weights and not layer.merged_adapters:
+            found[key] = layer.stored_weight
+    return found
 
 
 def _value_problem(key: str, tensor: Tensor, target: Tensor) -> str | None:
