@@ -1,0 +1,284 @@
+"""lorakit against PEFT across transformers architectures: default and all-linear targets, outputs, files both ways,
+merging. Each model is built from a tiny config with seeded weights, so nothing is downloaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from lorakit import LoraConfig, LoraModel, TargetError, get_lora_model
+from lorakit.io import adapter_tensors
+
+ATOL = 1e-5
+VOCAB = 64
+LLAMA_LIKE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+    "pad_token_id": 0,
+}
+BERT_LIKE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 40,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+BART_LIKE = {
+    "vocab_size": VOCAB,
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 48,
+    "decoder_ffn_dim": 48,
+    "max_position_embeddings": 32,
+    "decoder_start_token_id": 2,
+}
+
+
+@dataclass
+class Arch:
+    name: str
+    model_class: str  # a transformers class name; the architecture is skipped where transformers lacks it
+    config_class: str
+    config: dict[str, Any]
+    inputs: str = "ids"  # ids | seq2seq | pixels | audio
+    lora: dict[str, Any] = field(default_factory=dict)  # extra LoraConfig fields (task_type)
+    targets: list[str] | str = "all-linear"  # what the output and file checks adapt
+
+    def __str__(self) -> str:
+        return self.name
+
+    def build(self) -> nn.Module:
+        model_class = getattr(transformers, self.model_class, None)
+        if model_class is None:
+            pytest.skip(f"transformers {transformers.__version__} has no {self.model_class}")
+        torch.manual_seed(0)
+        return model_class(getattr(transformers, self.config_class)(**self.config)).eval()
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
+        if self.inputs == "pixels":
+            return {"pixel_values": torch.randn(2, 3, 8, 8, generator=gen)}
+        if self.inputs == "audio":
+            return {"input_features": torch.randn(2, 8, 32, generator=gen), "decoder_input_ids": ids[:, :5]}
+        if self.inputs == "seq2seq":
+            return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+        return {"input_ids": ids}
+
+
+ARCHS = [
+    Arch("mistral", "MistralForCausalLM", "MistralConfig", LLAMA_LIKE),
+    Arch("qwen2", "Qwen2ForCausalLM", "Qwen2Config", LLAMA_LIKE),
+    Arch("qwen3", "Qwen3ForCausalLM", "Qwen3Config", {**LLAMA_LIKE, "head_dim": 8}),
+    Arch("phi", "PhiForCausalLM", "PhiConfig", {**LLAMA_LIKE, "num_key_value_heads": 4}),
+    Arch("phi3", "Phi3ForCausalLM", "Phi3Config", LLAMA_LIKE),
+    Arch("gemma", "GemmaForCausalLM", "GemmaConfig", {**LLAMA_LIKE, "head_dim": 8}),
+    Arch("gemma2", "Gemma2ForCausalLM", "Gemma2Config", {**LLAMA_LIKE, "head_dim": 8}),
+    Arch("stablelm", "StableLmForCausalLM", "StableLmConfig", LLAMA_LIKE),
+    Arch(
+        "mixtral",
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        {**LLAMA_LIKE, "num_local_experts": 2, "num_experts_per_tok": 2},
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],  # all-linear: see MOE_ALL_LINEAR
+    ),
+    Arch(
+        "falcon",
+        "FalconForCausalLM",
+        "FalconConfig",
+        {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4},
+    ),
+    Arch(
+        "bloom", "BloomForCausalLM", "BloomConfig", {"vocab_size": VOCAB, "hidden_size": 32, "n_layer": 1, "n_head": 4}
+    ),
+    Arch(
+        "opt",
+        "OPTForCausalLM",
+        "OPTConfig",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "ffn_dim": 48,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 32,
+            "word_embed_proj_dim": 32,
+        },
+    ),
+    Arch(
+        "gpt_neox",
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        {**LLAMA_LIKE, "num_key_value_heads": 4},
+    ),
+    Arch(
+        "gptj",
+        "GPTJForCausalLM",
+        "GPTJConfig",
+        {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 32, "rotary_dim": 4},
+    ),
+    Arch(
+        "codegen",
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 32, "n_ctx": 32, "rotary_dim": 4},
+    ),
+    Arch(
+        "t5",
+        "T5ForConditionalGeneration",
+        "T5Config",
+        {"vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 1, "num_heads": 4},
+        inputs="seq2seq",
+    ),
+    Arch("bart", "BartForConditionalGeneration", "BartConfig", BART_LIKE, inputs="seq2seq"),
+    Arch(
+        "roberta-cls",
+        "RobertaForSequenceClassification",
+        "RobertaConfig",
+        {**BERT_LIKE, "pad_token_id": 1, "num_labels": 3},
+        lora={"task_type": "SEQ_CLS"},
+    ),
+    Arch(
+        "distilbert",
+        "DistilBertForMaskedLM",
+        "DistilBertConfig",
+        {"vocab_size": VOCAB, "dim": 32, "n_layers": 1, "n_heads": 4, "hidden_dim": 48, "max_position_embeddings": 32},
+    ),
+    Arch("deberta-v2", "DebertaV2ForMaskedLM", "DebertaV2Config", BERT_LIKE),
+    Arch("electra", "ElectraForMaskedLM", "ElectraConfig", {**BERT_LIKE, "embedding_size": 16}),
+    Arch(
+        "vit",
+        "ViTForImageClassification",
+        "ViTConfig",
+        {**BERT_LIKE, "image_size": 8, "patch_size": 4, "num_channels": 3, "num_labels": 3},
+        inputs="pixels",
+    ),
+    Arch(
+        "clip-text",
+        "CLIPTextModel",
+        "CLIPTextConfig",
+        {k: v for k, v in BERT_LIKE.items() if "dropout" not in k},
+    ),
+    Arch(
+        "whisper",
+        "WhisperForConditionalGeneration",
+        "WhisperConfig",
+        {
+            **BART_LIKE,
+            **{"num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 16},
+            **{"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+        },
+        inputs="audio",
+    ),
+]
+
+
+# PEFT 0.21 on transformers' fused-expert MoE blocks (3-D gate_up_proj / down_proj parameters, a router that is no
+# nn.Linear) turns all-linear into target_parameters on the experts and the router, with gate_up_proj at twice the
+# rank. lorakit adapts 2-D weights only, so its all-linear stops at the attention's linear layers there.
+MOE_ALL_LINEAR = {"mixtral"}
+# PEFT 0.21 refuses its own default target_modules (q_proj, v_proj) for these on transformers 5, with
+# NoMatchingPeftModuleError; lorakit adapts what the default table names.
+PEFT_REFUSES_ITS_DEFAULT = {"mixtral"}
+
+
+def _output(result: Any) -> torch.Tensor:
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def _run(model: nn.Module, arch: Arch) -> torch.Tensor:
+    with torch.no_grad():
+        return _output(model(**arch.batch()))
+
+
+def _peft_keys(arch: Arch, **config) -> set[str]:
+    theirs = peft.get_peft_model(arch.build(), peft.LoraConfig(**arch.lora, **config))
+    return set(peft.get_peft_model_state_dict(theirs))
+
+
+def _our_keys(arch: Arch, **config) -> set[str]:
+    ours = get_lora_model(arch.build(), LoraConfig(**arch.lora, **config))
+    return set(adapter_tensors(ours.model, "default", ours.peft_config["default"]))
+
+
+def _has_peft_default(arch: Arch) -> bool:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return arch.build().config.model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=str)
+def test_default_targets_are_peft_defaults(arch: Arch):
+    if arch.name in PEFT_REFUSES_ITS_DEFAULT:
+        with pytest.raises(ValueError, match="target_modules"):
+            _peft_keys(arch)
+        adapted = {key.split(".lora_")[0] for key in _our_keys(arch)}
+        assert adapted == {"base_model.model.model.layers.0.self_attn." + name for name in ("q_proj", "v_proj")}
+        return
+    if not _has_peft_default(arch):
+        with pytest.raises(ValueError, match="target_modules"):
+            _peft_keys(arch)
+        with pytest.raises(TargetError, match="no default target_modules"):
+            _our_keys(arch)
+        return
+    expected = _peft_keys(arch)
+    assert expected
+    assert _our_keys(arch) == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=str)
+def test_all_linear_adapts_what_peft_adapts(arch: Arch):
+    expected = _peft_keys(arch, target_modules="all-linear")
+    ours = _our_keys(arch, target_modules="all-linear")
+    if arch.name in MOE_ALL_LINEAR:
+        assert ours == {key for key in expected if ".mlp." not in key} and ours != expected
+        return
+    assert ours == expected
+
+
+def _random_adapter(arch: Arch) -> LoraModel:
+    torch.manual_seed(2)
+    return get_lora_model(arch.build(), LoraConfig(target_modules=arch.targets, init_lora_weights=False, **arch.lora))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=str)
+def test_our_files_give_peft_our_outputs_and_merge_to_them(arch: Arch, tmp_path):
+    ours = _random_adapter(arch).eval()
+    expected = _run(ours, arch)
+    assert not torch.allclose(expected, _run(arch.build(), arch), atol=1e-4), "the adapter must change the output"
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path, is_trainable=True).eval()
+    torch.testing.assert_close(_run(theirs, arch), expected, atol=ATOL, rtol=0)
+    ours.train()
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]  # totals: see model.py
+    merged = ours.eval().merge_and_unload()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(_run(merged, arch), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=str)
+def test_peft_files_give_us_peft_outputs(arch: Arch, tmp_path):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(target_modules=arch.targets, init_lora_weights=False, **arch.lora)
+    theirs = peft.get_peft_model(arch.build(), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(arch.build(), tmp_path, is_trainable=True).eval()
+    torch.testing.assert_close(_run(ours, arch), _run(theirs, arch), atol=ATOL, rtol=0)
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]  # totals: see model.py
