@@ -20,7 +20,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from lorakit.errors import ConfigError
 
@@ -76,7 +81,12 @@ def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: i
     optim_tensors = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
     optim_state = _join(optim_tensors, meta["optimizer"])
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-    set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=optim_state, options=options)
+    if optim_state["state"]:
+        set_state_dict(model, optimizer, model_state_dict=trainable, optim_state_dict=optim_state, options=options)
+    else:  # no per-parameter state (SGD without momentum, or no step yet), which set_state_dict cannot load
+        set_model_state_dict(model, trainable, options=options)
+        groups = zip(optim_state["param_groups"], optimizer.state_dict()["param_groups"], strict=True)
+        optimizer.load_state_dict({"state": {}, "param_groups": [{**g, "params": own["params"]} for g, own in groups]})
     scheduler.load_state_dict(meta["scheduler"])
     if rank < len(meta.get("rng", [])):
         prefix = f"rng.{rank}."
