@@ -74,6 +74,15 @@ class JobStep:
 
 
 @dataclass
+class JobCounters:
+    """A job's position: micro-batches taken, and the summed loss and examples of its unfinished accumulation."""
+
+    micro: int
+    loss: float
+    examples: int
+
+
+@dataclass
 class _Running:
     """A job's live state: its parameters, optimizer, schedule, batch iterator and counters."""
 
@@ -183,7 +192,28 @@ class ParallelTrainer:
 
     def parameters_of(self, name: str) -> list[nn.Parameter]:
         """The parameters job `name` trains (its adapter factors and modules_to_save copies)."""
-        return next(r.params for r in self._running if r.job.name == name)
+        return self._job(name).params
+
+    def optimizer_of(self, name: str) -> tuple[torch.optim.Optimizer, Any]:
+        """Job `name`'s optimizer and schedule (None: a constant rate), e.g. to checkpoint or restore them."""
+        running = self._job(name)
+        return running.optimizer, running.scheduler
+
+    def counters(self, name: str) -> JobCounters:
+        """Where job `name` is: micro-batches taken, and the loss and examples of its unfinished accumulation."""
+        running = self._job(name)
+        return JobCounters(running.micro, running.loss, running.examples)
+
+    def restore(self, name: str, counters: JobCounters) -> None:
+        """Continues job `name` from `counters` (its batches must start at micro-batch counters.micro); its weights,
+        optimizer and schedule are restored by the caller (through parameters_of and optimizer_of)."""
+        running = self._job(name)
+        running.micro, running.loss, running.examples = counters.micro, counters.loss, counters.examples
+        running.step = counters.micro // running.job.grad_accum
+        self.train_live()
+
+    def _job(self, name: str) -> _Running:
+        return next(r for r in self._running if r.job.name == name)
 
     def step(self) -> dict[str, JobStep]:
         """One micro-batch of every live job through one forward and backward; returns a report for each job

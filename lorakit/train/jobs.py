@@ -12,17 +12,22 @@ One base model is loaded (with the file's seed) and every job trains its adapter
 lorakit.multi.parallel: one forward and one backward per step for all jobs. Each job's folder is the folder a
 run of that job alone would write (config.toml, metrics.jsonl, plots, summary.json, adapter/), and its
 config.toml reproduces it alone: `lorakit train <folder>/config.toml`.
+
+Every job checkpoints every run.checkpoint_every of its steps and at its end, and then all unfinished jobs are
+checkpointed together with the run's state (jobs_checkpoint), so `lorakit train jobs.toml --resume FOLDER` (FOLDER:
+the jobs' common run.out_dir) continues every unfinished job exactly as if the run had not stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -36,7 +41,7 @@ from lorakit import LoraModel
 from lorakit.errors import ConfigError
 from lorakit.multi.parallel import JobStep, ParallelJob, ParallelTrainer
 from lorakit.names import check_adapter_name
-from lorakit.train import loop, tasks
+from lorakit.train import jobs_checkpoint, loop, tasks
 from lorakit.train.config import TrainConfig, _absolute_paths, _apply_override, _read_text, from_dict, get_field
 from lorakit.train.data import batch_indices
 from lorakit.train.plots import plot_run
@@ -53,10 +58,12 @@ _SHARED = ("optim.precision",)  # one forward for all jobs: one autocast
 
 @dataclass
 class Jobs:
-    """A parsed jobs file: the seed the base model is built with, and each job's name and full train config."""
+    """A parsed jobs file: the seed the base model is built with, each job's name and full train config, and the
+    jobs' common folder (the file's run.out_dir, which holds the run's checkpoint)."""
 
     seed: int
     configs: dict[str, TrainConfig]
+    folder: Path
 
 
 def is_jobs_file(path: str | Path | None) -> bool:
@@ -90,7 +97,7 @@ def load_jobs(path: str | Path, overrides: list[str] | None = None) -> Jobs:
         configs[name] = config
     _check_shared(configs, path)
     _check_folders(configs, path)
-    return Jobs(int(data.get("seed", 0)), configs)
+    return Jobs(int(data.get("seed", 0)), configs, Path(data["run"]["out_dir"]))
 
 
 def _job_config(top: dict[str, Any], entry: dict[str, Any], where: str) -> tuple[str, TrainConfig]:
@@ -155,21 +162,32 @@ class _Job:
     before: dict | None = None
     window: list[float] | None = None
     wait: float = 0.0
+    resumed: jobs_checkpoint.JobState | None = None  # where a resumed job continues from
+    finished: bool = False  # its adapter and summary are written
 
 
 def train_file(path: Path, overrides: list[str], overwrite: bool = False, resume: Path | None = None) -> dict:
-    """What `lorakit train jobs.toml` runs: every job of the file, each job's RunResult by name."""
-    if resume is not None:
-        raise ConfigError("a jobs file cannot be resumed; train it again (with --overwrite), or resume one job alone")
-    return train_jobs(load_jobs(path, overrides), overwrite=overwrite)
+    """What `lorakit train jobs.toml` runs: every job of the file, each job's RunResult by name; with `resume` (the
+    folder the file trained into: its run.out_dir as made), every unfinished job continues from its checkpoint."""
+    if resume is not None:  # the folder it was made in, whatever {time} became
+        overrides = [*overrides, f"run.out_dir={json.dumps(str(resume))}"]
+    return train_jobs(load_jobs(path, overrides), overwrite=overwrite, resume=resume is not None)
 
 
-def train_jobs(jobs: Jobs, overwrite: bool = False) -> dict[str, loop.RunResult]:
-    """Trains every job together over one base; nothing is written unless every job's setup works."""
+def train_jobs(jobs: Jobs, overwrite: bool = False, resume: bool = False,
+               on_step: Callable[[int], None] | None = None) -> dict[str, loop.RunResult]:  # fmt: skip
+    """Trains every job together over one base; nothing is written unless every job's setup works. With `resume`,
+    continues the run checkpointed in jobs.folder (finished jobs are left as they are). `on_step(t)` is called
+    after each step t of the trainer (one micro-batch of every live job)."""
     env = loop._setup_env()
     if env.world > 1:
         raise ConfigError("a jobs file trains in one process; run it without torchrun")
-    runs = [_prepare(name, config, overwrite) for name, config in jobs.configs.items()]
+    saved, finished = _check_resume(jobs) if resume else (None, {})
+    runs = [_prepare(name, config, overwrite, resume) for name, config in jobs.configs.items() if name not in finished]
+    if not runs:  # every job had finished: resuming changes nothing
+        return finished
+    for run in runs:
+        run.resumed = saved[0].jobs[run.name] if saved else None
     _check_same_classes(runs)
     first = runs[0].config
     base = tasks.build_model(replace(first, seed=jobs.seed), runs[0].prepared)
@@ -184,16 +202,37 @@ def train_jobs(jobs: Jobs, overwrite: bool = False) -> dict[str, loop.RunResult]
         loss_fn=lambda logits, labels: tasks.score_logits(first.task, logits, labels).mean_loss(),
         forward_context=lambda: loop._autocast(first, env),
     )
+    if saved is None:
+        (jobs.folder / jobs_checkpoint.RUN_FILE).unlink(missing_ok=True)  # an earlier run's, in this folder
     for run in runs:
         _start(run, trainer, env, overwrite)
-    results = _loop(runs, trainer, env, model_size)
-    return {run.name: results[run.name] for run in runs}
+    if saved is None:
+        torch.manual_seed(first.seed)  # dropout: the same in every run of this file
+    else:
+        jobs_checkpoint.restore_run(trainer, saved[1], saved[2])
+    results = {**finished, **_loop(runs, trainer, env, model_size, jobs, saved[0].step if saved else 0, on_step)}
+    return {name: results[name] for name in jobs.configs}
 
 
-def _prepare(name: str, config: TrainConfig, overwrite: bool) -> _Job:
+def _check_resume(jobs: Jobs) -> tuple[tuple, dict[str, loop.RunResult]]:
+    """The run's checkpoint, and the finished jobs' results; refused, before anything changes, when the file
+    differs from the one the run was made with (its jobs, seed, or any job's config)."""
+    saved = jobs_checkpoint.read(jobs.folder, list(jobs.configs), jobs.seed)
+    finished = {}
+    for name, config in jobs.configs.items():
+        folder = Path(config.run.out_dir)
+        loop._check_folder(folder, config, overwrite=False, resume=True)
+        if (folder / loop.SUMMARY_FILE).is_file():  # written last: the job is complete
+            summary = json.loads((folder / loop.SUMMARY_FILE).read_text())
+            finished[name] = loop.RunResult(**{**summary, "already_finished": True})
+    return saved, finished
+
+
+def _prepare(name: str, config: TrainConfig, overwrite: bool, resume: bool) -> _Job:
     check_available(config.run)
     folder = Path(config.run.out_dir)
-    loop._check_folder(folder, config, overwrite, resume=False)
+    if not resume:  # a resumed job's folder is checked by _check_resume
+        loop._check_folder(folder, config, overwrite, resume=False)
     prepared = tasks.prepare(config)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0))
@@ -218,7 +257,7 @@ def _parallel_job(run: _Job, model: LoraModel, env: loop._Env) -> ParallelJob:
     return ParallelJob(
         name=run.name,
         lora_config=config.lora_config(),
-        batches=_batches(run, env),
+        batches=_batches(run, env, run.resumed.micro if run.resumed else 0),
         steps=run.max_steps,
         optimizer=lambda params: loop._optimizer(model, config),  # built while only this job trains
         scheduler=lambda optimizer: loop._scheduler(optimizer, config, run.max_steps),
@@ -228,9 +267,10 @@ def _parallel_job(run: _Job, model: LoraModel, env: loop._Env) -> ParallelJob:
     )
 
 
-def _batches(run: _Job, env: loop._Env) -> Iterator[dict[str, Tensor]]:
-    """The job's micro-batches in the order a run of it alone takes them (loop._batch), timed as data wait."""
-    for k in range(run.max_steps * run.config.optim.grad_accum):
+def _batches(run: _Job, env: loop._Env, start: int) -> Iterator[dict[str, Tensor]]:
+    """The job's micro-batches from number `start`, in the order a run of it alone takes them (loop._batch), timed
+    as data wait."""
+    for k in range(start, run.max_steps * run.config.optim.grad_accum):
         start = time.perf_counter()
         batch = loop._batch(run.prepared, run.config, k, run.per_epoch, env)
         run.wait += time.perf_counter() - start
@@ -238,8 +278,16 @@ def _batches(run: _Job, env: loop._Env) -> Iterator[dict[str, Tensor]]:
 
 
 def _start(run: _Job, trainer: ParallelTrainer, env: loop._Env, overwrite: bool) -> None:
-    """The job's folder, tracker and 'before' evaluation (of the base model with the job's fresh adapter)."""
-    loop._start_folder(run.folder, run.config, overwrite, resume=False)
+    """The job's folder, tracker and 'before' evaluation (of the base model with the job's fresh adapter); a resumed
+    job's checkpoint, and its metrics up to it."""
+    loop._start_folder(run.folder, run.config, overwrite, resume=run.resumed is not None)
+    if run.resumed is not None:
+        jobs_checkpoint.load_job(run.folder, run.name, run.resumed, trainer)
+        loop._truncate_metrics(run.folder, run.resumed.step, run.max_steps, env)
+        run.tracker = Tracker(run.folder, run.config.run, run.config.to_dict(), resume=True)
+        run.before = loop._read_summary_before(run.folder)
+        run.window = list(run.resumed.window)
+        return
     run.tracker = Tracker(run.folder, run.config.run, run.config.to_dict(), resume=False)
     run.before = _evaluate(trainer, run, env)
     run.tracker.log("eval", 0, run.before)
@@ -262,24 +310,46 @@ def _evaluate(trainer: ParallelTrainer, run: _Job, env: loop._Env) -> dict:
         return loop.evaluate(trainer.model, run.prepared, run.config, env)
 
 
-def _loop(runs: list[_Job], trainer: ParallelTrainer, env: loop._Env, model_size: tuple[int, int]) -> dict:
+def _loop(runs: list[_Job], trainer: ParallelTrainer, env: loop._Env, model_size: tuple[int, int], jobs: Jobs,
+          step: int, on_step: Callable[[int], None] | None) -> dict:  # fmt: skip
+    """Trainer steps from `step` on until every job is done; a job's checkpoint step checkpoints the run."""
     by_name = {run.name: run for run in runs}
     progress = Progress(runs[0].config.run.progress, max(run.max_steps for run in runs), 0)
-    results: dict[str, loop.RunResult] = {}
-    torch.manual_seed(runs[0].config.seed)  # dropout: the same in every run of this file
     start = time.perf_counter()
+    # done before a kill let them write their summary: they were checkpointed at their last step
+    results = {run.name: _finish(run, trainer, env, model_size, 0.0) for run in runs if run.name not in trainer.live}
     while trainer.live:
         t0 = time.perf_counter()
         reports = trainer.step()
+        step += 1
         dt = time.perf_counter() - t0
         for name, report in reports.items():
-            run = by_name[name]
-            _after_step(run, report, trainer, env, dt)
+            _after_step(by_name[name], report, trainer, env, dt)
+        if any(r.step % by_name[name].config.run.checkpoint_every == 0 or r.done for name, r in reports.items()):
+            _checkpoint(runs, trainer, jobs, step)
+        for name, report in reports.items():
             if report.done:
-                results[name] = _finish(run, trainer, env, model_size, time.perf_counter() - start)
+                results[name] = _finish(by_name[name], trainer, env, model_size, time.perf_counter() - start)
         progress.update({"live jobs": len(trainer.live), "step s": dt})
+        if on_step is not None:
+            on_step(step)
     progress.close()
     return results
+
+
+def _checkpoint(runs: list[_Job], trainer: ParallelTrainer, jobs: Jobs, step: int) -> None:
+    """Every unfinished job at trainer step `step` (those done at it too, before their summary is written)."""
+    states = {}
+    for run in runs:
+        if not run.finished:
+            assert run.window is not None
+            counters = trainer.counters(run.name)
+            done = counters.micro // run.config.optim.grad_accum
+            states[run.name] = jobs_checkpoint.JobState(
+                done, counters.micro, counters.loss, counters.examples, list(run.window)
+            )
+    state = jobs_checkpoint.RunState(step, jobs.seed, list(jobs.configs), states)
+    jobs_checkpoint.save(jobs.folder, state, trainer, {run.name: run.folder for run in runs})
 
 
 def _after_step(run: _Job, report: JobStep, trainer: ParallelTrainer, env: loop._Env, dt: float) -> None:
@@ -316,6 +386,7 @@ def _finish(run: _Job, trainer: ParallelTrainer, env: loop._Env, model_size: tup
     if run.config.run.plots:
         plot_run(run.folder, metric)
     loop._write_json(run.folder / loop.SUMMARY_FILE, asdict(result), env)
+    run.finished = True
     return result
 
 

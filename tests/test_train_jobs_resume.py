@@ -1,0 +1,201 @@
+"""`lorakit train jobs.toml --resume FOLDER`: an interrupted jobs run continued from its checkpoints ends with the
+losses, evals and adapters of the uninterrupted run, for jobs with different steps, checkpoint intervals, gradient
+accumulation and log intervals, with dropout on (BERT's and LoRA's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from safetensors.torch import load_file
+from test_train_helpers import sentiment_csv, tiny_bert, write_config
+from typer.testing import CliRunner
+
+from lorakit.errors import ConfigError
+from lorakit.train import checkpoint, jobs_checkpoint
+from lorakit.train.commands import register
+from lorakit.train.jobs import load_jobs, train_file, train_jobs
+
+NAMES = ("short", "accum", "long")
+# trainer steps (micro-batches): short ends at 3, accum at 8 (4 steps x 2), long at 6; the run is checkpointed
+# at 2, 3, 4, 6 and 8; at 3 accum is halfway through an accumulation (its gradients go into the checkpoint)
+_JOBS = """
+    [[adapters]]
+    name = "short"
+    optim = { max_steps = 3 }
+    run = { checkpoint_every = 2 }
+
+    [[adapters]]
+    name = "accum"
+    seed = 1
+    lora = { r = 2, target_modules = ["query", "key", "value"] }
+    optim = { name = "SGD", lr = 0.05, batch_size = 5, max_steps = 4, grad_accum = 2, schedule = "cosine" }
+    run = { checkpoint_every = 1 }
+
+    [[adapters]]
+    name = "long"
+    optim = { max_steps = 6, warmup_steps = 2 }
+    run = { checkpoint_every = 4, log_every = 2, eval_every = 3 }
+"""
+
+
+class Interrupted(Exception):
+    """Stands for a kill after trainer step t."""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_bert(tmp_path_factory.mktemp("bert")), sentiment_csv(tmp_path_factory.mktemp("d") / "s.csv", n=80)
+
+
+def _jobs_file(tmp: Path, inputs: tuple[Path, Path], jobs: str = _JOBS) -> Path:
+    model, data = inputs
+    tmp.mkdir(parents=True, exist_ok=True)
+    return write_config(tmp / "jobs.toml", f"""
+        task = "seq-cls"
+        seed = 0
+        [model]
+        source = "{model}"
+        [data]
+        path = "{data}"
+        labels = ["neg", "pos"]
+        max_length = 16
+        eval_fraction = 0.2
+        [lora]
+        r = 4
+        lora_dropout = 0.1
+        target_modules = ["query", "value"]
+        modules_to_save = ["classifier"]
+        [optim]
+        lr = 0.01
+        batch_size = 8
+        [run]
+        out_dir = "{tmp / "runs"}"
+        eval_every = 2
+        log_every = 1
+        progress = "none"
+        tensorboard = false
+        plots = false
+    """ + jobs)  # fmt: skip
+
+
+def _interrupt_at(step: int):
+    def on_step(done: int) -> None:
+        if done == step:
+            raise Interrupted
+
+    return on_step
+
+
+def _records(folder: Path) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "examples_per_s")} for line in lines]
+
+
+def _assert_same_runs(ours: Path, theirs: Path) -> None:
+    for name in NAMES:
+        got, expected = _records(ours / name), _records(theirs / name)
+        assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in expected], name
+        for a, b in zip(got, expected, strict=True):
+            assert a.keys() == b.keys()
+            numbers = {k: a[k] for k in a if k not in ("kind", "step")}
+            assert numbers == pytest.approx({k: b[k] for k in numbers}, rel=1e-6, abs=1e-7), (name, a["step"])
+        mine = load_file(ours / name / "adapter" / "adapter_model.safetensors")
+        reference = load_file(theirs / name / "adapter" / "adapter_model.safetensors")
+        assert mine.keys() == reference.keys()
+        for key in mine:
+            assert (mine[key] - reference[key]).abs().max() <= 1e-6, (name, key)
+
+
+@pytest.fixture(scope="module")
+def straight(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run."""
+    path = _jobs_file(tmp_path_factory.mktemp("straight"), inputs)
+    train_jobs(load_jobs(path))
+    return path.parent / "runs"
+
+
+@pytest.mark.parametrize("stop", [3, 5, 7])
+def test_an_interrupted_jobs_run_resumes_to_the_uninterrupted_losses_and_adapters(
+    tmp_path: Path, inputs: tuple[Path, Path], straight: Path, stop: int
+) -> None:
+    """Stopped after trainer step 3 (accum mid-accumulation, short just finished), 5 (resumed from 4: short
+    finished, long between checkpoints) or 7 (resumed from 6: long finished too)."""
+    path = _jobs_file(tmp_path, inputs)
+    with pytest.raises(Interrupted):
+        train_jobs(load_jobs(path), on_step=_interrupt_at(stop))
+    runs = tmp_path / "runs"
+    assert not (runs / "accum" / "adapter").exists()
+    results = train_file(path, [], resume=runs)
+    assert [results[n].already_finished for n in NAMES] == [True, False, stop == 7]
+    _assert_same_runs(runs, straight)
+
+
+def test_a_kill_before_the_run_checkpoint_is_committed_resumes_from_the_one_before(
+    tmp_path: Path, inputs: tuple[Path, Path], straight: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jobs' checkpoints of step 4 are written but not the run file naming them: resume starts from step 3,
+    with the jobs' checkpoints kept from then."""
+    path = _jobs_file(tmp_path, inputs)
+    atomic_save, commits = checkpoint._atomic_save, []
+
+    def dies_at_the_fourth_commit(tensors, meta, target: Path) -> None:
+        if target.name == jobs_checkpoint.RUN_FILE:
+            commits.append(meta["step"])
+            if len(commits) == 4:
+                raise Interrupted
+        atomic_save(tensors, meta, target)
+
+    monkeypatch.setattr(checkpoint, "_atomic_save", dies_at_the_fourth_commit)
+    with pytest.raises(Interrupted):
+        train_jobs(load_jobs(path))
+    monkeypatch.setattr(checkpoint, "_atomic_save", atomic_save)
+    runs = tmp_path / "runs"
+    assert commits == [2, 3, 4, 6]
+    assert checkpoint.saved_step(runs / "long") == 6  # newer than the committed run checkpoint (step 4)
+    train_file(path, [], resume=runs)
+    _assert_same_runs(runs, straight)
+
+
+def test_resuming_a_finished_jobs_run_is_a_no_op(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    path = _jobs_file(tmp_path, inputs)
+    first = train_jobs(load_jobs(path))
+    runs = tmp_path / "runs"
+    files = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    app = typer.Typer()
+    register(app)
+    out = CliRunner().invoke(app, ["train", str(path), "--resume", str(runs)])  # `lorakit train jobs.toml --resume`
+    assert out.exit_code == 0, out.output
+    assert all(name in out.output for name in NAMES)
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
+    again = train_file(path, [], resume=runs)
+    assert all(again[n].already_finished and again[n].after == first[n].after for n in NAMES)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda text: text.replace("max_steps = 6,", "max_steps = 7,"), r"optim.max_steps: 6 -> 7"),
+        (lambda text: text + '\n[[adapters]]\nname = "extra"\n', "job 'extra' added"),
+        (lambda text: text.replace("seed = 0", "seed = 3", 1), r"seed: 0 -> 3"),
+    ],
+)
+def test_resume_with_a_changed_jobs_file_is_refused(tmp_path: Path, inputs: tuple[Path, Path], change,
+                                                    message: str) -> None:  # fmt: skip
+    path = _jobs_file(tmp_path, inputs)
+    with pytest.raises(Interrupted):
+        train_jobs(load_jobs(path), on_step=_interrupt_at(5))
+    runs = tmp_path / "runs"
+    files = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    path.write_text(change(path.read_text()))
+    with pytest.raises(ConfigError, match=message):
+        train_file(path, [], resume=runs)
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
+
+
+def test_resume_without_a_jobs_checkpoint_is_refused(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    path = _jobs_file(tmp_path, inputs)
+    with pytest.raises(ConfigError, match="has no jobs checkpoint"):
+        train_file(path, [], resume=tmp_path / "elsewhere")
