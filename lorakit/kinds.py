@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -184,6 +185,32 @@ class ParameterKind(Kind):
 
 
 @dataclass(frozen=True)
+class ExpertsKind(ParameterKind):
+    """A stack of expert weights, transformers' fused MoE layout (experts x out x in; experts x in x out where the
+    module sets is_transposed), adapted as PEFT does: A (r*experts x in) holds expert e's (r x in) block at rows
+    e*r.., B (out x r*experts) holds its (out x r) block at columns e, e+experts, ...; dW[e] = s * B_e A_e."""
+
+    name: str = "experts"
+    supports_weight_init: bool = False
+    experts: int = 1
+    in_first: bool = False  # the module's is_transposed: each expert's weight is (in x out)
+
+    def in_out(self, weight: Tensor) -> tuple[int, int]:
+        _, first, second = weight.shape
+        return (first, second) if self.in_first else (second, first)
+
+    def factor_shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        in_f, out_f = self.in_out(weight)
+        return (r * self.experts, in_f), (out_f, r * self.experts)
+
+    def delta(self, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+        per_expert_A = lora_A.reshape(self.experts, -1, lora_A.shape[-1])  # (experts, r, in)
+        per_expert_B = lora_B.reshape(lora_B.shape[0], -1, self.experts)  # (out, r, experts)
+        layout = "ore,eri->eio" if self.in_first else "ore,eri->eoi"
+        return torch.einsum(layout, per_expert_B, per_expert_A) * scale
+
+
+@dataclass(frozen=True)
 class MultiheadAttentionKind(ParameterKind):
     """nn.MultiheadAttention, as PEFT adapts it: in_proj_weight (3E x E) here and out_proj.weight as a companion,
     both on the weight, because the module reads out_proj's weight directly and never calls out_proj."""
@@ -253,9 +280,12 @@ def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
         weight = getattr(module, parameter, None)
     if not isinstance(weight, nn.Parameter):
         raise TargetError(f"{type(module).__name__} has no parameter named {parameter!r}")
+    if weight.dim() == 3:  # a fused MoE block's experts
+        in_first = getattr(module, "is_transposed", False)
+        return ExpertsKind(parameter=parameter, experts=weight.shape[0], in_first=in_first)
     if weight.dim() != 2:
         raise TargetError(
-            f"target_parameters supports 2-D weights (out x in); {parameter!r} of "
-            f"{type(module).__name__} has shape {tuple(weight.shape)}"
+            f"target_parameters supports 2-D weights (out x in) and 3-D expert stacks (experts x out x in); "
+            f"{parameter!r} of {type(module).__name__} has shape {tuple(weight.shape)}"
         )
     return ParameterKind(parameter=parameter)
