@@ -100,6 +100,12 @@ ARCHS = [
         targets=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],  # all-linear: see MOE_ALL_LINEAR
     ),
     Arch(
+        "gpt_oss",  # its experts store each weight (in x out): is_transposed
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        {**LLAMA_LIKE, "head_dim": 8, "num_local_experts": 2, "num_experts_per_tok": 2},
+    ),
+    Arch(
         "falcon",
         "FalconForCausalLM",
         "FalconConfig",
@@ -190,9 +196,11 @@ ARCHS = [
 ]
 
 
-# PEFT 0.21 on transformers' fused-expert MoE blocks (3-D gate_up_proj / down_proj parameters, a router that is no
+# PEFT 0.21 on Mixtral's fused-expert MoE block (3-D gate_up_proj / down_proj parameters, a router that is no
 # nn.Linear) turns all-linear into target_parameters on the experts and the router, with gate_up_proj at twice the
-# rank. lorakit adapts 2-D weights only, so its all-linear stops at the attention's linear layers there.
+# rank and both expert weights of one module wrapped one inside the other. lorakit adapts an expert stack through
+# target_parameters (test_expert_stacks_match_peft) but one parameter per module, so its all-linear stops at the
+# attention's linear layers there.
 MOE_ALL_LINEAR = {"mixtral"}
 # PEFT 0.21 refuses its own default target_modules (q_proj, v_proj) for these on transformers 5, with
 # NoMatchingPeftModuleError; lorakit adapts what the default table names.
@@ -282,3 +290,29 @@ def test_peft_files_give_us_peft_outputs(arch: Arch, tmp_path):
     ours = LoraModel.from_pretrained(arch.build(), tmp_path, is_trainable=True).eval()
     torch.testing.assert_close(_run(ours, arch), _run(theirs, arch), atol=ATOL, rtol=0)
     assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]  # totals: see model.py
+
+
+@pytest.mark.parametrize(
+    ("name", "parameter"),
+    [("mixtral", "experts.gate_up_proj"), ("mixtral", "experts.down_proj"), ("gpt_oss", "experts.gate_up_proj")],
+)
+def test_expert_stacks_match_peft(name: str, parameter: str, tmp_path):
+    """A 3-D expert stack and the router's weight through target_parameters: same outputs as PEFT both ways, and
+    merging keeps them."""
+    arch = next(a for a in ARCHS if a.name == name)
+    router = "gate.weight" if name == "mixtral" else "router.weight"
+    config = {"target_modules": ["q_proj"], "target_parameters": [parameter, router], "init_lora_weights": False}
+    torch.manual_seed(2)
+    ours = get_lora_model(arch.build(), LoraConfig(**config)).eval()
+    expected = _run(ours, arch)
+    assert not torch.allclose(expected, _run(arch.build(), arch), atol=1e-4), "the adapter must change the output"
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(arch.build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_run(theirs, arch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_run(ours.merge_and_unload(), arch), expected, atol=ATOL, rtol=0)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(arch.build(), peft.LoraConfig(**config)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = LoraModel.from_pretrained(arch.build(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_run(back, arch), _run(theirs, arch), atol=ATOL, rtol=0)
