@@ -5,6 +5,10 @@ accumulation and log intervals, with dropout on (BERT's and LoRA's)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from lorakit.train import checkpoint, jobs_checkpoint
 from lorakit.train.commands import register
 from lorakit.train.jobs import load_jobs, train_file, train_jobs
 
+ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("short", "accum", "long")
 # trainer steps (micro-batches): short ends at 3, accum at 8 (4 steps x 2), long at 6; the run is checkpointed
 # at 2, 3, 4, 6 and 8; at 3 accum is halfway through an accumulation (its gradients go into the checkpoint)
@@ -133,6 +138,24 @@ def test_an_interrupted_jobs_run_resumes_to_the_uninterrupted_losses_and_adapter
     _assert_same_runs(runs, straight)
 
 
+def test_a_jobs_run_killed_for_real_resumes_to_the_uninterrupted_run(
+    tmp_path: Path, inputs: tuple[Path, Path], straight: Path
+) -> None:
+    """SIGKILLed in a child process after trainer step 5 (no handler or cleanup runs), then resumed from step 4."""
+    path = _jobs_file(tmp_path, inputs)
+    kill_after_5 = (
+        "import os, signal, sys; from lorakit.train.jobs import load_jobs, train_jobs; "
+        "train_jobs(load_jobs(sys.argv[1]), on_step=lambda t: t == 5 and os.kill(os.getpid(), signal.SIGKILL))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", kill_after_5, str(path)], env=env, timeout=240)
+    assert child.returncode == -signal.SIGKILL
+    runs = tmp_path / "runs"
+    assert not list(runs.rglob("*.tmp")) and not (runs / "long" / "summary.json").exists()
+    train_file(path, [], resume=runs)
+    _assert_same_runs(runs, straight)
+
+
 def test_a_kill_before_the_run_checkpoint_is_committed_resumes_from_the_one_before(
     tmp_path: Path, inputs: tuple[Path, Path], straight: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,6 +192,8 @@ def test_resuming_a_finished_jobs_run_is_a_no_op(tmp_path: Path, inputs: tuple[P
     out = CliRunner().invoke(app, ["train", str(path), "--resume", str(runs)])  # `lorakit train jobs.toml --resume`
     assert out.exit_code == 0, out.output
     assert all(name in out.output for name in NAMES)
+    without_the_file = CliRunner().invoke(app, ["train", "--resume", str(runs)])
+    assert "resume them with that file: lorakit train JOBS.toml --resume" in str(without_the_file.exception)
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
     again = train_file(path, [], resume=runs)
     assert all(again[n].already_finished and again[n].after == first[n].after for n in NAMES)

@@ -55,6 +55,7 @@ def train_command(
         _console().print(compare_table({name: asdict(r) for name, r in results.items()}))
         return
     if resume is not None and config is None:
+        jobs.check_not_jobs_folder(resume)
         config = resume / CONFIG_FILE  # the run's own resolved config
     result = train(load_config(config, overrides), overwrite=overwrite, resume=resume)
     print_report(result)

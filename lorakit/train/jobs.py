@@ -174,6 +174,15 @@ def train_file(path: Path, overrides: list[str], overwrite: bool = False, resume
     return train_jobs(load_jobs(path, overrides), overwrite=overwrite, resume=resume is not None)
 
 
+def check_not_jobs_folder(folder: Path) -> None:
+    """`lorakit train --resume FOLDER` without a config, where FOLDER holds a jobs file's runs: the file is needed."""
+    if (folder / jobs_checkpoint.RUN_FILE).is_file() and not (folder / loop.CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{folder} holds the runs of a jobs file; resume them with that file: lorakit train JOBS.toml --resume "
+            f"{folder} (or resume one job alone from its own folder, {folder}/<name>)"
+        )
+
+
 def train_jobs(jobs: Jobs, overwrite: bool = False, resume: bool = False,
                on_step: Callable[[int], None] | None = None) -> dict[str, loop.RunResult]:  # fmt: skip
     """Trains every job together over one base; nothing is written unless every job's setup works. With `resume`,
