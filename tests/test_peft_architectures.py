@@ -202,8 +202,10 @@ ARCHS = [
 # target_parameters (test_expert_stacks_match_peft) but one parameter per module, so its all-linear stops at the
 # attention's linear layers there.
 MOE_ALL_LINEAR = {"mixtral"}
-# PEFT 0.21 refuses its own default target_modules (q_proj, v_proj) for these on transformers 5, with
-# NoMatchingPeftModuleError; lorakit adapts what the default table names.
+# PEFT 0.21 refuses its own default target_modules (q_proj, v_proj) for Mixtral on transformers 5: its MoE config
+# conversion (_convert_peft_config_moe in peft/utils/transformers_weight_conversion.py, the `set(value or [])` of
+# huggingface/peft#3229) runs before the default table is read and turns target_modules=None into an empty set, which
+# then matches nothing (NoMatchingPeftModuleError). lorakit adapts what PEFT's table names.
 PEFT_REFUSES_ITS_DEFAULT = {"mixtral"}
 
 
