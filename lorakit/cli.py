@@ -32,7 +32,7 @@ from typer.core import TyperGroup
 from lorakit import LoraConfig, LorakitError, LoraModel, models
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, TensorRole, read_config, read_weights, tensor_roles
 from lorakit.serve import vllm
-from lorakit.survey import Adaptable, adaptable_modules, default_target_modules
+from lorakit.survey import Adaptable, adaptable_modules, default_target_modules, matched_modules
 
 
 class _Commands(TyperGroup):
@@ -169,7 +169,7 @@ def _print_suggestions(console: Console, model: nn.Module, targets: list[Adaptab
     default = default_target_modules(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if default is not None:
-        matched = sum(t.path.rsplit(".", 1)[-1] in default for t in targets)
+        matched = matched_modules(model, default)
         line = f"  target_modules={json.dumps(default)}  # the {model_type} default, {matched} modules"
     else:
         line = f"  (no known default target_modules for model_type={model_type!r}; pick names from the table)"

@@ -41,12 +41,21 @@ def adaptable_modules(model: nn.Module) -> list[Adaptable]:
     return found
 
 
-def default_target_modules(model: nn.Module) -> list[str] | None:
-    """The per-architecture default target_modules (what LoraConfig uses when left out), or None if unknown."""
+def default_target_modules(model: nn.Module) -> list[str] | str | None:
+    """The per-architecture default target_modules (what LoraConfig uses when left out: names, or a regex for some
+    architectures), or None if unknown."""
     try:
         return default_targets(model)
     except TargetError:
         return None
+
+
+def matched_modules(model: nn.Module, target_modules: list[str] | str) -> int:
+    """How many modules `target_modules` selects, by the rules training uses (names or a full-match regex)."""
+    try:
+        return len(find_module_targets(model, LoraConfig(target_modules=target_modules)))
+    except TargetError:
+        return 0
 
 
 def _all_linear_paths(model: nn.Module) -> set[str]:
