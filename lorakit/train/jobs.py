@@ -147,6 +147,9 @@ def _check_folders(configs: dict[str, TrainConfig], path: str | Path) -> None:
         owners[folder] = name
 
 
+_Saved = tuple[jobs_checkpoint.RunState, dict[str, Tensor], dict]  # jobs_checkpoint.read: state, tensors, RNG
+
+
 # -- training --------------------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -223,7 +226,7 @@ def train_jobs(jobs: Jobs, overwrite: bool = False, resume: bool = False,
     return {name: results[name] for name in jobs.configs}
 
 
-def _check_resume(jobs: Jobs) -> tuple[tuple, dict[str, loop.RunResult]]:
+def _check_resume(jobs: Jobs) -> tuple[_Saved, dict[str, loop.RunResult]]:
     """The run's checkpoint, and the finished jobs' results; refused, before anything changes, when the file
     differs from the one the run was made with (its jobs, seed, or any job's config)."""
     saved = jobs_checkpoint.read(jobs.folder, list(jobs.configs), jobs.seed)
