@@ -200,6 +200,16 @@ def test_resume_with_a_changed_jobs_file_is_refused(tmp_path: Path, bert: Path, 
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == files
 
 
+def test_a_new_jobs_run_in_the_folder_of_another_is_refused_without_overwrite(tmp_path: Path, bert: Path) -> None:
+    path = _jobs_file(tmp_path, bert)
+    with pytest.raises(Interrupted):
+        train_jobs(load_jobs(path, SETTINGS), on_step=_interrupt_at(2))
+    path.write_text(path.read_text().replace('name = "', 'name = "other-'))  # the same folder, other jobs
+    with pytest.raises(ConfigError, match="holds the checkpoint of a jobs run; continue it with --resume"):
+        train_jobs(load_jobs(path, SETTINGS))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([*NAMES, jobs_checkpoint.RUN_FILE])
+
+
 def test_resume_without_a_jobs_checkpoint_is_refused(tmp_path: Path, bert: Path) -> None:
     path = _jobs_file(tmp_path, bert)
     with pytest.raises(ConfigError, match="has no jobs checkpoint"):

@@ -194,7 +194,7 @@ def train_jobs(jobs: Jobs, overwrite: bool = False, resume: bool = False,
     env = loop._setup_env()
     if env.world > 1:
         raise ConfigError("a jobs file trains in one process; run it without torchrun")
-    saved, finished = _check_resume(jobs) if resume else (None, {})
+    saved, finished = _check_resume(jobs) if resume else (_check_new_run(jobs, overwrite), {})
     runs = [_prepare(name, config, overwrite, resume) for name, config in jobs.configs.items() if name not in finished]
     if not runs:  # every job had finished: resuming changes nothing
         return finished
@@ -224,6 +224,15 @@ def train_jobs(jobs: Jobs, overwrite: bool = False, resume: bool = False,
         jobs_checkpoint.restore_run(trainer, saved[1], saved[2])
     results = {**finished, **_loop(runs, trainer, env, model_size, jobs, saved[0].step if saved else 0, on_step)}
     return {name: results[name] for name in jobs.configs}
+
+
+def _check_new_run(jobs: Jobs, overwrite: bool) -> None:
+    """One jobs run per folder (its checkpoint is the folder's): a new one replaces another only with --overwrite."""
+    if (jobs.folder / jobs_checkpoint.RUN_FILE).is_file() and not overwrite:
+        raise ConfigError(
+            f"{jobs.folder} holds the checkpoint of a jobs run; continue it with --resume {jobs.folder}, pass "
+            "--overwrite to replace it, or choose another run.out_dir"
+        )
 
 
 def _check_resume(jobs: Jobs) -> tuple[_Saved, dict[str, loop.RunResult]]:
