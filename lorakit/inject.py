@@ -32,12 +32,12 @@ def inject_adapter(
     targets = _lora_targets(model, config)
     token_targets = find_token_targets(model, config)
     saved_paths = _saved_module_paths(model, config)  # all lookups before any change to the model
-    _check_lora_and_saved_apart(model, [p for p, _ in targets], saved_paths)
+    _check_lora_and_saved_apart(model, [p for p, _, _ in targets], saved_paths)
     both = [p for p, _ in token_targets if p in saved_paths]
     if both:
         raise TargetError(f"{both} cannot train in full (modules_to_save) and by token rows at once (as in PEFT)")
     if targets:
-        variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind in targets])
+        variant = variant_for(config, [(path, kind, _base_module(model, path)) for path, kind, _ in targets])
         _add_lora(model, name, config, targets, variant, adapter_dtype)
     for path, indices in token_targets:
         variant = TrainableTokens(indices, getattr(config, "init_weights", True))
@@ -51,31 +51,33 @@ def inject_adapter(
         saved.add_copy(name)
 
 
-def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tuple[str, Kind]]:
-    """(path, kind) for every LoRA target, checked; the facts PEFT records are written into the config."""
+def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tuple[str, Kind, str]]:
+    """(path, kind, name rank_pattern matches) for every LoRA target, checked; the facts PEFT records are written
+    into the config. A parameter target is matched by its parameter's path, as in PEFT (experts.gate_up_proj)."""
     if not getattr(config, "adapts_layers", True):
         return []
-    targets = find_module_targets(model, config) + find_parameter_targets(model, config)
-    for path, kind in targets:
+    targets = [(path, kind, path) for path, kind in find_module_targets(model, config)]
+    targets += [(path, kind, f"{path}.{kind.weight_name()}") for path, kind in find_parameter_targets(model, config)]
+    for path, kind, key in targets:
         if config.lora_dropout and kind.acts_on_weight:
             raise ConfigError(
                 f"lora_dropout must be 0 with target_parameters and nn.MultiheadAttention ({path}): those adapters "
                 "act on the weight, not on the layer input, so there is nothing to drop out"
             )
-        kind.check_rank(path, config.rank_and_alpha(path)[0])
+        kind.check_rank(path, config.rank_and_alpha(key)[0])
         if config.lora_bias and kind.is_embedding:
             raise TargetError(f"lora_bias=True does not work on embeddings (as in PEFT); exclude {path}")
     if config.target_modules is None and not config.target_parameters:
         config.target_modules = default_targets(model)  # recorded, as PEFT does, so the file says what it adapts
-    if any(kind.fan_in_fan_out for _, kind in targets):
+    if any(kind.fan_in_fan_out for _, kind, _ in targets):
         config.fan_in_fan_out = True  # recorded as PEFT does, so PEFT reads the file without a warning
     return targets
 
 
 def _add_lora(model, name, config, targets, variant, adapter_dtype) -> None:
-    for path, kind in targets:
+    for path, kind, key in targets:
         layer = _wrapped(model, path, kind)
-        r, alpha = config.rank_and_alpha(path)
+        r, alpha = config.rank_and_alpha(key)
         try:
             adapter = Adapter(
                 kind,
@@ -156,21 +158,40 @@ def unwrap_all(model: nn.Module, keep: str = "original") -> nn.Module:
 
 def _base_module(model: nn.Module, path: str) -> nn.Module:
     module = model.get_submodule(path)
-    return module.base_layer if isinstance(module, LoraLayer) else module
+    return module.weight_host if isinstance(module, LoraLayer) else module
 
 
 def _wrapped(model: nn.Module, path: str, kind: Kind) -> LoraLayer:
+    """The layer at `path` that adapts `kind`, made on first use. Another weight of a module whose weights are
+    adapted gets a layer of its own around the others (PEFT nests its ParamWrappers the same way)."""
     module = model.get_submodule(path)
-    if isinstance(module, LoraLayer):
-        if module.kind != kind:
-            raise TargetError(
-                f"{path} is already adapted as {module.kind.name}; it cannot also take a "
-                f"{kind.name} adapter (target a module or one of its parameters, not both)"
-            )
-        return module
+    chain = layer_chain(module)
+    same = [layer for layer in chain if layer.kind == kind]
+    if same:
+        return same[0]
+    clash = [
+        layer.kind for layer in chain if not layer.kind.acts_on_weight or layer.kind.weight_name() == kind.weight_name()
+    ]
+    if chain and (clash or not kind.acts_on_weight):
+        held = ", ".join(f"{k.name} ({k.weight_name()})" for k in clash or [layer.kind for layer in chain])
+        raise TargetError(
+            f"{path} is already adapted as {held}; it cannot also take a {kind.name} adapter on "
+            f"{kind.weight_name()}: a module is adapted either as a whole (target_modules) or on its parameters "
+            "(target_parameters, several of them if needed), and each parameter in one way, as in PEFT; "
+            "remove it from one of the lists"
+        )
     layer = LoraLayer(module, kind)
     _replace(model, path, layer)
     return layer
+
+
+def layer_chain(module: nn.Module) -> list[LoraLayer]:
+    """The LoraLayers at one path, outermost first: one, or one per adapted weight of the module."""
+    chain = []
+    while isinstance(module, LoraLayer):
+        chain.append(module)
+        module = module.base_layer
+    return chain
 
 
 def _saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from lorakit import atomic
 from lorakit.config import LORAKIT_ONLY_FIELDS, LoraConfig, read_json_object
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.inject import lora_layers, saved_modules
+from lorakit.inject import layer_chain, lora_layers, saved_modules
+from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.targets import modules_to_save
 from lorakit.variants import TrainableTokensConfig, VeraConfig
@@ -44,9 +45,7 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
     """PEFT key -> the live tensor it names, for adapter `name` of `model` (the unwrapped base)."""
     tensors: dict[str, Tensor] = {}
     shared: dict[str, Tensor] = {}
-    for path, layer in lora_layers(model):
-        if name not in layer.adapters:
-            continue
+    for path, layer in _layers_by_key_path(model, name):
         adapter = layer.adapters[name]
         # A and B under PEFT's names; a variant's own tensors (variant_state: DoRA's lora_magnitude_vector,
         # VeRA's vera_lambda_b/d) under their attribute names, which are PEFT's
@@ -72,6 +71,23 @@ def adapter_tensors(model: nn.Module, name: str, config: LoraConfig | VeraConfig
             for key, value in saved.copies[name].state_dict(keep_vars=True).items():
                 tensors[f"{_PREFIX}{path}.{key}"] = value
     return tensors
+
+
+def _layers_by_key_path(model: nn.Module, name: str) -> list[tuple[str, LoraLayer]]:
+    """(path its keys name, layer) for every layer holding adapter `name`. The weight layers of one module are
+    named as PEFT names its nested ParamWrappers for this adapter's weights alone: the weight the module registered
+    last is `<module>`, the one before `<module>.base_layer`, and so on inwards, whatever other adapters adapt."""
+    found, nested = [], set()
+    for path, layer in lora_layers(model):
+        if id(layer) in nested:
+            continue
+        chain = layer_chain(layer)
+        nested.update(id(inner) for inner in chain[1:])
+        held = [inner for inner in chain if name in inner.adapters]
+        if len(held) > 1:  # several weights of one module
+            held.sort(key=lambda inner: -inner.weight_order.index(inner.kind.weight_name()))
+        found.extend((path + ".base_layer" * depth, inner) for depth, inner in enumerate(held))
+    return found
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,13 @@ def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
             f"{parameter!r} of {type(module).__name__} has shape {tuple(weight.shape)}"
         )
     return ParameterKind(parameter=parameter)
+
+
+def own_parameter_names(module: nn.Module) -> list[str]:
+    """The module's own parameter names as the user wrote them, in the order it registered them: a weight an
+    adapter already parametrizes is listed under its name (torch moves it to parametrizations.<name>.original),
+    after the others, so a second adapter finds it."""
+    names = [name for name, _ in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        names.extend(module.parametrizations.keys())
+    return names

@@ -10,7 +10,9 @@ kernels replace); other kinds and variants (embedding, conv, DoRA, VeRA, LoRA-FA
 contribution, per row group when routed.
 
 Kinds that act on the weight (target_parameters) get W + sum_a dW_a through torch parametrization
-instead, so the base module's own forward runs unchanged; they cannot be routed per row.
+instead, so the base module's own forward runs unchanged; they cannot be routed per row. Several weights of one
+module (a fused MoE block's gate_up_proj and down_proj) get one such layer each, nested as PEFT nests its
+ParamWrappers: each layer's base_layer is the next, the innermost's the module that holds the weights.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.nn.utils import parametrize
 from lorakit import ops
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
-from lorakit.kinds import Kind
+from lorakit.kinds import Kind, own_parameter_names
 from lorakit.state import AdapterState, Routing
 from lorakit.variants.lora import Lora
 
@@ -37,23 +39,35 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         if kind.acts_on_weight:
-            parametrize.register_parametrization(base_layer, kind.weight_name(), _WeightDelta(self))
+            host = self.weight_host
+            # the module's own weight order, read before any is parametrized: files name nested layers by it
+            nested = isinstance(base_layer, LoraLayer)
+            self.weight_order = base_layer.weight_order if nested else tuple(own_parameter_names(host))
+            parametrize.register_parametrization(host, kind.weight_name(), _WeightDelta(self))
+
+    @property
+    def weight_host(self) -> nn.Module:
+        """The module that holds the weight: the base layer, or below the other weight layers it is nested in."""
+        module = self.base_layer
+        while isinstance(module, LoraLayer):
+            module = module.base_layer
+        return module
 
     @property
     def weight(self) -> Tensor:
         """The weight as the base module uses it: with the live deltas where the kind acts on the weight, since
         a module may read its child's weight directly (nn.MultiheadAttention reads out_proj.weight)."""
         if self.kind.acts_on_weight:
-            return getattr(self.base_layer, self.kind.weight_name())
+            return getattr(self.weight_host, self.kind.weight_name())
         return self.stored_weight
 
     @property
     def stored_weight(self) -> Tensor:
         """The stored base weight (merged adapters included, unmerged ones not)."""
-        name = self.kind.weight_name()
-        if parametrize.is_parametrized(self.base_layer, name):
-            return self.base_layer.parametrizations[name].original
-        return self.kind.weight_of(self.base_layer)
+        name, host = self.kind.weight_name(), self.weight_host
+        if parametrize.is_parametrized(host, name):
+            return host.parametrizations[name].original
+        return self.kind.weight_of(host)
 
     @property
     def bias(self) -> Tensor | None:
@@ -171,7 +185,7 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             if isinstance(weight, nn.Parameter):
                 return weight.copy_(value.to(weight.dtype))
-            self.kind.store_weight(self.base_layer, value.to(weight.dtype))
+            self.kind.store_weight(self.weight_host, value.to(weight.dtype))
         return self.stored_weight
 
     def _shift_bias(self, names: list[str], sign: int) -> None:
@@ -202,17 +216,18 @@ class LoraLayer(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """The base layer alone, with whatever is merged kept in its weight."""
-        name = self.kind.weight_name()
-        if parametrize.is_parametrized(self.base_layer, name):
-            parametrize.remove_parametrizations(self.base_layer, name, leave_parametrized=False)
+        name, host = self.kind.weight_name(), self.weight_host
+        if self.kind.acts_on_weight and parametrize.is_parametrized(host, name):
+            parametrize.remove_parametrizations(host, name, leave_parametrized=False)
         return self.base_layer
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.kind.after_copy(self.base_layer)  # a deep copy: the kind makes the copied base its own
+        self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.name}, active={self.active_adapters}, merged={self.merged_adapters}"
+        kind = f"{self.kind.name}({self.kind.weight_name()})" if self.kind.acts_on_weight else self.kind.name
+        return f"kind={kind}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
 _UNROUTABLE = (

@@ -8,11 +8,10 @@ import warnings
 from collections.abc import Iterator
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetError
-from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, parameter_kind
+from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, own_parameter_names, parameter_kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 
@@ -72,9 +71,12 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, LoraLayer):
-                yield path, child.base_layer
-                yield from walk(f"{path}.base_layer", child.base_layer)
+            if isinstance(child, LoraLayer):  # weight layers nest (one per adapted weight): the module is below
+                below, base = f"{path}.base_layer", child.base_layer
+                while isinstance(base, LoraLayer):
+                    below, base = f"{below}.base_layer", base.base_layer
+                yield path, base
+                yield from walk(below, base)
             elif isinstance(child, SavedModule):
                 yield path, child.original_module
             else:
@@ -191,15 +193,6 @@ def _one_embedding(model: nn.Module, name: str) -> str:
             "or train these tokens with PEFT"
         )
     return paths[0]
-
-
-def own_parameter_names(module: nn.Module) -> list[str]:
-    """The module's own parameter names as the user wrote them: a weight another adapter already parametrizes
-    is listed under its name (torch moves it to parametrizations.<name>.original), so a second adapter finds it."""
-    names = [name for name, _ in module.named_parameters(recurse=False)]
-    if parametrize.is_parametrized(module):
-        names.extend(module.parametrizations.keys())
-    return names
 
 
 def modules_to_save(config: LoraConfig) -> list[str]:
