@@ -10,6 +10,7 @@ from torch import nn
 from lorakit.adapter import Adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, TargetError
+from lorakit.fused_experts import convert_moe_targets
 from lorakit.kinds import Kind, parameter_kind
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
@@ -56,6 +57,7 @@ def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tup
     into the config. A parameter target is matched by its parameter's path, as in PEFT (experts.gate_up_proj)."""
     if not getattr(config, "adapts_layers", True):
         return []
+    convert_moe_targets(model, config)
     targets = [(path, kind, path) for path, kind in find_module_targets(model, config)]
     targets += [(path, kind, f"{path}.{kind.weight_name()}") for path, kind in find_parameter_targets(model, config)]
     for path, kind, key in targets:

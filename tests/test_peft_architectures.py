@@ -59,7 +59,6 @@ class Arch:
     config: dict[str, Any]
     inputs: str = "ids"  # ids | seq2seq | pixels | audio
     lora: dict[str, Any] = field(default_factory=dict)  # extra LoraConfig fields (task_type)
-    targets: list[str] | str = "all-linear"  # what the output and file checks adapt
 
     def __str__(self) -> str:
         return self.name
@@ -97,7 +96,12 @@ ARCHS = [
         "MixtralForCausalLM",
         "MixtralConfig",
         {**LLAMA_LIKE, "num_local_experts": 2, "num_experts_per_tok": 2},
-        targets=["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"],  # all-linear: see MOE_ALL_LINEAR
+    ),
+    Arch(
+        "qwen3_moe",  # PEFT's other fused-experts family: gate_proj / up_proj fused into gate_up_proj
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        {**LLAMA_LIKE, "head_dim": 8, "moe_intermediate_size": 16, "num_experts": 2, "num_experts_per_tok": 2},
     ),
     Arch(
         "gpt_oss",  # its experts store each weight (in x out): is_transposed
@@ -196,12 +200,6 @@ ARCHS = [
 ]
 
 
-# PEFT 0.21 on Mixtral's fused-expert MoE block (3-D gate_up_proj / down_proj parameters, a router that is no
-# nn.Linear) turns all-linear into target_parameters on the experts and the router, with gate_up_proj at twice the
-# rank and both expert weights of one module wrapped one inside the other. lorakit adapts an expert stack through
-# target_parameters (test_expert_stacks_match_peft) but one parameter per module, so its all-linear stops at the
-# attention's linear layers there.
-MOE_ALL_LINEAR = {"mixtral"}
 # PEFT 0.21 refuses its own default target_modules (q_proj, v_proj) for Mixtral on transformers 5: its MoE config
 # conversion (_convert_peft_config_moe in peft/utils/transformers_weight_conversion.py, the `set(value or [])` of
 # huggingface/peft#3229) runs before the default table is read and turns target_modules=None into an empty set, which
@@ -255,17 +253,40 @@ def test_default_targets_are_peft_defaults(arch: Arch):
 
 @pytest.mark.parametrize("arch", ARCHS, ids=str)
 def test_all_linear_adapts_what_peft_adapts(arch: Arch):
-    expected = _peft_keys(arch, target_modules="all-linear")
-    ours = _our_keys(arch, target_modules="all-linear")
-    if arch.name in MOE_ALL_LINEAR:
-        assert ours == {key for key in expected if ".mlp." not in key} and ours != expected
-        return
-    assert ours == expected
+    assert _our_keys(arch, target_modules="all-linear") == _peft_keys(arch, target_modules="all-linear")
+
+
+def test_all_linear_on_fused_experts_is_peft_s_conversion():
+    """Mixtral's experts are two 3-D parameters of one module and its router no nn.Linear: all-linear becomes
+    target_parameters on both expert weights (gate_up_proj, fused from w1 and w3, at twice the rank and alpha) and
+    the router, recorded in the config as PEFT records it."""
+    arch = next(a for a in ARCHS if a.name == "mixtral")
+    ours = get_lora_model(arch.build(), LoraConfig(target_modules="all-linear"))
+    theirs = peft.get_peft_model(arch.build(), peft.LoraConfig(target_modules="all-linear"))
+    expected = theirs.peft_config["default"]
+    config = ours.peft_config["default"]
+    assert set(config.target_modules) == expected.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(config.target_parameters) == expected.target_parameters == {"gate_up_proj", "down_proj", "gate.weight"}
+    assert config.rank_pattern == expected.rank_pattern and config.alpha_pattern == expected.alpha_pattern
+    ranks = {key: tuple(t.shape) for key, t in adapter_tensors(ours.model, "default", config).items()}
+    assert ranks == {key: tuple(t.shape) for key, t in peft.get_peft_model_state_dict(theirs).items()}
+
+
+def test_transformers_4_expert_names_are_peft_s_conversion():
+    """Mixtral's transformers 4 layer names (w1, w3, w2, gate) adapt the fused weights that replaced them, as in
+    PEFT; naming one of two fused layers is refused by both."""
+    arch = next(a for a in ARCHS if a.name == "mixtral")
+    names = ["q_proj", "w1", "w2", "w3", "gate"]
+    assert _our_keys(arch, target_modules=names, r=4) == _peft_keys(arch, target_modules=names, r=4)
+    with pytest.raises(ValueError, match="without also targeting w3"):
+        _peft_keys(arch, target_modules=["q_proj", "w1"])
+    with pytest.raises(TargetError, match=r"names \['w1'\] but not \['w3'\].*name all of them or none"):
+        _our_keys(arch, target_modules=["q_proj", "w1"])
 
 
 def _random_adapter(arch: Arch) -> LoraModel:
     torch.manual_seed(2)
-    return get_lora_model(arch.build(), LoraConfig(target_modules=arch.targets, init_lora_weights=False, **arch.lora))
+    return get_lora_model(arch.build(), LoraConfig(target_modules="all-linear", init_lora_weights=False, **arch.lora))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=str)
@@ -286,7 +307,7 @@ def test_our_files_give_peft_our_outputs_and_merge_to_them(arch: Arch, tmp_path)
 @pytest.mark.parametrize("arch", ARCHS, ids=str)
 def test_peft_files_give_us_peft_outputs(arch: Arch, tmp_path):
     torch.manual_seed(3)
-    config = peft.LoraConfig(target_modules=arch.targets, init_lora_weights=False, **arch.lora)
+    config = peft.LoraConfig(target_modules="all-linear", init_lora_weights=False, **arch.lora)
     theirs = peft.get_peft_model(arch.build(), config).eval()
     theirs.save_pretrained(tmp_path)
     ours = LoraModel.from_pretrained(arch.build(), tmp_path, is_trainable=True).eval()
