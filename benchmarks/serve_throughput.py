@@ -135,7 +135,8 @@ def best(runs: list[dict], clients: int, adapters: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    base = next(r for r in rows if r["clients"] == 1 and r["adapters"] == 8)["tokens_per_s"]
+    fewest = min(r["clients"] for r in rows)  # one at a time when --clients includes 1
+    base = next(r for r in rows if r["clients"] == fewest and r["adapters"] == 8)["tokens_per_s"]
     single = {r["clients"]: r["tokens_per_s"] for r in rows if r["adapters"] == 1}
     lines = ["| clients | adapters | tokens/s | vs one at a time | mixed / one adapter | p50 latency | p99 latency |",
              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
