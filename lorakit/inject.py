@@ -63,8 +63,9 @@ def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tup
     for path, kind, key in targets:
         if config.lora_dropout and kind.acts_on_weight:
             raise ConfigError(
-                f"lora_dropout must be 0 with target_parameters and nn.MultiheadAttention ({path}): those adapters "
-                "act on the weight, not on the layer input, so there is nothing to drop out"
+                f"lora_dropout must be 0 for {path}: it is adapted on its weight (target_parameters, the fused MoE "
+                "expert weights that all-linear or the expert names select, as PEFT does, or nn.MultiheadAttention), "
+                "not on the layer input, so there is nothing to drop out; set lora_dropout=0 or leave it out"
             )
         kind.check_rank(path, config.rank_and_alpha(key)[0])
         if config.lora_bias and kind.is_embedding:

@@ -147,3 +147,16 @@ def test_a_module_and_its_parameter_are_not_both_adapted():
     ours = get_lora_model(_mixtral(), LoraConfig(target_parameters=["q_proj.weight"]))
     with pytest.raises(TargetError, match=r"q_proj is already adapted as parameter \(weight\)"):
         ours.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
+
+
+def test_dropout_with_all_linear_on_fused_experts_names_where_the_weight_targets_came_from() -> None:
+    """all-linear on a fused MoE model adapts the expert weights as parameters (as PEFT does), which take no
+    dropout: the error says so, although the user never wrote target_parameters."""
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora_dropout must be 0 for .*experts.*all-linear"):
+        get_lora_model(_mixtral(), LoraConfig(target_modules="all-linear", lora_dropout=0.1))
+    config = LoraConfig(target_modules="all-linear", lora_dropout=0.0)
+    model = get_lora_model(_mixtral(), config)
+    keys = adapter_tensors(model.model, "default", model.peft_config["default"])
+    assert any(".experts." in key for key in keys)
