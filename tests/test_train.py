@@ -491,3 +491,33 @@ def test_compiled_blocks_train_as_eager_does(tmp_path: Path, bert: Path, csv_dat
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="run.compile must be one of"):
         load_config(seq_cls_config(tmp_path, bert, csv_data), ["run.compile=yes"])
+
+
+def test_a_backend_that_fails_under_auto_falls_back_to_eager(
+    tmp_path: Path, bert: Path, csv_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (auto) must not stop a run the compiler cannot handle: the layers run eagerly, with a warning,
+    to the eager run's losses; run.compile=on lets the compiler's error through."""
+    from lorakit.train import parallel
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("this backend cannot compile anything")
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(name="lorakit_test_broken")(broken)
+    monkeypatch.setattr(parallel, "_compiling_pays", lambda device: True)  # as on a GPU
+
+    def run(name: str, *overrides: str):
+        (tmp_path / name).mkdir()
+        config = load_config(seq_cls_config(tmp_path / name, bert, csv_data), ["max_steps=3", *overrides])
+        result = train(config)
+        records = (Path(result.folder) / "metrics.jsonl").read_text().splitlines()
+        return result, [r["loss"] for r in map(json.loads, records) if r["kind"] == "train"]
+
+    _, eager_losses = run("eager", "run.compile=off")
+    with pytest.warns(UserWarning, match="failed on the model's layers"):
+        result, losses = run("auto", "run.compile_backend=lorakit_test_broken")
+    assert not result.compiled and losses == pytest.approx(eager_losses, rel=1e-6)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot compile anything"):
+        run("on", "run.compile=on", "run.compile_backend=lorakit_test_broken")

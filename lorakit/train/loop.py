@@ -96,7 +96,7 @@ class _Setup:
     max_steps: int
     batches_per_epoch: int
     model_bytes: int
-    compiled: bool
+    compiled: parallel.Compiled
     fused: tasks.FusedHead | None  # the model split at its output head, when run.fused_head_loss applies
 
 
@@ -446,7 +446,7 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
         peak_memory_bytes=_peak_memory(env),
         baseline=tasks.majority_baseline(config.task, prepared),
-        compiled=run.compiled,
+        compiled=bool(run.compiled),
         fused_head_loss=run.fused is not None,
     )
     if env.main:

@@ -8,6 +8,7 @@ and the trainable adapters live in the same blocks; only the adapters get gradie
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -72,14 +73,51 @@ def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model)  # a LoraModel keeps the user's model as .model
 
 
-def compile_blocks(model: nn.Module, mode: str, backend: str, device: torch.device) -> bool:
+class Compiled:
+    """What compile_blocks did: whether the blocks are compiled, and whether any of them fell back to eager."""
+
+    def __init__(self, requested: bool) -> None:
+        self.requested, self.fell_back = requested, False
+
+    def __bool__(self) -> bool:
+        return self.requested and not self.fell_back
+
+
+def compile_blocks(model: nn.Module, mode: str, backend: str, device: torch.device) -> Compiled:
     """torch.compile on each repeated block (the base's decoder layers), in place, when `mode` asks for it ("auto":
     on a GPU, where it pays; a CPU run would spend longer compiling than it saves). Blocks, not the whole model:
     one compiled block serves every layer, so compiling takes seconds, and the model's modules, state dict and
-    adapter files stay as they are. True when compiled."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return False
-    targets = blocks(model) or [_base(model)]
-    for block in targets:
-        block.compile(backend=backend)
-    return True
+    adapter files stay as they are. Under "auto" a block the backend fails to compile runs eagerly, with a
+    warning: a default that speeds runs up must not stop one; "on" lets the error through."""
+    state = Compiled(mode == "on" or (mode == "auto" and _compiling_pays(device)))
+    if not state.requested:
+        return state
+    compiler = _or_eager(backend, state) if mode == "auto" else backend
+    for block in blocks(model) or [_base(model)]:
+        block.compile(backend=compiler)
+    return state
+
+
+def _compiling_pays(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _or_eager(backend: str, state: Compiled) -> Any:
+    """`backend`, except that a graph it fails on is run as traced (eagerly) and the run goes on."""
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def compile_or_eager(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+        try:
+            return compile_graph(graph, example_inputs)
+        except Exception as err:  # any backend failure: the eager graph computes the same thing
+            if not state.fell_back:
+                warnings.warn(
+                    f"torch.compile ({backend}) failed on the model's layers ({type(err).__name__}: "
+                    f"{str(err)[:200]}); they run eagerly. Set run.compile=off to skip compiling, or =on to see the "
+                    "error",
+                    stacklevel=2,
+                )
+            state.fell_back = True
+            return graph.forward
+
+    return compile_or_eager
