@@ -57,6 +57,84 @@ def test_a_head_with_nothing_trainable_gives_the_hidden_gradient_only() -> None:
 def test_chunks_hold_about_the_same_bytes_of_logits_whatever_the_vocabulary() -> None:
     assert chunk_rows(32_000) == 524 and chunk_rows(128_256) == 130
     assert chunk_rows(10**7) == 16  # a matmul of a few rows still
+    assert chunk_rows(128_256, "cpu") == 130 and chunk_rows(128_256, torch.device("cuda", 1)) == 523  # 4x on a GPU
+
+
+def _frozen_linear(dtype: torch.dtype, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(16, 50, bias=bias).to(dtype).requires_grad_(False)
+
+
+def _hidden_and_labels(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = torch.randn(45, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 50, (45,))
+    labels[::4] = IGNORE
+    return hidden, labels
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_frozen_linear_head_written_out_gives_the_full_logits_loss_and_gradient(chunk_rows: int, bias: bool) -> None:
+    """The analytic path (softmax - one-hot, no autograd per chunk) against autograd on the full logits; .float()
+    makes both compute in fp32, so they agree to fp32 rounding."""
+    head = _frozen_linear(torch.float64, bias)
+    hidden, labels = _hidden_and_labels(torch.float64)
+    reference, ref_correct = _reference(hidden, head, labels)
+    loss, correct = head_loss(hidden, head, labels, IGNORE, chunk_rows)
+    assert correct == ref_correct
+    torch.testing.assert_close(loss, reference.float(), rtol=1e-6, atol=0)
+    (mine,), (ref,) = _grads(loss * 0.5, [hidden]), _grads(reference * 0.5, [hidden])
+    assert mine.dtype == torch.float64
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_a_frozen_bf16_linear_head_gives_the_full_logits_loss_and_bf16_gradient() -> None:
+    head = _frozen_linear(torch.bfloat16)
+    hidden, labels = _hidden_and_labels(torch.bfloat16)
+    reference, ref_correct = _reference(hidden, head, labels)
+    loss, correct = head_loss(hidden, head, labels, IGNORE, 8)
+    assert correct == ref_correct and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # the same bf16 logits, summed in fp32
+    (mine,), (ref,) = _grads(loss, [hidden]), _grads(reference, [hidden])
+    assert mine.dtype == torch.bfloat16
+    torch.testing.assert_close(mine, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_under_bf16_autocast_a_frozen_fp32_linear_head_computes_as_autocast_does() -> None:
+    head = _frozen_linear(torch.float32)
+    hidden, labels = _hidden_and_labels(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, ref_correct = _reference(hidden, head, labels)
+        loss, correct = head_loss(hidden, head, labels, IGNORE, 8)
+    assert correct == ref_correct
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # bf16 logits on both sides, not fp32 ones
+    (mine,), (ref,) = _grads(loss, [hidden]), _grads(reference, [hidden])
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, ref, rtol=1e-2, atol=1e-3)
+
+
+def test_the_compiled_chunk_loss_equals_the_eager_one() -> None:
+    """What CUDA runs by default, compiled here on CPU: a chunk of 7 rows and the shorter last one (3 rows)."""
+    head = _frozen_linear(torch.float32)
+    hidden, labels = _hidden_and_labels(torch.float32)
+    eager = head_loss(hidden, head, labels, IGNORE, 7, compiled=False)
+    compiled = head_loss(hidden, head, labels, IGNORE, 7, compiled=True)
+    assert compiled[1] == eager[1]
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(_grads(compiled[0], [hidden])[0], _grads(eager[0], [hidden])[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_head_with_a_hook_or_a_trainable_weight_goes_through_the_module() -> None:
+    """The written-out path would skip a hook and give the weight no gradient: such heads use the module's forward."""
+    head = _frozen_linear(torch.float64)
+    hidden, labels = _hidden_and_labels(torch.float64)
+    head.register_forward_hook(lambda module, args, out: out * 2.0)
+    reference, _ = _reference(hidden, head, labels)
+    torch.testing.assert_close(head_loss(hidden, head, labels, IGNORE, 7)[0], reference.float())
+    trained = _frozen_linear(torch.float64).requires_grad_(True)
+    loss, _ = head_loss(hidden, trained, labels, IGNORE, 7)
+    torch.testing.assert_close(_grads(loss, [trained.weight])[0], _grads(_reference(hidden, trained, labels)[0],
+                               [trained.weight])[0])  # fmt: skip
 
 
 def test_without_gradients_nothing_is_recorded() -> None:
@@ -112,6 +190,24 @@ def test_the_split_model_scores_like_the_whole_one(tied: bool, targets: list[str
     torch.testing.assert_close(fused.loss_sum, regular.loss_sum, rtol=1e-5, atol=1e-5)
     for mine, ref in zip(_grads(fused.mean_loss(), trainable), _grads(regular.mean_loss(), trainable), strict=True):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_split_models_mean_loss_is_transformers_own_causal_lm_loss() -> None:
+    """FusedHead's mean loss is the quantity model(..., labels=...).loss is (shifted labels, mean over scored
+    tokens), with the same gradients: what the training-step benchmark compares across modes."""
+    model = get_lora_model(_llama(tied=True), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    split = tasks._split(model)
+    split.chunk_rows = 7
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch()
+    theirs = model(**batch).loss
+    mine = split.score(batch).mean_loss()
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=0)
+    for g_mine, g_theirs in zip(_grads(mine, trainable), _grads(theirs, trainable), strict=True):
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-5, atol=1e-7)
 
 
 class _ScaledLlama(nn.Module):
@@ -205,7 +301,7 @@ def _lm_run(tmp_path: Path, mode: str) -> list[dict]:
 
 
 def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tasks, "chunk_rows", lambda vocab: 5)  # many chunks, not one
+    monkeypatch.setattr(tasks, "chunk_rows", lambda vocab, device: 5)  # many chunks, not one
     fused, regular = _lm_run(tmp_path, "on"), _lm_run(tmp_path, "off")
     assert [(r["kind"], r["step"]) for r in fused] == [(r["kind"], r["step"]) for r in regular]
     for mine, ref in zip(fused, regular, strict=True):

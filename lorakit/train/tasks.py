@@ -127,12 +127,13 @@ class FusedHead:
     decoder: nn.Module
     head: nn.Module
     chunk_rows: int = CHUNK_ROWS
+    compiled: bool | None = None  # compile a plain linear head's per-chunk loss (None: on CUDA; see head_loss)
 
     def score(self, batch: Batch) -> Scores:
         labels = batch["labels"][:, 1:]  # predict token t+1 from tokens <= t
         hidden = self.decoder(**{k: v for k, v in batch.items() if k != "labels"})[0][:, :-1]  # (B, S-1, H)
         valid = labels != IGNORE  # only scored rows go through the head
-        loss_sum, correct = head_loss(hidden[valid], self.head, labels[valid], IGNORE, self.chunk_rows)
+        loss_sum, correct = head_loss(hidden[valid], self.head, labels[valid], IGNORE, self.chunk_rows, self.compiled)
         return Scores(loss_sum, int(valid.sum()), correct)
 
 
@@ -164,7 +165,8 @@ def _split(model: nn.Module) -> FusedHead | None:
     if not isinstance(decoder, nn.Module) or decoder is base or not isinstance(head, nn.Module):
         return None
     vocab = getattr(getattr(base, "config", None), "vocab_size", None)
-    return FusedHead(decoder, head, chunk_rows(vocab) if isinstance(vocab, int) else CHUNK_ROWS)
+    device = next(head.parameters(), torch.empty(0)).device  # the loop moved the model to its device already
+    return FusedHead(decoder, head, chunk_rows(vocab, device) if isinstance(vocab, int) else CHUNK_ROWS)
 
 
 def _differs(model: nn.Module, split: FusedHead, prepared: Prepared) -> str | None:
