@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lorakit.ops import reference, routed
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
+from lorakit.ops.low_rank_norm import low_rank_weight_norm
 from lorakit.ops.reference import (
     LoraFactors,
     conv_contribution,
@@ -78,6 +79,7 @@ __all__ = [
     "linear_contribution",
     "lora_linear",
     "low_rank_delta",
+    "low_rank_weight_norm",
     "rescaled_merge",
     "rescaled_unmerge",
     "vera_contribution",

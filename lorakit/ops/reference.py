@@ -53,9 +53,13 @@ def weight_norm(weight: Tensor, delta: Tensor, out_axis: int = 0) -> Tensor:
 
 
 def dora_contribution(base: Tensor, lora: Tensor, ratio: Tensor) -> Tensor:
-    """Semantics: (m/n - 1) * W x + (m/n) * s B(A(x)): what DoRA adds to the base output, given W x (`base`, no
-    bias), the LoRA term and ratio = m / ||W + dW|| broadcast along the output axis."""
-    return (ratio - 1) * base + ratio * lora
+    """Semantics: (m/n - 1) * W x + lora: what DoRA adds to the base output, given W x (`base`, no bias), ratio =
+    m / ||W + dW|| broadcast along the output axis and the LoRA term already rescaled, lora = (m/n) * s B(A(x))
+    (DoRA folds m/n into B's rows, an (out x r) product, instead of a pass over the output).
+
+    One fused pass (addcmul), in the promoted dtype of the three; backward keeps only `base` of the large tensors.
+    """
+    return torch.addcmul(lora, base, ratio - 1)
 
 
 def vera_contribution(x: Tensor, lora_A: Tensor, lora_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lorakit import ops
 from lorakit.errors import TargetError
+from lorakit.kinds import Kind
 from lorakit.variants.lora import Lora
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ class Dora:
             base = kind.without_bias(module, base_out)  # W x as the layer computed it: no second product with W
         else:  # W times the dropped-out input, which the layer never computed
             base = kind.base_output(module, x, weight.to(adapter.dtype))
-        lora = kind.contribution(module, x, adapter.lora_A, adapter.lora_B, adapter.scale)
+        lora_B = adapter.lora_B
+        rescaled_B = lora_B * ratio.reshape(-1, *(1 for _ in lora_B.shape[1:]))  # diag(m/n) B, (out x r ...)
+        lora = kind.contribution(module, x, adapter.lora_A, rescaled_B, adapter.scale)  # (m/n) s B(A(x))
         return ops.dora_contribution(base, lora, ratio)
 
     def delta_weight(self, adapter: Adapter) -> Tensor:
@@ -85,10 +88,15 @@ def check_targets(targets) -> None:
 
 
 def _column_norm(adapter: Adapter, weight: Tensor) -> Tensor:
-    """||W + dW|| per output feature, (out,), detached: the norm takes no gradient (DoRA paper, 4.3)."""
+    """||W + dW|| per output feature, (out,), detached: the norm takes no gradient (DoRA paper, 4.3). Where W is a
+    plain matrix and dW = s B A in the kind's layout (linear, GPT-2's Conv1D, embedding), in closed form without
+    forming W + dW; other kinds (convolutions) form it."""
+    kind, lora_A, lora_B = adapter.kind, adapter.lora_A, adapter.lora_B
+    if weight.dim() == lora_A.dim() == lora_B.dim() == 2 and type(kind).delta is Kind.delta:
+        return ops.low_rank_weight_norm(weight, lora_A, lora_B, adapter.scale, transposed=kind.transposed)
     with torch.no_grad():
-        delta = adapter.kind.delta(adapter.lora_A, adapter.lora_B, adapter.scale)
-    return ops.weight_norm(weight, delta, out_axis=1 if adapter.kind.transposed else 0)
+        delta = kind.delta(lora_A, lora_B, adapter.scale)
+    return ops.weight_norm(weight, delta, out_axis=1 if kind.transposed else 0)
 
 
 def _magnitude_shape(weight: Tensor, norm: Tensor) -> tuple[int, ...]:
