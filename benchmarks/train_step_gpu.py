@@ -26,7 +26,8 @@ Reports the median step time (forward, backward, AdamW step), peak memory and it
 floor, and ratios against PEFT-best and PEFT default (tokens/s ratios: the same tokens per step).
 --chunk-rows R[:eager|:generic],... times the *-head modes named by --sweep again at R rows per head chunk (":eager":
 the written-out chunk loss not compiled, ":generic": through the module and autograd as a LoRA head runs), on the
-same model. --profile MODE prints that mode's top CUDA ops. The JSON is rewritten after every mode.
+same model. --profile MODE prints that mode's top CUDA ops. The JSON is rewritten after every mode, and
+--time-budget S skips the modes that would not end in S seconds, so a time-limited run keeps its table.
 
 Run (on a CUDA machine): python benchmarks/train_step_gpu.py [--quick] [--modes a,b] [--chunk-rows 512,2048]
     [--json PATH]
@@ -294,6 +295,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", help="torch.compile's backend (default: inductor; aot_eager on CPU, where "
                         "inductor's C++ builds take longer than the smoke run)")  # fmt: skip
     parser.add_argument("--json", help="also write the results here (after every mode)")
+    parser.add_argument("--time-budget", type=float, help="seconds: skip a mode that might end later than this, "
+                        "judged by the longest mode so far (the table still prints)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.layers, args.seq, args.steps, args.warmup = 2, 256, 5, 2
@@ -307,8 +310,14 @@ def main() -> None:
     args = parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict[str, dict] = {}
+    started, longest = time.perf_counter(), 0.0
     for mode in args.modes.split(","):
+        if args.time_budget and time.perf_counter() - started + longest > args.time_budget:
+            print(f"{mode}: skipped, it might not end within --time-budget {args.time_budget} s", flush=True)
+            continue
+        begun = time.perf_counter()
         results.update(measure_fresh(mode, args))
+        longest = max(longest, time.perf_counter() - begun)
         if args.json:
             write_json(args.json, args, results)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

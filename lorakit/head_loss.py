@@ -132,10 +132,11 @@ def _linear_chunks(hidden: Tensor, head: nn.Linear, labels: Tensor, ignore_index
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = F.linear(hidden[rows].detach().to(dtype), weight, bias)  # (chunk, V)
-            if compiled:
-                torch._dynamo.maybe_mark_dynamic(logits, 0)  # the last chunk is shorter: one graph for all
-            chunk_loss, chunk_correct, grad_logits = loss_and_grad(logits, labels[rows], ignore_index, grad_hidden)
+            logits, targets = F.linear(hidden[rows].detach().to(dtype), weight, bias), labels[rows]  # (chunk, V)
+            if compiled:  # the last chunk is shorter, and a run's row count varies: one graph for every length
+                torch._dynamo.maybe_mark_dynamic(logits, 0)
+                torch._dynamo.maybe_mark_dynamic(targets, 0)
+            chunk_loss, chunk_correct, grad_logits = loss_and_grad(logits, targets, ignore_index, grad_hidden)
             loss += chunk_loss
             correct += chunk_correct
             if grad_hidden:

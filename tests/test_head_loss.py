@@ -308,8 +308,9 @@ def test_a_training_run_has_the_same_losses_fused_or_not(tmp_path: Path, monkeyp
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (mine, ref)
 
 
-def test_under_bf16_autocast_the_split_model_scores_like_the_whole_one() -> None:
-    model = get_lora_model(_llama(tied=False), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj"]])  # a LoRA head; a plain frozen one
+def test_under_bf16_autocast_the_split_model_scores_like_the_whole_one(targets: list[str]) -> None:
+    model = get_lora_model(_llama(tied=False), LoraConfig(r=4, target_modules=targets))
     split = tasks._split(model)
     split.chunk_rows = 16
     trainable = [p for p in model.parameters() if p.requires_grad]
