@@ -16,6 +16,7 @@ passes over the logits instead of the eager ops' dozen).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -125,7 +126,6 @@ def _linear_chunks(hidden: Tensor, head: nn.Linear, labels: Tensor, ignore_index
     dtype = _linear_dtype(hidden, head.weight)
     weight = head.weight.detach().to(dtype)  # cast once, not per chunk (autocast re-casts a frozen weight each call)
     bias = None if head.bias is None else head.bias.detach().to(dtype)
-    loss_and_grad = _compiled_loss_and_grad() if compiled else _loss_and_grad
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     grad_h = torch.zeros_like(hidden) if grad_hidden else None
@@ -136,7 +136,7 @@ def _linear_chunks(hidden: Tensor, head: nn.Linear, labels: Tensor, ignore_index
             if compiled:  # the last chunk is shorter, and a run's row count varies: one graph for every length
                 torch._dynamo.maybe_mark_dynamic(logits, 0)
                 torch._dynamo.maybe_mark_dynamic(targets, 0)
-            chunk_loss, chunk_correct, grad_logits = loss_and_grad(logits, targets, ignore_index, grad_hidden)
+            chunk_loss, chunk_correct, grad_logits = _chunk_loss(compiled, logits, targets, ignore_index, grad_hidden)
             loss += chunk_loss
             correct += chunk_correct
             if grad_hidden:
@@ -176,3 +176,20 @@ def _compiled_loss_and_grad() -> Callable[..., tuple[Tensor, Tensor, Tensor | No
     """_loss_and_grad compiled once per process: its reductions and its gradient become two passes over a chunk's
     logits, nothing of fp32 (chunk, V) size is stored."""
     return torch.compile(_loss_and_grad)
+
+
+_compile_failed = False  # once the backend failed here, chunks run eagerly for the rest of the process
+
+
+def _chunk_loss(compiled: bool, logits: Tensor, labels: Tensor, ignore_index: int,
+                with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """_loss_and_grad, compiled when asked; a backend that fails (no compiler, no triton) costs speed, not the run."""
+    global _compile_failed
+    if compiled and not _compile_failed:
+        try:
+            return _compiled_loss_and_grad()(logits, labels, ignore_index, with_grad)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            _compile_failed = True
+            warnings.warn(f"torch.compile failed on the head loss ({type(err).__name__}: {str(err)[:200]}); its "
+                          "chunks run eagerly", stacklevel=2)  # fmt: skip
+    return _loss_and_grad(logits, labels, ignore_index, with_grad)

@@ -124,6 +124,24 @@ def test_the_compiled_chunk_loss_equals_the_eager_one() -> None:
     torch.testing.assert_close(_grads(compiled[0], [hidden])[0], _grads(eager[0], [hidden])[0], rtol=1e-5, atol=1e-7)
 
 
+def test_a_compiler_that_fails_costs_speed_not_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the chunk loss compiles by default: a backend that cannot compile must not stop training."""
+    from lorakit import head_loss as module
+
+    def failing(*args: object) -> None:
+        raise torch._dynamo.exc.TorchDynamoException("no working compiler")
+
+    monkeypatch.setattr(module, "_compiled_loss_and_grad", lambda: failing)
+    monkeypatch.setattr(module, "_compile_failed", False)
+    head = _frozen_linear(torch.float32)
+    hidden, labels = _hidden_and_labels(torch.float32)
+    eager = head_loss(hidden, head, labels, IGNORE, 7, compiled=False)
+    with pytest.warns(UserWarning, match="torch.compile failed on the head loss.*no working compiler"):
+        fallen_back = head_loss(hidden, head, labels, IGNORE, 7, compiled=True)
+    assert module._compile_failed and fallen_back[1] == eager[1]
+    torch.testing.assert_close(fallen_back[0], eager[0], rtol=0, atol=0)
+
+
 def test_a_head_with_a_hook_or_a_trainable_weight_goes_through_the_module() -> None:
     """The written-out path would skip a hook and give the weight no gradient: such heads use the module's forward."""
     head = _frozen_linear(torch.float64)
