@@ -245,9 +245,9 @@ class _ScaledLlama(nn.Module):
         return out
 
 
-def _config(mode: str, task: str = "causal-lm") -> TrainConfig:
+def _config(mode: str, task: str = "causal-lm", compile: str = "auto") -> TrainConfig:
     return TrainConfig(task=task, model=ModelSection(source="x"), data=DataSection(path="x"),
-                       run=RunSection(fused_head_loss=mode))  # fmt: skip
+                       run=RunSection(fused_head_loss=mode, compile=compile))  # fmt: skip
 
 
 def _prepared() -> tasks.Prepared:
@@ -279,8 +279,10 @@ def test_a_model_that_changes_its_logits_after_the_head_keeps_the_regular_loss(b
 def test_when_the_split_applies() -> None:
     model = get_lora_model(_llama(tied=True), LoraConfig(r=4, target_modules=["q_proj"]))
     model.train()
-    assert isinstance(tasks.fused_head(_config("auto"), model, _prepared(), world=1), tasks.FusedHead)
+    split = tasks.fused_head(_config("auto"), model, _prepared(), world=1)
+    assert isinstance(split, tasks.FusedHead) and split.compiled is None  # compiled where blocks compile: CUDA
     assert model.training  # the check's eval mode is undone
+    assert tasks.fused_head(_config("auto", compile="off"), model, _prepared(), world=1).compiled is False
     assert tasks.fused_head(_config("off"), model, _prepared(), world=1) is None
     assert tasks.fused_head(_config("auto"), model, _prepared(), world=2) is None  # DDP / FSDP wrap the forward
     with pytest.raises(ConfigError, match="needs task 'causal-lm'"):

@@ -149,6 +149,7 @@ def fused_head(config: TrainConfig, model: nn.Module, prepared: Prepared, world:
         split = _split(model)
         reason = _differs(model, split, prepared) if split else "the model has no decoder and output head to split"
         if reason is None:
+            split.compiled = False if config.run.compile == "off" else None  # off: nothing compiles, the head too
             return split
     if mode == "on":
         raise ConfigError(f"run.fused_head_loss = 'on' but {reason}; set run.fused_head_loss = 'auto' or 'off'")
