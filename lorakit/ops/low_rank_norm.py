@@ -2,6 +2,7 @@
 
 For row w_i of W (out x in) and dW = s B A (B out x r, A r x in):
     ||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s rowsum(B * (W A^T))_i + s^2 rowsum((B (A A^T)) * B)_i
+                                = ||w_i||^2 + 2 s rowsum(B * (W A^T + (s/2) B (A A^T)))_i
 W A^T is one (out x r) product that reads W once; A A^T is (r x r); ||w_i||^2 is cached per frozen weight.
 """
 
@@ -27,12 +28,11 @@ def low_rank_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
     """
     compute = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype, lora_B.dtype) else torch.float32
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        weight = weight.detach()
         lora_A, lora_B = lora_A.detach().to(compute), lora_B.detach().to(compute)
-        weight_a = _weight_times_a(weight, lora_A, transposed)  # (out x r) = W A^T
-        cross = (lora_B * weight_a).sum(1)
-        quadratic = ((lora_B @ (lora_A @ lora_A.T)) * lora_B).sum(1)
-        squared = _row_squares(weight, transposed, compute) + (2 * scale) * cross + (scale * scale) * quadratic
+        weight_a = _weight_times_a(weight.detach(), lora_A, transposed)  # (out x r) = W A^T
+        # 2 s rowsum(B * W A^T) + s^2 rowsum(B (A A^T) * B) = 2 s rowsum(B * (W A^T + (s/2) B (A A^T)))
+        inner = torch.addmm(weight_a, lora_B, lora_A @ lora_A.T, alpha=scale / 2)
+        squared = torch.linalg.vecdot(lora_B, inner).mul_(2 * scale).add_(_row_squares(weight, transposed, compute))
         return squared.clamp_min_(0).sqrt_().to(torch.promote_types(lora_A.dtype, lora_B.dtype))
 
 
@@ -127,6 +127,7 @@ def clear_norm_cache() -> None:
 
 
 def _sum_of_squares(weight: Tensor, transposed: bool, compute: torch.dtype) -> Tensor:
+    weight = weight.detach()
     if transposed:  # (in x out): sum over the first axis, chunk by chunk
         return sum(weight[rows].to(compute).square().sum(0) for rows in _chunks(weight))
     return torch.cat([weight[rows].to(compute).square().sum(1) for rows in _chunks(weight)])
