@@ -88,29 +88,22 @@ def test_a_frozen_linear_head_written_out_gives_the_full_logits_loss_and_gradien
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
 
 
-def test_a_frozen_bf16_linear_head_gives_the_full_logits_loss_and_bf16_gradient() -> None:
-    head = _frozen_linear(torch.bfloat16)
-    hidden, labels = _hidden_and_labels(torch.bfloat16)
-    reference, ref_correct = _reference(hidden, head, labels)
-    loss, correct = head_loss(hidden, head, labels, IGNORE, 8)
-    assert correct == ref_correct and loss.dtype == torch.float32
-    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # the same bf16 logits, summed in fp32
-    (mine,), (ref,) = _grads(loss, [hidden]), _grads(reference, [hidden])
-    assert mine.dtype == torch.bfloat16
-    torch.testing.assert_close(mine, ref, rtol=1e-2, atol=1e-2)
-
-
-def test_under_bf16_autocast_a_frozen_fp32_linear_head_computes_as_autocast_does() -> None:
-    head = _frozen_linear(torch.float32)
-    hidden, labels = _hidden_and_labels(torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize(
+    ("dtype", "autocast"),
+    [(torch.bfloat16, False), (torch.float32, True)],  # a bf16 model; fp32 weights under bf16 autocast
+)
+def test_a_frozen_linear_head_gives_bf16_logits_loss_and_gradient(dtype: torch.dtype, autocast: bool) -> None:
+    """Both sides compute the same bf16 logits and sum their fp32 cross-entropy; hidden's gradient keeps its dtype."""
+    head = _frozen_linear(dtype)
+    hidden, labels = _hidden_and_labels(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         reference, ref_correct = _reference(hidden, head, labels)
         loss, correct = head_loss(hidden, head, labels, IGNORE, 8)
-    assert correct == ref_correct
-    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)  # bf16 logits on both sides, not fp32 ones
+    assert correct == ref_correct and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
     (mine,), (ref,) = _grads(loss, [hidden]), _grads(reference, [hidden])
-    assert mine.dtype == torch.float32
-    torch.testing.assert_close(mine, ref, rtol=1e-2, atol=1e-3)
+    assert mine.dtype == dtype
+    torch.testing.assert_close(mine, ref, rtol=1e-2, atol=1e-2)
 
 
 def test_the_compiled_chunk_loss_equals_the_eager_one() -> None:
