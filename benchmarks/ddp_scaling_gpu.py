@@ -1,6 +1,6 @@
 """Two-GPU scaling of a real `lorakit train` run (issue 11's target "2 x H100, DDP training tokens/s vs 1 >= 1.8x").
 
-The same causal-LM run is launched with `torchrun --standalone --nproc_per_node=N -m lorakit train config.toml
+The same causal-LM run is launched with `torchrun --nproc_per_node=N -m lorakit train config.toml
 --run.distributed=ddp` for each N of --procs (default 1, then 2): N = 1 is the plain single-process run (no process
 group, no DDP), N = 2 is lorakit's DDP path over NCCL (gloo on CPU). Weak scaling: every process keeps the same
 batch (--batch x --seq tokens), so two processes train twice the tokens per optimizer step; the ratio reported is
@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,14 @@ QUICK = dict(layers=2, hidden=64, intermediate=128, vocab=512, batch=2, seq=32, 
 def write_inputs(args: argparse.Namespace, work: Path) -> Path:
     """Model folder, tokenizer, train/eval text and config.toml in `work`; returns the config's path."""
     model_dir = work / "model"
-    build_model(args, device="cpu").save_pretrained(model_dir)  # on the CPU: the parent never holds a GPU context
+    if torch.cuda.is_available():  # seconds on a GPU, not a minute on the CPU; in a child, so that this process
+        child = multiprocessing.get_context("spawn").Process(target=_save_model, args=(args, model_dir, "cuda"))
+        child.start()  # never holds a GPU context while the runs measure
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"building the model failed (exit {child.exitcode})")
+    else:
+        _save_model(args, model_dir, "cpu")
     _tokenizer(args.vocab).save_pretrained(model_dir)
     rng = random.Random(0)
     for name, rows in (("train", args.batch * 16), ("eval", args.batch)):
@@ -86,6 +95,10 @@ fused_head_loss = "off"
     return work / "config.toml"
 
 
+def _save_model(args: argparse.Namespace, folder: Path, device: str) -> None:
+    build_model(args, device=device).save_pretrained(folder)
+
+
 def _tokenizer(vocab: int):
     """A word-level tokenizer over 'w3' .. 'w{vocab-1}', so every line of --seq words is --seq tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -101,8 +114,9 @@ def launch(procs: int, config: Path, out: Path, args: argparse.Namespace, deadli
     """`lorakit train` under torchrun with `procs` processes; (exit code, seconds, its output). A run past
     --timeout (or past the --budget deadline) gets SIGTERM, on which torchrun stops its workers (a SIGKILL would
     leave them holding the GPUs); torchrun shares this script's process group, so an outer `timeout` reaches it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "lorakit", "train", str(config), f"--run.out_dir={out}", "--run.distributed=ddp"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "lorakit", "train", str(config), f"--run.out_dir={out}",
+               "--run.distributed=ddp"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1" if args.quick else "4"}  # fmt: skip
     limit = max(1.0, min(args.timeout, deadline - time.monotonic()))
@@ -120,6 +134,14 @@ def launch(procs: int, config: Path, out: Path, args: argparse.Namespace, deadli
                 output, _ = process.communicate()
             output += f"\n[stopped after {limit:.0f} s]"
     return process.returncode, time.perf_counter() - start, output
+
+
+def free_port() -> int:
+    """A port nothing listens on now. torchrun's static rendezvous on 127.0.0.1 needs no host name lookup, which
+    --standalone does (its workers meet at the machine's fully qualified name)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def step_measures(out: Path, procs: int, args: argparse.Namespace) -> dict:
@@ -162,7 +184,7 @@ def run_all(args: argparse.Namespace) -> dict:
         code, seconds, output = launch(procs, config, out, args, deadline)
         print(f"-- {procs} process(es), exit {code} after {seconds:.0f} s; its output:\n{output}", flush=True)
         run: dict = {"exit": code, "seconds": seconds,
-                     "command": f"torchrun --standalone --nproc_per_node={procs} -m lorakit train {config} "
+                     "command": f"torchrun --nproc_per_node={procs} -m lorakit train {config} "
                                 f"--run.out_dir={out} --run.distributed=ddp"}  # fmt: skip
         if code == 0:
             run.update(step_measures(out, procs, args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,11 +154,15 @@ plots = false
 
 
 def _torchrun_train(config: Path, out: Path, *overrides: str, timeout: float = 120) -> None:
-    """`lorakit train` on two processes (a free rendezvous port from --standalone). Past `timeout`, torchrun gets
-    SIGTERM, on which it stops its workers; killing it outright would leave them holding the GPUs."""
+    """`lorakit train` on two processes, meeting on a free port of 127.0.0.1 (no host name lookup). Past `timeout`,
+    torchrun gets SIGTERM, on which it stops its workers; killing it outright would leave them holding the GPUs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "lorakit.train", "train", str(config), f"--run.out_dir={out}", *overrides]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "lorakit.train", "train", str(config), f"--run.out_dir={out}",
+               *overrides]  # fmt: skip
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as process:  # fmt: skip
         try:
