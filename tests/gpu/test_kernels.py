@@ -6,7 +6,9 @@ cases (triton kernels, cuBLAS, bf16/fp32, torch.compile) skip cleanly without CU
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import weakref
 
 import pytest
 import torch
@@ -217,3 +219,124 @@ def test_routed_op_with_gradients_uses_the_reference():
     y = ops.add_routed_lora(out, x, adapters, rows, True)
     assert y.requires_grad
     torch.testing.assert_close(y, ops.reference.add_routed_lora(out, x, adapters, rows, True))
+
+
+# -- inference: no autograd node, the factors' casts and concatenations kept between calls ---------------------------
+
+INFERENCE_SPECS = [(16, 0.1), (3, 0.0), (7, 0.2)]  # rsLoRA and plain scales; eval mode draws no dropout
+
+
+def _inference_gold(x, weight, bias, adapters):
+    return _gold(x, weight, bias, None, adapters, [None] * len(adapters))[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_adapters", [1, 3])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_inference_path_matches_float64_math_and_the_fused_forward(device, dtype, factor_dtype, n_adapters, with_bias):
+    specs = INFERENCE_SPECS[:n_adapters]
+    x, w, b, adapters = _case(device, dtype, factor_dtype, (3, 37, 203), 141, specs, with_bias)
+    with torch.no_grad():
+        y = lora_linear(x, w, b, adapters, False)
+        again = lora_linear(x, w, b, adapters, False)  # from what the first call kept
+    frozen = [LoraFactors(a.lora_A.detach(), a.lora_B.detach(), a.scale, a.dropout) for a in adapters]
+    nothing_wants_grad = lora_linear(x.detach(), w, b, frozen, False)  # grad mode on, yet no node is needed
+    with_grad = lora_linear(x, w, b, adapters, False)
+    assert with_grad.requires_grad and not y.requires_grad and not nothing_wants_grad.requires_grad
+    assert y.dtype == dtype and y.shape == with_grad.shape
+    assert _rel(y, _inference_gold(x, w, b, adapters)) < TOLERANCE[dtype]
+    assert torch.equal(y, again) and torch.equal(y, nothing_wants_grad)
+    assert _rel(y, with_grad.detach().double()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_adapters", [1, 3])
+def test_add_lora_inference_adds_to_a_new_tensor(device, n_adapters):
+    x, w, _, adapters = _case(device, torch.float32, torch.float32, (9, 21), 13, INFERENCE_SPECS[:n_adapters])
+    base = F.linear(x.detach(), w)
+    before = base.clone()
+    with torch.no_grad():
+        y = add_lora(base, x, adapters, False)
+    assert y.grad_fn is None and torch.equal(base, before)  # the caller's base output is not changed in place
+    assert _rel(y, _inference_gold(x, w, None, adapters)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_adapters", [1, 3])
+def test_inference_path_follows_factors_changed_in_place(device, factor_dtype, n_adapters):
+    """What the inference path keeps between calls is never served stale: factors changed in place (a hot swap's
+    copy_, an optimizer step), a factor's storage swapped (model.to), a new factor tensor, another scale and
+    another input dtype are all seen at the next call."""
+    dtype = torch.bfloat16
+    x, w, b, adapters = _case(device, dtype, factor_dtype, (5, 64), 48, INFERENCE_SPECS[:n_adapters])
+    gen = torch.Generator().manual_seed(1)
+    outputs = []
+
+    def follows(x, w, b):
+        with torch.no_grad():
+            y = lora_linear(x, w, b, adapters, False)
+        assert _rel(y, _inference_gold(x, w, b, adapters)) < TOLERANCE[x.dtype]
+        assert all(_rel(y, earlier.double()) > 0.05 for earlier in outputs if earlier.dtype == y.dtype), "stale"
+        outputs.append(y)
+
+    follows(x, w, b)
+    with torch.no_grad():
+        last = adapters[-1].lora_B
+        last.copy_(torch.randn(last.shape, generator=gen).to(device))
+    follows(x, w, b)
+    with torch.no_grad():
+        adapters[0].lora_A.mul_(-1.0)
+    follows(x, w, b)
+    adapters[0].lora_B.data = adapters[0].lora_B.data * 3  # new storage under the same tensor and version counter
+    follows(x, w, b)
+    adapters[0] = LoraFactors(adapters[0].lora_A, adapters[0].lora_B, -adapters[0].scale)
+    follows(x, w, b)
+    adapters[-1] = LoraFactors(adapters[-1].lora_A, adapters[-1].lora_B.detach() * -2, adapters[-1].scale)
+    follows(x, w, b)
+    follows(x.float(), w.float(), b.float())
+
+
+def test_inference_keeps_only_copies_and_drops_them_with_their_factors():
+    from lorakit.ops.triton import fused_linear
+
+    x, w, b, adapters = _case("cpu", torch.bfloat16, torch.float32, (4, 8), 6, INFERENCE_SPECS)
+    kept = fused_linear._prepared(x.dtype, adapters)
+    assert fused_linear._prepared(x.dtype, adapters)[:2] == kept[:2]  # the same tensors again: made once
+    first = weakref.ref(adapters[0].lora_A)
+    key = id(adapters[0].lora_A)
+    assert key in fused_linear._PREPARED
+    del adapters
+    gc.collect()
+    assert first() is None and key not in fused_linear._PREPARED  # nothing kept holds a factor alive
+    same_dtype = _case("cpu", torch.float32, torch.float32, (4, 8), 6, INFERENCE_SPECS[:1])[3]
+    a, b_, _ = fused_linear._prepared(torch.float32, same_dtype)
+    assert a is same_dtype[0].lora_A and b_ is same_dtype[0].lora_B  # used as they are: no copy, nothing kept
+
+
+def test_inference_tensors_are_never_kept_and_their_changes_are_seen():
+    with torch.inference_mode():
+        x, w, b, adapters = _case("cpu", torch.float32, torch.bfloat16, (4, 8), 6, INFERENCE_SPECS)
+        frozen = [LoraFactors(a.lora_A.detach(), a.lora_B.detach(), a.scale) for a in adapters]
+        first = lora_linear(x, w, b, frozen, False)
+        frozen[1].lora_B.mul_(-3.0)  # an inference tensor has no version counter to tell this change
+        again = lora_linear(x, w, b, frozen, False)
+    assert _rel(again, _inference_gold(x, w, b, frozen)) < TOLERANCE[torch.float32]
+    assert _rel(again, first.double()) > 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_adapters", [1, 3])
+def test_compiled_inference_matches_eager(device, n_adapters):
+    # on CPU aot_eager checks that the inference path traces whole; on CUDA inductor compiles the dispatcher's path
+    torch._dynamo.reset()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, b, adapters = _case(device, dtype, torch.float32, (2, 33, 96), 80, INFERENCE_SPECS[:n_adapters])
+    op, backend = (ops.lora_linear, "inductor") if device == "cuda" else (lora_linear, "aot_eager")
+    compiled = torch.compile(lambda x: op(x, w, b, adapters, False), fullgraph=True, backend=backend)
+    with torch.no_grad():
+        y, eager = compiled(x), lora_linear(x, w, b, adapters, False)
+    assert y.grad_fn is None and _rel(y, eager.double()) < TOLERANCE[dtype]
+    assert _rel(y, _inference_gold(x, w, b, adapters)) < TOLERANCE[dtype]

@@ -15,6 +15,8 @@ dtypes between x and W) go to the reference, which defines the semantics.
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +35,8 @@ def lora_linear(
     """reference.lora_linear's semantics, fused (see the module docstring)."""
     if not adapters or not _fusable(x, weight, bias, None, adapters):
         return reference.lora_linear(x, weight, bias, adapters, training)
+    if _without_grad(x, None, adapters, training):
+        return _inference(x, weight, bias, None, adapters)
     return _fused(x, weight, bias, None, adapters, training)
 
 
@@ -40,6 +44,8 @@ def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: 
     """reference.add_lora's semantics: out + the adapters' terms, with the same saved tensors as lora_linear."""
     if not adapters or not _fusable(x, None, None, out, adapters):
         return reference.add_lora(out, x, adapters, training)
+    if _without_grad(x, out, adapters, training):
+        return _inference(x, None, None, out, adapters)
     return _fused(x, None, None, out, adapters, training)
 
 
@@ -53,6 +59,89 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor 
         return False
     n_in = x.shape[-1]
     return all(a.lora_A.dim() == 2 and a.lora_B.dim() == 2 and a.lora_A.shape[1] == n_in for a in adapters)
+
+
+def _without_grad(x: Tensor, out: Tensor | None, adapters: Sequence[LoraFactors], training: bool) -> bool:
+    """No gradient is recorded and no dropout mask drawn (inference): the forward needs no autograd node."""
+    if training and any(a.dropout > 0 for a in adapters):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    if x.requires_grad or (out is not None and out.requires_grad):
+        return False
+    return not any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
+
+
+def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor | None, adapters) -> Tensor:
+    """_FusedLora's forward without its node: S = x A^T, then y = s S B^T + b + x W^T (or out + s S B^T), two GEMMs
+    beside the base's and nothing else: s rides in a GEMM's epilogue, the factors' casts are kept between calls."""
+    lora_a, lora_b, scale = _prepared(x.dtype, adapters)  # (R x in), (out x R)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    s = torch.mm(x2, lora_a.T)  # (N x R)
+    if out is not None:
+        y = torch.addmm(out if out.dim() == 2 else out.reshape(-1, out.shape[-1]), s, lora_b.T, alpha=scale)
+    else:
+        y = _eager_or_op(_low_rank_then_base, low_rank_then_base)(s, lora_b, x2, weight, bias, scale)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# id(first factor) -> (stamp, weak refs to the factors, A, B); an entry goes when its first factor goes
+_PREPARED: dict[int, tuple] = {}
+
+
+def _prepared(dtype: torch.dtype, adapters: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, float]:
+    """(A, B, s) with y += s * (x A^T) B^T in `dtype`: one adapter's own factors and scale (the scale goes into a
+    GEMM, so a factor already in `dtype` is used as is, never copied), or several adapters' [A_a] and [s_a B_a]
+    concatenated with s = 1. Casts and concatenations are kept between calls while every factor is the same tensor
+    with the same version counter (in-place changes: optimizer steps, copy_, hot swaps), storage and dtype
+    (model.to) and scale: a serving step would otherwise make them again for every layer."""
+    if len(adapters) == 1:
+        a = adapters[0]
+        if a.lora_A.dtype == dtype and a.lora_B.dtype == dtype:
+            return a.lora_A, a.lora_B, a.scale
+    if torch.compiler.is_compiling():  # nothing kept in a graph; the compiler fuses the casts
+        return _made(adapters, dtype)
+    factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    try:
+        stamp = (dtype, *[a.scale for a in adapters], *[(t._version, t.data_ptr(), t.dtype) for t in factors])
+    except RuntimeError:  # an inference tensor has no version counter: made afresh, never served stale
+        return _made(adapters, dtype)
+    key = id(factors[0])
+    kept = _PREPARED.get(key)
+    if kept is None or kept[0] != stamp or not all(map(operator.is_, [ref() for ref in kept[1]], factors)):
+        with torch.inference_mode(False), torch.no_grad():  # usable by later calls outside inference mode
+            refs = [weakref.ref(factors[0], _forget(key)), *[weakref.ref(t) for t in factors[1:]]]
+            kept = (stamp, refs, *_made(adapters, dtype))
+        _PREPARED[key] = kept
+    return kept[2], kept[3], kept[4]
+
+
+def _made(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """_prepared's tensors, made now: new tensors only (a kept one must not hold its factor alive)."""
+    if len(adapters) == 1:
+        a = adapters[0]
+        return a.lora_A.to(dtype, copy=True), a.lora_B.to(dtype, copy=True), a.scale
+    a_cat = torch.cat([a.lora_A.to(dtype) for a in adapters], 0)
+    return a_cat, torch.cat([_scaled(a.lora_B, a.scale, dtype) for a in adapters], 1), 1.0
+
+
+def _forget(key: int):
+    """The callback that drops entry `key` when its first factor is freed (unless a newer entry took the key)."""
+
+    def forget(ref: weakref.ref) -> None:
+        kept = _PREPARED.get(key)
+        if kept is not None and kept[1][0] is ref:
+            del _PREPARED[key]
+
+    return forget
+
+
+def _scaled(b: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """s B in `dtype`, multiplied in the wider of B's dtype and `dtype`, so it is rounded once (no multiply when
+    s = 1)."""
+    if scale == 1:
+        return b.to(dtype)
+    return (b.to(torch.promote_types(b.dtype, dtype)) * scale).to(dtype)
 
 
 def _fused(x, weight, bias, out, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
@@ -81,7 +170,7 @@ class _FusedLora(torch.autograd.Function):
         order = plain + dropped  # S's and Bs's columns: the adapters without dropout first, as one block
         a_plain = _cat([factors[2 * i].to(x.dtype) for i in plain], 0) if plain else None
         a_dropped = [factors[2 * i].to(x.dtype) for i in dropped]
-        b_scaled = _cat([(factors[2 * i + 1] * scales[i]).to(x.dtype) for i in order], 1)  # (out x R)
+        b_scaled = _cat([_scaled(factors[2 * i + 1], scales[i], x.dtype) for i in order], 1)  # (out x R)
         parts = [x @ a_plain.T] if plain else []
         for j, (i, a) in enumerate(zip(dropped, a_dropped, strict=True)):
             parts.append(dropout_shrink(x, a, seeds[j : j + 1], ps[i]))
@@ -117,10 +206,14 @@ class _FusedLora(torch.autograd.Function):
         return (dx, None, None, dbase, None, None, None, *factor_grads)
 
 
-def _low_rank_then_base(s: Tensor, b_scaled: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """S Bs^T + b + x W^T: the large product accumulates into the small one's output (cuBLAS's beta epilogue)."""
-    y = torch.mm(s, b_scaled.T) if bias is None else torch.addmm(bias, s, b_scaled.T)
-    return y.addmm_(x, weight.T)
+def _low_rank_then_base(
+    s: Tensor, b_scaled: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float = 1.0
+) -> Tensor:
+    """scale * S Bs^T + b + x W^T: the large product accumulates into the small one's output (cuBLAS's beta
+    epilogue), which also applies the scale when there is no bias (else the small GEMM's alpha does)."""
+    if bias is None:
+        return torch.mm(s, b_scaled.T).addmm_(x, weight.T, beta=scale)
+    return torch.addmm(bias, s, b_scaled.T, alpha=scale).addmm_(x, weight.T)
 
 
 def _grad_input(
@@ -143,7 +236,7 @@ grad_input = torch.library.custom_op("lorakit::grad_input", _grad_input, mutates
 
 
 @low_rank_then_base.register_fake
-def _(s, b_scaled, x, weight, bias):
+def _(s, b_scaled, x, weight, bias, scale=1.0):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
