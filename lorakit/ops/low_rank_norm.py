@@ -52,8 +52,8 @@ def _weight_times_a(weight: Tensor, lora_A: Tensor, transposed: bool) -> Tensor:
     if weight.dtype == torch.bfloat16 and compute == torch.float32 and _fp32_out_mm(weight.device):
         return _split_bf16_product(weight, lora_A, transposed)
     if transposed:  # sum over chunks of the input axis: (r x rows) @ (rows x out)
-        return sum(lora_A[:, rows] @ weight[rows].to(compute) for rows in _chunks(weight)).T
-    return torch.cat([weight[rows].to(compute) @ lora_A.T for rows in _chunks(weight)])
+        return _sum(lora_A[:, rows] @ weight[rows].to(compute) for rows in _chunks(weight)).T
+    return _cat([weight[rows].to(compute) @ lora_A.T for rows in _chunks(weight)])
 
 
 def _split_bf16_product(weight: Tensor, lora_A: Tensor, transposed: bool) -> Tensor:
@@ -129,5 +129,16 @@ def clear_norm_cache() -> None:
 def _sum_of_squares(weight: Tensor, transposed: bool, compute: torch.dtype) -> Tensor:
     weight = weight.detach()
     if transposed:  # (in x out): sum over the first axis, chunk by chunk
-        return sum(weight[rows].to(compute).square().sum(0) for rows in _chunks(weight))
-    return torch.cat([weight[rows].to(compute).square().sum(1) for rows in _chunks(weight)])
+        return _sum(weight[rows].to(compute).square().sum(0) for rows in _chunks(weight))
+    return _cat([weight[rows].to(compute).square().sum(1) for rows in _chunks(weight)])
+
+
+def _sum(parts: Iterator[Tensor]) -> Tensor:
+    total = next(parts)
+    for part in parts:
+        total = total.add_(part)
+    return total
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk: no copy

@@ -50,7 +50,7 @@ class Dora:
         if base_out is not None and not dropping:
             base = kind.without_bias(module, base_out)  # W x as the layer computed it: no second product with W
         else:  # W times the dropped-out input, which the layer never computed
-            base = kind.base_output(module, x, weight.to(adapter.dtype))
+            base = kind.base_output(module, x, _for_product(weight, adapter.dtype, x.device.type))
         lora_B = adapter.lora_B
         rescaled_B = lora_B * ratio.reshape(-1, *(1 for _ in lora_B.shape[1:]))  # diag(m/n) B, (out x r ...)
         lora = kind.contribution(module, x, adapter.lora_A, rescaled_B, adapter.scale)  # (m/n) s B(A(x))
@@ -97,6 +97,14 @@ def _column_norm(adapter: Adapter, weight: Tensor) -> Tensor:
     with torch.no_grad():
         delta = kind.delta(lora_A, lora_B, adapter.scale)
     return ops.weight_norm(weight, delta, out_axis=1 if kind.transposed else 0)
+
+
+def _for_product(weight: Tensor, dtype: torch.dtype, device_type: str) -> Tensor:
+    """W cast to the adapter's dtype for W x, except where autocast would cast it straight back: W already in the
+    autocast dtype comes out of that round trip bit for bit, so the two copies of W (out x in) are skipped."""
+    if torch.is_autocast_enabled(device_type) and weight.dtype == torch.get_autocast_dtype(device_type):
+        return weight
+    return weight.to(dtype)
 
 
 def _magnitude_shape(weight: Tensor, norm: Tensor) -> tuple[int, ...]:

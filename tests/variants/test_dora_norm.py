@@ -186,3 +186,27 @@ def test_dora_gradients_equal_a_float64_reference_of_the_materialising_path():
     for name, param in trained.items():
         atol = 1e-6 * param.grad.abs().max().item()  # fp32 against float64: relative to the gradient's size
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-5, atol=atol, msg=name)
+
+
+def test_dropout_under_autocast_skips_casting_w_and_changes_no_bit(monkeypatch):
+    # with dropout, DoRA multiplies the dropped-out input by W itself; under autocast W (bf16) is no longer cast to
+    # the adapters' fp32 first, since autocast casts it straight back: outputs and gradients must be bit for bit
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = _Kinds().to(torch.bfloat16)
+        config = LoraConfig(
+            r=4, target_modules=["lin", "c1d"], use_dora=True, lora_dropout=0.3, init_lora_weights=False
+        )
+        model = get_lora_model(model, config).train()
+        h = torch.randn(2, 5, 24, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same dropout masks on both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.model.c1d(torch.tanh(model.model.lin(h)))
+        out.float().square().sum().backward()
+        return out, [p.grad for p in model.parameters() if p.requires_grad]
+
+    skipped, skipped_grads = run()
+    monkeypatch.setattr(dora, "_for_product", lambda weight, dtype, device_type: weight.to(dtype))
+    cast, cast_grads = run()
+    assert torch.equal(skipped, cast)
+    assert len(cast_grads) == 6 and all(torch.equal(a, b) for a, b in zip(skipped_grads, cast_grads, strict=True))
