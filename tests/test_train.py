@@ -493,6 +493,41 @@ def test_compiled_blocks_train_as_eager_does(tmp_path: Path, bert: Path, csv_dat
         load_config(seq_cls_config(tmp_path, bert, csv_data), ["run.compile=yes"])
 
 
+def test_compiled_decoder_layers_share_their_graphs_without_a_kv_cache(tmp_path: Path) -> None:
+    """A transformers decoder builds a KV cache unless told not to. A run reads none, and with one every compiled
+    layer guarded on its own cache slot: a graph per layer, and past torch's recompile limit (8) the rest ran
+    eagerly. Without it: two training graphs (layer 0's input needs no gradient, the others' do) and one for eval."""
+    from test_train_helpers import copy_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=16, n_layer=10, n_head=2, n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    copy_tokenizer(tmp_path / "gpt2")
+    (tmp_path / "lines.txt").write_text("the cat sat on the mat\n" * 20)
+    config = write_config(tmp_path / "lm.toml", f"""
+        task = "causal-lm"
+        [model]
+        source = "{tmp_path / "gpt2"}"
+        [data]
+        path = "{tmp_path / "lines.txt"}"
+        [lora]
+        target_modules = ["c_attn"]
+        [optim]
+        batch_size = 4
+        max_steps = 2
+        [run]
+        out_dir = "{tmp_path / "run"}"
+        progress = "none"
+        compile = "on"
+        compile_backend = "aot_eager"
+    """)  # fmt: skip
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert train(load_config(config)).compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
 def test_a_backend_that_fails_under_auto_falls_back_to_eager(
     tmp_path: Path, bert: Path, csv_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -206,6 +206,7 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     _check_folder(folder, config, overwrite, resume is not None)
     prepared = tasks.prepare(config)  # bad data fails here: nothing has been written yet
     base = tasks.build_model(config, prepared)
+    _no_kv_cache(base)
     model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     model = LoraModel(base)
     add_seeded_adapter(model, "default", config.lora_config(), config.seed)  # the seed alone fixes the init
@@ -303,6 +304,15 @@ def _make_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: boo
         tmp = folder / (CONFIG_FILE + ".tmp")
         tmp.write_text(to_toml(resolved))
         os.replace(tmp, folder / CONFIG_FILE)
+
+
+def _no_kv_cache(base: nn.Module) -> None:
+    """Training and scoring never read a KV cache, but a transformers decoder builds one by default (use_cache).
+    Compiled layers (run.compile) would then each guard on their own cache slot: one graph per layer, and past
+    torch's recompile limit (8) every further layer runs eagerly. Off in this run's copy of the config only."""
+    config = getattr(base, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
 
 
 def _gradient_checkpointing(model: LoraModel, config: TrainConfig) -> None:
