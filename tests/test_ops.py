@@ -215,3 +215,47 @@ def test_stacks_kept_from_an_inference_call_carry_no_gradient_history():
         routed.add_routed_lora(out, x, adapters, rows, False)  # kept: built outside inference mode, for later calls
     kept = [t for _, value in routed._STACKS.values() for t in value]
     assert kept and not any(t.requires_grad or t.is_inference() for t in kept)  # no graph held, usable in backward
+
+
+def _logits(model: nn.Module, ids: torch.Tensor, kernel_dispatch: bool) -> torch.Tensor:
+    """The model's logits without gradients, its layers dispatched as on CUDA (to lorakit/ops/triton's fused linear
+    op, whose pure-torch parts run on the CPU) or to the reference."""
+    from lorakit.ops.triton import fused_linear
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        if kernel_dispatch:
+            patch.setattr(ops, "_KERNELS", {"lora_linear": fused_linear.lora_linear, "add_lora": fused_linear.add_lora})
+            patch.setattr(ops, "backend", lambda x: "triton")
+        return model(input_ids=ids).logits.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_on_the_kernel_dispatch_in_inference_follow_set_adapter_and_hotswaps(dtype):
+    """A layer's no-gradient path on the CUDA dispatch (factors cast once and kept) against the reference: one
+    adapter, two, after hot swaps into the active adapter, and disabled."""
+    from tests.cases import tiny_llama
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_lora_model(tiny_llama().to(dtype), config).eval()  # fp32 factors, also on a bf16 base
+    for name, rank in (("other", 2), ("third", 4)):
+        model.add_adapter(name, LoraConfig(r=rank, lora_alpha=3, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: the fused op computes the terms in bf16
+
+    def same_as_reference() -> torch.Tensor:
+        ours, reference = _logits(model, ids, True), _logits(model, ids, False)
+        assert ((ours - reference).norm() / reference.norm()).item() < tolerance
+        return ours
+
+    first = same_as_reference()
+    model.set_adapter(["default", "other"])
+    both = same_as_reference()
+    model.set_adapter("default")
+    model.hotswap_adapter("other", "default")  # the first swap into a slot gives it new tensors
+    swapped = same_as_reference()
+    model.hotswap_adapter("third", "default")  # later ones copy into them: only their version counters tell
+    again = same_as_reference()
+    with model.disable_adapter():
+        base = same_as_reference()
+    for a, b in ((first, both), (first, swapped), (swapped, again), (first, base), (again, base)):
+        assert ((a - b).norm() / b.norm()).item() > 10 * tolerance
