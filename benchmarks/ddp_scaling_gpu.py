@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8, help="first steps left out (compiling)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="run.compile")
     parser.add_argument("--procs", default="1,2", help="process counts, comma-separated")
-    parser.add_argument("--timeout", type=int, default=170, help="seconds per run before it is killed")
+    parser.add_argument("--timeout", type=int, default=200, help="seconds per run before it is killed")
     parser.add_argument("--budget", type=float, default=600, help="seconds for the whole script: the last run is cut")
     parser.add_argument("--work", help="folder for the model, data and runs (default: a new temporary one)")
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU (gloo): a smoke run")
