@@ -45,6 +45,8 @@ from decode_step_gpu import environment
 from train_step_gpu import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# NVLink multicast stays off (the GPU machines' rule: it can put a shared host's GPUs out of service)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 QUICK = dict(layers=2, hidden=64, intermediate=128, vocab=512, batch=2, seq=32, steps=6, warmup=2)
 
 
@@ -117,7 +119,8 @@ def launch(procs: int, config: Path, out: Path, args: argparse.Namespace, deadli
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "lorakit", "train", str(config), f"--run.out_dir={out}",
                "--run.distributed=ddp"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NCCL_NVLS_ENABLE": "0", "HF_HUB_OFFLINE": "1",
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)  # carried wheels stay first
+    env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1" if args.quick else "4"}  # fmt: skip
     limit = max(1.0, min(args.timeout, deadline - time.monotonic()))
     start = time.perf_counter()
@@ -164,6 +167,7 @@ def step_measures(out: Path, procs: int, args: argparse.Namespace) -> dict:
         "step_s": step_s,
         "warmup_step_s": [examples / r["examples_per_s"] for r in train if r["step"] <= args.warmup],
         "losses": [r["loss"] for r in train],
+        "eval_loss_before_after": [summary["before"].get("loss"), summary["after"].get("loss")],
         "compiled": summary["compiled"],
         "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
     }

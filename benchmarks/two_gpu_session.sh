@@ -15,7 +15,7 @@ OUT="${OUT:-benchmarks/results}"
 BUDGET="${BUDGET:-450}"
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
-export NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE '[A-Z][0-9]{2,3}' | head -1)
 case " $* " in *" --quick "*) card=cpu ;; esac
