@@ -340,3 +340,12 @@ def test_compiled_inference_matches_eager(device, n_adapters):
         y, eager = compiled(x), lora_linear(x, w, b, adapters, False)
     assert y.grad_fn is None and _rel(y, eager.double()) < TOLERANCE[dtype]
     assert _rel(y, _inference_gold(x, w, b, adapters)) < TOLERANCE[dtype]
+
+
+def test_autocast_falls_back_to_the_reference():
+    x, w, b, adapters = _case("cpu", torch.float32, torch.float32, (6, 11), 7, INFERENCE_SPECS)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lora_linear(x, w, b, adapters, False)
+            expected = ops.reference.lora_linear(x, w, b, adapters, False)
+        assert torch.equal(y, expected)
