@@ -16,13 +16,14 @@ BUDGET="${BUDGET:-450}"
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU image's python3 holds torch
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE '[A-Z][0-9]{2,3}' | head -1)
 case " $* " in *" --quick "*) card=cpu ;; esac
 tag="$(echo "${card:-gpu}" | tr 'A-Z' 'a-z')x2_$(date -u +%Y-%m-%d)"
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv 2>/dev/null
+nvidia-smi topo -m 2>/dev/null | head -n 3  # how the two GPUs are linked (NV18: NVLink)
 
 limit=$(( $(left) < 150 ? $(left) : 150 ))
 timeout -k 5 "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_cuda.py -k fsdp \
