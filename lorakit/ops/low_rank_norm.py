@@ -27,13 +27,14 @@ def low_rank_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
     before the square root, which only cancellation (dW close to -W) can reach.
     """
     compute = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype, lora_B.dtype) else torch.float32
+    result = torch.promote_types(lora_A.dtype, lora_B.dtype)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         lora_A, lora_B = lora_A.detach().to(compute), lora_B.detach().to(compute)
         weight_a = _weight_times_a(weight.detach(), lora_A, transposed)  # (out x r) = W A^T
         # 2 s rowsum(B * W A^T) + s^2 rowsum(B (A A^T) * B) = 2 s rowsum(B * (W A^T + (s/2) B (A A^T)))
         inner = torch.addmm(weight_a, lora_B, lora_A @ lora_A.T, alpha=scale / 2)
         squared = torch.linalg.vecdot(lora_B, inner).mul_(2 * scale).add_(_row_squares(weight, transposed, compute))
-        return squared.clamp_min_(0).sqrt_().to(torch.promote_types(lora_A.dtype, lora_B.dtype))
+        return squared.clamp_min_(0).sqrt_().to(result)
 
 
 def _chunks(weight: Tensor) -> Iterator[slice]:

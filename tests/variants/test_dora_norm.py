@@ -59,6 +59,22 @@ def test_cuda_bf16_weight_is_read_once_in_bf16():
     assert low_rank_norm._fp32_out_mm(torch.device("cuda")), "torch.mm(..., out_dtype=float32) is missing here"
 
 
+def test_bf16_factors_get_a_bf16_norm_and_train():
+    # computed in fp32, returned in the factors' dtype: a bf16 adapter on a bf16 base runs without autocast
+    torch.manual_seed(0)
+    model = _Kinds().to(torch.bfloat16)
+    config = LoraConfig(r=4, target_modules=["lin", "c1d", "emb"], use_dora=True, init_lora_weights=False)
+    model = get_lora_model(model, config, adapter_dtype=torch.bfloat16)
+    for _, layer in lora_layers(model.model):
+        adapter = layer.adapters["default"]
+        norm = dora._column_norm(adapter, layer.stored_weight)
+        assert norm.dtype == torch.bfloat16
+        torch.testing.assert_close(norm.double(), _float64_norm(layer.stored_weight, adapter), rtol=4e-3, atol=0)
+    ids = torch.randint(0, 30, (2, 5))
+    model.model.c1d(torch.tanh(model.model.lin(model.model.emb(ids)))).float().square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_closed_form_takes_no_gradient_and_ignores_autocast():
     torch.manual_seed(0)
     weight = torch.randn(12, 10, dtype=torch.bfloat16)
