@@ -15,6 +15,8 @@ Cases, each mode on a fresh model (base: the model alone; ours: lorakit; peft: P
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
               --batch x --seq (use_cache=False, full logits), "decode" = one decode step of those --batch rows
               after a prefill of --seq tokens.
+Attention: every mode runs without cuDNN's attention, as `lorakit serve` does (lorakit.serve.routing: cuDNN builds a
+plan for every new key length, i.e. every decode step, which made the base's step 40 ms for 8 layers before).
 Timing: torch.cuda.synchronize + perf_counter around each call, median of --steps after --warmup; decode steps
 follow one another, so the KV cache grows by one token a step, equally in every mode. logits_vs_base is the largest
 difference of the first decode step's logits from the base's (nonzero: the adapters act).
@@ -35,8 +37,11 @@ from collections.abc import Callable
 
 import torch
 from mixed_batch_gpu import adapt
+from torch.nn.attention import sdpa_kernel
 from train_step_gpu import build_model
 from transformers.cache_utils import DynamicCache
+
+from lorakit.serve.routing import SERVING_ATTENTION
 
 CASES = ("decode-64", "one-adapter")
 MODES = ("base", "ours", "peft")
@@ -213,7 +218,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    results = run(args)
+    with sdpa_kernel(SERVING_ATTENTION):  # every mode alike, as lorakit serve runs: no cuDNN plan per key length
+        results = run(args)
     device = environment(args.device)["device"]
     print(f"== decode_step_gpu: {device}, torch {torch.__version__}, r{args.rank} all-linear, bf16, eager")
     summary(results)

@@ -226,3 +226,24 @@ def test_a_job_that_fails_while_joining_the_batch_gets_an_error(tokenizer, monke
     model = LoraModel(build_model(len(tokenizer), tokenizer.eos_token_id))
     results = _engine_tokens(model, tokenizer, [GenerationRequest("__base__", [5, 6, 7], 8)] * 2)
     assert results == ["internal error while reading the prompt; see the server log"] * 2
+
+
+def test_serving_forwards_keep_cudnn_attention_off_and_restore_it() -> None:
+    """cuDNN's attention builds a plan per key length (a new one every decode step); the server's forwards run
+    without it, and the process-wide choice is back as it was afterwards."""
+    from lorakit.serve.routing import forward_rows
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, **inputs):
+            seen["cudnn"] = torch.backends.cuda.cudnn_sdp_enabled()
+            seen["others"] = torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+            seen["rows"] = inputs["adapter_names"]
+            return type("Out", (), {"logits": torch.zeros(2, 3, 5)})()
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    logits = forward_rows(Recorder(), ["a", "__base__"], input_ids=torch.zeros(2, 3, dtype=torch.long))
+    assert seen == {"cudnn": False, "others": True, "rows": ["a", "__base__"]}
+    assert logits.shape == (2, 5)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
