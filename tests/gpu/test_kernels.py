@@ -303,8 +303,11 @@ def test_inference_keeps_only_copies_and_drops_them_with_their_factors():
     from lorakit.ops.triton import fused_linear
 
     x, w, b, adapters = _case("cpu", torch.bfloat16, torch.float32, (4, 8), 6, INFERENCE_SPECS)
-    kept = fused_linear._prepared(x.dtype, adapters)
-    assert fused_linear._prepared(x.dtype, adapters)[:2] == kept[:2]  # the same tensors again: made once
+    with torch.inference_mode():  # kept for later calls, which may run outside inference mode
+        kept = fused_linear._prepared(x.dtype, adapters)
+    assert not any(t.requires_grad or t.is_inference() for t in kept[:2])  # and hold no autograd graph
+    again = fused_linear._prepared(x.dtype, adapters)
+    assert again[0] is kept[0] and again[1] is kept[1]  # the same tensors again: made once
     first = weakref.ref(adapters[0].lora_A)
     key = id(adapters[0].lora_A)
     assert key in fused_linear._PREPARED
