@@ -6,6 +6,9 @@
     saved     x (the base product needs it anyway), S, the dropout seeds; never drop(x), never a mask
     backward  T  = dY Bs;  dB_a = s_a dY^T S_a;  dA_a = T_a^T drop_a(x)
               dX = sum_a drop_a^T(T_a A_a)  (written once),  then dX += dY W  (epilogue again)
+    inference (no gradient recorded, no dropout drawn): the same forward without the autograd node, s in a GEMM's
+              epilogue for one adapter, the factors' casts / concatenations kept between calls until a factor
+              changes: 3 launches per layer, the base GEMM's and two
 
 Everything runs in x's dtype (a bf16 base computes in bf16 even with fp32 factors: PEFT's default casts the
 activations to fp32 instead); gradients come back in each factor's dtype. Dropout masks are redrawn from a seed
