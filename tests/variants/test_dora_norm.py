@@ -53,10 +53,26 @@ def test_closed_form_equals_float64_and_the_materialising_op(device, dtype, tran
     torch.testing.assert_close(got, materialised, rtol=2 * tol, atol=0)
 
 
-@CUDA
-def test_cuda_bf16_weight_is_read_once_in_bf16():
-    # the split product (A = hi + lo in bf16, float32 out) is what keeps the norm from upcasting W on the GPU
-    assert low_rank_norm._fp32_out_mm(torch.device("cuda")), "torch.mm(..., out_dtype=float32) is missing here"
+@pytest.mark.parametrize("transposed", [False, True], ids=["out_in", "in_out"])
+def test_split_bf16_product_equals_float64(transposed, monkeypatch):
+    # CUDA's path for a bf16 W (mm with a float32 out_dtype, which only CUDA has): emulated here by the same math,
+    # bf16 operands multiplied exactly and summed in float32, so the halves' layout is checked everywhere
+    real = torch.mm
+
+    def emulated(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        return real(a.float(), b.float())
+
+    monkeypatch.setattr(torch, "mm", emulated)
+    torch.manual_seed(0)
+    weight = (0.05 * torch.randn(40, 64)).bfloat16()
+    lora_A = torch.randn(16, 64) / 8
+    got = low_rank_norm._split_bf16_product(weight.T.contiguous() if transposed else weight, lora_A, transposed)
+    want = weight.double() @ lora_A.double().T
+    assert got.shape == (40, 16) and got.dtype == torch.float32
+    assert (got.double() - want).norm() / want.norm() < 1e-5
+    rounded_a = (weight.double() @ lora_A.bfloat16().double().T - want).norm() / want.norm()
+    assert rounded_a > 1e-4  # what A in plain bf16 would lose: the split is what keeps it
 
 
 def test_bf16_factors_get_a_bf16_norm_and_train():
