@@ -17,11 +17,13 @@ same per-process work. Eval sets are one batch, checkpoints only at the end, so 
 
 Measured: the run's own metrics.jsonl (log_every = 1, written by rank 0): each optimizer step's examples/s, which
 is examples x world / that step's wall time on rank 0 (the loss .item() and gradient-norm reads inside the step
-wait for the GPU). The first --warmup steps (compiling, allocator warm-up) are left out; tokens/s = examples/s x
---seq (no padding: every position is a token). Also from the records' time stamps (wall time between the first
-kept record and the last, which includes logging): a check on the per-step numbers.
+wait for the GPU; the optimizer's GPU work is counted in the next step). The first --warmup steps (compiling,
+allocator warm-up) are left out; tokens/s = examples/s x --seq (no padding: every position is a token). Also from
+the records' time stamps (wall time between the first kept record and the last, which includes logging): a check
+on the per-step numbers.
 
-Run (2 GPUs): PYTHONPATH=. python benchmarks/ddp_scaling_gpu.py --json benchmarks/results/ddp_scaling.json
+Run (2 GPUs): PYTHONPATH=. python3 benchmarks/ddp_scaling_gpu.py --json benchmarks/results/ddp_scaling.json
+(or bash benchmarks/two_gpu_session.sh, which runs the FSDP2 test first and keeps both under time limits)
 Smoke run (CPU, gloo, tiny model): PYTHONPATH=. python benchmarks/ddp_scaling_gpu.py --quick --json /tmp/d.json
 """
 
