@@ -259,3 +259,52 @@ def test_layers_on_the_kernel_dispatch_in_inference_follow_set_adapter_and_hotsw
         base = same_as_reference()
     for a, b in ((first, both), (first, swapped), (swapped, again), (first, base), (again, base)):
         assert ((a - b).norm() / b.norm()).item() > 10 * tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_routed_lora_equals_float64_math_with_tree_paths_and_repeated_rows(dtype):
+    """Few token rows: every row through every adapter, masked per row (rows on two adapters get both terms; a row
+    listed twice under one adapter gets its term twice, as index_add adds it)."""
+    from lorakit.ops import reference, routed_dense
+
+    adapters, rows, x, out = _routed_case()
+    adapters = [ops.LoraFactors(a.lora_A.to(dtype), a.lora_B.to(dtype), a.scale) for a in adapters]
+    rows = [*rows[:5], torch.tensor([6, 6])]
+    x, out = x.to(dtype), out.to(dtype)
+    assert routed_dense.fits(out, x, adapters, rows, False)
+    as64 = [ops.LoraFactors(a.lora_A.double(), a.lora_B.double(), a.scale) for a in adapters]
+    gold = reference.add_routed_lora(out.double(), x.double(), as64, rows, False)
+    before = out.clone()
+    with torch.inference_mode():
+        y = ops.add_routed_lora(out, x, adapters, rows, False)  # the CPU dispatch picks the dense form here
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), gold, atol=tolerance * gold.abs().max().item(), rtol=tolerance)
+    assert y.dtype == dtype and torch.equal(y[7], out[7]) and torch.equal(out, before)
+
+
+def test_dense_routed_lora_sees_factor_scale_and_row_changes():
+    from lorakit.ops import reference, routed_dense
+
+    adapters, rows, x, out = _routed_case()
+    with torch.no_grad():
+        first = routed_dense.add_routed_lora_dense(out, x, adapters, rows, False)
+        adapters[0].lora_B.mul_(-2.0)  # in place: a hot swap or an optimizer step
+        rescaled = [ops.LoraFactors(a.lora_A, a.lora_B, a.scale * 3) for a in adapters]
+        other_rows = list(reversed(rows))
+        for factors, r in ((adapters, rows), (rescaled, rows), (adapters, other_rows)):
+            y = routed_dense.add_routed_lora_dense(out, x, factors, r, False)
+            torch.testing.assert_close(y, reference.add_routed_lora(out, x, factors, r, False), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first, y)
+
+
+def test_dense_routed_lora_is_left_to_other_paths_where_it_does_not_fit():
+    from lorakit.ops import routed_dense
+
+    adapters, rows, x, out = _routed_case(requires_grad=True)
+    assert not routed_dense.fits(out, x, adapters, rows, False)  # gradients to record
+    adapters, rows, x, out = _routed_case()
+    dropped = [ops.LoraFactors(a.lora_A, a.lora_B, a.scale, 0.1) for a in adapters]
+    assert not routed_dense.fits(out, x, dropped, rows, True)  # dropout to draw
+    assert routed_dense.fits(out, x, dropped, rows, False)  # eval: dropout is off
+    big = torch.randn(4096, 12)
+    assert not routed_dense.fits(torch.randn(4096, 10), big, adapters, [torch.arange(4096)] * 6, False)

@@ -179,10 +179,18 @@ def _routed_case(dtype, factor_dtype):
     return x, out, adapters, rows
 
 
+# few token rows (decode steps) go through routed_dense's three ops; DENSE_MAX = 0 keeps them on the kernels
+ROUTED_PATHS = pytest.mark.parametrize("dense_max", [0, 2**16], ids=["kernel", "dense"])
+
+
 @needs_kernels
+@ROUTED_PATHS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_routed_kernel_matches_float64_math(dtype):
+def test_routed_kernel_matches_float64_math(dtype, dense_max, monkeypatch):
+    from lorakit.ops import routed_dense
     from lorakit.ops.triton.routed import add_routed_lora
+
+    monkeypatch.setattr(routed_dense, "DENSE_MAX", dense_max)
 
     x, out, adapters, rows = _routed_case(dtype, torch.float32)
     as64 = [LoraFactors(a.lora_A.double(), a.lora_B.double(), a.scale, 0.0) for a in adapters]
@@ -195,10 +203,14 @@ def test_routed_kernel_matches_float64_math(dtype):
 
 
 @needs_kernels
-def test_routed_kernel_sees_factors_changed_in_place():
+@ROUTED_PATHS
+def test_routed_kernel_sees_factors_changed_in_place(dense_max, monkeypatch):
     """The kernel keeps the factors side by side between calls: a factor changed in place (hotswap, an optimizer
     step) or another row list must be seen at the next call."""
+    from lorakit.ops import routed_dense
     from lorakit.ops.triton.routed import add_routed_lora
+
+    monkeypatch.setattr(routed_dense, "DENSE_MAX", dense_max)
 
     x, out, adapters, rows = _routed_case(torch.float32, torch.float32)
     with torch.no_grad():

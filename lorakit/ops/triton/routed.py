@@ -20,12 +20,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lorakit.ops import reference, routed
+from lorakit.ops import reference, routed, routed_dense
 from lorakit.ops.reference import LoraFactors
 
 BLOCK_M = 64
 _META: dict[tuple, tuple[Tensor, Tensor, Tensor, int]] = {}  # segment layout -> device tables (shapes only)
-_KEPT: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # factors side by side, row lists joined
+_KEPT: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # row lists joined
 
 
 @triton.jit
@@ -86,7 +86,10 @@ def _expand_kernel(
 def add_routed_lora(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
-    """reference.add_routed_lora's semantics; the kernels for inference (see the module docstring)."""
+    """reference.add_routed_lora's semantics; the kernels for inference (see the module docstring). A decode step's
+    few rows go through routed_dense's three cuBLAS ops instead: two triton launches cost the host more."""
+    if routed_dense.fits(out, x, adapters, rows, training):
+        return routed_dense.add_routed_lora_dense(out, x, adapters, rows, training)
     if not _routable(out, x, adapters, rows, training):
         return reference.add_routed_lora(out, x, adapters, rows, training)
     n_in, n_out, batch = x.shape[-1], out.shape[-1], x.shape[0]
@@ -94,7 +97,7 @@ def add_routed_lora(
     x2 = x.reshape(batch * tokens_per_row, n_in).contiguous()
     result = out.reshape(batch * tokens_per_row, n_out).clone()
     blocks, meta, scales, n_blocks = _layout(adapters, rows, tokens_per_row, x.device)
-    a_all, b_all = _side_by_side(adapters, x.dtype)
+    a_all, b_all = routed_dense.side_by_side(adapters, x.dtype)
     rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
     block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
     s = torch.empty((sum(r.numel() for r in rows) * tokens_per_row, block_r), dtype=torch.float32, device=x.device)
@@ -150,22 +153,3 @@ def _layout(adapters, rows, tokens_per_row: int, device) -> tuple[Tensor, Tensor
             len(blocks),
         )
     return _META[key]
-
-
-def _side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A_all (R_total x in) and B_all (out x R_total) in the activations' dtype, kept while no factor changes: a
-    decode step would otherwise copy every routed adapter's factors at every layer. Kept copies stay within
-    routed.STACKS_MAX_BYTES (least recently used dropped)."""
-    tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
-
-    def build() -> tuple[Tensor, Tensor]:
-        a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
-        b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
-        need = a_all.nbytes + b_all.nbytes
-        while _KEPT and need + sum(t.nbytes for _, v in _KEPT.values() for t in v if isinstance(v, tuple)) > (
-            routed.STACKS_MAX_BYTES
-        ):
-            _KEPT.popitem(last=False)
-        return a_all, b_all
-
-    return routed._memo(_KEPT, ("factors", dtype, *routed._stamps(tensors)), tensors, build)

@@ -1,0 +1,99 @@
+"""add_routed_lora for few token rows (decode steps): every row through every adapter at once, in three ops.
+
+    S    = x [A_1; ...; A_K]^T  ⊙  M        (T x R, R = sum of ranks; M[t, k's columns] = s_k if t's row is
+                                                routed to k, else 0: a tree path keeps several blocks, which add up)
+    out' = out + S [B_1 ... B_K]^T          (one addmm; the caller's out is not changed)
+
+A decode step has a few token rows per layer, so the K-fold extra products are nothing next to the per-adapter
+work of the gather-and-scatter paths: the step is bound by the host, and this is three launches per layer whatever
+the number of adapters. The concatenated factors and M are kept between calls (by tensor identity and version,
+as ops/routed.py keeps its stacks), so a serving layer builds them once per adapter set and per routing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lorakit.ops import routed
+from lorakit.ops.reference import LoraFactors
+
+DENSE_MAX = 2**16  # token rows x summed ranks up to which the dense form is used: a 64-row step over 64 rank-16
+_FACTORS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # adapters side by side, per dtype
+_MASKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # per routing (its row tensors), ranks and scales
+
+
+def fits(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool) -> bool:
+    """Whether add_routed_lora_dense applies: no gradient to record, no dropout to draw, matrices only, few rows."""
+    if torch.compiler.is_compiling() or x.dim() < 2 or not x.shape[0] or not adapters or out.shape[0] != x.shape[0]:
+        return False
+    if training and any(a.dropout > 0 for a in adapters):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad or any(
+        a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters
+    )):  # fmt: skip
+        return False
+    n_in, n_out = x.shape[-1], out.shape[-1]
+    if any(a.lora_A.dim() != 2 or a.lora_A.shape[1] != n_in or a.lora_B.shape != (n_out, a.lora_A.shape[0])
+           for a in adapters):  # fmt: skip
+        return False
+    tokens = x.numel() // n_in
+    return tokens * sum(a.lora_A.shape[0] for a in adapters) <= DENSE_MAX
+
+
+def add_routed_lora_dense(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+) -> Tensor:
+    """Semantics: reference.add_routed_lora (for inputs where `fits`), summed in the factors' dtype."""
+    dtype = adapters[0].lora_A.dtype
+    for a in adapters:
+        dtype = torch.promote_types(torch.promote_types(dtype, a.lora_A.dtype), a.lora_B.dtype)
+    n_in, n_out = x.shape[-1], out.shape[-1]
+    tokens_per_row = x[0].numel() // n_in
+    a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
+    mask = _mask(adapters, rows, x.shape[0], tokens_per_row, dtype, x.device)  # (T x R)
+    s = (x.reshape(-1, n_in).to(dtype) @ a_all.T).mul_(mask)
+    summed = torch.addmm(out.reshape(-1, n_out).to(dtype), s, b_all.T)
+    return summed.to(out.dtype).reshape(out.shape)
+
+
+def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A_all (R x in) and B_all (out x R) in `dtype`, kept while no factor changes (within routed.STACKS_MAX_BYTES,
+    least recently used dropped): a decode step would otherwise copy every routed adapter's factors at every layer."""
+    tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+
+    def build() -> tuple[Tensor, Tensor]:
+        a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
+        b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
+        kept = sum(t.nbytes for _, value in _FACTORS.values() for t in value)
+        while _FACTORS and kept + a_all.nbytes + b_all.nbytes > routed.STACKS_MAX_BYTES:
+            _, (_, dropped) = _FACTORS.popitem(last=False)
+            kept -= sum(t.nbytes for t in dropped)
+        return a_all, b_all
+
+    return routed._memo(_FACTORS, (dtype, *routed._stamps(tensors)), tensors, build)
+
+
+def _mask(adapters, rows: Sequence[Tensor], n: int, tokens_per_row: int, dtype, device) -> Tensor:
+    """M (n * tokens_per_row x R): s_k on the columns of adapter k in the token rows of its batch rows, else 0."""
+    shape = tuple((a.lora_A.shape[0], float(a.scale)) for a in adapters)
+    key = (n, tokens_per_row, dtype, str(device), *shape, *routed._stamps(list(rows)))
+
+    def build() -> Tensor:
+        mask = torch.zeros(n, sum(r for r, _ in shape), dtype=dtype, device=device)
+        first = 0
+        for (rank, scale), idx in zip(shape, rows, strict=True):
+            first += rank
+            if not idx.numel():  # no rows (its index may even be an empty float tensor)
+                continue
+            idx = idx.to(device)  # a row listed twice under one adapter counts twice, as index_add does
+            column = torch.zeros(n, dtype=dtype, device=device).index_add_(
+                0, idx, torch.full(idx.shape, scale, dtype=dtype, device=device)
+            )
+            mask[:, first - rank : first] = column[:, None]
+        return mask.repeat_interleave(tokens_per_row, dim=0) if tokens_per_row > 1 else mask
+
+    return routed._memo(_MASKS, key, list(rows), build)
