@@ -48,9 +48,10 @@ def add_routed_lora_dense(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
     """Semantics: reference.add_routed_lora (for inputs where `fits`), summed in the factors' dtype."""
-    dtype = adapters[0].lora_A.dtype
-    for a in adapters:
-        dtype = torch.promote_types(torch.promote_types(dtype, a.lora_A.dtype), a.lora_B.dtype)
+    dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)}
+    dtype = dtypes.pop()
+    for other in dtypes:  # mixed factor dtypes: the widest
+        dtype = torch.promote_types(dtype, other)
     n_in, n_out = x.shape[-1], out.shape[-1]
     tokens_per_row = x[0].numel() // n_in
     a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
