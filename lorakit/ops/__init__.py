@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from lorakit.ops import reference, routed, routed_dense
+from lorakit.ops import reference, routed
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.low_rank_norm import low_rank_weight_norm
 from lorakit.ops.reference import (
@@ -66,15 +66,7 @@ def _dispatch(name: str, portable: Callable | None = None) -> Callable:
 lora_linear = _dispatch("lora_linear")
 add_lora = _dispatch("add_lora")
 
-
-def _routed_portable(out: Tensor, x: Tensor, adapters, rows, training: bool) -> Tensor:
-    """add_routed_lora off-kernel: few token rows (decode steps) in three ops, else batched by rank."""
-    if routed_dense.fits(out, x, adapters, rows, training):
-        return routed_dense.add_routed_lora_dense(out, x, adapters, rows, training)
-    return routed.add_routed_lora(out, x, adapters, rows, training)
-
-
-add_routed_lora = _dispatch("add_routed_lora", _routed_portable)
+add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 
 __all__ = [
     "LoraFactors",
