@@ -11,9 +11,10 @@ import hmac
 import json
 import sys
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -145,59 +146,93 @@ async def _respond(
     engine: Engine, request: Request, body: _Sampling, job_request: GenerationRequest, shape: Any, rid: str
 ) -> Any:
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    job = engine.submit(job_request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
+
+    def emit(i: int, event: Event) -> None:  # called on the engine's thread
+        loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+    jobs = _submit_choices(engine, job_request, body.n, emit)
     prompt_tokens = len(job_request.prompt_ids)
+
+    def cancel_all() -> None:
+        for job in jobs:
+            job.cancel()  # frees the rows at once if the client went away; a no-op for finished jobs
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(job, events, shape, rid, body.model, prompt_tokens, include_usage)
+        stream = _stream(events, body.n, shape, rid, body.model, prompt_tokens, include_usage, cancel_all)
         # background: also when the client leaves before the stream's first chunk (the generator never ran)
-        return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(job.cancel))
-    text = []
+        return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(cancel_all))
+    texts: list[list[str]] = [[] for _ in jobs]
+    choices: list[dict | None] = [None] * len(jobs)
+    completion_tokens = 0
     try:
-        while True:
+        while None in choices:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
+                i, event = await asyncio.wait_for(events.get(), timeout=1.0)
             except TimeoutError:
                 if await request.is_disconnected():
                     return None
                 continue
             if event.error:
                 raise APIError(500, event.error, type="server_error")
-            text.append(event.text)
+            texts[i].append(event.text)
             if event.finish_reason:
-                choice = shape.choice("".join(text), event.finish_reason)
-                use = usage(prompt_tokens, event.completion_tokens)
-                return envelope(shape.object, rid, body.model, [choice], use)
+                choices[i] = shape.choice("".join(texts[i]), event.finish_reason, i)
+                completion_tokens += event.completion_tokens
+        return envelope(shape.object, rid, body.model, choices, usage(prompt_tokens, completion_tokens))
     finally:
-        job.cancel()  # frees the row at once if the client went away; a no-op for a finished job
+        cancel_all()
+
+
+def _submit_choices(
+    engine: Engine, job_request: GenerationRequest, n: int, emit: Callable[[int, Event], None]
+) -> list[Any]:
+    """One engine job per choice. With a seed, choice i samples with seed + i: reproducible, yet the choices differ
+    (greedy choices are all the same text). A 429 for a later choice withdraws the earlier ones."""
+    jobs: list[Any] = []
+    try:
+        for i in range(n):
+            seed = None if job_request.seed is None else job_request.seed + i
+            jobs.append(engine.submit(replace(job_request, seed=seed), partial(emit, i)))
+    except APIError:
+        for job in jobs:
+            job.cancel()
+        raise
+    return jobs
 
 
 async def _stream(
-    job: Any, events: asyncio.Queue, shape: Any, rid: str, model: str, prompt_tokens: int, include_usage: bool
-) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text delta, a last chunk with the finish reason, then [DONE]."""
+    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, prompt_tokens: int, include_usage: bool,
+    cancel_all: Callable[[], None],
+) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events: one chunk per text delta (each naming its choice), a chunk with each choice's finish
+    reason, then [DONE] once every choice has finished."""
 
     def sse(choices: list[dict], use: dict | None = None) -> str:
         return f"data: {json.dumps(envelope(shape.chunk_object, rid, model, choices, use))}\n\n"
 
     try:
         if isinstance(shape, ChatShape):
-            yield sse([shape.chunk_choice(None, None, first=True)])
-        while True:
-            event = await events.get()
+            for i in range(n):
+                yield sse([shape.chunk_choice(None, None, first=True, index=i)])
+        running, completion_tokens = n, 0
+        while running:
+            i, event = await events.get()
             if event.error:
                 yield f"data: {json.dumps(APIError(500, event.error, type='server_error').body())}\n\n"
                 break
             if event.text or event.finish_reason:
-                yield sse([shape.chunk_choice(event.text, event.finish_reason)])
+                yield sse([shape.chunk_choice(event.text, event.finish_reason, index=i)])
             if event.finish_reason:
-                if include_usage:
-                    yield sse([], usage(prompt_tokens, event.completion_tokens))
-                break
+                running -= 1
+                completion_tokens += event.completion_tokens
+        else:
+            if include_usage:
+                yield sse([], usage(prompt_tokens, completion_tokens))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()  # a client that disconnects mid-stream lands here: its row is dropped before the next step
+        cancel_all()  # a client that disconnects mid-stream lands here: its rows are dropped before the next step
 
 
 def _key_check(api_key: str | None) -> Any:

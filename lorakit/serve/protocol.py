@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+MAX_CHOICES = 16  # n: each choice takes a row of the batch, so one request cannot claim the whole server
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
@@ -24,7 +26,7 @@ class _Sampling(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="choices, each decoded as its own row")
     seed: StrictInt | None = None
     stop: str | list[str] | None = Field(None)
     stream: StrictBool = False
@@ -93,25 +95,29 @@ class ChatShape:
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk_choice(
+        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0
+    ) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
 
 class CompletionShape:
     object, chunk_object = "text_completion", "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-        return self.choice(text or "", finish_reason)
+    def chunk_choice(
+        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0
+    ) -> dict[str, Any]:
+        return self.choice(text or "", finish_reason, index)
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict[str, Any]:

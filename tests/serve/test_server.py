@@ -103,6 +103,36 @@ def test_sampling_with_a_seed_repeats(servers: dict[str, Server]) -> None:
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_n_choices_are_decoded_as_rows_of_their_own(servers: dict[str, Server]) -> None:
+    """n greedy choices are the one greedy text n times; sampled with a seed, choice i is the request alone with
+    seed + i, streamed or not; usage counts every choice's tokens."""
+    c = client(servers["main"])
+    one = chat(c, "a2", PROMPTS[0])
+    many = chat(c, "a2", PROMPTS[0], n=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert {ch.message.content for ch in many.choices} == {one.choices[0].message.content}
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens
+    assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
+    kw = {"model": "a4", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 1.0}
+    alone = [c.completions.create(seed=s, **kw).choices[0].text for s in (7, 8)]
+    assert alone[0] != alone[1]
+    sampled = c.completions.create(seed=7, n=2, **kw)
+    assert [ch.text for ch in sorted(sampled.choices, key=lambda ch: ch.index)] == alone
+    chunks = list(c.completions.create(seed=7, n=2, stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[0], streamed[1]] == alone
+    assert chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+    chat_chunks = list(chat(c, "a2", PROMPTS[0], n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in chat_chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+
+
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
     c, url = client(servers["main"]), servers["main"].url
     root = servers_root(servers)
@@ -157,7 +187,8 @@ BAD = [
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
+    ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi " * 5000}]}, 400, "messages"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400, "messages"),
     ({"model": "a1", "messages": HI, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
