@@ -252,6 +252,19 @@ def test_past_the_limits_requests_get_429(servers: dict[str, Server]) -> None:
             assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_more_choices_than_the_server_takes_get_429_and_leave_nothing_behind(servers: dict[str, Server]) -> None:
+    url, headers = servers["limited"].url, {"authorization": f"Bearer {API_KEY}"}  # 1 running + 1 waiting at most
+    body = {"model": "a1", "prompt": "hello", "max_tokens": 4, "n": 3}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    deadline = time.monotonic() + 20
+    while (health := httpx.get(f"{url}/health").json())["running"] + health["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health["running"] + health["waiting"] == 0
+    ok = httpx.post(f"{url}/v1/completions", json={**body, "n": 2}, headers=headers)
+    assert ok.status_code == 200 and [c["index"] for c in ok.json()["choices"]] == [0, 1]
+
+
 def test_sigterm_lets_a_running_stream_finish(servers: dict[str, Server]) -> None:
     server = servers["limited"]
     headers = {"authorization": f"Bearer {API_KEY}"}
