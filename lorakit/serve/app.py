@@ -65,6 +65,9 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
     auth = [Depends(_key_check(settings.api_key))]
     tokenizer = engine.tokenizer
 
+    def token_text(token: int) -> str:  # one token alone, as logprobs list it
+        return tokenizer.decode([token])
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **engine.stats(), "adapters": len(registry.served)}
@@ -91,13 +94,13 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
         ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens
         job = _generation(body, adapter, ids, limit, settings)
-        return await _respond(engine, request, body, job, ChatShape(), new_id("chatcmpl"))
+        return await _respond(engine, request, body, job, ChatShape(token_text), new_id("chatcmpl"))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = registry.route(body.model)
         job = _generation(body, adapter, encode_completion(tokenizer, body.prompt), body.max_tokens, settings)
-        return await _respond(engine, request, body, job, CompletionShape(), new_id("cmpl"))
+        return await _respond(engine, request, body, job, CompletionShape(token_text), new_id("cmpl"))
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     async def load_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
@@ -137,8 +140,19 @@ def _generation(
         raise APIError(400, "give at most 8 stop strings of at most 256 characters each", param="stop")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens")
+    if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return GenerationRequest(
-        adapter, ids, max_tokens, body.temperature, body.top_p, body.seed, stop, body.ignore_eos, body.min_tokens
+        adapter,
+        ids,
+        max_tokens,
+        body.temperature,
+        body.top_p,
+        body.seed,
+        stop,
+        body.ignore_eos,
+        body.min_tokens,
+        logprobs=body.logprobs_top(),
     )
 
 
@@ -153,6 +167,7 @@ async def _respond(
 
     jobs = _submit_choices(engine, job_request, body.n, emit)
     prompt_tokens = len(job_request.prompt_ids)
+    scoring = job_request.logprobs is not None
 
     def cancel_all() -> None:
         for job in jobs:
@@ -160,10 +175,11 @@ async def _respond(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(events, body.n, shape, rid, body.model, prompt_tokens, include_usage, cancel_all)
+        stream = _stream(events, body.n, shape, rid, body.model, (prompt_tokens, include_usage, scoring), cancel_all)
         # background: also when the client leaves before the stream's first chunk (the generator never ran)
         return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(cancel_all))
     texts: list[list[str]] = [[] for _ in jobs]
+    scored: list[list] = [[] for _ in jobs]
     choices: list[dict | None] = [None] * len(jobs)
     completion_tokens = 0
     try:
@@ -177,8 +193,10 @@ async def _respond(
             if event.error:
                 raise APIError(500, event.error, type="server_error")
             texts[i].append(event.text)
+            scored[i].extend(event.logprobs)
             if event.finish_reason:
-                choices[i] = shape.choice("".join(texts[i]), event.finish_reason, i)
+                logprobs = shape.logprobs(scored[i], i) if scoring else None
+                choices[i] = shape.choice("".join(texts[i]), event.finish_reason, i, logprobs)
                 completion_tokens += event.completion_tokens
         return envelope(shape.object, rid, body.model, choices, usage(prompt_tokens, completion_tokens))
     finally:
@@ -203,11 +221,13 @@ def _submit_choices(
 
 
 async def _stream(
-    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, prompt_tokens: int, include_usage: bool,
+    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, options: tuple[int, bool, bool],
     cancel_all: Callable[[], None],
 ) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events: one chunk per text delta (each naming its choice), a chunk with each choice's finish
-    reason, then [DONE] once every choice has finished."""
+    """Server-sent events: one chunk per text delta (each naming its choice, with its tokens' logprobs when asked
+    for), a chunk with each choice's finish reason, then [DONE] once every choice has finished.
+    options: (prompt tokens, whether a usage chunk ends the stream, whether logprobs were asked for)."""
+    prompt_tokens, include_usage, scoring = options
 
     def sse(choices: list[dict], use: dict | None = None) -> str:
         return f"data: {json.dumps(envelope(shape.chunk_object, rid, model, choices, use))}\n\n"
@@ -222,8 +242,9 @@ async def _stream(
             if event.error:
                 yield f"data: {json.dumps(APIError(500, event.error, type='server_error').body())}\n\n"
                 break
-            if event.text or event.finish_reason:
-                yield sse([shape.chunk_choice(event.text, event.finish_reason, index=i)])
+            if event.text or event.finish_reason or event.logprobs:
+                logprobs = shape.logprobs(event.logprobs, i) if scoring else None
+                yield sse([shape.chunk_choice(event.text, event.finish_reason, index=i, logprobs=logprobs)])
             if event.finish_reason:
                 running -= 1
                 completion_tokens += event.completion_tokens

@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache
 from lorakit.serve.batch import DecodeBatch
 from lorakit.serve.errors import APIError, over_capacity
 from lorakit.serve.routing import forward_rows
-from lorakit.serve.sampling import generator_for, next_token
+from lorakit.serve.sampling import TokenLogprob, generator_for, next_token, token_logprob
 from lorakit.serve.text import TextStream
 
 
@@ -42,16 +42,19 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
 
 
 @dataclass
 class Event:
-    """What a job reports: new text, and at the end a finish reason ("stop" / "length") or an error."""
+    """What a job reports: new text, and at the end a finish reason ("stop" / "length") or an error; with
+    logprobs asked for, the tokens generated since the last event (the end token is not part of the text: left out)."""
 
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Job:
@@ -62,6 +65,7 @@ class Job:
         self.text = TextStream(tokenizer, request.stop)
         self.generator = generator_for(request.seed)
         self.tokens: list[int] = []
+        self.scored: list[TokenLogprob] = []  # logprobs not yet reported
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -79,26 +83,38 @@ class Job:
             logits[list(self.eos)] = float("-inf")
         return next_token(logits, self.request.temperature, self.request.top_p, self.generator)
 
-    def accept(self, token: int) -> bool:
+    def choose(self, logits: Tensor, greedy: int | None = None) -> bool:
+        """Picks, scores (when asked) and accepts this row's next token; True when the job is finished."""
+        token = self.next_token(logits, greedy)
+        top = self.request.logprobs
+        return self.accept(token, None if top is None else token_logprob(logits, token, top))
+
+    def accept(self, token: int, scored: TokenLogprob | None = None) -> bool:
         """Adds the next token and reports it; True when the job is finished."""
         self.tokens.append(token)
         if token in self.eos and not self.request.ignore_eos:
             return self._finish(self.text.finish(), "stop")
+        if scored is not None:
+            self.scored.append(scored)
         delta, stopped = self.text.push(token)
         if stopped:
             return self._finish(delta, "stop")
         if len(self.tokens) >= self.request.max_tokens:
             return self._finish(delta + self.text.finish(), "length")
         if delta:
-            self.emit(Event(text=delta, completion_tokens=len(self.tokens)))
+            self.emit(Event(text=delta, completion_tokens=len(self.tokens), logprobs=self._take_scored()))
         return False
 
     def fail(self, message: str) -> None:
         self.emit(Event(error=message, completion_tokens=len(self.tokens)))
 
     def _finish(self, text: str, reason: str) -> bool:
-        self.emit(Event(text=text, finish_reason=reason, completion_tokens=len(self.tokens)))
+        self.emit(Event(text, reason, len(self.tokens), logprobs=self._take_scored()))
         return True
+
+    def _take_scored(self) -> list[TokenLogprob]:
+        scored, self.scored = self.scored, []
+        return scored
 
 
 @dataclass
@@ -221,7 +237,7 @@ class Engine:
                 ids = torch.tensor([job.request.prompt_ids], device=self.device)
                 inputs = {"input_ids": ids, self._cache_keyword: cache, "use_cache": True}
                 logits = forward_rows(self.model, [job.request.adapter], **inputs)
-                if job.accept(job.next_token(logits[0])):
+                if job.choose(logits[0]):
                     self._counts["finished"] += 1
                 else:
                     self._batch.add(job, cache, group=job.request.adapter)
@@ -235,7 +251,7 @@ class Engine:
         inputs[self._cache_keyword] = inputs.pop("cache")
         logits = forward_rows(self.model, [job.request.adapter for job in jobs], **inputs)
         greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch; sampled rows copy their own row
-        keep = [i for i, job in enumerate(jobs) if not job.accept(job.next_token(logits[i], greedy[i]))]
+        keep = [i for i, job in enumerate(jobs) if not job.choose(logits[i], greedy[i])]
         if len(keep) < len(jobs):
             self._counts["finished"] += len(jobs) - len(keep)
             self._batch.remove(keep)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from lorakit.serve.sampling import TokenLogprob
+
 MAX_CHOICES = 16  # n: each choice takes a row of the batch, so one request cannot claim the whole server
+MAX_LOGPROBS = 20  # the likeliest tokens listed per generated token (vLLM's default limit)
 
 
 class StreamOptions(BaseModel):
@@ -57,11 +61,20 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt]
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
 
 class LoadAdapterRequest(BaseModel):
@@ -91,33 +104,76 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class ChatShape:
-    """How chat results are written: a message at the end, deltas while streaming."""
+    """How chat results are written: a message at the end, deltas while streaming; logprobs as chat's `content`
+    list. `text_of` turns a token id into its text."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+    def __init__(self, text_of: Callable[[int], str]) -> None:
+        self.text_of = text_of
+
+    def choice(self, text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
         message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def chunk_choice(
-        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0
-    ) -> dict[str, Any]:
+        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0,
+        logprobs: dict | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
         if text:
             delta["content"] = text
-        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def logprobs(self, scored: list[TokenLogprob], index: int = 0) -> dict[str, Any]:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.text_of(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [
+            {**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scored
+        ]}  # fmt: skip
 
 
 class CompletionShape:
+    """Completions: `text` in choices and chunks; logprobs in the legacy shape (tokens, token_logprobs,
+    top_logprobs, text_offset: each token's offset into the generated text)."""
+
     object, chunk_object = "text_completion", "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    def __init__(self, text_of: Callable[[int], str]) -> None:
+        self.text_of = text_of
+        self.offsets: dict[int, int] = {}  # per choice: characters of token text listed so far (streaming)
+
+    def choice(self, text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def chunk_choice(
-        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0
-    ) -> dict[str, Any]:
-        return self.choice(text or "", finish_reason, index)
+        self, text: str | None, finish_reason: str | None, first: bool = False, index: int = 0,
+        logprobs: dict | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        return self.choice(text or "", finish_reason, index, logprobs)
+
+    def logprobs(self, scored: list[TokenLogprob], index: int = 0) -> dict[str, Any]:
+        tokens = [self.text_of(s.token) for s in scored]
+        offsets, at = [], self.offsets.get(index, 0)
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        self.offsets[index] = at
+        return {
+            "tokens": tokens,
+            "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [self._top(s.top) for s in scored],
+            "text_offset": offsets,
+        }
+
+    def _top(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """{text: logprob}, likeliest first; tokens whose texts are equal (bytes of one character) keep the first."""
+        listed: dict[str, float] = {}
+        for token, logprob in top:
+            listed.setdefault(self.text_of(token), logprob)
+        return listed
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict[str, Any]:

@@ -128,6 +128,16 @@ class Reference:
             self._memo[key] = (self.tokenizer.decode(new, skip_special_tokens=True), len(new))
         return self._memo[key]
 
+    def greedy_logprobs(self, adapter: str, ids: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """(greedy tokens, log_softmax of the float32 logits at each of their steps [n, vocab]) with `adapter`."""
+        self.model.set_adapter(adapter)
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            kw = {"output_logits": True, "return_dict_in_generate": True}
+            out = self.model.generate(input_ids=x, max_new_tokens=max_tokens, do_sample=False, **kw)
+        generated = out.sequences[0, x.shape[1] :].tolist()
+        return generated, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+
 
 @pytest.fixture(scope="session")
 def reference(tiny: tuple[Path, Path]) -> Reference:

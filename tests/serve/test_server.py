@@ -133,6 +133,40 @@ def test_n_choices_are_decoded_as_rows_of_their_own(servers: dict[str, Server]) 
     assert texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
 
 
+def test_logprobs_are_the_models_own_in_both_shapes(servers: dict[str, Server], reference: Reference) -> None:
+    """Each generated token's logprob and top_logprobs are the library model's log-softmax at that step (before
+    temperature), likeliest first; streamed chunks list the same entries; completions use the legacy shape."""
+    c = client(servers["main"])
+    reply = chat(c, "a2", PROMPTS[0], logprobs=True, top_logprobs=3).choices[0]
+    ids = reference.chat_ids(PROMPTS[0])
+    content = reply.logprobs.content
+    generated, expected = reference.greedy_logprobs("a2", ids, MAX_TOKENS)
+    generated = [t for t in generated if t != reference.tokenizer.eos_token_id]  # the end token is not listed
+    assert "".join(e.token for e in content) == reply.message.content
+    for step, (entry, token) in enumerate(zip(content, generated, strict=True)):
+        assert entry.logprob == pytest.approx(expected[step, token].item(), abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the likeliest
+        best = expected[step].topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(chat(c, "a2", PROMPTS[0], logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks for choice in ch.choices if choice.logprobs for e in choice.logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    done = c.completions.create(model="a2", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.7, seed=3,
+                                logprobs=2)  # fmt: skip
+    legacy = done.choices[0].logprobs
+    listed = done.usage.completion_tokens - (done.choices[0].finish_reason == "stop")  # the end token is not
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == listed
+    assert all(lp <= 0 for lp in legacy.token_logprobs)
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:i]) for i in range(len(legacy.tokens))]
+    assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6 for top, lp in zip(
+        legacy.top_logprobs, legacy.token_logprobs, strict=True))  # fmt: skip
+    assert chat(c, "a2", PROMPTS[0]).choices[0].logprobs is None
+    body = {"model": "a2", "messages": HI, "top_logprobs": 2}  # without logprobs: true
+    r = httpx.post(f"{servers['main'].url}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
     c, url = client(servers["main"]), servers["main"].url
     root = servers_root(servers)
@@ -189,6 +223,7 @@ BAD = [
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"model": "a1", "messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi " * 5000}]}, 400, "messages"),
     ({"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400, "messages"),
     ({"model": "a1", "messages": HI, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
