@@ -140,6 +140,8 @@ def _generation(
         raise APIError(400, "give at most 8 stop strings of at most 256 characters each", param="stop")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens")
+    if isinstance(body, CompletionRequest) and body.echo:
+        raise APIError(400, "echo is not supported: send the prompt's text yourself", param="echo")
     if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return GenerationRequest(

@@ -72,6 +72,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt]
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False  # refused when true (app.py): ignoring it would answer another question
 
     def logprobs_top(self) -> int | None:
         return self.logprobs

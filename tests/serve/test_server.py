@@ -165,6 +165,9 @@ def test_logprobs_are_the_models_own_in_both_shapes(servers: dict[str, Server], 
     body = {"model": "a2", "messages": HI, "top_logprobs": 2}  # without logprobs: true
     r = httpx.post(f"{servers['main'].url}/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    echo = {"model": "a2", "prompt": "hi", "logprobs": 1, "echo": True}  # prompt logprobs: refused, not ignored
+    r = httpx.post(f"{servers['main'].url}/v1/completions", json=echo)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
