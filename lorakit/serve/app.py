@@ -99,8 +99,10 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = registry.route(body.model)
-        job = _generation(body, adapter, encode_completion(tokenizer, body.prompt), body.max_tokens, settings)
-        return await _respond(engine, request, body, job, CompletionShape(token_text), new_id("cmpl"))
+        ids = encode_completion(tokenizer, body.prompt)
+        job = _generation(body, adapter, ids, body.max_tokens, settings)
+        shape = CompletionShape(token_text, echo=_prompt_text(tokenizer, body.prompt, ids) if body.echo else None)
+        return await _respond(engine, request, body, job, shape, new_id("cmpl"))
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     async def load_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
@@ -140,8 +142,6 @@ def _generation(
         raise APIError(400, "give at most 8 stop strings of at most 256 characters each", param="stop")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", param="min_tokens")
-    if isinstance(body, CompletionRequest) and body.echo:
-        raise APIError(400, "echo is not supported: send the prompt's text yourself", param="echo")
     if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     return GenerationRequest(
@@ -155,7 +155,15 @@ def _generation(
         body.ignore_eos,
         body.min_tokens,
         logprobs=body.logprobs_top(),
+        prompt_logprobs=body.logprobs if isinstance(body, CompletionRequest) and body.echo else None,
     )
+
+
+def _prompt_text(tokenizer: Any, prompt: str | list, ids: list[int]) -> str:
+    """What echo writes back: the prompt as the client sent it, or the text of its token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    return prompt[0] if isinstance(prompt[0], str) else tokenizer.decode(ids)
 
 
 async def _respond(
@@ -180,7 +188,7 @@ async def _respond(
         stream = _stream(events, body.n, shape, rid, body.model, (prompt_tokens, include_usage, scoring), cancel_all)
         # background: also when the client leaves before the stream's first chunk (the generator never ran)
         return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(cancel_all))
-    texts: list[list[str]] = [[] for _ in jobs]
+    texts: list[list[str]] = [[shape.echo] if shape.echo else [] for _ in jobs]
     scored: list[list] = [[] for _ in jobs]
     choices: list[dict | None] = [None] * len(jobs)
     completion_tokens = 0
@@ -195,6 +203,7 @@ async def _respond(
             if event.error:
                 raise APIError(500, event.error, type="server_error")
             texts[i].append(event.text)
+            scored[i].extend(event.prompt_logprobs or ())  # they come first
             scored[i].extend(event.logprobs)
             if event.finish_reason:
                 logprobs = shape.logprobs(scored[i], i) if scoring else None
@@ -238,12 +247,18 @@ async def _stream(
         if isinstance(shape, ChatShape):
             for i in range(n):
                 yield sse([shape.chunk_choice(None, None, first=True, index=i)])
+        elif shape.echo and not scoring:  # the prompt's text first; with logprobs, once they come
+            for i in range(n):
+                yield sse([shape.chunk_choice(shape.echo, None, index=i)])
         running, completion_tokens = n, 0
         while running:
             i, event = await events.get()
             if event.error:
                 yield f"data: {json.dumps(APIError(500, event.error, type='server_error').body())}\n\n"
                 break
+            if event.prompt_logprobs is not None:
+                logprobs = shape.logprobs(event.prompt_logprobs, i)
+                yield sse([shape.chunk_choice(shape.echo, None, index=i, logprobs=logprobs)])
             if event.text or event.finish_reason or event.logprobs:
                 logprobs = shape.logprobs(event.logprobs, i) if scoring else None
                 yield sse([shape.chunk_choice(event.text, event.finish_reason, index=i, logprobs=logprobs)])

@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache
 from lorakit.serve.batch import DecodeBatch
 from lorakit.serve.errors import APIError, over_capacity
 from lorakit.serve.routing import forward_rows
-from lorakit.serve.sampling import TokenLogprob, generator_for, next_token, token_logprob
+from lorakit.serve.sampling import TokenLogprob, generator_for, next_token, prompt_logprobs, token_logprob
 from lorakit.serve.text import TextStream
 
 
@@ -43,6 +43,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # once, before any text, when the request asks for them
 
 
 class Job:
@@ -236,7 +238,11 @@ class Engine:
                 cache = DynamicCache()
                 ids = torch.tensor([job.request.prompt_ids], device=self.device)
                 inputs = {"input_ids": ids, self._cache_keyword: cache, "use_cache": True}
-                logits = forward_rows(self.model, [job.request.adapter], **inputs)
+                top = job.request.prompt_logprobs
+                logits = forward_rows(self.model, [job.request.adapter], every_position=top is not None, **inputs)
+                if top is not None:
+                    job.emit(Event(prompt_logprobs=prompt_logprobs(logits[0], job.request.prompt_ids, top)))
+                    logits = logits[:, -1]
                 if job.choose(logits[0]):
                     self._counts["finished"] += 1
                 else:

@@ -72,7 +72,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt]
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False  # refused when true (app.py): ignoring it would answer another question
+    echo: StrictBool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion
 
     def logprobs_top(self) -> int | None:
         return self.logprobs
@@ -109,6 +109,7 @@ class ChatShape:
     list. `text_of` turns a token id into its text."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
+    echo = None
 
     def __init__(self, text_of: Callable[[int], str]) -> None:
         self.text_of = text_of
@@ -142,8 +143,9 @@ class CompletionShape:
 
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, text_of: Callable[[int], str]) -> None:
+    def __init__(self, text_of: Callable[[int], str], echo: str | None = None) -> None:
         self.text_of = text_of
+        self.echo = echo  # the prompt's text, written before each choice's completion (echo: true)
         self.offsets: dict[int, int] = {}  # per choice: characters of token text listed so far (streaming)
 
     def choice(self, text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
@@ -165,7 +167,7 @@ class CompletionShape:
         return {
             "tokens": tokens,
             "token_logprobs": [s.logprob for s in scored],
-            "top_logprobs": [self._top(s.top) for s in scored],
+            "top_logprobs": [None if s.top is None else self._top(s.top) for s in scored],
             "text_offset": offsets,
         }
 

@@ -13,7 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 SERVING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def forward_rows(model: Any, adapter_names: list[str], **inputs: Any) -> Tensor:
-    """The last position's logits, [rows, vocab], of `model` (a LoraModel) with row i routed to adapter_names[i]."""
+def forward_rows(model: Any, adapter_names: list[str], every_position: bool = False, **inputs: Any) -> Tensor:
+    """The last position's logits, [rows, vocab], of `model` (a LoraModel) with row i routed to adapter_names[i];
+    every position's, [rows, length, vocab], when asked (a prompt's own logprobs)."""
     with sdpa_kernel(SERVING_ATTENTION):
-        return model(**inputs, adapter_names=adapter_names, logits_to_keep=1).logits[:, -1]
+        logits = model(**inputs, adapter_names=adapter_names, logits_to_keep=0 if every_position else 1).logits
+    return logits if every_position else logits[:, -1]

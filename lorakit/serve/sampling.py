@@ -34,11 +34,12 @@ def next_token(logits: Tensor, temperature: float, top_p: float, generator: torc
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability and the `top` likeliest tokens' (id, log-probability), likeliest first."""
+    """One token's log-probability and the `top` likeliest tokens' (id, log-probability), likeliest first; None for
+    a prompt's first token, which nothing precedes."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
@@ -47,3 +48,18 @@ def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
     best = logprobs.topk(top) if top else None
     pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
     return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
+def prompt_logprobs(logits: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it, from the prefill's logits at every position
+    ([T, vocab]); the first token has none."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # position i predicts token i + 1
+    chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top) if top else None
+    tops = (
+        [list(zip(i, v, strict=True)) for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)]
+        if best is not None
+        else [[] for _ in chosen]
+    )
+    first = TokenLogprob(ids[0], None, None)
+    return [first, *(TokenLogprob(t, lp, pairs) for t, lp, pairs in zip(ids[1:], chosen, tops, strict=True))]

@@ -138,6 +138,13 @@ class Reference:
         generated = out.sequences[0, x.shape[1] :].tolist()
         return generated, torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
 
+    def prompt_logprobs(self, adapter: str, ids: list[int]) -> list[float]:
+        """log p(token i | tokens before it) for i >= 1, from one forward of the prompt with `adapter`."""
+        self.model.set_adapter(adapter)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
 
 @pytest.fixture(scope="session")
 def reference(tiny: tuple[Path, Path]) -> Reference:

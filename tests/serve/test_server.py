@@ -165,9 +165,27 @@ def test_logprobs_are_the_models_own_in_both_shapes(servers: dict[str, Server], 
     body = {"model": "a2", "messages": HI, "top_logprobs": 2}  # without logprobs: true
     r = httpx.post(f"{servers['main'].url}/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
-    echo = {"model": "a2", "prompt": "hi", "logprobs": 1, "echo": True}  # prompt logprobs: refused, not ignored
-    r = httpx.post(f"{servers['main'].url}/v1/completions", json=echo)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_echo_writes_the_prompt_back_with_its_own_logprobs(servers: dict[str, Server], reference: Reference) -> None:
+    """echo: the prompt's text before the completion; with logprobs, each prompt token's log-probability given the
+    tokens before it (none for the first), as the library model computes them; streamed the same."""
+    c = client(servers["main"])
+    kw = {"model": "a2", "prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0}
+    plain = c.completions.create(**kw).choices[0]
+    echoed = c.completions.create(echo=True, logprobs=1, **kw).choices[0]
+    assert echoed.text == PROMPTS[1] + plain.text
+    ids = reference.tokenizer(PROMPTS[1])["input_ids"]
+    legacy = echoed.logprobs
+    assert legacy.token_logprobs[0] is None and legacy.top_logprobs[0] is None
+    expected = reference.prompt_logprobs("a2", ids)
+    assert legacy.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 1 for top in legacy.top_logprobs[1:])
+    assert len(legacy.tokens) == len(ids) + 3 - (echoed.finish_reason == "stop")
+    for logprobs in (1, None):
+        chunks = list(c.completions.create(echo=True, logprobs=logprobs, stream=True, **kw))
+        assert "".join(ch.choices[0].text for ch in chunks) == echoed.text
+    assert c.completions.create(echo=True, **kw).choices[0].text == echoed.text
 
 
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
