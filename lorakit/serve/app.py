@@ -27,7 +27,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve.adapters import AdapterRegistry
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.errors import APIError
-from lorakit.serve.prompts import encode_chat, encode_completion
+from lorakit.serve.prompts import encode_chat, encode_completions
 from lorakit.serve.protocol import (
     ChatRequest,
     ChatShape,
@@ -94,15 +94,15 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
         ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens
         job = _generation(body, adapter, ids, limit, settings)
-        return await _respond(engine, request, body, job, ChatShape(token_text), new_id("chatcmpl"))
+        return await _respond(engine, request, body, [job], ChatShape(token_text), new_id("chatcmpl"))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = registry.route(body.model)
-        ids = encode_completion(tokenizer, body.prompt)
-        job = _generation(body, adapter, ids, body.max_tokens, settings)
-        shape = CompletionShape(token_text, echo=_prompt_text(tokenizer, body.prompt, ids) if body.echo else None)
-        return await _respond(engine, request, body, job, shape, new_id("cmpl"))
+        prompts = encode_completions(tokenizer, body.prompt)
+        jobs = [_generation(body, adapter, ids, body.max_tokens, settings) for ids in prompts]
+        echo = [_prompt_text(tokenizer, body.prompt, i, ids) for i, ids in enumerate(prompts)] if body.echo else None
+        return await _respond(engine, request, body, jobs, CompletionShape(token_text, echo), new_id("cmpl"))
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     async def load_adapter(body: LoadAdapterRequest) -> PlainTextResponse:
@@ -159,25 +159,27 @@ def _generation(
     )
 
 
-def _prompt_text(tokenizer: Any, prompt: str | list, ids: list[int]) -> str:
-    """What echo writes back: the prompt as the client sent it, or the text of its token ids."""
+def _prompt_text(tokenizer: Any, prompt: str | list, index: int, ids: list[int]) -> str:
+    """What echo writes back for prompt `index`: the text as the client sent it, or the text of its token ids."""
     if isinstance(prompt, str):
         return prompt
-    return prompt[0] if isinstance(prompt[0], str) else tokenizer.decode(ids)
+    return prompt[index] if isinstance(prompt[index], str) else tokenizer.decode(ids)
 
 
 async def _respond(
-    engine: Engine, request: Request, body: _Sampling, job_request: GenerationRequest, shape: Any, rid: str
+    engine: Engine, request: Request, body: _Sampling, job_requests: list[GenerationRequest], shape: Any, rid: str
 ) -> Any:
+    """Choices of every prompt: choice j of prompt p has index p * n + j, as OpenAI numbers a batch's choices."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
 
     def emit(i: int, event: Event) -> None:  # called on the engine's thread
         loop.call_soon_threadsafe(events.put_nowait, (i, event))
 
-    jobs = _submit_choices(engine, job_request, body.n, emit)
-    prompt_tokens = len(job_request.prompt_ids)
-    scoring = job_request.logprobs is not None
+    jobs = _submit_choices(engine, job_requests, body.n, emit)
+    prompt_tokens = sum(len(r.prompt_ids) for r in job_requests)
+    scoring = job_requests[0].logprobs is not None
+    echo = [shape.echo[i // body.n] for i in range(len(jobs))] if shape.echo else None  # per choice
 
     def cancel_all() -> None:
         for job in jobs:
@@ -185,10 +187,11 @@ async def _respond(
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(events, body.n, shape, rid, body.model, (prompt_tokens, include_usage, scoring), cancel_all)
+        options = (prompt_tokens, include_usage, scoring, echo)
+        stream = _stream(events, len(jobs), shape, rid, body.model, options, cancel_all)
         # background: also when the client leaves before the stream's first chunk (the generator never ran)
         return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(cancel_all))
-    texts: list[list[str]] = [[shape.echo] if shape.echo else [] for _ in jobs]
+    texts: list[list[str]] = [[echo[i]] if echo else [] for i in range(len(jobs))]
     scored: list[list] = [[] for _ in jobs]
     choices: list[dict | None] = [None] * len(jobs)
     completion_tokens = 0
@@ -215,15 +218,16 @@ async def _respond(
 
 
 def _submit_choices(
-    engine: Engine, job_request: GenerationRequest, n: int, emit: Callable[[int, Event], None]
+    engine: Engine, job_requests: list[GenerationRequest], n: int, emit: Callable[[int, Event], None]
 ) -> list[Any]:
-    """One engine job per choice. With a seed, choice i samples with seed + i: reproducible, yet the choices differ
-    (greedy choices are all the same text). A 429 for a later choice withdraws the earlier ones."""
+    """One engine job per choice of each prompt. With a seed, choice j samples with seed + j: reproducible, yet the
+    choices differ (greedy choices are all the same text). A 429 for a later choice withdraws the earlier ones."""
     jobs: list[Any] = []
     try:
-        for i in range(n):
-            seed = None if job_request.seed is None else job_request.seed + i
-            jobs.append(engine.submit(replace(job_request, seed=seed), partial(emit, i)))
+        for job_request in job_requests:
+            for j in range(n):
+                seed = None if job_request.seed is None else job_request.seed + j
+                jobs.append(engine.submit(replace(job_request, seed=seed), partial(emit, len(jobs))))
     except APIError:
         for job in jobs:
             job.cancel()
@@ -232,13 +236,14 @@ def _submit_choices(
 
 
 async def _stream(
-    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, options: tuple[int, bool, bool],
+    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, options: tuple[int, bool, bool, list | None],
     cancel_all: Callable[[], None],
 ) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: one chunk per text delta (each naming its choice, with its tokens' logprobs when asked
     for), a chunk with each choice's finish reason, then [DONE] once every choice has finished.
-    options: (prompt tokens, whether a usage chunk ends the stream, whether logprobs were asked for)."""
-    prompt_tokens, include_usage, scoring = options
+    options: (prompt tokens, whether a usage chunk ends the stream, whether logprobs were asked for, each choice's
+    echoed prompt or None)."""
+    prompt_tokens, include_usage, scoring, echo = options
 
     def sse(choices: list[dict], use: dict | None = None) -> str:
         return f"data: {json.dumps(envelope(shape.chunk_object, rid, model, choices, use))}\n\n"
@@ -247,9 +252,9 @@ async def _stream(
         if isinstance(shape, ChatShape):
             for i in range(n):
                 yield sse([shape.chunk_choice(None, None, first=True, index=i)])
-        elif shape.echo and not scoring:  # the prompt's text first; with logprobs, once they come
+        elif echo and not scoring:  # the prompt's text first; with logprobs, once they come
             for i in range(n):
-                yield sse([shape.chunk_choice(shape.echo, None, index=i)])
+                yield sse([shape.chunk_choice(echo[i], None, index=i)])
         running, completion_tokens = n, 0
         while running:
             i, event = await events.get()
@@ -258,7 +263,7 @@ async def _stream(
                 break
             if event.prompt_logprobs is not None:
                 logprobs = shape.logprobs(event.prompt_logprobs, i)
-                yield sse([shape.chunk_choice(shape.echo, None, index=i, logprobs=logprobs)])
+                yield sse([shape.chunk_choice(echo[i] if echo else "", None, index=i, logprobs=logprobs)])
             if event.text or event.finish_reason or event.logprobs:
                 logprobs = shape.logprobs(event.logprobs, i) if scoring else None
                 yield sse([shape.chunk_choice(event.text, event.finish_reason, index=i, logprobs=logprobs)])

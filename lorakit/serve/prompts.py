@@ -15,16 +15,25 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_completion(tokenizer: Any, prompt: str | list) -> list[int]:
-    """A completion prompt: a string, a list of one string, or token ids."""
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        if any(not 0 <= p < len(tokenizer) for p in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
-        return list(prompt)
+MAX_PROMPTS = 64  # prompts in one completions request; each takes n rows of the batch
+
+
+def encode_completions(tokenizer: Any, prompt: str | list) -> list[list[int]]:
+    """A completions request's prompts as token ids: a string, token ids, or a list of either (OpenAI's batch)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"give 1 to {MAX_PROMPTS} prompts, not {len(prompts)}", param="prompt")
+    return [_encode(tokenizer, p) for p in prompts]
+
+
+def _encode(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "give one prompt per request (a string or a list of one string)", param="prompt")
-        prompt = prompt[0]
+        if not prompt or any(not 0 <= p < len(tokenizer) for p in prompt):
+            raise APIError(400, f"prompt token ids must be a non-empty list in [0, {len(tokenizer)})", param="prompt")
+        return list(prompt)
     ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")

@@ -69,7 +69,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[StrictInt]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # one prompt, or several (a batch)
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion
@@ -109,7 +109,7 @@ class ChatShape:
     list. `text_of` turns a token id into its text."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
-    echo = None
+    echo: list[str] | None = None
 
     def __init__(self, text_of: Callable[[int], str]) -> None:
         self.text_of = text_of
@@ -143,9 +143,9 @@ class CompletionShape:
 
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, text_of: Callable[[int], str], echo: str | None = None) -> None:
+    def __init__(self, text_of: Callable[[int], str], echo: list[str] | None = None) -> None:
         self.text_of = text_of
-        self.echo = echo  # the prompt's text, written before each choice's completion (echo: true)
+        self.echo = echo  # each prompt's text, written before its choices' completions (echo: true)
         self.offsets: dict[int, int] = {}  # per choice: characters of token text listed so far (streaming)
 
     def choice(self, text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:

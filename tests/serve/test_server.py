@@ -188,6 +188,33 @@ def test_echo_writes_the_prompt_back_with_its_own_logprobs(servers: dict[str, Se
     assert c.completions.create(echo=True, **kw).choices[0].text == echoed.text
 
 
+def test_a_batch_of_prompts_gets_its_choices_in_order(servers: dict[str, Server], reference: Reference) -> None:
+    """prompt as a list (strings or token-id lists, as scoring clients send): choice j of prompt p has index
+    p * n + j and equals that prompt sent alone; usage counts each prompt once."""
+    c = client(servers["main"])
+    kw = {"model": "a3", "max_tokens": MAX_TOKENS, "temperature": 0}
+    alone = [c.completions.create(prompt=p, **kw) for p in PROMPTS]
+    ids = [reference.tokenizer(p)["input_ids"] for p in PROMPTS]
+    for prompt in (PROMPTS, ids):
+        batch = c.completions.create(prompt=prompt, n=2, **kw)
+        assert [ch.index for ch in batch.choices] == [0, 1, 2, 3]
+        assert [ch.text for ch in batch.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+        assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+        assert batch.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    echoed = c.completions.create(prompt=ids, echo=True, logprobs=0, **kw)
+    for choice, prompt, a in zip(echoed.choices, PROMPTS, alone, strict=True):
+        assert choice.text == reference.tokenizer.decode(reference.tokenizer(prompt)["input_ids"]) + a.choices[0].text
+        assert choice.logprobs.token_logprobs[0] is None
+    chunks = list(c.completions.create(prompt=PROMPTS, stream=True, **kw))
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert [streamed[0], streamed[1]] == [a.choices[0].text for a in alone]
+    r = httpx.post(f"{servers['main'].url}/v1/completions", json={**kw, "prompt": ["x"] * 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
     c, url = client(servers["main"]), servers["main"].url
     root = servers_root(servers)
