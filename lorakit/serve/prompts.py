@@ -18,21 +18,26 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 MAX_PROMPTS = 64  # prompts in one completions request; each takes n rows of the batch
 
 
-def encode_completions(tokenizer: Any, prompt: str | list) -> list[list[int]]:
+def encode_completions(tokenizer: Any, prompt: Any) -> list[list[int]]:
     """A completions request's prompts as token ids: a string, token ids, or a list of either (OpenAI's batch)."""
-    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) or _token_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) or _token_ids(p) for p in prompts):
+        message = "prompt must be a string, a list of token ids, or a list of those (strings or token-id lists)"
+        raise APIError(400, message, param="prompt")
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"give 1 to {MAX_PROMPTS} prompts, not {len(prompts)}", param="prompt")
     return [_encode(tokenizer, p) for p in prompts]
 
 
+def _token_ids(value: Any) -> bool:
+    """A non-empty list of ints (JSON true/false are not token ids)."""
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
 def _encode(tokenizer: Any, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
-        if not prompt or any(not 0 <= p < len(tokenizer) for p in prompt):
-            raise APIError(400, f"prompt token ids must be a non-empty list in [0, {len(tokenizer)})", param="prompt")
+        if any(not 0 <= p < len(tokenizer) for p in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
         return list(prompt)
     ids = tokenizer(prompt)["input_ids"]
     if not ids:

@@ -69,7 +69,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # one prompt, or several (a batch)
+    prompt: Any  # a string, token ids, or a list of either: checked by prompts.encode_completions, naming the form
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion

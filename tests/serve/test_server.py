@@ -211,8 +211,9 @@ def test_a_batch_of_prompts_gets_its_choices_in_order(servers: dict[str, Server]
         for choice in chunk.choices:
             streamed[choice.index] += choice.text
     assert [streamed[0], streamed[1]] == [a.choices[0].text for a in alone]
-    r = httpx.post(f"{servers['main'].url}/v1/completions", json={**kw, "prompt": ["x"] * 65})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    for bad in (["x"] * 65, [], [[]], [True, False], {"text": "x"}, [[1, -1]], 7):
+        r = httpx.post(f"{servers['main'].url}/v1/completions", json={**kw, "prompt": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad, r.text)
 
 
 def test_load_and_unload_at_run_time(servers: dict[str, Server], reference: Reference, tmp_path) -> None:
