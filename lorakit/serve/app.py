@@ -98,6 +98,13 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(
+                400,
+                "max_tokens is 0, which asks for nothing without echo: set max_tokens to 1 or more, or send echo: true "
+                "to get the prompt (and with logprobs, its tokens' logprobs) alone",
+                param="max_tokens",
+            )
         adapter = registry.route(body.model)
         prompts = encode_completions(tokenizer, body.prompt)
         jobs = [_generation(body, adapter, ids, body.max_tokens, settings) for ids in prompts]
@@ -125,11 +132,12 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
 def _generation(
     body: _Sampling, adapter: str, ids: list[int], max_tokens: int | None, settings: ServerSettings
 ) -> GenerationRequest:
-    """The engine's request; 400 if prompt + max_tokens exceed the model's context."""
+    """The engine's request; 400 if prompt + max_tokens exceed the model's context (a prompt may fill it when
+    max_tokens is 0: echo's scoring)."""
     room = settings.max_model_len - len(ids)
     if max_tokens is None:
-        max_tokens = min(settings.default_max_tokens, room)
-    if room < 1 or max_tokens > room:
+        max_tokens = min(settings.default_max_tokens, max(room, 1))
+    if max_tokens > room:
         raise APIError(
             400,
             f"This model's maximum context length is {settings.max_model_len} tokens; the prompt has {len(ids)} "

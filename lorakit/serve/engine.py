@@ -85,6 +85,13 @@ class Job:
             logits[list(self.eos)] = float("-inf")
         return next_token(logits, self.request.temperature, self.request.top_p, self.generator)
 
+    def after_prefill(self, logits: Tensor) -> bool:
+        """The first token from the prompt's last logits; a job asking for none (max_tokens 0: echo's scoring, whose
+        prompt logprobs came from the prefill) ends here with "length" and no token. True when the job is finished."""
+        if self.request.max_tokens == 0:
+            return self._finish("", "length")
+        return self.choose(logits)
+
     def choose(self, logits: Tensor, greedy: int | None = None) -> bool:
         """Picks, scores (when asked) and accepts this row's next token; True when the job is finished."""
         token = self.next_token(logits, greedy)
@@ -243,7 +250,7 @@ class Engine:
                 if top is not None:
                     job.emit(Event(prompt_logprobs=prompt_logprobs(logits[0], job.request.prompt_ids, top)))
                     logits = logits[:, -1]
-                if job.choose(logits[0]):
+                if job.after_prefill(logits[0]):
                     self._counts["finished"] += 1
                 else:
                     self._batch.add(job, cache, group=job.request.adapter)

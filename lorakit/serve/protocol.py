@@ -70,7 +70,8 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Any  # a string, token ids, or a list of either: checked by prompts.encode_completions, naming the form
-    max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 only with echo: the prompt's logprobs alone, as scoring clients ask
+    max_tokens: StrictInt | None = Field(16, ge=0)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False  # the prompt's text (and with logprobs, its tokens' logprobs) before the completion
 

@@ -188,6 +188,45 @@ def test_echo_writes_the_prompt_back_with_its_own_logprobs(servers: dict[str, Se
     assert c.completions.create(echo=True, **kw).choices[0].text == echoed.text
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(servers: dict[str, Server], reference: Reference) -> None:
+    """max_tokens 0 with echo, as scoring clients ask: the prompt's text and its tokens' logprobs (those sent with
+    max_tokens 1), no completion token, finish_reason length; streamed the same; a batch with n=2 echoes each prompt
+    in each of its choices; a prompt may fill the context. Without echo, 400 naming max_tokens."""
+    c, url = client(servers["main"]), servers["main"].url
+    kw = {"model": "a2", "echo": True, "logprobs": 2, "temperature": 0}
+    ids = reference.tokenizer(PROMPTS[1])["input_ids"]
+    one = c.completions.create(prompt=PROMPTS[1], max_tokens=1, **kw)
+    scored = c.completions.create(prompt=PROMPTS[1], max_tokens=0, **kw)
+    (choice,) = scored.choices
+    assert choice.text == PROMPTS[1] and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids) == one.usage.prompt_tokens
+    legacy, prefix = choice.logprobs.model_dump(), {k: v[: len(ids)] for k, v in one.choices[0].logprobs}
+    assert legacy == prefix and len(legacy["tokens"]) == len(ids) and legacy["token_logprobs"][0] is None
+    assert legacy["token_logprobs"][1:] == pytest.approx(reference.prompt_logprobs("a2", ids), abs=1e-4)
+    options = {"stream": True, "stream_options": {"include_usage": True}}
+    chunks = list(c.completions.create(prompt=PROMPTS[1], max_tokens=0, **options, **kw))
+    parts = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(p.text for p in parts) == PROMPTS[1] and parts[-1].finish_reason == "length"
+    assert [lp for p in parts if p.logprobs for lp in p.logprobs.token_logprobs] == legacy["token_logprobs"]
+    assert chunks[-1].usage.completion_tokens == 0
+    for stream in (False, True):  # echo without logprobs: the prompt's text alone
+        out = c.completions.create(prompt=PROMPTS[1], model="a2", echo=True, max_tokens=0, stream=stream)
+        text = "".join(ch.choices[0].text for ch in out) if stream else out.choices[0].text
+        assert text == PROMPTS[1]
+    batch = c.completions.create(prompt=PROMPTS, n=2, max_tokens=0, **kw)
+    alone = [c.completions.create(prompt=p, max_tokens=0, **kw).choices[0] for p in PROMPTS]
+    assert [ch.text for ch in batch.choices] == [p for p in PROMPTS for _ in range(2)]
+    assert [ch.logprobs for ch in batch.choices] == [a.logprobs for a in alone for _ in range(2)]
+    assert {ch.finish_reason for ch in batch.choices} == {"length"} and batch.usage.completion_tokens == 0
+    context = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+    full = {"model": "a2", "prompt": [5] * context, "echo": True}
+    assert httpx.post(f"{url}/v1/completions", json={**full, "max_tokens": 0}).status_code == 200
+    assert httpx.post(f"{url}/v1/completions", json={**full, "max_tokens": 1}).status_code == 400
+    r = httpx.post(f"{url}/v1/completions", json={"model": "a2", "prompt": PROMPTS[1], "max_tokens": 0})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "max_tokens" and "echo" in error["message"]
+
+
 def test_a_batch_of_prompts_gets_its_choices_in_order(servers: dict[str, Server], reference: Reference) -> None:
     """prompt as a list (strings or token-id lists, as scoring clients send): choice j of prompt p has index
     p * n + j and equals that prompt sent alone; usage counts each prompt once."""
