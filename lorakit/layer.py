@@ -37,6 +37,7 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
+        self._routed_plan: _RoutedPlan | None = None  # the last routed forward's, see _routed
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         if kind.acts_on_weight:
             host = self.weight_host
@@ -109,33 +110,16 @@ class LoraLayer(nn.Module):
         return acc.to(out.dtype)
 
     def _routed(self, x: Tensor, routing: Routing, out: Tensor) -> Tensor:
-        """base(x) plus, for every routed adapter held here, its term on its own rows only. One pass over the routed
-        names, reading the adapters dict itself: a decode step pays this for every adapter of every layer."""
-        held = self.adapters._modules  # nn.Module's attribute lookup costs ~1 us a name
-        names = [n for n in routing.rows if n in held]
-        if not names:
-            return out
-        rows, _ = routing.rows_for(x.shape[0], x.device)
-        plain, plain_rows, others = [], [], []
-        dtype = out.dtype  # the terms are summed in the widest of the output's and the adapters' dtypes
-        for name in names:
-            adapter, idx = held[name], rows[name]
-            f = _plain_factors(adapter)
-            if f is None:
-                others.append((adapter, idx))
-            else:
-                plain.append(f)
-                plain_rows.append(idx)
-            term_dtype = adapter.dtype if f is None else f.lora_B.dtype
-            if term_dtype is not dtype:
-                dtype = torch.promote_types(dtype, term_dtype)
-        acc = out.to(dtype)
-        if plain:
-            acc = ops.add_routed_lora(acc, x, plain, plain_rows, self.training)
-        for adapter, idx in others:  # one group of rows through the variant's own contribution
-            term = adapter.contribution(self.base_layer, x.index_select(0, idx), out.index_select(0, idx))
-            acc = acc.index_add(0, idx, term.to(acc.dtype))
-        return acc.to(out.dtype)
+        """base(x) plus, for every routed adapter held here, its term on its own rows only. What that needs is kept
+        for the next call with the same Routing (every decode step of a generation, every layer of a server's
+        step): checking it is a few reads per adapter, building it a pass over the routed adapters and their ops."""
+        key = (x.shape[:-1], x.dtype, x.device, out.dtype, torch.is_grad_enabled(), self.training)
+        if torch.compiler.is_compiling():  # traced once: nothing to keep, and no storage to stamp
+            return _RoutedPlan(self, routing, key, x, out)(self.base_layer, x, out)
+        plan = self._routed_plan
+        if plan is None or plan.routing is not routing or plan.key != key or not plan.valid(self.adapters._modules):
+            plan = self._routed_plan = _RoutedPlan(self, routing, key, x, out).sealed()
+        return plan(self.base_layer, x, out)
 
     def live_adapters(self) -> list[Adapter]:
         """Adapters that take part in an unrouted forward: enabled, active, present here and not merged."""
@@ -148,12 +132,14 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
         self.adapters[name] = adapter
+        self._routed_plan = None
         self.state.know(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.adapters[name]
+        self._routed_plan = None  # it holds the adapter's tensors
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
@@ -223,13 +209,92 @@ class LoraLayer(nn.Module):
             parametrize.remove_parametrizations(host, name, leave_parametrized=False)
         return self.base_layer
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_routed_plan": None}  # a copy builds its own from its own adapters
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
 
+    def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
+        self._routed_plan = None
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         kind = f"{self.kind.name}({self.kind.weight_name()})" if self.kind.acts_on_weight else self.kind.name
         return f"kind={kind}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class _RoutedPlan:
+    """One routed forward's adapters, rows and prepared op for a layer, reusable while `valid`: the layer holds the
+    same adapter objects with the same scale, dropout, variant and bias, and their factors have not changed (version
+    counters and storage: an optimizer step, copy_, model.to())."""
+
+    def __init__(self, layer: LoraLayer, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> None:
+        held = layer.adapters._modules  # nn.Module's attribute lookup costs ~1 us a name
+        self.routing, self.key = routing, key
+        self.names = [n for n in routing.rows if n in held]
+        self.adapters = [held[n] for n in self.names]
+        rows, _ = routing.rows_for(x.shape[0], x.device)
+        plain, plain_rows, self.others = [], [], []
+        dtype = out.dtype  # the terms are summed in the widest of the output's and the adapters' dtypes
+        for name, adapter in zip(self.names, self.adapters, strict=True):
+            f = _plain_factors(adapter)
+            if f is None:
+                self.others.append((adapter, rows[name]))
+            else:
+                plain.append(f)
+                plain_rows.append(rows[name])
+            term_dtype = adapter.dtype if f is None else f.lora_B.dtype
+            if term_dtype is not dtype:
+                dtype = torch.promote_types(dtype, term_dtype)
+        self.dtype, self.factors = dtype, [t for f in plain for t in (f.lora_A, f.lora_B)]
+        acc = out.to(dtype)
+        self.add_plain = ops.prepare_routed_lora(acc, x, plain, plain_rows, layer.training) if plain else None
+
+    def sealed(self) -> _RoutedPlan:
+        """The plan with what `valid` compares against recorded."""
+        self.marks, self.stamp = _marks(self.adapters), _stamp(self.factors)
+        return self
+
+    def valid(self, held: dict) -> bool:
+        return (
+            all(held.get(n) is a for n, a in zip(self.names, self.adapters, strict=True))
+            and _marks(self.adapters) == self.marks
+            and _stamp(self.factors) == self.stamp
+        )
+
+    def __call__(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        acc = out.to(self.dtype)
+        if self.add_plain is not None:
+            acc = self.add_plain(acc, x)
+        for adapter, idx in self.others:  # one group of rows through the variant's own contribution
+            term = adapter.contribution(base, x.index_select(0, idx), out.index_select(0, idx))
+            acc = acc.index_add(0, idx, term.to(acc.dtype))
+        return acc.to(out.dtype)
+
+
+def _marks(adapters: list[Adapter]) -> list[tuple]:
+    """What of each adapter, besides its factors' contents, decides its routed term (read from the instance dicts:
+    nn.Module's attribute lookup is slow, and a missing name, such as nn.Identity's p, raises inside it). Tensors by
+    id: the plan holds its factors, so their ids are not reused while it compares them."""
+    marks = []
+    for a in adapters:
+        own = a.__dict__
+        dropout = own["_modules"].get("dropout")
+        p = dropout.__dict__.get("p") if dropout is not None else None
+        tensors = (*map(id, own["_parameters"].values()), *map(id, own["_buffers"].values()))  # a factor replaced
+        marks.append((own["scale"], own["variant"], tensors, dropout, p))
+    return marks
+
+
+def _stamp(tensors: list[Tensor]) -> list[int]:
+    """The factors' in-place change counters and storages, read without a copy."""
+    try:
+        versions = [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor has no counter (nothing outside inference mode changes it in place)
+        versions = [-1 if t.is_inference() else t._version for t in tensors]
+    return versions + [t.data_ptr() for t in tensors]
 
 
 _UNROUTABLE = (

@@ -307,9 +307,27 @@ CHANGES = {
 }
 
 
+def _dense_everywhere(monkeypatch) -> None:
+    """The layers' prepared op is CUDA decoding's dense one (routed_dense) on the CPU too, whenever it applies."""
+    from lorakit import ops
+    from lorakit.ops import routed_dense
+
+    portable = ops.prepare_routed_lora
+
+    def prepare(out, x, adapters, rows, training):
+        if not torch.is_grad_enabled() and routed_dense.fits(out, x, adapters, rows, training):
+            return routed_dense.DenseRouted(out, x, adapters, rows)
+        return portable(out, x, adapters, rows, training)
+
+    monkeypatch.setattr(ops, "prepare_routed_lora", prepare)
+
+
+@pytest.mark.parametrize("op", ["portable", "dense"])
 @pytest.mark.parametrize("names", [EVEN, UNEVEN, WHOLE], ids=["even", "uneven", "whole-batch"])
 @pytest.mark.parametrize("change", CHANGES, ids=str)
-def test_a_repeated_routed_call_sees_every_change_of_its_adapters(change, names, tmp_path):
+def test_a_repeated_routed_call_sees_every_change_of_its_adapters(change, names, op, tmp_path, monkeypatch):
+    if op == "dense":
+        _dense_everywhere(monkeypatch)
     model = _three_adapter_mlp()
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -8,11 +8,13 @@ everything else, and every CPU tensor, runs the reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
+import torch
 from torch import Tensor
 
-from lorakit.ops import reference, routed
+from lorakit.ops import reference, routed, routed_dense
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.low_rank_norm import low_rank_weight_norm
 from lorakit.ops.reference import (
@@ -68,6 +70,18 @@ add_lora = _dispatch("add_lora")
 
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 
+
+def prepare_routed_lora(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """add_routed_lora with `adapters`, `rows` and `training` bound, for repeated calls on inputs shaped like
+    (out, x) while the factors stay as they are (the caller checks). With no gradient to record, a CUDA decode
+    step's few rows go through routed_dense's three ops, their factors side by side and row mask built here once."""
+    if not torch.is_grad_enabled() and backend(x) == "triton" and routed_dense.fits(out, x, adapters, rows, training):
+        return routed_dense.DenseRouted(out, x, adapters, rows)
+    return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
+
+
 __all__ = [
     "LoraFactors",
     "add_lora",
@@ -81,6 +95,7 @@ __all__ = [
     "lora_linear",
     "low_rank_delta",
     "low_rank_weight_norm",
+    "prepare_routed_lora",
     "rescaled_merge",
     "rescaled_unmerge",
     "vera_contribution",

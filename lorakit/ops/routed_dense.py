@@ -50,17 +50,29 @@ def add_routed_lora_dense(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
     """Semantics: reference.add_routed_lora (for inputs where `fits`), summed in the factors' dtype."""
-    dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)}
-    dtype = dtypes.pop()
-    for other in dtypes:  # mixed factor dtypes: the widest
-        dtype = torch.promote_types(dtype, other)
-    n_in, n_out = x.shape[-1], out.shape[-1]
-    tokens_per_row = x[0].numel() // n_in
-    a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
-    mask = _mask(adapters, rows, x.shape[0], tokens_per_row, dtype, x.device)  # (T x R)
-    s = (x.reshape(-1, n_in).to(dtype) @ a_all.T).mul_(mask)
-    summed = torch.addmm(out.reshape(-1, n_out).to(dtype), s, b_all.T)
-    return summed.to(out.dtype).reshape(out.shape)
+    return DenseRouted(out, x, adapters, rows)(out, x)
+
+
+class DenseRouted:
+    """add_routed_lora_dense with its adapters and rows bound: the factors side by side and the row mask are built
+    once, so each later call on inputs shaped like (out, x) is the three ops alone. What a routed layer keeps between
+    the decode steps of one routing (LoraLayer's routed plan)."""
+
+    def __init__(self, out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor]) -> None:
+        dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)}
+        dtype = dtypes.pop()
+        for other in dtypes:  # mixed factor dtypes: the widest
+            dtype = torch.promote_types(dtype, other)
+        self.dtype, self.n_in, self.n_out = dtype, x.shape[-1], out.shape[-1]
+        tokens_per_row = x[0].numel() // self.n_in
+        a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
+        self.a_t, self.b_t = a_all.T, b_all.T
+        self.mask = _mask(adapters, rows, x.shape[0], tokens_per_row, dtype, x.device)  # (T x R)
+
+    def __call__(self, out: Tensor, x: Tensor) -> Tensor:
+        s = (x.reshape(-1, self.n_in).to(self.dtype) @ self.a_t).mul_(self.mask)
+        summed = torch.addmm(out.reshape(-1, self.n_out).to(self.dtype), s, self.b_t)
+        return summed.to(out.dtype).reshape(out.shape)
 
 
 def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
