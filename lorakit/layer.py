@@ -28,6 +28,8 @@ from lorakit.kinds import Kind, own_parameter_names
 from lorakit.state import AdapterState, Routing
 from lorakit.variants.lora import Lora
 
+PLANS_KEPT = 4  # routed plans per layer: a server alternates a prefill's routing with its decode step's
+
 
 class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, kind: Kind, state: AdapterState | None = None) -> None:
@@ -37,7 +39,7 @@ class LoraLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
-        self._routed_plan: _RoutedPlan | None = None  # the last routed forward's, see _routed
+        self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         if kind.acts_on_weight:
             host = self.weight_host
@@ -116,9 +118,12 @@ class LoraLayer(nn.Module):
         key = (x.shape[:-1], x.dtype, x.device, out.dtype, torch.is_grad_enabled(), self.training)
         if torch.compiler.is_compiling():  # traced once: nothing to keep, and no storage to stamp
             return _RoutedPlan(self, routing, key, x, out)(self.base_layer, x, out)
-        plan = self._routed_plan
-        if plan is None or plan.routing is not routing or plan.key != key or not plan.valid(self.adapters._modules):
-            plan = self._routed_plan = _RoutedPlan(self, routing, key, x, out).sealed()
+        plans = self._routed_plans  # a plan holds its Routing, so that Routing's id names no other while it is kept
+        plan = plans.get((id(routing), key))
+        if plan is None or not plan.valid(self.adapters._modules):
+            plan = plans[id(routing), key] = _RoutedPlan(self, routing, key, x, out).sealed()
+            if len(plans) > PLANS_KEPT:  # a dict keeps insertion order: the oldest goes
+                del plans[next(iter(plans))]
         return plan(self.base_layer, x, out)
 
     def live_adapters(self) -> list[Adapter]:
@@ -132,14 +137,14 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
         self.adapters[name] = adapter
-        self._routed_plan = None
+        self._routed_plans = {}
         self.state.know(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.adapters[name]
-        self._routed_plan = None  # it holds the adapter's tensors
+        self._routed_plans = {}  # they hold the adapter's tensors
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
@@ -210,14 +215,14 @@ class LoraLayer(nn.Module):
         return self.base_layer
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_routed_plan": None}  # a copy builds its own from its own adapters
+        return {**self.__dict__, "_routed_plans": {}}  # a copy builds its own from its own adapters
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
-        self._routed_plan = None
+        self._routed_plans = {}
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -75,9 +75,14 @@ def prepare_routed_lora(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """add_routed_lora with `adapters`, `rows` and `training` bound, for repeated calls on inputs shaped like
-    (out, x) while the factors stay as they are (the caller checks). With no gradient to record, a CUDA decode
-    step's few rows go through routed_dense's three ops, their factors side by side and row mask built here once."""
-    if not torch.is_grad_enabled() and backend(x) == "triton" and routed_dense.fits(out, x, adapters, rows, training):
+    (out, x) while the factors stay as they are (the caller checks). With no gradient to record, what the call needs
+    is built here once: the batched path's plan and stacks, or on CUDA for a decode step's few rows routed_dense's
+    factors side by side and row mask (three ops a call)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacks in the graph, or traced: built per call
+        return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
+    if backend(x) == "reference":
+        return routed.BatchedRouted(out, x, adapters, rows, training)
+    if routed_dense.fits(out, x, adapters, rows, training):
         return routed_dense.DenseRouted(out, x, adapters, rows)
     return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
 

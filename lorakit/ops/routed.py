@@ -29,9 +29,38 @@ from torch import Tensor
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 
-_STACKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
-_PLANS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()
-_CACHE_MAX = 512  # entries each (stacks: one per layer and level; plans: one per routing and rank group)
+
+class Kept(OrderedDict):
+    """What _memo keeps, least recently used first, with the bytes of the tensors the kept values hold counted as
+    entries come and go (a budget check reads one number, not every entry)."""
+
+    nbytes = 0
+
+    def __setitem__(self, key: tuple, entry: tuple[list, object]) -> None:
+        if key in self:
+            self.nbytes -= _bytes(self[key][1])
+        super().__setitem__(key, entry)
+        self.nbytes += _bytes(entry[1])
+
+    def __delitem__(self, key: tuple) -> None:
+        self.nbytes -= _bytes(self[key][1])
+        super().__delitem__(key)
+
+    def popitem(self, last: bool = True) -> tuple:
+        key, entry = super().popitem(last)
+        self.nbytes -= _bytes(entry[1])
+        return key, entry
+
+
+def _bytes(value: object) -> int:
+    if isinstance(value, Tensor):
+        return value.nbytes
+    return sum(t.nbytes for t in value if isinstance(t, Tensor)) if isinstance(value, tuple) else 0
+
+
+_STACKS = Kept()
+_PLANS = Kept()
+_CACHE_MAX = 4096  # entries each (stacks: one per layer and adapter subset; plans: one per routing and rank group)
 _PADDING_FREE = 256  # padded positions a level may add regardless of the ratio
 _PADDING_PER_LOOP = 64  # padded positions that cost about as much as one adapter's four ops in the loop (CPU)
 STACKS_MAX_BYTES = 512 * 2**20  # the stacked copies of factors kept between calls, least recently used dropped
@@ -43,16 +72,34 @@ def add_routed_lora(
     """Semantics: reference.add_routed_lora (the spec); adapters of equal rank and dtype run as one batched group."""
     if torch.compiler.is_compiling():  # the plans and stacks kept below are found by tensor identity: not traceable
         return reference.add_routed_lora(out, x, adapters, rows, training)
-    tokens = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # positions per row
-    batched, looped = _plan(adapters, rows, training, x.shape[0], tokens)
-    summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
-    for members, layout in batched:
-        level = [adapters[i] for i in members]
-        summed = _batched(out if summed is None else summed, x, level, layout, fresh=summed is None)
-    if looped:
-        pairs = [(adapters[i], rows[i], whole) for i, whole in looped]
-        summed = _looped(out if summed is None else summed, x, pairs, training, fresh=summed is None)
-    return out if summed is None else summed.to(out.dtype)
+    return BatchedRouted(out, x, adapters, rows, training)(out, x)
+
+
+class BatchedRouted:
+    """add_routed_lora with its adapters and rows bound: the plan (levels, block layouts, looped adapters) and each
+    level's stacked factors are resolved once, so a later call on inputs shaped like (out, x) is the bmm pairs and
+    the loop's ops alone. Kept by a routed layer between the decode steps of one routing when no gradient is
+    recorded (with one, the stacks are part of the graph: built per call)."""
+
+    def __init__(
+        self, out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+    ) -> None:
+        tokens = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # positions per row
+        batched, looped = _plan(adapters, rows, training, x.shape[0], tokens)
+        self.levels = []
+        for members, layout in batched:
+            level = [adapters[i] for i in members]
+            self.levels.append((_stacked(level), layout, any(a.scale != 1 for a in level)))
+        self.looped = [(adapters[i], rows[i], whole) for i, whole in looped]
+        self.training = training
+
+    def __call__(self, out: Tensor, x: Tensor) -> Tensor:
+        summed = None  # out in the factors' dtype plus the terms so far; rounded once at the end
+        for stacks, layout, scaled in self.levels:
+            summed = _batched(out if summed is None else summed, x, stacks, layout, scaled, fresh=summed is None)
+        if self.looped:
+            summed = _looped(out if summed is None else summed, x, self.looped, self.training, fresh=summed is None)
+        return out if summed is None else summed.to(out.dtype)
 
 
 def _plan(
@@ -138,17 +185,20 @@ def _disjoint_levels(members: list[int], rows: Sequence[Tensor]) -> list[list[in
     return levels
 
 
-def _batched(acc: Tensor, x: Tensor, level: list[LoraFactors], layout: tuple, fresh: bool) -> Tensor:
+def _batched(
+    acc: Tensor, x: Tensor, stacks: tuple[Tensor, Tensor, Tensor], layout: tuple, scaled: bool, fresh: bool
+) -> Tensor:
     """acc plus one level's terms: the rows laid out per adapter in a (K, L, ...) block (zero-padded to the
-    longest), two bmm with the stacked factors. fresh: acc is the caller's `out`, so it is not changed in place."""
-    A_t, B_t, scale = _stacked(level)  # (K, in, r), (K, r, out), (K,)
+    longest), two bmm with the stacked factors (scaled: some scale is not 1). fresh: acc is the caller's `out`, so
+    it is not changed in place."""
+    A_t, B_t, scale = stacks  # (K, in, r), (K, r, out), (K,)
     sel, pos, longest, how = layout
-    k = len(level)
+    k = A_t.shape[0]
     xs = x if how == "all rows in order" else x.index_select(0, sel)
     if how == "padded":
         xs = xs.new_zeros((k * longest, *xs.shape[1:])).index_copy_(0, pos, xs)
     h = torch.bmm(xs.to(A_t.dtype).reshape(k, -1, xs.shape[-1]), A_t)  # (K, L * tokens, r)
-    if any(a.scale != 1 for a in level):
+    if scaled:
         h = h * scale[:, None, None]
     y = torch.bmm(h, B_t).reshape(-1, *acc.shape[1:])  # (K * L, ..., out)
     y = y.index_select(0, pos) if how == "padded" else y
@@ -175,7 +225,7 @@ def _is_whole_batch(idx: Tensor, n: int) -> bool:
     return idx.numel() == n and bool(torch.equal(idx, torch.arange(n, device=idx.device)))
 
 
-def _memo(cache: OrderedDict, key: tuple, tensors: Sequence[Tensor], build):
+def _memo(cache: Kept, key: tuple, tensors: Sequence[Tensor], build):
     """build(), reused while `key` (which names `tensors` by id and version) comes back with the same tensor objects
     (every layer of one routed call, and every call of a routing, passes the same row tensors); weak references,
     so a reused id() is never a hit."""
@@ -185,12 +235,20 @@ def _memo(cache: OrderedDict, key: tuple, tensors: Sequence[Tensor], build):
         return hit[1]
     with torch.inference_mode(False), torch.no_grad():  # kept for later calls, which may record gradients
         value = build()
-    for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
-        del cache[stale]  # its tensors are gone: so is what was built from them
     cache[key] = ([weakref.ref(t) for t in tensors], value)
     if len(cache) > _CACHE_MAX:
-        cache.popitem(last=False)
+        _prune(cache)
     return value
+
+
+def _prune(cache: Kept) -> None:
+    """Drops the entries whose tensors are gone (what was built from them is never a hit again), then the least
+    recently used, down to three quarters of _CACHE_MAX: a pass over every entry once per quarter of the cache
+    filled, not at every miss (a server whose batches change adapters misses at every layer)."""
+    for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
+        del cache[stale]
+    while len(cache) > _CACHE_MAX * 3 // 4:
+        cache.popitem(last=False)
 
 
 def _balanced(rows: list[Tensor], tokens: int) -> bool:
@@ -225,7 +283,7 @@ def _stack_within_budget(adapters: list[LoraFactors]) -> tuple[Tensor, Tensor, T
     mixing other subsets of adapters then re-stack, as without a cache, instead of growing memory)."""
     stacked = _stack(adapters)
     need = sum(t.nbytes for t in stacked)
-    while _STACKS and need + sum(t.nbytes for _, value in _STACKS.values() for t in value) > STACKS_MAX_BYTES:
+    while _STACKS and need + _STACKS.nbytes > STACKS_MAX_BYTES:
         _STACKS.popitem(last=False)
     return stacked
 

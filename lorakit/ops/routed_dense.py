@@ -14,7 +14,6 @@ its stacks), so a serving layer builds them once per adapter set and per routing
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -24,8 +23,8 @@ from lorakit.ops import routed
 from lorakit.ops.reference import LoraFactors
 
 DENSE_MAX = 2**16  # token rows x summed ranks up to which the dense form is used: a 64-row step over 64 rank-16
-_FACTORS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # adapters side by side, per dtype
-_MASKS: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # per routing (its row tensors), ranks and scales
+_FACTORS = routed.Kept()  # adapters side by side, per dtype
+_MASKS = routed.Kept()  # per routing (its row tensors), ranks and scales
 
 
 def fits(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool) -> bool:
@@ -83,10 +82,8 @@ def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[T
     def build() -> tuple[Tensor, Tensor]:
         a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
         b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
-        kept = sum(t.nbytes for _, value in _FACTORS.values() for t in value)
-        while _FACTORS and kept + a_all.nbytes + b_all.nbytes > routed.STACKS_MAX_BYTES:
-            _, (_, dropped) = _FACTORS.popitem(last=False)
-            kept -= sum(t.nbytes for t in dropped)
+        while _FACTORS and _FACTORS.nbytes + a_all.nbytes + b_all.nbytes > routed.STACKS_MAX_BYTES:
+            _FACTORS.popitem(last=False)
         return a_all, b_all
 
     return routed._memo(_FACTORS, (dtype, *routed._stamps(tensors)), tensors, build)

@@ -12,7 +12,6 @@ Training (any gradient wanted), dropout in training mode and torch.compile traci
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +24,7 @@ from lorakit.ops.reference import LoraFactors
 
 BLOCK_M = 64
 _META: dict[tuple, tuple[Tensor, Tensor, Tensor, int]] = {}  # segment layout -> device tables (shapes only)
-_KEPT: OrderedDict[tuple, tuple[list, object]] = OrderedDict()  # row lists joined
+_KEPT = routed.Kept()  # row lists joined
 
 
 @triton.jit
