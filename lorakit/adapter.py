@@ -18,6 +18,17 @@ from lorakit.variants import Variant
 class Adapter(nn.Module):
     """ΔW = s · B A with A (r x in ...), B (out x r ...), s = alpha/r (or alpha/sqrt(r) with rsLoRA)."""
 
+    changes = 0  # attributes set or deleted on any adapter so far: a routed layer's kept plan compares this one number
+    # instead of re-reading each of its adapters' scale, variant and factors at every call (lorakit.layer)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        Adapter.changes += 1
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        Adapter.changes += 1
+        super().__delattr__(name)
+
     def __init__(
         self,
         kind: Kind,

@@ -259,15 +259,19 @@ class _RoutedPlan:
 
     def sealed(self) -> _RoutedPlan:
         """The plan with what `valid` compares against recorded."""
-        self.marks, self.stamp = _marks(self.adapters), _stamp(self.factors)
+        self.changes, self.marks, self.stamp = Adapter.changes, _marks(self.adapters), _stamp(self.factors)
         return self
 
     def valid(self, held: dict) -> bool:
-        return (
-            all(held.get(n) is a for n, a in zip(self.names, self.adapters, strict=True))
-            and _marks(self.adapters) == self.marks
-            and _stamp(self.factors) == self.stamp
-        )
+        """The adapters' own attributes are re-read only after some adapter had one set (Adapter.changes), or in
+        training, where a dropout's p, set on the dropout module, counts; the factors' contents at every call."""
+        if not all(held.get(n) is a for n, a in zip(self.names, self.adapters, strict=True)):
+            return False
+        if self.changes != Adapter.changes or self.key[-1]:
+            if _marks(self.adapters) != self.marks:
+                return False
+            self.changes = Adapter.changes
+        return _stamp(self.factors) == self.stamp
 
     def __call__(self, base: nn.Module, x: Tensor, out: Tensor) -> Tensor:
         acc = out.to(self.dtype)
