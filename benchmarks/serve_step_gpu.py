@@ -44,7 +44,7 @@ def build(args: argparse.Namespace):
     wrapped = get_lora_model(model, lora, ADAPTERS[0], adapter_dtype=dtype)
     for name in ADAPTERS[1:]:
         wrapped.add_adapter(name, lora, adapter_dtype=dtype)
-    return wrapped
+    return wrapped.eval()  # as the server has it (the adapted layers are new modules, in training mode)
 
 
 def filled_batch(model, names: list[str], args: argparse.Namespace) -> DecodeBatch:

@@ -17,6 +17,8 @@ ParamWrappers: each layer's base_layer is the next, the innermost's the module t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -118,13 +120,23 @@ class LoraLayer(nn.Module):
         key = (x.shape[:-1], x.dtype, x.device, out.dtype, torch.is_grad_enabled(), self.training)
         if torch.compiler.is_compiling():  # traced once: nothing to keep, and no storage to stamp
             return _RoutedPlan(self, routing, key, x, out)(self.base_layer, x, out)
-        plans = self._routed_plans  # a plan holds its Routing, so that Routing's id names no other while it is kept
+        plans, held = self._routed_plans, self.adapters._modules  # a plan holds its Routing: its id names no other
         plan = plans.get((id(routing), key))
-        if plan is None or not plan.valid(self.adapters._modules):
-            plan = plans[id(routing), key] = _RoutedPlan(self, routing, key, x, out).sealed()
+        if plan is None or not plan.valid(held):
+            plan = plans[id(routing), key] = self._new_plan(routing, key, x, out)
             if len(plans) > PLANS_KEPT:  # a dict keeps insertion order: the oldest goes
                 del plans[next(iter(plans))]
         return plan(self.base_layer, x, out)
+
+    def _new_plan(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
+        """A kept plan of the same adapters for other rows (rows joined or left a server's batch) is rebound to
+        the new rows, its checks and factors kept; else a plan is built from the adapters."""
+        held = self.adapters._modules
+        names = [n for n in routing.rows if n in held]
+        for plan in reversed(self._routed_plans.values()):
+            if plan.names == names and plan.key[1:] == key[1:] and plan.valid(held):
+                return plan.rebound(routing, key, x, out)
+        return _RoutedPlan(self, routing, key, x, out).sealed()
 
     def live_adapters(self) -> list[Adapter]:
         """Adapters that take part in an unrouted forward: enabled, active, present here and not merged."""
@@ -241,7 +253,7 @@ class _RoutedPlan:
         self.names = [n for n in routing.rows if n in held]
         self.adapters = [held[n] for n in self.names]
         rows, _ = routing.rows_for(x.shape[0], x.device)
-        plain, plain_rows, self.others = [], [], []
+        plain, self.plain_names, self.others = [], [], []
         dtype = out.dtype  # the terms are summed in the widest of the output's and the adapters' dtypes
         for name, adapter in zip(self.names, self.adapters, strict=True):
             f = _plain_factors(adapter)
@@ -249,13 +261,29 @@ class _RoutedPlan:
                 self.others.append((adapter, rows[name]))
             else:
                 plain.append(f)
-                plain_rows.append(rows[name])
+                self.plain_names.append(name)
             term_dtype = adapter.dtype if f is None else f.lora_B.dtype
             if term_dtype is not dtype:
                 dtype = torch.promote_types(dtype, term_dtype)
         self.dtype, self.factors = dtype, [t for f in plain for t in (f.lora_A, f.lora_B)]
+        self.plain, plain_rows = plain, [rows[n] for n in self.plain_names]
         acc = out.to(dtype)
         self.add_plain = ops.prepare_routed_lora(acc, x, plain, plain_rows, layer.training) if plain else None
+
+    def rebound(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
+        """This plan for another Routing of the same adapters: only what depends on the rows is rebuilt (on CUDA
+        the dense op's row mask, which every layer shares)."""
+        plan = copy.copy(self)
+        plan.routing, plan.key = routing, key
+        rows, _ = routing.rows_for(x.shape[0], x.device)
+        named = dict(zip(self.names, self.adapters, strict=True))
+        plan.others = [(adapter, rows[n]) for n, adapter in named.items() if n not in self.plain_names]
+        plain_rows = [rows[n] for n in self.plain_names]
+        if self.plain:
+            plan.add_plain = ops.prepare_routed_lora(
+                out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain
+            )
+        return plan
 
     def sealed(self) -> _RoutedPlan:
         """The plan with what `valid` compares against recorded."""

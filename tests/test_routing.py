@@ -309,17 +309,9 @@ CHANGES = {
 
 def _dense_everywhere(monkeypatch) -> None:
     """The layers' prepared op is CUDA decoding's dense one (routed_dense) on the CPU too, whenever it applies."""
-    from lorakit import ops
     from lorakit.ops import routed_dense
 
-    portable = ops.prepare_routed_lora
-
-    def prepare(out, x, adapters, rows, training):
-        if not torch.is_grad_enabled() and routed_dense.fits(out, x, adapters, rows, training):
-            return routed_dense.DenseRouted(out, x, adapters, rows)
-        return portable(out, x, adapters, rows, training)
-
-    monkeypatch.setattr(ops, "prepare_routed_lora", prepare)
+    monkeypatch.setattr(routed_dense, "DEVICES", ("cpu", "cuda"))
 
 
 @pytest.mark.parametrize("op", ["portable", "dense"])
@@ -342,6 +334,23 @@ def test_a_repeated_routed_call_sees_every_change_of_its_adapters(change, names,
     row = names.index("b")
     assert mixed.dtype == x.dtype
     assert (change == "to-float64") == torch.allclose(mixed[row].float(), before[1][row])  # b's row changed
+
+
+@pytest.mark.parametrize("op", ["portable", "dense"])
+def test_rows_joining_and_leaving_reuse_a_plan_of_the_same_adapters_for_their_own_rows(op, monkeypatch):
+    if op == "dense":
+        _dense_everywhere(monkeypatch)
+    model = _three_adapter_mlp()
+    generator = torch.Generator().manual_seed(0)
+    batches = [EVEN, ["a", "b", "c", "c", "a"], ["a", "a", "b", "c", "b", "c", "__base__"], EVEN]
+    for step, names in enumerate(batches * 2):  # the second round after b's factors changed in place
+        if step == len(batches):
+            _scale_factor_in_place(model)
+        x = torch.randn(len(names), 6, generator=generator)
+        with torch.inference_mode():
+            mixed = model(x=x, adapter_names=names)
+            expected = _one_at_a_time(model, lambda x=x: model(x=x), names)
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_same_adapter_names_get_the_same_routing_until_the_tree_changes():

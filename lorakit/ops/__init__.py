@@ -72,18 +72,26 @@ add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batche
 
 
 def prepare_routed_lora(
-    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+    out: Tensor,
+    x: Tensor,
+    adapters: Sequence[LoraFactors],
+    rows: Sequence[Tensor],
+    training: bool,
+    like: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """add_routed_lora with `adapters`, `rows` and `training` bound, for repeated calls on inputs shaped like
     (out, x) while the factors stay as they are (the caller checks). With no gradient to record, what the call needs
-    is built here once: the batched path's plan and stacks, or on CUDA for a decode step's few rows routed_dense's
-    factors side by side and row mask (three ops a call)."""
+    is built here once: on CUDA for a decode step's few rows routed_dense's factors side by side and row mask (three
+    ops a call), else the batched path's plan and stacks. `like`: an op prepared for the same adapters and other
+    rows, whose factors side by side are reused."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacks in the graph, or traced: built per call
         return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
+    if x.device.type in routed_dense.DEVICES and routed_dense.fits(out, x, adapters, rows, training):
+        if isinstance(like, routed_dense.DenseRouted):
+            return like.with_rows(x, adapters, rows)
+        return routed_dense.DenseRouted(out, x, adapters, rows)
     if backend(x) == "reference":
         return routed.BatchedRouted(out, x, adapters, rows, training)
-    if routed_dense.fits(out, x, adapters, rows, training):
-        return routed_dense.DenseRouted(out, x, adapters, rows)
     return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
 
 

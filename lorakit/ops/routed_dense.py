@@ -14,6 +14,7 @@ its stacks), so a serving layer builds them once per adapter set and per routing
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from lorakit.ops import routed
 from lorakit.ops.reference import LoraFactors
 
+DEVICES = ("cuda",)  # where prepared routed layers use it; on a CPU the extra products cost more than they save
 DENSE_MAX = 2**16  # token rows x summed ranks up to which the dense form is used: a 64-row step over 64 rank-16
 _FACTORS = routed.Kept()  # adapters side by side, per dtype
 _MASKS = routed.Kept()  # per routing (its row tensors), ranks and scales
@@ -67,6 +69,13 @@ class DenseRouted:
         a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
         self.a_t, self.b_t = a_all.T, b_all.T
         self.mask = _mask(adapters, rows, x.shape[0], tokens_per_row, dtype, x.device)  # (T x R)
+
+    def with_rows(self, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor]) -> DenseRouted:
+        """The same adapters' factors side by side (the caller knows them unchanged) for other rows of x."""
+        other = copy.copy(self)
+        tokens_per_row = x[0].numel() // self.n_in
+        other.mask = _mask(adapters, rows, x.shape[0], tokens_per_row, self.dtype, x.device)
+        return other
 
     def __call__(self, out: Tensor, x: Tensor) -> Tensor:
         s = (x.reshape(-1, self.n_in).to(self.dtype) @ self.a_t).mul_(self.mask)
