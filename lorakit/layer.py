@@ -30,7 +30,7 @@ from lorakit.kinds import Kind, own_parameter_names
 from lorakit.state import AdapterState, Routing
 from lorakit.variants.lora import Lora
 
-PLANS_KEPT = 4  # routed plans per layer: a server alternates a prefill's routing with its decode step's
+PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefills of requests for other adapters
 
 
 class LoraLayer(nn.Module):

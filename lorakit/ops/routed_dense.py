@@ -89,6 +89,8 @@ def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[T
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
 
     def build() -> tuple[Tensor, Tensor]:
+        if len(adapters) == 1:  # a prefill's one adapter: its own factors, no copy where the dtype is theirs already
+            return adapters[0].lora_A.to(dtype), adapters[0].lora_B.to(dtype).contiguous()
         a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
         b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
         while _FACTORS and _FACTORS.nbytes + a_all.nbytes + b_all.nbytes > routed.STACKS_MAX_BYTES:
