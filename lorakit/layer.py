@@ -18,6 +18,8 @@ ParamWrappers: each layer's base_layer is the next, the innermost's the module t
 from __future__ import annotations
 
 import copy
+import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
@@ -121,21 +123,30 @@ class LoraLayer(nn.Module):
         if torch.compiler.is_compiling():  # traced once: nothing to keep, and no storage to stamp
             return _RoutedPlan(self, routing, key, x, out)(self.base_layer, x, out)
         plans, held = self._routed_plans, self.adapters._modules  # a plan holds its Routing: its id names no other
-        plan = plans.get((id(routing), key))
+        plan = plans.pop((id(routing), key), None)  # and goes back in last: the least recently used go first
         if plan is None or not plan.valid(held):
-            plan = plans[id(routing), key] = self._new_plan(routing, key, x, out)
-            if len(plans) > PLANS_KEPT:  # a dict keeps insertion order: the oldest goes
+            plan = self._new_plan(routing, key, x, out)
+            if len(plans) >= PLANS_KEPT:
                 del plans[next(iter(plans))]
+        plans[id(routing), key] = plan
         return plan(self.base_layer, x, out)
 
     def _new_plan(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
         """A kept plan of the same adapters for other rows (rows joined or left a server's batch) is rebound to
-        the new rows, its checks and factors kept; else a plan is built from the adapters."""
+        the new rows, its checks and factors kept. A decode step may also take a plan of more adapters (those
+        without rows add nothing), and a new one covers the latest step's adapters too, so a batch whose requests
+        come and go over a few adapters soon stops building plans. Else a plan is built from the adapters."""
         held = self.adapters._modules
         names = [n for n in routing.rows if n in held]
-        for plan in reversed(self._routed_plans.values()):
-            if plan.names == names and plan.key[1:] == key[1:] and plan.valid(held):
+        kin = [p for p in reversed(self._routed_plans.values()) if p.key[1:] == key[1:]]
+        decoding = _one_token_a_row(key)
+        for plan in kin:
+            if (plan.names == names or decoding and plan.decoding and plan.covers(names)) and plan.valid(held):
                 return plan.rebound(routing, key, x, out)
+        latest = next((p for p in kin if p.decoding and p.valid(held)), None) if decoding else None
+        if latest is not None:
+            union = names + [n for n in latest.names if n not in routing.rows]
+            return _RoutedPlan(self, routing, key, x, out, union).sealed()
         return _RoutedPlan(self, routing, key, x, out).sealed()
 
     def live_adapters(self) -> list[Adapter]:
@@ -247,12 +258,14 @@ class _RoutedPlan:
     same adapter objects with the same scale, dropout, variant and bias, and their factors have not changed (version
     counters and storage: an optimizer step, copy_, model.to())."""
 
-    def __init__(self, layer: LoraLayer, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> None:
+    def __init__(
+        self, layer: LoraLayer, routing: Routing, key: tuple, x: Tensor, out: Tensor, names: list[str] | None = None
+    ) -> None:
         held = layer.adapters._modules  # nn.Module's attribute lookup costs ~1 us a name
-        self.routing, self.key = routing, key
-        self.names = [n for n in routing.rows if n in held]
+        self.routing, self.key, self.decoding = routing, key, _one_token_a_row(key)
+        self.names = [n for n in routing.rows if n in held] if names is None else names  # given: some without rows
         self.adapters = [held[n] for n in self.names]
-        rows, _ = routing.rows_for(x.shape[0], x.device)
+        rows = _rows(routing, x)
         plain, self.plain_names, self.others = [], [], []
         dtype = out.dtype  # the terms are summed in the widest of the output's and the adapters' dtypes
         for name, adapter in zip(self.names, self.adapters, strict=True):
@@ -275,7 +288,7 @@ class _RoutedPlan:
         the dense op's row mask, which every layer shares)."""
         plan = copy.copy(self)
         plan.routing, plan.key = routing, key
-        rows, _ = routing.rows_for(x.shape[0], x.device)
+        rows = _rows(routing, x)
         named = dict(zip(self.names, self.adapters, strict=True))
         plan.others = [(adapter, rows[n]) for n, adapter in named.items() if n not in self.plain_names]
         plain_rows = [rows[n] for n in self.plain_names]
@@ -284,6 +297,9 @@ class _RoutedPlan:
                 out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain
             )
         return plan
+
+    def covers(self, names: list[str]) -> bool:
+        return set(names) <= set(self.names)
 
     def sealed(self) -> _RoutedPlan:
         """The plan with what `valid` compares against recorded."""
@@ -306,9 +322,28 @@ class _RoutedPlan:
         if self.add_plain is not None:
             acc = self.add_plain(acc, x)
         for adapter, idx in self.others:  # one group of rows through the variant's own contribution
+            if not idx.numel():
+                continue
             term = adapter.contribution(base, x.index_select(0, idx), out.index_select(0, idx))
             acc = acc.index_add(0, idx, term.to(acc.dtype))
         return acc.to(out.dtype)
+
+
+def _one_token_a_row(key: tuple) -> bool:
+    """A routed plan's key: a call that records no gradient with one position per row (a decode step)."""
+    return not key[-2] and math.prod(key[0][1:]) == 1
+
+
+_NO_ROWS: dict[torch.device, Tensor] = {}
+
+
+def _rows(routing: Routing, x: Tensor) -> dict[str, Tensor]:
+    """Each routed adapter's rows of x; an adapter the routing does not name has none."""
+    rows, _ = routing.rows_for(x.shape[0], x.device)
+    if x.device not in _NO_ROWS:
+        with torch.inference_mode(False):
+            _NO_ROWS[x.device] = torch.zeros(0, dtype=torch.long, device=x.device)
+    return defaultdict(lambda: _NO_ROWS[x.device], rows)
 
 
 def _marks(adapters: list[Adapter]) -> list[tuple]:

@@ -342,7 +342,8 @@ def test_rows_joining_and_leaving_reuse_a_plan_of_the_same_adapters_for_their_ow
         _dense_everywhere(monkeypatch)
     model = _three_adapter_mlp()
     generator = torch.Generator().manual_seed(0)
-    batches = [EVEN, ["a", "b", "c", "c", "a"], ["a", "a", "b", "c", "b", "c", "__base__"], EVEN]
+    batches = [EVEN, ["a", "b", "c", "c", "a"], ["a", "a", "b", "c", "b", "c", "__base__"], EVEN, ["b", "__base__"],
+               ["c", "a"], ["a"], ["b", "b", "a"]]  # fmt: skip
     for step, names in enumerate(batches * 2):  # the second round after b's factors changed in place
         if step == len(batches):
             _scale_factor_in_place(model)
@@ -351,6 +352,23 @@ def test_rows_joining_and_leaving_reuse_a_plan_of_the_same_adapters_for_their_ow
             mixed = model(x=x, adapter_names=names)
             expected = _one_at_a_time(model, lambda x=x: model(x=x), names)
         torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["portable", "dense"])
+def test_a_broken_adapter_in_an_earlier_step_leaves_the_other_rows_of_later_steps_alone(op, monkeypatch):
+    if op == "dense":
+        _dense_everywhere(monkeypatch)
+    model = _three_adapter_mlp()
+    with torch.no_grad():
+        for adapter in _adapters(model, "c"):
+            adapter.lora_B.fill_(float("nan"))
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        broken = model(x=x, adapter_names=["a", "c", "b"])
+        later = model(x=x[:2], adapter_names=["a", "b"])  # a plan covering c too would spread its NaN by 0 * NaN
+        expected = _one_at_a_time(model, lambda: model(x=x[:2]), ["a", "b"])
+    assert broken[1].isnan().all() and not broken[[0, 2]].isnan().any()
+    torch.testing.assert_close(later, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_same_adapter_names_get_the_same_routing_until_the_tree_changes():

@@ -87,9 +87,9 @@ def prepare_routed_lora(
     if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacks in the graph, or traced: built per call
         return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
     if x.device.type in routed_dense.DEVICES and routed_dense.fits(out, x, adapters, rows, training):
-        if isinstance(like, routed_dense.DenseRouted):
-            return like.with_rows(x, adapters, rows)
-        return routed_dense.DenseRouted(out, x, adapters, rows)
+        dense = like if isinstance(like, routed_dense.DenseRouted) else routed_dense.DenseRouted(out, x, adapters, rows)
+        if dense.finite:
+            return dense.with_rows(x, adapters, rows) if dense is like else dense
     if backend(x) == "reference":
         return routed.BatchedRouted(out, x, adapters, rows, training)
     return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)

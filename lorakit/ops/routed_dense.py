@@ -51,7 +51,8 @@ def add_routed_lora_dense(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
 ) -> Tensor:
     """Semantics: reference.add_routed_lora (for inputs where `fits`), summed in the factors' dtype."""
-    return DenseRouted(out, x, adapters, rows)(out, x)
+    op = DenseRouted(out, x, adapters, rows)
+    return op(out, x) if op.finite else routed.add_routed_lora(out, x, adapters, rows, training)
 
 
 class DenseRouted:
@@ -66,7 +67,7 @@ class DenseRouted:
             dtype = torch.promote_types(dtype, other)
         self.dtype, self.n_in, self.n_out = dtype, x.shape[-1], out.shape[-1]
         tokens_per_row = x[0].numel() // self.n_in
-        a_all, b_all = side_by_side(adapters, dtype)  # (R x in), (out x R)
+        a_all, b_all, self.finite = side_by_side(adapters, dtype)  # (R x in), (out x R)
         self.a_t, self.b_t = a_all.T, b_all.T
         self.mask = _mask(adapters, rows, x.shape[0], tokens_per_row, dtype, x.device)  # (T x R)
 
@@ -83,19 +84,22 @@ class DenseRouted:
         return summed.to(out.dtype).reshape(out.shape)
 
 
-def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A_all (R x in) and B_all (out x R) in `dtype`, kept while no factor changes (within routed.STACKS_MAX_BYTES,
-    least recently used dropped): a decode step would otherwise copy every routed adapter's factors at every layer."""
+def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """A_all (R x in) and B_all (out x R) in `dtype`, and whether all of them is finite, kept while no factor changes
+    (within routed.STACKS_MAX_BYTES, least recently used dropped): a decode step would otherwise copy every routed
+    adapter's factors at every layer. Not finite: the dense form does not apply, as a NaN in one adapter's B times
+    the zero mask of another adapter's rows would reach those rows."""
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
 
-    def build() -> tuple[Tensor, Tensor]:
+    def build() -> tuple[Tensor, Tensor, bool]:
         if len(adapters) == 1:  # a prefill's one adapter: its own factors, no copy where the dtype is theirs already
-            return adapters[0].lora_A.to(dtype), adapters[0].lora_B.to(dtype).contiguous()
-        a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
-        b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
+            a_all, b_all = adapters[0].lora_A.to(dtype), adapters[0].lora_B.to(dtype).contiguous()
+        else:
+            a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
+            b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
         while _FACTORS and _FACTORS.nbytes + a_all.nbytes + b_all.nbytes > routed.STACKS_MAX_BYTES:
             _FACTORS.popitem(last=False)
-        return a_all, b_all
+        return a_all, b_all, bool(torch.isfinite(a_all).all() & torch.isfinite(b_all).all())  # one sync a build
 
     return routed._memo(_FACTORS, (dtype, *routed._stamps(tensors)), tensors, build)
 

@@ -96,7 +96,7 @@ def add_routed_lora(
     x2 = x.reshape(batch * tokens_per_row, n_in).contiguous()
     result = out.reshape(batch * tokens_per_row, n_out).clone()
     blocks, meta, scales, n_blocks = _layout(adapters, rows, tokens_per_row, x.device)
-    a_all, b_all = routed_dense.side_by_side(adapters, x.dtype)
+    a_all, b_all, _ = routed_dense.side_by_side(adapters, x.dtype)
     rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
     block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
     s = torch.empty((sum(r.numel() for r in rows) * tokens_per_row, block_r), dtype=torch.float32, device=x.device)
