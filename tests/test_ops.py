@@ -314,7 +314,8 @@ def test_dense_routed_lora_sees_factor_scale_and_row_changes():
         other_rows = list(reversed(rows))
         for factors, r in ((adapters, rows), (rescaled, rows), (adapters, other_rows)):
             y = routed_dense.add_routed_lora_dense(out, x, factors, r, False)
-            torch.testing.assert_close(y, reference.add_routed_lora(out, x, factors, r, False), atol=1e-5, rtol=1e-5)
+            expected = reference.add_routed_lora(out, x, factors, r, False)  # summed in another order: rtol 1e-4
+            torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(first, y)
 
 
