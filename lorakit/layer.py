@@ -29,6 +29,7 @@ from lorakit import ops
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
+from lorakit.ops import routed_dense
 from lorakit.state import AdapterState, Routing
 from lorakit.variants.lora import Lora
 
@@ -127,7 +128,7 @@ class LoraLayer(nn.Module):
         if plan is None or not plan.valid(held):
             plan = self._new_plan(routing, key, x, out)
             if len(plans) >= PLANS_KEPT:
-                del plans[next(iter(plans))]
+                plans.pop(next(iter(plans)), None)
         plans[id(routing), key] = plan
         return plan(self.base_layer, x, out)
 
@@ -146,7 +147,8 @@ class LoraLayer(nn.Module):
         latest = next((p for p in kin if p.decoding and p.valid(held)), None) if decoding else None
         if latest is not None:
             union = names + [n for n in latest.names if n not in routing.rows]
-            return _RoutedPlan(self, routing, key, x, out, union).sealed()
+            if _dense_takes(x, sum(held[n].r for n in union)):  # elsewhere idle adapters would cost every call
+                return _RoutedPlan(self, routing, key, x, out, union).sealed()
         return _RoutedPlan(self, routing, key, x, out).sealed()
 
     def live_adapters(self) -> list[Adapter]:
@@ -332,6 +334,13 @@ class _RoutedPlan:
 def _one_token_a_row(key: tuple) -> bool:
     """A routed plan's key: a call that records no gradient with one position per row (a decode step)."""
     return not key[-2] and math.prod(key[0][1:]) == 1
+
+
+def _dense_takes(x: Tensor, summed_rank: int) -> bool:
+    """Whether a decode step of x over adapters of that summed rank runs as routed_dense's three ops, where
+    adapters without rows cost no more than zero columns."""
+    tokens = x.numel() // x.shape[-1] if x.dim() else 0
+    return x.device.type in routed_dense.DEVICES and tokens * summed_rank <= routed_dense.DENSE_MAX
 
 
 _NO_ROWS: dict[torch.device, Tensor] = {}
