@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.nn.utils import parametrize
 
 from lorakit import ops
@@ -282,8 +283,13 @@ class _RoutedPlan:
                 dtype = torch.promote_types(dtype, term_dtype)
         self.dtype, self.factors = dtype, [t for f in plain for t in (f.lora_A, f.lora_B)]
         self.plain, plain_rows = plain, [rows[n] for n in self.plain_names]
-        acc = out.to(dtype)
-        self.add_plain = ops.prepare_routed_lora(acc, x, plain, plain_rows, layer.training) if plain else None
+        # the sum may go into the base output itself unless a variant's term still reads it or a hook holds it
+        base = layer.base_layer
+        self.owned = dtype != out.dtype or not (self.others or base._forward_hooks or _global_forward_hooks)
+        self.add_plain = None
+        if plain:
+            acc = out.to(dtype)
+            self.add_plain = ops.prepare_routed_lora(acc, x, plain, plain_rows, layer.training, owned=self.owned)
 
     def rebound(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
         """This plan for another Routing of the same adapters: only what depends on the rows is rebuilt (on CUDA
@@ -296,7 +302,7 @@ class _RoutedPlan:
         plain_rows = [rows[n] for n in self.plain_names]
         if self.plain:
             plan.add_plain = ops.prepare_routed_lora(
-                out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain
+                out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain, owned=self.owned
             )
         return plan
 

@@ -78,12 +78,14 @@ def prepare_routed_lora(
     rows: Sequence[Tensor],
     training: bool,
     like: Callable[[Tensor, Tensor], Tensor] | None = None,
+    owned: bool = False,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """add_routed_lora with `adapters`, `rows` and `training` bound, for repeated calls on inputs shaped like
     (out, x) while the factors stay as they are (the caller checks). With no gradient to record, what the call needs
     is built here once: on CUDA for a decode step's few rows routed_dense's factors side by side and row mask (three
     ops a call), else the batched path's plan and stacks. `like`: an op prepared for the same adapters and other
-    rows, whose factors side by side are reused."""
+    rows, whose factors side by side are reused. `owned`: the calls' `out` is the caller's own, which the kernels may
+    add into instead of copying it."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacks in the graph, or traced: built per call
         return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
     if x.device.type in routed_dense.DEVICES and routed_dense.fits(out, x, adapters, rows, training):
@@ -92,7 +94,8 @@ def prepare_routed_lora(
             return dense.with_rows(x, adapters, rows) if dense is like else dense
     if backend(x) == "reference":
         return routed.BatchedRouted(out, x, adapters, rows, training)
-    return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
+    kernel = _kernels()["add_routed_lora"]
+    return partial(kernel, adapters=adapters, rows=rows, training=training, in_place=owned)
 
 
 __all__ = [

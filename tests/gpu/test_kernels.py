@@ -364,3 +364,42 @@ def test_autocast_falls_back_to_the_reference():
             y = lora_linear(x, w, b, adapters, False)
             expected = ops.reference.lora_linear(x, w, b, adapters, False)
         assert torch.equal(y, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hooked", [False, True], ids=["bare", "hooked"])
+def test_routed_layers_add_into_their_base_output_only_where_nothing_else_reads_it(factor_dtype, hooked, monkeypatch):
+    """A routed layer's kernels may add into the base layer's output instead of copying it (no variant reads it, no
+    hook holds it); rows equal each adapter alone, and a hook on the base layer keeps what the base computed."""
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.ops import routed_dense
+    from tests.cases import mlp
+
+    monkeypatch.setattr(routed_dense, "DENSE_MAX", 0)  # the segment kernels, as a prefill's many rows take
+    model = mlp().to("cuda", torch.bfloat16)
+    config = LoraConfig(r=4, init_lora_weights=False, target_modules=["lin0", "lin1"])
+    torch.manual_seed(5)
+    lora = get_lora_model(model, config, "a", adapter_dtype=factor_dtype)
+    lora.add_adapter("b", config, adapter_dtype=factor_dtype)
+    lora.eval()
+    seen = []
+    if hooked:
+        base = lora.get_submodule("model.lin0").base_layer
+        base.register_forward_hook(lambda module, args, output: seen.append((output, output.clone())))
+    names = ["a", "b", "__base__", "b", "a", "a"]
+    x = torch.randn(6, 40, 6, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        mixed = [lora(x=x, adapter_names=names) for _ in range(2)]  # the second call reuses the kept plans
+        alone = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with lora.disable_adapter():
+                    alone.append(lora(x=x)[i])
+            else:
+                lora.set_adapter(name)
+                alone.append(lora(x=x)[i])
+    for y in mixed:
+        torch.testing.assert_close(y, torch.stack(alone), atol=2e-2, rtol=2e-2)
+    for held, copy in seen:
+        assert torch.equal(held, copy)

@@ -83,10 +83,17 @@ def _expand_kernel(
 
 
 def add_routed_lora(
-    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool
+    out: Tensor,
+    x: Tensor,
+    adapters: Sequence[LoraFactors],
+    rows: Sequence[Tensor],
+    training: bool,
+    in_place: bool = False,
 ) -> Tensor:
     """reference.add_routed_lora's semantics; the kernels for inference (see the module docstring). A decode step's
-    few rows go through routed_dense's three cuBLAS ops instead: two triton launches cost the host more."""
+    few rows go through routed_dense's three cuBLAS ops instead: two triton launches cost the host more. in_place:
+    the kernels add into `out` itself, whose old values the caller no longer needs, instead of a copy of it (a
+    prefill's outputs are tens of MB a layer)."""
     if routed_dense.fits(out, x, adapters, rows, training):
         return routed_dense.add_routed_lora_dense(out, x, adapters, rows, training)
     if not _routable(out, x, adapters, rows, training):
@@ -94,7 +101,9 @@ def add_routed_lora(
     n_in, n_out, batch = x.shape[-1], out.shape[-1], x.shape[0]
     tokens_per_row = x[0].numel() // n_in
     x2 = x.reshape(batch * tokens_per_row, n_in).contiguous()
-    result = out.reshape(batch * tokens_per_row, n_out).clone()
+    result = out.reshape(batch * tokens_per_row, n_out)
+    if not (in_place and out.is_contiguous()):
+        result = result.clone()
     blocks, meta, scales, n_blocks = _layout(adapters, rows, tokens_per_row, x.device)
     a_all, b_all, _ = routed_dense.side_by_side(adapters, x.dtype)
     rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
