@@ -94,8 +94,10 @@ def prepare_routed_lora(
             return dense.with_rows(x, adapters, rows) if dense is like else dense
     if backend(x) == "reference":
         return routed.BatchedRouted(out, x, adapters, rows, training)
-    kernel = _kernels()["add_routed_lora"]
-    return partial(kernel, adapters=adapters, rows=rows, training=training, in_place=owned)
+    prepared = _kernels()["prepare_routed_lora"](out, x, adapters, rows, training, in_place=owned)
+    if prepared is not None:
+        return prepared
+    return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
 
 
 __all__ = [

@@ -98,27 +98,53 @@ def add_routed_lora(
         return routed_dense.add_routed_lora_dense(out, x, adapters, rows, training)
     if not _routable(out, x, adapters, rows, training):
         return reference.add_routed_lora(out, x, adapters, rows, training)
-    n_in, n_out, batch = x.shape[-1], out.shape[-1], x.shape[0]
-    tokens_per_row = x[0].numel() // n_in
-    x2 = x.reshape(batch * tokens_per_row, n_in).contiguous()
-    result = out.reshape(batch * tokens_per_row, n_out)
-    if not (in_place and out.is_contiguous()):
-        result = result.clone()
-    blocks, meta, scales, n_blocks = _layout(adapters, rows, tokens_per_row, x.device)
-    a_all, b_all, _ = routed_dense.side_by_side(adapters, x.dtype)
-    rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
-    block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
-    s = torch.empty((sum(r.numel() for r in rows) * tokens_per_row, block_r), dtype=torch.float32, device=x.device)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _shrink_kernel[(n_blocks,)](
-        x2, a_all, s, blocks, meta, rows_cat, tokens_per_row, n_in,
-        BLOCK_M=BLOCK_M, BLOCK_K=64, BLOCK_R=block_r, PRECISION=precision, num_warps=4,
-    )  # fmt: skip
-    _expand_kernel[(n_blocks, triton.cdiv(n_out, 128))](
-        s, b_all, scales, result, blocks, meta, rows_cat, tokens_per_row, n_out, b_all.shape[1],
-        BLOCK_M=BLOCK_M, BLOCK_N=128, BLOCK_R=block_r, PRECISION=precision, num_warps=4,
-    )  # fmt: skip
-    return result.reshape(out.shape)
+    return KernelRouted(out, x, adapters, rows, in_place)(out, x)
+
+
+def prepare_routed_lora(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], training: bool, in_place: bool
+) -> KernelRouted | None:
+    """The kernels with these adapters and rows bound (see KernelRouted), or None where add_routed_lora would not
+    run them."""
+    if routed_dense.fits(out, x, adapters, rows, training) or not _routable(out, x, adapters, rows, training):
+        return None
+    return KernelRouted(out, x, adapters, rows, in_place)
+
+
+class KernelRouted:
+    """The two kernels of add_routed_lora with their adapters and rows bound: the layout tables, the factors side by
+    side and the joined row lists are found once, so each later call on inputs shaped like (out, x) is the two
+    launches (64 adapters' checks and lookups cost the host more than the kernels' work in every layer)."""
+
+    def __init__(
+        self, out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], rows: Sequence[Tensor], in_place: bool
+    ) -> None:
+        self.n_in, self.n_out, self.in_place = x.shape[-1], out.shape[-1], in_place
+        self.tokens_per_row = x[0].numel() // self.n_in
+        self.blocks, self.meta, self.scales, self.n_blocks = _layout(adapters, rows, self.tokens_per_row, x.device)
+        self.a_all, self.b_all, _ = routed_dense.side_by_side(adapters, x.dtype)
+        self.rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
+        self.block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
+        self.routed_tokens = sum(r.numel() for r in rows) * self.tokens_per_row
+        self.precision = "ieee" if x.dtype == torch.float32 else "tf32"
+
+    def __call__(self, out: Tensor, x: Tensor) -> Tensor:
+        tokens, n_in, n_out = x.shape[0] * self.tokens_per_row, self.n_in, self.n_out
+        x2 = x.reshape(tokens, n_in).contiguous()
+        result = out.reshape(tokens, n_out)
+        if not (self.in_place and out.is_contiguous()):
+            result = result.clone()
+        s = torch.empty((self.routed_tokens, self.block_r), dtype=torch.float32, device=x.device)
+        _shrink_kernel[(self.n_blocks,)](
+            x2, self.a_all, s, self.blocks, self.meta, self.rows_cat, self.tokens_per_row, n_in,
+            BLOCK_M=BLOCK_M, BLOCK_K=64, BLOCK_R=self.block_r, PRECISION=self.precision, num_warps=4,
+        )  # fmt: skip
+        _expand_kernel[(self.n_blocks, triton.cdiv(n_out, 128))](
+            s, self.b_all, self.scales, result, self.blocks, self.meta, self.rows_cat, self.tokens_per_row, n_out,
+            self.b_all.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=128, BLOCK_R=self.block_r, PRECISION=self.precision,
+            num_warps=4,
+        )  # fmt: skip
+        return result.reshape(out.shape)
 
 
 def _routable(out: Tensor, x: Tensor, adapters, rows, training: bool) -> bool:
