@@ -288,8 +288,10 @@ class _RoutedPlan:
         self.owned = dtype != out.dtype or not (self.others or base._forward_hooks or _global_forward_hooks)
         self.add_plain = None
         if plain:
-            acc = out.to(dtype)
-            self.add_plain = ops.prepare_routed_lora(acc, x, plain, plain_rows, layer.training, owned=self.owned)
+            acc, spans = out.to(dtype), self._spans(routing, x)
+            self.add_plain = ops.prepare_routed_lora(
+                acc, x, plain, plain_rows, layer.training, owned=self.owned, spans=spans
+            )
 
     def rebound(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
         """This plan for another Routing of the same adapters: only what depends on the rows is rebuilt (on CUDA
@@ -302,9 +304,15 @@ class _RoutedPlan:
         plain_rows = [rows[n] for n in self.plain_names]
         if self.plain:
             plan.add_plain = ops.prepare_routed_lora(
-                out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain, owned=self.owned
-            )
+                out.to(self.dtype), x, self.plain, plain_rows, key[-1], like=self.add_plain, owned=self.owned,
+                spans=plan._spans(routing, x),
+            )  # fmt: skip
         return plan
+
+    def _spans(self, routing: Routing, x: Tensor) -> list[tuple[int, int]] | None:
+        """The plain adapters' rows as ranges where they are and a gradient is recorded (see Routing.spans_for)."""
+        spans = routing.spans_for(x.shape[0]) if self.key[-2] and x.dim() >= 2 else None
+        return None if spans is None else [spans.get(n, (0, 0)) for n in self.plain_names]
 
     def covers(self, names: list[str]) -> bool:
         return set(names) <= set(self.names)

@@ -61,9 +61,32 @@ class Routing:
                 )
         return self._cache[key]
 
+    def spans_for(self, n: int) -> dict[str, tuple[int, int]] | None:
+        """Each adapter's rows of an n-row layer input as one range [start, stop), where every adapter's rows are
+        consecutive and no row is under two adapters (parallel training concatenates its jobs' batches so); else
+        None. A range is a view of x, where a list of rows is a gather and a scatter, in backward too."""
+        key = ("spans", n)
+        if key not in self._cache:
+            self._cache[key] = _spans(self.rows, n // self.batch_size) if n % self.batch_size == 0 else None
+        return self._cache[key]
+
 
 def _expand(idx: Tensor, k: int) -> Tensor:
     return idx if k == 1 else (idx[:, None] * k + torch.arange(k)).flatten()
+
+
+def _spans(rows: Mapping[str, Tensor], k: int) -> dict[str, tuple[int, int]] | None:
+    """rows (ascending, on the host) as ranges of a k-times repeated batch, or None (see Routing.spans_for)."""
+    spans = {}
+    for name, idx in rows.items():
+        first, last = (int(idx[0]), int(idx[-1])) if idx.numel() else (0, -1)
+        if last - first + 1 != idx.numel():
+            return None
+        spans[name] = (first * k, (last + 1) * k)
+    ranges = sorted(s for s in spans.values() if s[1] > s[0])
+    if any(stop > start for (_, stop), (start, _) in zip(ranges, ranges[1:], strict=False)):
+        return None
+    return spans
 
 
 class AdapterState:

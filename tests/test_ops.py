@@ -330,3 +330,39 @@ def test_dense_routed_lora_is_left_to_other_paths_where_it_does_not_fit():
     assert routed_dense.fits(out, x, dropped, rows, False)  # eval: dropout is off
     big = torch.randn(4096, 12)
     assert not routed_dense.fits(torch.randn(4096, 10), big, adapters, [torch.arange(4096)] * 6, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_spanned_lora_equals_the_routed_reference_values_and_gradients(dtype):
+    """Rows as ranges (parallel training's layout): same sums and the same gradients as the row-list reference,
+    for x, the base output and every factor; rows before, between and after the ranges keep the base output."""
+    from lorakit.ops import reference
+
+    gen = torch.Generator().manual_seed(3)
+    spans = [(1, 3), (5, 8), (3, 4), (8, 8)]  # out of order, one empty; rows 0, 4 and 8 under no adapter
+    adapters = [
+        ops.LoraFactors(torch.randn(r, 12, generator=gen, dtype=dtype).requires_grad_(),
+                        torch.randn(10, r, generator=gen, dtype=dtype).requires_grad_(), 0.5 + i)
+        for i, r in enumerate([4, 2, 8, 4])
+    ]  # fmt: skip
+    x = torch.randn(9, 3, 12, generator=gen, dtype=dtype).requires_grad_()
+    out = torch.randn(9, 3, 10, generator=gen, dtype=dtype).requires_grad_()
+    rows = [torch.arange(a, b) for a, b in spans]
+    fast = ops.add_spanned_lora(out, x, adapters, spans, False)
+    slow = reference.add_routed_lora(out, x, adapters, rows, False)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fast, slow, **tol)
+    for i in (0, 4, 8):
+        assert torch.equal(fast[i], out[i])
+    wrt = [x, out, *(t for a in adapters[:3] for t in (a.lora_A, a.lora_B))]
+    weight = torch.randn(fast.shape, generator=gen, dtype=dtype)
+    for g_fast, g_slow in zip(*(torch.autograd.grad((y * weight).sum(), wrt) for y in (fast, slow)), strict=True):
+        torch.testing.assert_close(g_fast, g_slow, **tol)
+
+
+def test_spanned_lora_of_one_range_over_every_row_is_add_lora():
+    adapters = [ops.LoraFactors(*_factors(4, 12, 10), 2.0)]
+    x, out = torch.randn(5, 12), torch.randn(5, 10)
+    torch.testing.assert_close(
+        ops.add_spanned_lora(out, x, adapters, [(0, 5)], False), ops.add_lora(out, x, adapters, False)
+    )

@@ -12,7 +12,7 @@ from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
 from lorakit.adapter import Adapter
 from lorakit.kinds import Kind
 from lorakit.saved import SavedModule
-from lorakit.state import AdapterState
+from lorakit.state import BASE, AdapterState
 from lorakit.variants import get_variant
 from tests.cases import conv_mlp
 
@@ -106,3 +106,16 @@ def test_a_layer_without_a_model_works_with_its_own_state():
     expected = base(x) + 2.0 * x @ adapter.lora_A.T @ adapter.lora_B.T
     torch.testing.assert_close(layer(x), expected)
     assert layer.active_adapters == ["only"]
+
+
+def test_routing_spans_are_ranges_only_where_every_adapter_has_consecutive_rows_of_its_own():
+    state = AdapterState()
+    for name in ("a", "b"):
+        state.add(name)
+    state.add("c", parent="a")
+    assert state.routing_for(["a", "a", BASE, "b", "b", "b"]).spans_for(6) == {"a": (0, 2), "b": (3, 6)}
+    # a layer that flattens (batch, seq) into rows repeats each row k times
+    assert state.routing_for(["b", "a", "a"]).spans_for(6) == {"b": (0, 2), "a": (2, 6)}
+    assert state.routing_for(["a", "b", "a"]).spans_for(3) is None  # a's rows are not consecutive
+    assert state.routing_for(["a", "c"]).spans_for(2) is None  # row 1 is under a and c (a tree path)
+    assert state.routing_for(["a", "b"]).spans_for(3) is None  # 3 rows are no repeat of 2

@@ -71,6 +71,27 @@ add_lora = _dispatch("add_lora")
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 
 
+def add_spanned_lora(
+    out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], spans: Sequence[tuple[int, int]], training: bool
+) -> Tensor:
+    """add_routed_lora where adapter k's rows are the range spans[k] = (start, stop) of dim 0 and no two ranges
+    overlap: each range is add_lora on views of out and x (the fused op with its own backward where kernels run),
+    the pieces joined once. Training adapters in parallel routes each job's rows so; through add_routed_lora its
+    gather, scatter and their backward (a zero-filled gradient of x's size per adapter) cost a copy of x apiece."""
+    order = sorted((span, a) for span, a in zip(spans, adapters, strict=True) if span[1] > span[0])
+    if len(order) == 1 and order[0][0] == (0, out.shape[0]):
+        return add_lora(out, x, [order[0][1]], training)
+    pieces, at = [], 0
+    for (start, stop), adapter in order:
+        if start > at:
+            pieces.append(out[at:start])
+        pieces.append(add_lora(out[start:stop], x[start:stop], [adapter], training))
+        at = stop
+    if at < out.shape[0]:
+        pieces.append(out[at:])
+    return torch.cat(pieces) if pieces else out
+
+
 def prepare_routed_lora(
     out: Tensor,
     x: Tensor,
@@ -79,13 +100,17 @@ def prepare_routed_lora(
     training: bool,
     like: Callable[[Tensor, Tensor], Tensor] | None = None,
     owned: bool = False,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """add_routed_lora with `adapters`, `rows` and `training` bound, for repeated calls on inputs shaped like
     (out, x) while the factors stay as they are (the caller checks). With no gradient to record, what the call needs
     is built here once: on CUDA for a decode step's few rows routed_dense's factors side by side and row mask (three
     ops a call), else the batched path's plan and stacks. `like`: an op prepared for the same adapters and other
     rows, whose factors side by side are reused. `owned`: the calls' `out` is the caller's own, which the kernels may
-    add into instead of copying it."""
+    add into instead of copying it. `spans`: the rows as ranges, where they are (Routing.spans_for), which a call
+    that records gradients takes through add_spanned_lora."""
+    if spans is not None and torch.is_grad_enabled():
+        return partial(add_spanned_lora, adapters=adapters, spans=spans, training=training)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():  # stacks in the graph, or traced: built per call
         return partial(add_routed_lora, adapters=adapters, rows=rows, training=training)
     if x.device.type in routed_dense.DEVICES and routed_dense.fits(out, x, adapters, rows, training):
@@ -104,6 +129,7 @@ __all__ = [
     "LoraFactors",
     "add_lora",
     "add_routed_lora",
+    "add_spanned_lora",
     "backend",
     "conv_contribution",
     "dora_contribution",
