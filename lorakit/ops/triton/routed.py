@@ -1,12 +1,13 @@
 """add_routed_lora on CUDA for inference: every adapter's rows in two launches, whatever the number of adapters.
 
     S[t]      = x[t] A_k^T            for every token t of a batch row routed to adapter k   (shrink, per segment)
-    out'[t]  += s_k * S[t] B_k^T                                                            (expand, atomic add)
+    out'[t]  += s_k * S[t] B_k^T                                                            (expand)
 
 Segments are the token rows of each adapter (rows[k] are batch rows; each holds x[0].numel() / in tokens); a
 block of BLOCK_M tokens belongs to one adapter, so each block is one small matmul with that adapter's factors.
 Factors of every rank sit back to back (A_all: R_total x in, B_all: out x R_total; no padding to the largest
-rank). The expand adds atomically, so a row listed under several adapters (a tree path) sums all its terms.
+rank). Where a row is listed under several adapters (a tree path) the expand adds atomically, so it sums all its
+terms; else each output element belongs to one block, read, added to and written once.
 Training (any gradient wanted), dropout in training mode and torch.compile tracing use the reference.
 """
 
@@ -65,7 +66,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     s_ptr, b_ptr, scales_ptr, out_ptr, blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, n_out, r_total,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     k, p, valid, token, segment = _tokens(blocks_ptr, meta_ptr, rows_ptr, tokens_per_row, BLOCK_M)
     first_rank, rank = tl.load(meta_ptr + 4 * k + 2), tl.load(meta_ptr + 4 * k + 3)
@@ -79,7 +80,12 @@ def _expand_kernel(
     )  # (BLOCK_R x BLOCK_N)
     term = tl.dot(s.to(b_t.dtype), b_t, input_precision=PRECISION) * tl.load(scales_ptr + k)
     out = out_ptr + token[:, None] * n_out + cols[None, :]
-    tl.atomic_add(out, term.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < n_out))
+    inside = valid[:, None] & (cols[None, :] < n_out)
+    if ATOMIC:  # some row is under several adapters, whose blocks may add to it at once
+        tl.atomic_add(out, term.to(out_ptr.dtype.element_ty), mask=inside, sem="relaxed")
+    else:  # each element is this block's alone: a plain read and write, rounded once
+        total = tl.load(out, mask=inside, other=0.0).to(tl.float32) + term
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def add_routed_lora(
@@ -123,7 +129,7 @@ class KernelRouted:
         self.tokens_per_row = x[0].numel() // self.n_in
         self.blocks, self.meta, self.scales, self.n_blocks = _layout(adapters, rows, self.tokens_per_row, x.device)
         self.a_all, self.b_all, _ = routed_dense.side_by_side(adapters, x.dtype)
-        self.rows_cat = routed._memo(_KEPT, ("rows", *routed._stamps(rows)), rows, lambda: torch.cat(list(rows)))
+        self.rows_cat, self.atomic = routed._memo(_KEPT, ("joined", *routed._stamps(rows)), rows, lambda: _joined(rows))
         self.block_r = max(16, triton.next_power_of_2(max(a.lora_A.shape[0] for a in adapters)))
         self.routed_tokens = sum(r.numel() for r in rows) * self.tokens_per_row
         self.precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -142,9 +148,16 @@ class KernelRouted:
         _expand_kernel[(self.n_blocks, triton.cdiv(n_out, 128))](
             s, self.b_all, self.scales, result, self.blocks, self.meta, self.rows_cat, self.tokens_per_row, n_out,
             self.b_all.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=128, BLOCK_R=self.block_r, PRECISION=self.precision,
-            num_warps=4,
+            ATOMIC=self.atomic, num_warps=4,
         )  # fmt: skip
         return result.reshape(out.shape)
+
+
+def _joined(rows: Sequence[Tensor]) -> tuple[Tensor, bool]:
+    """The row lists back to back, and whether a row is listed twice (a tree path), so that the expand must add
+    atomically: found once per routing (a device sync), which every layer then shares."""
+    joined = torch.cat(list(rows))
+    return joined, joined.unique().numel() != joined.numel()
 
 
 def _routable(out: Tensor, x: Tensor, adapters, rows, training: bool) -> bool:
