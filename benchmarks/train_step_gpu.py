@@ -10,6 +10,7 @@ Modes (each on a fresh model, same seed, bf16 base; "-drop" = lora_dropout 0.1, 
   ours-compiled        lorakit with bf16 adapters + torch.compile
   ours-compiled-fp32   lorakit with fp32 factors + torch.compile
   ours-compiled-drop   ours-compiled with dropout 0.1
+  ...-dora             any mode with use_dora=True (DoRA), e.g. ours-compiled-head-dora against ours-compiled-head
   ours-compiled-head   bf16 adapters, the decoder under torch.compile, then lorakit's chunked head + loss
                        (lorakit.train.tasks.FusedHead, what `lorakit train` scores a causal LM with): our best
   ours-default-head    fp32 factors, eager decoder, the chunked head + loss
@@ -82,23 +83,26 @@ def adapt(mode: str, model, args: argparse.Namespace):
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # gradients flow through every layer
         return model
-    dropout = 0.1 if mode.endswith("-drop") else 0.0
+    dropout = 0.1 if "-drop" in mode else 0.0
+    dora = "-dora" in mode
     fp32 = "default" in mode or "fp32" in mode
     if mode.startswith("peft"):
         import peft
 
         config = peft.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules="all-linear"
+            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules="all-linear", use_dora=dora
         )
         return peft.get_peft_model(model, config, autocast_adapter_dtype=fp32)
     from lorakit import LoraConfig, get_lora_model
 
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules="all-linear")
+    config = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules="all-linear", use_dora=dora
+    )
     return get_lora_model(model, config, adapter_dtype=None if fp32 else torch.bfloat16)
 
 
 def is_head_mode(mode: str) -> bool:
-    return mode.endswith("-head") or mode == "ours-train-default"
+    return "-head" in mode or mode == "ours-train-default"
 
 
 def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace):
@@ -256,6 +260,12 @@ def summary(results: dict[str, dict]) -> None:
             loss, norm = (f"{a[k]:.6f} vs {b[k]:.6f} (rel {abs(a[k] / b[k] - 1):.1e})" for k in ("first_loss",
                           "first_grad_norm"))  # fmt: skip
             print(f"{mode} vs {twin}, first step: loss {loss}, gradient norm {norm}")
+    for mode, r in results.items():  # the variant targets: a mode against the same mode without its suffix
+        for suffix, target in (("-dora", 1.15), ("-drop", 1.05)):
+            plain = mode.replace(suffix, "")
+            if suffix in mode and "@" not in mode and plain in results:
+                ratio = r["median_ms"] / results[plain]["median_ms"]
+                print(f"{mode} / {plain}: {ratio:.3f}x step time (issue 11 target <= {target}x)")
 
 
 def write_json(path: str, args: argparse.Namespace, results: dict[str, dict]) -> None:
