@@ -69,7 +69,26 @@ def measure(mode: str, case: tuple[int, int, int], args: argparse.Namespace) -> 
             forward()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+        if mode in (args.profile or "").split(","):
+            _profile(forward, f"{n_adapters} adapters {mode}")
     return 1000 * statistics.median(times)
+
+
+def _profile(forward, label: str) -> None:
+    """The top CUDA ops of three forwards, and their total CUDA time against the wall time: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            forward()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 3 * 1000
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 3 / 1000
+    print(f"profile {label}: GPU busy {busy:.1f} ms of {wall:.1f} ms a forward (under the profiler)")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=70))
 
 
 def main() -> None:
@@ -83,6 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", default="base,ours,ours-reference,peft")
     parser.add_argument("--json")
+    parser.add_argument("--profile", help="modes whose top CUDA ops are printed per case (comma-separated)")
     args = parser.parse_args()
     results = {}
     for case_name, case in CASES.items():
