@@ -40,6 +40,7 @@ class Routing:
     batch_size: int
     rows: dict[str, Tensor]
     groups: dict[tuple[str, ...], Tensor]
+    ranges: dict[str, tuple[int, int]] | None = None  # rows as [start, stop) where they are ranges (spans_for)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def rows_for(self, n: int, device: torch.device) -> tuple[dict[str, Tensor], dict[tuple[str, ...], Tensor]]:
@@ -65,24 +66,24 @@ class Routing:
         """Each adapter's rows of an n-row layer input as one range [start, stop), where every adapter's rows are
         consecutive and no row is under two adapters (parallel training concatenates its jobs' batches so); else
         None. A range is a view of x, where a list of rows is a gather and a scatter, in backward too."""
-        key = ("spans", n)
-        if key not in self._cache:
-            self._cache[key] = _spans(self.rows, n // self.batch_size) if n % self.batch_size == 0 else None
-        return self._cache[key]
+        if self.ranges is None or n % self.batch_size:
+            return None
+        k = n // self.batch_size  # plain ints: no tensor read inside a compiled layer
+        return {name: (start * k, stop * k) for name, (start, stop) in self.ranges.items()}
 
 
 def _expand(idx: Tensor, k: int) -> Tensor:
     return idx if k == 1 else (idx[:, None] * k + torch.arange(k)).flatten()
 
 
-def _spans(rows: Mapping[str, Tensor], k: int) -> dict[str, tuple[int, int]] | None:
-    """rows (ascending, on the host) as ranges of a k-times repeated batch, or None (see Routing.spans_for)."""
+def _ranges(rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]] | None:
+    """rows (ascending) as ranges [start, stop), or None (see Routing.spans_for)."""
     spans = {}
     for name, idx in rows.items():
-        first, last = (int(idx[0]), int(idx[-1])) if idx.numel() else (0, -1)
-        if last - first + 1 != idx.numel():
+        first, last = (idx[0], idx[-1]) if idx else (0, -1)
+        if last - first + 1 != len(idx):
             return None
-        spans[name] = (first * k, (last + 1) * k)
+        spans[name] = (first, last + 1)
     ranges = sorted(s for s in spans.values() if s[1] > s[0])
     if any(stop > start for (_, stop), (start, _) in zip(ranges, ranges[1:], strict=False)):
         return None
@@ -192,10 +193,11 @@ class AdapterState:
         for path, idx in by_path.items():
             for name in path:
                 rows.setdefault(name, []).extend(idx)
+        rows = {n: sorted(i) for n, i in rows.items()}
         with torch.inference_mode(False):  # kept across calls: usable in a later forward that records grads
             groups = {path: torch.tensor(idx, dtype=torch.long) for path, idx in by_path.items()}
-            rows_t = {n: torch.tensor(sorted(i), dtype=torch.long) for n, i in rows.items()}
-        return Routing(len(adapter_names), rows_t, groups)
+            rows_t = {n: torch.tensor(i, dtype=torch.long) for n, i in rows.items()}
+        return Routing(len(adapter_names), rows_t, groups, _ranges(rows))
 
     @contextmanager
     def routed(self, routing: Routing) -> Iterator[Routing]:

@@ -78,14 +78,15 @@ def add_spanned_lora(
     overlap: each range is add_lora on views of out and x (the fused op with its own backward where kernels run),
     the pieces joined once. Training adapters in parallel routes each job's rows so; through add_routed_lora its
     gather, scatter and their backward (a zero-filled gradient of x's size per adapter) cost a copy of x apiece."""
-    order = sorted((span, a) for span, a in zip(spans, adapters, strict=True) if span[1] > span[0])
-    if len(order) == 1 and order[0][0] == (0, out.shape[0]):
-        return add_lora(out, x, [order[0][1]], training)
+    order = sorted((k for k, (start, stop) in enumerate(spans) if stop > start), key=lambda k: spans[k][0])
+    if len(order) == 1 and tuple(spans[order[0]]) == (0, out.shape[0]):
+        return add_lora(out, x, [adapters[order[0]]], training)
     pieces, at = [], 0
-    for (start, stop), adapter in order:
+    for k in order:
+        start, stop = spans[k]
         if start > at:
             pieces.append(out[at:start])
-        pieces.append(add_lora(out[start:stop], x[start:stop], [adapter], training))
+        pieces.append(add_lora(out[start:stop], x[start:stop], [adapters[k]], training))
         at = stop
     if at < out.shape[0]:
         pieces.append(out[at:])
