@@ -93,7 +93,7 @@ class _Running:
     batches: Iterator[Batch]
     micro: int = 0
     step: int = 0
-    loss: float = 0.0
+    loss: float | Tensor = 0.0  # summed on the device until a report reads it back
     examples: int = 0
 
     @property
@@ -202,7 +202,7 @@ class ParallelTrainer:
     def counters(self, name: str) -> JobCounters:
         """Where job `name` is: micro-batches taken, and the loss and examples of its unfinished accumulation."""
         running = self._job(name)
-        return JobCounters(running.micro, running.loss, running.examples)
+        return JobCounters(running.micro, float(running.loss), running.examples)
 
     def restore(self, name: str, counters: JobCounters) -> None:
         """Continues job `name` from `counters` (its batches must start at micro-batch counters.micro); its weights,
@@ -237,9 +237,10 @@ class ParallelTrainer:
         torch.stack(losses).sum().backward()
         reports = {}
         for r, loss, batch in zip(running, losses, batches, strict=True):
-            r.micro, r.loss, r.examples = r.micro + 1, r.loss + loss.item(), r.examples + len(batch["labels"])
+            r.micro, r.loss, r.examples = r.micro + 1, r.loss + loss.detach(), r.examples + len(batch["labels"])
             if r.micro % r.job.grad_accum == 0:
                 reports[r.job.name] = _optimizer_step(r)
+        _read_back(reports)
         if any(report.done for report in reports.values()):
             self.train_live()
         return reports
@@ -273,7 +274,7 @@ def _optimizer_step(r: _Running) -> JobStep:
     """Clip, step and schedule job r's own parameters; the report carries the lr this step used."""
     max_norm = r.job.max_grad_norm if r.job.max_grad_norm > 0 else math.inf
     with_grad = [p for p in r.params if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm)) if with_grad else 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm) if with_grad else 0.0
     lr = r.optimizer.param_groups[0]["lr"]
     r.optimizer.step()
     if r.scheduler is not None:
@@ -283,6 +284,18 @@ def _optimizer_step(r: _Running) -> JobStep:
     report = JobStep(r.step, r.loss, lr, grad_norm, r.examples, r.done)
     r.loss, r.examples = 0.0, 0
     return report
+
+
+def _read_back(reports: dict[str, JobStep]) -> None:
+    """The reports' losses and gradient norms, still tensors on the device, as floats in one transfer: a read per
+    job and value would stall the GPU between the jobs' optimizer steps, twice a job."""
+    fields = [(rep, f) for rep in reports.values() for f in ("loss", "grad_norm")]
+    fields = [(rep, f) for rep, f in fields if isinstance(getattr(rep, f), Tensor)]
+    if fields:
+        device = getattr(fields[0][0], fields[0][1]).device
+        values = torch.stack([getattr(rep, f).detach().float().reshape(()).to(device) for rep, f in fields]).tolist()
+        for (rep, f), value in zip(fields, values, strict=True):
+            setattr(rep, f, value)
 
 
 def concat_batches(batches: list[Batch], pad_values: dict[str, int]) -> tuple[Batch, list[int]]:

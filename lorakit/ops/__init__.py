@@ -75,22 +75,29 @@ def add_spanned_lora(
     out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], spans: Sequence[tuple[int, int]], training: bool
 ) -> Tensor:
     """add_routed_lora where adapter k's rows are the range spans[k] = (start, stop) of dim 0 and no two ranges
-    overlap: each range is add_lora on views of out and x (the fused op with its own backward where kernels run),
-    the pieces joined once. Training adapters in parallel routes each job's rows so; through add_routed_lora its
-    gather, scatter and their backward (a zero-filled gradient of x's size per adapter) cost a copy of x apiece."""
+    overlap: out and x are split at the ranges' ends (one split each, whose backward is one concatenation, where a
+    slice per range would zero-fill a gradient of the whole tensor apiece), each range goes through add_lora (the
+    fused op with its own backward where kernels run), and the pieces are joined once. Training adapters in parallel
+    routes each job's rows so; through add_routed_lora a gather, a scatter and their backward cost a copy apiece."""
     order = sorted((k for k, (start, stop) in enumerate(spans) if stop > start), key=lambda k: spans[k][0])
     if len(order) == 1 and tuple(spans[order[0]]) == (0, out.shape[0]):
         return add_lora(out, x, [adapters[order[0]]], training)
-    pieces, at = [], 0
+    if not order:
+        return out
+    sizes, owner, at = [], [], 0  # the pieces of dim 0 in order, and the adapter of each (None: the base's rows)
     for k in order:
         start, stop = spans[k]
         if start > at:
-            pieces.append(out[at:start])
-        pieces.append(add_lora(out[start:stop], x[start:stop], [adapters[k]], training))
+            sizes.append(start - at)
+            owner.append(None)
+        sizes.append(stop - start)
+        owner.append(adapters[k])
         at = stop
     if at < out.shape[0]:
-        pieces.append(out[at:])
-    return torch.cat(pieces) if pieces else out
+        sizes.append(out.shape[0] - at)
+        owner.append(None)
+    pieces = zip(out.split(sizes), x.split(sizes), owner, strict=True)
+    return torch.cat([o if a is None else add_lora(o, xs, [a], training) for o, xs, a in pieces])
 
 
 def prepare_routed_lora(
