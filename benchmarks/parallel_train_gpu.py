@@ -245,11 +245,18 @@ def _profile(step: Callable[[], object]) -> None:
         print("--profile: no CUDA device, nothing to profile")
         return
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        wall = (time.perf_counter() - start) / 3 * 1000
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 3 / 1000
+        print(f"profile: GPU busy {busy:.1f} ms of {wall:.1f} ms a step (under the profiler)")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     except Exception:  # the mode's timings are taken already: keep them
         traceback.print_exc()
 
