@@ -77,13 +77,17 @@ def add_spanned_lora(
     """add_routed_lora where adapter k's rows are the range spans[k] = (start, stop) of dim 0 and no two ranges
     overlap: out and x are split at the ranges' ends (one split each, whose backward is one concatenation, where a
     slice per range would zero-fill a gradient of the whole tensor apiece), each range goes through add_lora (the
-    fused op with its own backward where kernels run), and the pieces are joined once. Training adapters in parallel
-    routes each job's rows so; through add_routed_lora a gather, a scatter and their backward cost a copy apiece."""
+    fused op with its own backward where kernels run), and the pieces are joined once; ranges of one length over
+    every row, of adapters alike, run as one batch (_batched_spans). Training adapters in parallel routes each job's
+    rows so; through add_routed_lora a gather, a scatter and their backward cost a copy apiece."""
     order = sorted((k for k, (start, stop) in enumerate(spans) if stop > start), key=lambda k: spans[k][0])
     if len(order) == 1 and tuple(spans[order[0]]) == (0, out.shape[0]):
         return add_lora(out, x, [adapters[order[0]]], training)
     if not order:
         return out
+    ordered = [adapters[k] for k in order]
+    if _batchable(out, x, ordered, [spans[k] for k in order], training):
+        return _batched_spans(out, x, ordered)
     sizes, owner, at = [], [], 0  # the pieces of dim 0 in order, and the adapter of each (None: the base's rows)
     for k in order:
         start, stop = spans[k]
@@ -98,6 +102,39 @@ def add_spanned_lora(
         owner.append(None)
     pieces = zip(out.split(sizes), x.split(sizes), owner, strict=True)
     return torch.cat([o if a is None else add_lora(o, xs, [a], training) for o, xs, a in pieces])
+
+
+def _batchable(
+    out: Tensor, x: Tensor, adapters: list[LoraFactors], spans: list[tuple[int, int]], training: bool
+) -> bool:
+    """Ranges of one length covering every row (sorted and apart, so back to back), adapters of one shape in x's
+    and out's dtype (or under autocast, which casts the batched products as it would each range's) and no dropout
+    drawn: the ranges stack into one batch."""
+    length = spans[0][1] - spans[0][0]
+    if length * len(spans) != out.shape[0] or any(b - a != length for a, b in spans):
+        return False
+    if training and any(a.dropout for a in adapters):
+        return False
+    a0 = adapters[0]
+    same = all(a.lora_A.shape == a0.lora_A.shape and a.lora_B.shape == a0.lora_B.shape for a in adapters)
+    dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)} | {out.dtype}
+    return same and (dtypes == {x.dtype} or torch.is_autocast_enabled(x.device.type))
+
+
+def _batched_spans(out: Tensor, x: Tensor, adapters: list[LoraFactors]) -> Tensor:
+    """Every range at once: out[k] + s_k (x[k] A_k^T) B_k^T for the K equal ranges as two batched matmuls over the
+    stacked factors (stacked per call, so each factor gets its own gradient): a few ops a layer however many jobs,
+    where a range apiece cost six matmuls and their launches, forward and backward, in every layer."""
+    k = len(adapters)
+    xs, base = x.reshape(k, -1, x.shape[-1]), out.reshape(k, -1, out.shape[-1])
+    lora_a = torch.stack([a.lora_A for a in adapters])  # (K, r, in)
+    scales = {float(a.scale) for a in adapters}
+    if len(scales) == 1:
+        lora_b = torch.stack([a.lora_B for a in adapters]) * scales.pop()  # (K, out, r)
+    else:
+        lora_b = torch.stack([a.lora_B * a.scale for a in adapters])
+    s = torch.bmm(xs, lora_a.transpose(1, 2))
+    return torch.baddbmm(base, s, lora_b.transpose(1, 2)).reshape(out.shape)
 
 
 def prepare_routed_lora(
