@@ -7,8 +7,9 @@ x's size is kept for backward (PEFT keeps the dropped-out copy of x):
     dropout_shrink(x, A)      S  = drop(x) A^T                 forward, (N x r)
     dropout_expand(T, A, C)   C' = C + drop^T(T A)             backward's dX, (N x in)
     dropout_grad_a(T, x)      dA = T^T drop(x)                 backward's dA, (r x in), fp32
-drop(x) = keep * x / (1 - p). Registered as torch.library custom ops (fake impls for torch.compile); the CPU impls
-define the semantics, the CUDA ones are triton kernels (kernels.py) that must match them bit for bit in `keep`.
+drop(x) = keep * x / (1 - p). Registered as torch.library ops (triton_ops where triton imports, so compiled code
+launches the kernels itself; custom ops with fake impls elsewhere); the CPU paths define the semantics, the CUDA
+ones are triton kernels (kernels.py) that must match them bit for bit in `keep`.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ def keep_mask(x: Tensor, seed: Tensor, p: float) -> Tensor:
     return (torch.rand(x.shape, generator=gen, dtype=torch.float32) >= p).to(x.device)
 
 
-@torch.library.custom_op("lorakit::dropout_shrink", mutates_args=())
-def dropout_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor:
+def _dropout_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor:
     """S = drop(x) @ A^T in x's dtype; x (N x in), A (r x in)."""
+    if kernels is not None and x.is_cuda:
+        return kernels.dropout_shrink(x, lora_A, seed, p)
     kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
     return (kept @ _wide(lora_A).T).to(x.dtype)
 
 
-@torch.library.custom_op("lorakit::dropout_expand", mutates_args=())
-def dropout_expand(t: Tensor, lora_A: Tensor, acc: Tensor | None, seed: Tensor, p: float) -> Tensor:
+def _dropout_expand(t: Tensor, lora_A: Tensor, acc: Tensor | None, seed: Tensor, p: float) -> Tensor:
     """acc + drop^T(T @ A) (N x in) in T's dtype; T (N x r), A (r x in); acc None counts as zeros."""
+    if kernels is not None and t.is_cuda:
+        return kernels.dropout_expand(t, lora_A, acc, seed, p)
     low_rank = _wide(t) @ _wide(lora_A)
     out = low_rank * keep_mask(low_rank, seed, p) / (1 - p)
     if acc is not None:
@@ -56,9 +59,10 @@ def dropout_expand(t: Tensor, lora_A: Tensor, acc: Tensor | None, seed: Tensor, 
     return out.to(t.dtype)
 
 
-@torch.library.custom_op("lorakit::dropout_grad_a", mutates_args=())
-def dropout_grad_a(t: Tensor, x: Tensor, seed: Tensor, p: float) -> Tensor:
+def _dropout_grad_a(t: Tensor, x: Tensor, seed: Tensor, p: float) -> Tensor:
     """dA = T^T @ drop(x) in fp32; T (N x r), x (N x in) -> (r x in)."""
+    if kernels is not None and x.is_cuda:
+        return kernels.dropout_grad_a(t, x, seed, p)
     kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
     return (_wide(t).T @ kept).float()
 
@@ -68,23 +72,33 @@ def _(x, seed, p):
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
-@dropout_shrink.register_fake
-def _(x, lora_A, seed, p):
+def _fake_shrink(x, lora_A, seed, p):
     return x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@dropout_expand.register_fake
-def _(t, lora_A, acc, seed, p):
+def _fake_expand(t, lora_A, acc, seed, p):
     return t.new_empty(t.shape[0], lora_A.shape[1])
 
 
-@dropout_grad_a.register_fake
-def _(t, x, seed, p):
+def _fake_grad_a(t, x, seed, p):
     return x.new_empty(t.shape[1], x.shape[1], dtype=torch.float32)
 
 
+def _op(name: str, fn, fake):
+    """The op `name` over fn. Where triton imports, a triton_op: torch.compile sees its kernels and launches them
+    from the compiled code, where a custom op's call through the dispatcher and its Python wrapper cost the host
+    tens of microseconds, three calls per dropout layer per step (a step bound by the host). Elsewhere a custom op
+    with its fake impl."""
+    if kernels is None:
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, fn, mutates_args=())
+
+
+dropout_shrink = _op("lorakit::dropout_shrink", _dropout_shrink, _fake_shrink)
+dropout_expand = _op("lorakit::dropout_expand", _dropout_expand, _fake_expand)
+dropout_grad_a = _op("lorakit::dropout_grad_a", _dropout_grad_a, _fake_grad_a)
+
 if kernels is not None:
     keep_mask.register_kernel("cuda")(kernels.keep_mask)
-    dropout_shrink.register_kernel("cuda")(kernels.dropout_shrink)
-    dropout_expand.register_kernel("cuda")(kernels.dropout_expand)
-    dropout_grad_a.register_kernel("cuda")(kernels.dropout_grad_a)

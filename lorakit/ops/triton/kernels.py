@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -148,7 +149,7 @@ def dropout_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor:
     out = torch.empty((n_rows, rank), dtype=x.dtype, device=x.device)
     block_r = _block_r(rank)
     block_n = 32 if block_r <= 64 else 16
-    _shrink_kernel[(triton.cdiv(n_rows, block_n),)](
+    wrap_triton(_shrink_kernel)[(triton.cdiv(n_rows, block_n),)](
         x, lora_A, out, seed, n_rows, n_cols, rank, x.stride(0), lora_A.stride(0), _threshold(p), 1.0 / (1.0 - p),
         BLOCK_N=block_n, BLOCK_K=128 if block_r <= 64 else 64, BLOCK_R=block_r, PRECISION=_precision(x),
         num_warps=4, num_stages=3,
@@ -164,7 +165,7 @@ def dropout_expand(t: Tensor, lora_A: Tensor, acc: Tensor | None, seed: Tensor, 
     block_r = _block_r(rank)
     block_n, block_k = (64, 128) if block_r <= 64 else (32, 64)
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_k))
-    _expand_kernel[grid](
+    wrap_triton(_expand_kernel)[grid](
         t, lora_A, acc if acc is not None else out, out, seed, n_rows, n_cols, rank, t.stride(0), lora_A.stride(0),
         _threshold(p), 1.0 / (1.0 - p), HAS_ACC=acc is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=_precision(t), num_warps=4,
@@ -183,7 +184,7 @@ def dropout_grad_a(t: Tensor, x: Tensor, seed: Tensor, p: float) -> Tensor:
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     partial = torch.empty((splits, rank, n_cols), dtype=torch.float32, device=x.device)
-    _grad_a_kernel[(col_blocks, splits)](
+    wrap_triton(_grad_a_kernel)[(col_blocks, splits)](
         t, x, partial, seed, n_rows, n_cols, rank, t.stride(0), x.stride(0), rows_per_split, _threshold(p),
         1.0 / (1.0 - p), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, PRECISION=_precision(x), num_warps=4,
         num_stages=3,
