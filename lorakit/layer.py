@@ -104,8 +104,14 @@ class LoraLayer(nn.Module):
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
         plain = [f for f in factors if f is not None]
-        if plain and len(plain) == len(adapters) and not args and not kwargs and _is_bare_linear(base):
+        bare = not args and not kwargs and _is_bare_linear(base)
+        if plain and len(plain) == len(adapters) and bare:
             return ops.lora_linear(x, _tensor(base, "weight"), _tensor(base, "bias"), plain, self.training)
+        if bare and len(adapters) == 1 and not plain:  # a variant that computes the whole output itself (DoRA)
+            whole = getattr(adapters[0].variant, "linear_output", None)
+            y = None if whole is None else whole(adapters[0], base, x)
+            if y is not None:
+                return y
         out = base(x, *args, **kwargs)
         if not adapters:
             return out

@@ -56,6 +56,20 @@ class Dora:
         lora = kind.contribution(module, x, adapter.lora_A, rescaled_B, adapter.scale)  # (m/n) s B(A(x))
         return ops.dora_contribution(base, lora, ratio)
 
+    def linear_output(self, adapter: Adapter, module: nn.Linear, x: Tensor) -> Tensor | None:
+        """module(x) with this adapter alone, as (m/n) * (W x + s B A x) + b: the LoRA term through the fused op
+        (added inside the base product, dX written once) and one multiply, where contribution's separate terms cost
+        a few more passes over the output, forward and backward. None where dropout is drawn (the base term then
+        takes the dropped-out input, which the fused product does not have)."""
+        if adapter.training and isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.p > 0:
+            return None
+        weight, magnitude = module.weight, adapter.variant_state.lora_magnitude_vector
+        ratio = magnitude / _column_norm(adapter, weight).reshape(magnitude.shape)
+        factors = ops.LoraFactors(adapter.lora_A, adapter.lora_B, adapter.scale)
+        z = ops.lora_linear(x, weight, None, [factors], adapter.training)  # W x + s B A x
+        y = z * ratio if ratio.dtype == z.dtype else (z * ratio).to(z.dtype)
+        return y if module.bias is None else y + module.bias
+
     def delta_weight(self, adapter: Adapter) -> Tensor:
         return self._lora.delta_weight(adapter)
 
