@@ -241,3 +241,44 @@ progress = "none"
     with torch.no_grad():
         tuned_loss, base_loss = tuned.eval()(input_ids=ids, labels=ids).loss, base(input_ids=ids, labels=ids).loss
     assert tuned_loss.exp() < 0.5 * base_loss.exp(), (tuned_loss, base_loss)  # perplexity at least halved
+
+
+@needs_cuda
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_dora_on_a_bf16_base_follows_float64_math_in_outputs_and_gradients(factor_dtype, compiled, monkeypatch):
+    """A linear layer with one DoRA adapter computes (m/n) * (W x + s B A x) + b through the fused op on CUDA: the
+    same outputs and gradients (x, A, B, m) as the float64 model on the CPU, to bf16's precision."""
+    import copy
+
+    from lorakit.variants.dora import Dora
+
+    whole, calls = Dora.linear_output, []
+    monkeypatch.setattr(Dora, "linear_output", lambda *a: calls.append(1) or whole(*a))
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(96, 160), nn.GELU(), nn.Linear(160, 64))
+    config = LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False, target_modules=["0", "2"])
+    exact = get_lora_model(copy.deepcopy(mlp).double(), config).train()
+    with torch.no_grad():  # magnitudes away from the norm, so m/n != 1 takes part
+        for name, p in exact.named_parameters():
+            if "magnitude" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
+    ours = get_lora_model(copy.deepcopy(mlp).to("cuda", torch.bfloat16), config, adapter_dtype=factor_dtype).train()
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), exact.parameters(), strict=True):
+            p.copy_(q)
+    x = torch.randn(5, 7, 96, dtype=torch.float64)
+    weight = torch.randn(5, 7, 64, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(), x.to("cuda", torch.bfloat16).requires_grad_()]
+    run = torch.compile(ours) if compiled else ours
+    ys = [exact(xs[0]), run(xs[1])]
+    assert calls, "the fused DoRA output was not used"
+    for y, w in zip(ys, (weight, weight.to("cuda", torch.bfloat16)), strict=True):
+        (y.float() * w.float()).sum().backward()
+    scale = ys[0].abs().max().item()
+    torch.testing.assert_close(ys[1].double().cpu(), ys[0].detach(), atol=2e-2 * scale, rtol=0)
+    grads = [(xs[0].grad, xs[1].grad)]
+    grads += [(q.grad, p.grad) for p, q in zip(ours.parameters(), exact.parameters(), strict=True) if p.requires_grad]
+    assert len(grads) == 1 + 6  # x; A, B and m of both layers
+    for want, got in grads:
+        torch.testing.assert_close(got.double().cpu(), want, atol=3e-2 * want.abs().max().item(), rtol=0)
