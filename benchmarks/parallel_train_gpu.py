@@ -253,7 +253,8 @@ def _profile(step: Callable[[], object]) -> None:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / 3 * 1000
         events = prof.key_averages()
-        busy = sum(e.self_device_time_total for e in events) / 3 / 1000
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the ops around them
+        busy = sum(e.self_device_time_total for e in kernels) / 3 / 1000
         print(f"profile: GPU busy {busy:.1f} ms of {wall:.1f} ms a step (under the profiler)")
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
