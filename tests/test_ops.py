@@ -377,3 +377,34 @@ def test_spanned_lora_of_one_range_over_every_row_is_add_lora():
     torch.testing.assert_close(
         ops.add_spanned_lora(out, x, adapters, [(0, 5)], False), ops.add_lora(out, x, adapters, False)
     )
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_spanned_lora_with_fp32_factors_on_a_bf16_base_batches_where_add_lora_computes_in_the_base_dtype(
+    kernels, monkeypatch
+):
+    """Parallel training's default (fp32 master factors, bf16 base): on the kernels' backend add_lora computes in
+    x's dtype, so the equal ranges batch in bf16 too; the reference computes in fp32, range by range. Either way the
+    sums follow float64 math and the factors get fp32 gradients."""
+    batched = []
+    monkeypatch.setattr(ops, "_batched_spans", lambda *a, f=ops._batched_spans: batched.append(1) or f(*a))
+    if kernels:
+        monkeypatch.setattr(ops, "backend", lambda x: "triton")
+        monkeypatch.setattr(ops, "add_lora", ops.reference.add_lora)  # no CUDA here: the spec stands in for it
+    gen = torch.Generator().manual_seed(5)
+    adapters = [
+        ops.LoraFactors(torch.randn(4, 12, generator=gen).requires_grad_(),
+                        torch.randn(10, 4, generator=gen).requires_grad_(), 0.5 + i)
+        for i in range(3)
+    ]  # fmt: skip
+    spans = [(0, 2), (2, 4), (4, 6)]
+    x, out = torch.randn(6, 3, 12, generator=gen), torch.randn(6, 3, 10, generator=gen)
+    y = ops.add_spanned_lora(out.bfloat16(), x.bfloat16(), adapters, spans, False)
+    assert y.dtype == torch.bfloat16 and len(batched) == kernels
+    exact = ops.reference.add_routed_lora(
+        out.double(), x.double(), [ops.LoraFactors(a.lora_A.double(), a.lora_B.double(), a.scale) for a in adapters],
+        [torch.arange(a, b) for a, b in spans], False,
+    )  # fmt: skip
+    torch.testing.assert_close(y.double(), exact, atol=0.25, rtol=2e-2)
+    y.float().sum().backward()
+    assert all(a.lora_A.grad.dtype == torch.float32 and a.lora_B.grad.abs().sum() > 0 for a in adapters)

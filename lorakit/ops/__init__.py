@@ -107,9 +107,10 @@ def add_spanned_lora(
 def _batchable(
     out: Tensor, x: Tensor, adapters: list[LoraFactors], spans: list[tuple[int, int]], training: bool
 ) -> bool:
-    """Ranges of one length covering every row (sorted and apart, so back to back), adapters of one shape in x's
-    and out's dtype (or under autocast, which casts the batched products as it would each range's) and no dropout
-    drawn: the ranges stack into one batch."""
+    """Ranges of one length covering every row (sorted and apart, so back to back), adapters of one shape and no
+    dropout drawn: the ranges stack into one batch. Their factors in x's and out's dtype, or under autocast (which
+    casts the batched products as it would each range's), or on the kernels' backend, where add_lora computes in
+    x's dtype whatever the factors' (fp32 master factors on a bf16 base, ParallelTrainer's default)."""
     length = spans[0][1] - spans[0][0]
     if length * len(spans) != out.shape[0] or any(b - a != length for a, b in spans):
         return False
@@ -117,22 +118,24 @@ def _batchable(
         return False
     a0 = adapters[0]
     same = all(a.lora_A.shape == a0.lora_A.shape and a.lora_B.shape == a0.lora_B.shape for a in adapters)
-    dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)} | {out.dtype}
-    return same and (dtypes == {x.dtype} or torch.is_autocast_enabled(x.device.type))
+    dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)}
+    if not same or out.dtype != x.dtype or len(dtypes) != 1:
+        return False
+    return dtypes == {x.dtype} or torch.is_autocast_enabled(x.device.type) or backend(x) == "triton"
 
 
 def _batched_spans(out: Tensor, x: Tensor, adapters: list[LoraFactors]) -> Tensor:
     """Every range at once: out[k] + s_k (x[k] A_k^T) B_k^T for the K equal ranges as two batched matmuls over the
     stacked factors (stacked per call, so each factor gets its own gradient): a few ops a layer however many jobs,
     where a range apiece cost six matmuls and their launches, forward and backward, in every layer."""
-    k = len(adapters)
+    k, dtype = len(adapters), x.dtype
     xs, base = x.reshape(k, -1, x.shape[-1]), out.reshape(k, -1, out.shape[-1])
-    lora_a = torch.stack([a.lora_A for a in adapters])  # (K, r, in)
+    lora_a = torch.stack([a.lora_A for a in adapters]).to(dtype)  # (K, r, in); a cast only on the kernels' backend
     scales = {float(a.scale) for a in adapters}
-    if len(scales) == 1:
-        lora_b = torch.stack([a.lora_B for a in adapters]) * scales.pop()  # (K, out, r)
+    if len(scales) == 1:  # s B rounded once into x's dtype
+        lora_b = (torch.stack([a.lora_B for a in adapters]) * scales.pop()).to(dtype)  # (K, out, r)
     else:
-        lora_b = torch.stack([a.lora_B * a.scale for a in adapters])
+        lora_b = torch.stack([a.lora_B * a.scale for a in adapters]).to(dtype)
     s = torch.bmm(xs, lora_a.transpose(1, 2))
     return torch.baddbmm(base, s, lora_b.transpose(1, 2)).reshape(out.shape)
 
