@@ -130,6 +130,31 @@ def test_each_adapter_equals_its_independent_run() -> None:
         assert sum(moved) > len(moved) // 2, job.name
 
 
+def test_jobs_alike_run_as_one_batch_per_layer_and_each_equals_its_independent_run(monkeypatch) -> None:
+    """Jobs of one LoRA config and batch shape (a sweep over datasets or learning rates): every adapted layer takes
+    their rows as one batch over the stacked factors, and each adapter still trains exactly as it does alone."""
+    from lorakit import ops
+
+    batched = []
+    monkeypatch.setattr(ops, "_batched_spans", lambda *a, f=ops._batched_spans: batched.append(1) or f(*a))
+    base = _bert()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+    jobs = [
+        ParallelJob(f"lr{i}", config, _batches(10 + i, 3, rows=2, length=6), steps=3,
+                    optimizer=lambda p, lr=lr: torch.optim.AdamW(p, lr=lr), seed=i)
+        for i, lr in enumerate([1e-2, 3e-2, 5e-3])
+    ]  # fmt: skip
+    expected = {job.name: _alone(base, job) for job in jobs}
+    trainer = ParallelTrainer(copy.deepcopy(base), jobs)
+    losses = trainer.run()
+    assert batched  # the layers took the batched path
+    for job in jobs:
+        params, job_losses = expected[job.name]
+        assert losses[job.name] == pytest.approx(job_losses, abs=1e-5)
+        for ours, theirs in zip(trainer.parameters_of(job.name), params, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_with_dropout_the_losses_track_the_independent_runs() -> None:
     base = _bert(dropout=0.1)
     jobs = _jobs(dropout=0.1)
