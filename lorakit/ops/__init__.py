@@ -86,8 +86,9 @@ def add_spanned_lora(
     if not order:
         return out
     ordered = [adapters[k] for k in order]
-    if _batchable(out, x, ordered, [spans[k] for k in order], training):
-        return _batched_spans(out, x, ordered)
+    dtype = _batch_dtype(out, x, ordered, [spans[k] for k in order], training)
+    if dtype is not None:
+        return _batched_spans(out, x, ordered, dtype)
     sizes, owner, at = [], [], 0  # the pieces of dim 0 in order, and the adapter of each (None: the base's rows)
     for k in order:
         start, stop = spans[k]
@@ -104,35 +105,40 @@ def add_spanned_lora(
     return torch.cat([o if a is None else add_lora(o, xs, [a], training) for o, xs, a in pieces])
 
 
-def _batchable(
+def _batch_dtype(
     out: Tensor, x: Tensor, adapters: list[LoraFactors], spans: list[tuple[int, int]], training: bool
-) -> bool:
-    """Ranges of one length covering every row (sorted and apart, so back to back), adapters of one shape and no
-    dropout drawn: the ranges stack into one batch. Their factors in x's and out's dtype, or under autocast (which
-    casts the batched products as it would each range's), or on the kernels' backend, where add_lora computes in
-    x's dtype whatever the factors' (fp32 master factors on a bf16 base, ParallelTrainer's default)."""
+) -> torch.dtype | None:
+    """The dtype the ranges compute in as one batch, or None where they do not stack: ranges of one length covering
+    every row (sorted and apart, so back to back), adapters of one shape and dtype, no dropout drawn. The factors'
+    dtype where out is in it (the reference's math: x cast to it; a routed layer sums fp32 factors' terms in fp32),
+    else x's where add_lora computes in x's dtype too: under autocast, or on the kernels' backend."""
     length = spans[0][1] - spans[0][0]
     if length * len(spans) != out.shape[0] or any(b - a != length for a, b in spans):
-        return False
+        return None
     if training and any(a.dropout for a in adapters):
-        return False
+        return None
     a0 = adapters[0]
-    same = all(a.lora_A.shape == a0.lora_A.shape and a.lora_B.shape == a0.lora_B.shape for a in adapters)
     dtypes = {t.dtype for a in adapters for t in (a.lora_A, a.lora_B)}
-    if not same or out.dtype != x.dtype or len(dtypes) != 1:
-        return False
-    return dtypes == {x.dtype} or torch.is_autocast_enabled(x.device.type) or backend(x) == "triton"
+    if len(dtypes) != 1 or any(
+        a.lora_A.shape != a0.lora_A.shape or a.lora_B.shape != a0.lora_B.shape for a in adapters
+    ):
+        return None
+    if out.dtype in dtypes:
+        return out.dtype
+    if out.dtype == x.dtype and (torch.is_autocast_enabled(x.device.type) or backend(x) == "triton"):
+        return x.dtype
+    return None
 
 
-def _batched_spans(out: Tensor, x: Tensor, adapters: list[LoraFactors]) -> Tensor:
+def _batched_spans(out: Tensor, x: Tensor, adapters: list[LoraFactors], dtype: torch.dtype) -> Tensor:
     """Every range at once: out[k] + s_k (x[k] A_k^T) B_k^T for the K equal ranges as two batched matmuls over the
-    stacked factors (stacked per call, so each factor gets its own gradient): a few ops a layer however many jobs,
-    where a range apiece cost six matmuls and their launches, forward and backward, in every layer."""
-    k, dtype = len(adapters), x.dtype
-    xs, base = x.reshape(k, -1, x.shape[-1]), out.reshape(k, -1, out.shape[-1])
-    lora_a = torch.stack([a.lora_A for a in adapters]).to(dtype)  # (K, r, in); a cast only on the kernels' backend
+    stacked factors (stacked per call, so each factor gets its own gradient), in `dtype`: a few ops a layer however
+    many jobs, where a range apiece cost six matmuls and their launches, forward and backward, in every layer."""
+    k = len(adapters)
+    xs, base = x.reshape(k, -1, x.shape[-1]).to(dtype), out.reshape(k, -1, out.shape[-1])
+    lora_a = torch.stack([a.lora_A for a in adapters]).to(dtype)  # (K, r, in)
     scales = {float(a.scale) for a in adapters}
-    if len(scales) == 1:  # s B rounded once into x's dtype
+    if len(scales) == 1:  # s B rounded once into `dtype`
         lora_b = (torch.stack([a.lora_B for a in adapters]) * scales.pop()).to(dtype)  # (K, out, r)
     else:
         lora_b = torch.stack([a.lora_B * a.scale for a in adapters]).to(dtype)
