@@ -285,10 +285,11 @@ def test_dora_on_a_bf16_base_follows_float64_math_in_outputs_and_gradients(facto
 
 
 @needs_cuda
-def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_each_job_alone(monkeypatch) -> None:
+def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_float64_math(monkeypatch) -> None:
     """ParallelTrainer's default on a GPU (fp32 master factors, bf16 base, no autocast): jobs alike run as one batch
-    per layer (in fp32, where a routed layer sums fp32 factors' terms), and each adapter's first update follows its
-    run alone (the fused op, in bf16) to bf16's precision, over all its factors (SGD: the update is the gradient)."""
+    per layer (in fp32, where a routed layer sums fp32 factors' terms). Each job's first update (SGD: the update is
+    the gradient) is measured against float64 math from the same factors, and must be no further from it than twice
+    the single-adapter fused op's own bf16 error (or 1 % of the update)."""
     import copy
 
     from lorakit import ops
@@ -298,26 +299,31 @@ def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_each
     batched = []
     monkeypatch.setattr(ops, "_batched_spans", lambda *a, f=ops._batched_spans: batched.append(1) or f(*a))
     base = tiny_llama().to("cuda", torch.bfloat16)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     gen = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (3, 1, 16), generator=gen).cuda()]
     jobs = [ParallelJob(f"job{i}", config, [data[i]], steps=1, optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
                         seed=i) for i in range(3)]  # fmt: skip
     trainer = ParallelTrainer(copy.deepcopy(base), jobs)
     start = {job.name: [p.detach().clone() for p in trainer.parameters_of(job.name)] for job in jobs}
-    losses = trainer.run()
+    trainer.run()
     assert batched
-    for i, job in enumerate(jobs):
-        alone = LoraModel(copy.deepcopy(base))
-        add_seeded_adapter(alone, job.name, config, job.seed)
-        params = [p for p in alone.parameters() if p.requires_grad]
-        assert all(p.dtype == torch.float32 for p in params)
-        loss = mean_cross_entropy(alone(input_ids=data[i]["input_ids"]).logits, data[i]["labels"])
-        loss.backward()
-        torch.optim.SGD(params, lr=0.5).step()
-        assert losses[job.name][0] == pytest.approx(loss.item(), rel=1e-2)
-        first = start[job.name]
-        moved = torch.cat([(p - q).flatten() for p, q in zip(trainer.parameters_of(job.name), first, strict=True)])
-        expected = torch.cat([(p.detach() - q).flatten() for p, q in zip(params, first, strict=True)])
-        assert expected.norm() > 0
-        assert (moved - expected).norm() <= 0.05 * expected.norm(), job.name
+
+    def first_update(model: LoraModel, name: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+        add_seeded_adapter(model, name, config, 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p, q in zip(params, start[name], strict=True):
+                p.copy_(q)
+        ids = data[int(name[-1])]["input_ids"].to(device)
+        mean_cross_entropy(model(input_ids=ids).logits.to(dtype), ids).backward()
+        return torch.cat([-0.5 * p.grad.flatten().double().cpu() for p in params])
+
+    for job in jobs:
+        exact = first_update(LoraModel(copy.deepcopy(base).to("cpu", torch.float64)), job.name, "cpu", torch.float64)
+        alone = first_update(LoraModel(copy.deepcopy(base)), job.name, "cuda", torch.float32)
+        moved = torch.cat([(p - q).flatten().double().cpu()
+                           for p, q in zip(trainer.parameters_of(job.name), start[job.name], strict=True)])  # fmt: skip
+        assert exact.norm() > 0
+        ours, fused = (moved - exact).norm(), (alone - exact).norm()
+        assert ours <= max(2 * fused, 0.01 * exact.norm()), (job.name, ours / exact.norm(), fused / exact.norm())
