@@ -87,9 +87,9 @@ def _fake_grad_a(t, x, seed, p):
 def _op(name: str, fn, fake):
     """The op `name` over fn. Where triton imports, a triton_op: torch.compile sees its kernels and launches them
     from the compiled code, where a custom op's call through the dispatcher and its Python wrapper cost the host
-    tens of microseconds, three calls per dropout layer per step (a step bound by the host). Elsewhere a custom op
-    with its fake impl."""
-    if kernels is None:
+    tens of microseconds, three calls per dropout layer per step (a step bound by the host). Elsewhere (no triton,
+    or torch < 2.6) a custom op with its fake impl."""
+    if kernels is None or not hasattr(torch.library, "triton_op"):
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)
         return op

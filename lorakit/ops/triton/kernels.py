@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+try:
+    from torch.library import wrap_triton
+except ImportError:  # torch < 2.6 has no triton_op either (dropout.py): the kernels are launched as they are
+
+    def wrap_triton(kernel):
+        return kernel
 
 
 @triton.jit
