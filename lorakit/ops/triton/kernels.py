@@ -3,8 +3,9 @@
 Every kernel redraws keep[i, j] from one philox call per 8 columns (counter i * ceil(n_cols / 8) + j // 8, int32;
 philox is the costly part, and 64-bit counters are several times slower; past 2**32 groups the bits repeat), so
 the three agree bit for bit. A call's 128 bits are 8 uniforms of 16 bits each, u in {0 .. 65535}, and an element is
-kept where u >= round(65536 p): the drop probability is p to within 2**-17 (32-bit uniforms drew 4 elements a call
-and cost twice the philox rounds, the bulk of a dropout layer's extra time). Column tiles start at multiples of 8.
+kept where u >= round(65536 p): the drop probability is p to within 2**-17, for half the philox rounds of 32-bit
+uniforms (which made no measurable difference to a compiled step: its dropout cost was the host's, see dropout.py's
+triton ops). Column tiles start at multiples of 8.
 Rank r is padded to a power of two >= 16 inside the kernel (masked loads), never in memory.
 """
 
