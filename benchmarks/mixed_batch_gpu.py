@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from train_step_gpu import build_model
+from train_step_gpu import add_model_arguments, build_model
 
 CASES = {"8 adapters, 16x512": (8, 16, 512), "64 adapters, 64x128": (64, 64, 128)}
 
@@ -93,10 +93,7 @@ def _profile(forward, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_model_arguments(parser)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

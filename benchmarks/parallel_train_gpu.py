@@ -57,7 +57,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 from torch import nn
-from train_step_gpu import build_model
+from train_step_gpu import add_model_arguments, build_model
 
 MODES = "parallel,peft-serial,parallel-compiled,ours-serial"  # the target's two sides first
 JOBS = 4
@@ -375,10 +375,7 @@ def _commit() -> str | None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_model_arguments(parser)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)

@@ -57,6 +57,14 @@ TWINS = {
 }
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options build_model reads: the Llama-3.2-1B shape by default."""
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=128256)
+
+
 def build_model(args: argparse.Namespace, device: str = "cuda"):
     """The Llama-shaped model of `args`, seeded random bf16 weights (device "cpu": other scripts' smoke runs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -285,10 +293,7 @@ def write_json(path: str, args: argparse.Namespace, results: dict[str, dict]) ->
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, default=128256)
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
