@@ -39,7 +39,7 @@ import torch
 from mixed_batch_gpu import adapt
 from torch.nn.attention import sdpa_kernel
 from train_step_gpu import build_model
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from lorakit.serve.routing import SERVING_ATTENTION
 
@@ -80,16 +80,59 @@ def median_ms(call: Callable[[], object], warmup: int, steps: int, device: str) 
 
 
 def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple[float, torch.Tensor]:
-    """(median ms of one decode step after a prefill of `prompt`, the first step's logits)."""
-    cache = DynamicCache()
-    model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
-    token = torch.randint(0, args.vocab, (prompt.shape[0], 1), device=prompt.device, generator=_generator(args, 2))
+    """(median ms of one decode step after a prefill of `prompt`, the first step's logits). Under --compile the
+    cache is static (the KV tensors preallocated for every step, so each step has the same shapes and one CUDA graph
+    serves them all) and the next position is a tensor updated in place, as transformers' compiled generate does."""
+    rows, length = prompt.shape
+    token = torch.randint(0, args.vocab, (rows, 1), device=prompt.device, generator=_generator(args, 2))
+    if not args.compile:
+        cache = DynamicCache()
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
+
+        def step() -> torch.Tensor:
+            return model(input_ids=token, past_key_values=cache, use_cache=True, **routing).logits[:, -1]
+
+        first = step().float().cpu()
+        return median_ms(step, args.warmup, args.steps, args.device), first
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + 2)
+    with torch.compiler.set_stance("force_eager"):  # the cache's tensors made eagerly: static addresses for graphs
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
+    for layer in cache.layers:  # what the steps update in place stays put between graph replays
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor):
+                torch._dynamo.mark_static_address(tensor)
+    position = torch.tensor([length], device=prompt.device)
+    torch._dynamo.mark_static_address(position)
 
     def step() -> torch.Tensor:
-        return model(input_ids=token, past_key_values=cache, use_cache=True, **routing).logits[:, -1]
+        logits = (
+            model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position, **routing)
+            .logits[:, -1]
+            .clone()
+        )
+        position.add_(1)
+        return logits
 
     first = step().float().cpu()
     return median_ms(step, args.warmup, args.steps, args.device), first
+
+
+def _inner(model, mode: str) -> torch.nn.Module:
+    """The transformers model inside the mode's wrapper (lorakit's LoraModel.model, PEFT's base_model.model)."""
+    return {"base": lambda: model, "ours": lambda: model.model, "peft": lambda: model.base_model.model}[mode]()
+
+
+def compiled(model, mode: str, args: argparse.Namespace):
+    """--compile: the transformers model's forward under torch.compile with CUDA graphs (mode reduce-overhead: a
+    step replays recorded kernels, no Python, no launches), the wrapper left as it is; every mode alike."""
+    if args.compile:
+        torch._dynamo.reset()  # the modes share transformers' forward: each compiles and counts recompiles afresh
+        inner = _inner(model, mode)
+        backend = "inductor" if args.device == "cuda" else "aot_eager"
+        mode = "reduce-overhead" if args.device == "cuda" else None
+        inner.forward = torch.compile(inner.forward, backend=backend, mode=mode)
+    return model
 
 
 def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float | torch.Tensor]:
@@ -98,7 +141,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     layers = args.decode_layers if case == "decode-64" else args.layers
     start = time.perf_counter()
     base = build_model(argparse.Namespace(**{**vars(args), "layers": layers}), args.device)
-    model = adapt(mode, base, names, args.rank).eval()
+    model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
     result: dict = {"layers": layers, "build_s": time.perf_counter() - start}
     rows = args.decode_batch if case == "decode-64" else args.batch
     length = args.decode_prompt if case == "decode-64" else args.seq
@@ -204,6 +247,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--modes", default="base,ours,peft", help="base first: the others compare with it")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="every mode under torch.compile with CUDA graphs "
+        "(reduce-overhead) and a static KV cache, as transformers' compiled generate runs",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model on CPU, a few steps: a smoke run")
     parser.add_argument("--json", help="also write the results here (rewritten after every case)")
     if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win
@@ -221,7 +270,8 @@ def main() -> None:
     with sdpa_kernel(SERVING_ATTENTION):  # every mode alike, as lorakit serve runs: no cuDNN plan per key length
         results = run(args)
     device = environment(args.device)["device"]
-    print(f"== decode_step_gpu: {device}, torch {torch.__version__}, r{args.rank} all-linear, bf16, eager")
+    how = "torch.compile reduce-overhead (CUDA graphs), static cache" if args.compile else "eager"
+    print(f"== decode_step_gpu: {device}, torch {torch.__version__}, r{args.rank} all-linear, bf16, {how}")
     summary(results)
 
 

@@ -116,7 +116,7 @@ def is_head_mode(mode: str) -> bool:
 def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace):
     """(a function giving the step's loss, the FusedHead it scores through or None) for `mode`."""
     if not is_head_mode(mode):
-        step_fn = torch.compile(model, backend=args.backend) if "compiled" in mode else model
+        step_fn = torch.compile(model, backend=args.backend, mode=args.compile_mode) if "compiled" in mode else model
         return (lambda: step_fn(input_ids=ids, labels=ids).loss), None
     from lorakit.head_loss import chunk_rows
     from lorakit.train import parallel
@@ -127,7 +127,7 @@ def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace)
     if mode == "ours-train-default":  # run.compile=auto: each decoder layer, on CUDA only
         parallel.compile_blocks(model, "auto", args.backend, torch.device(args.device))
     elif "compiled" in mode:
-        decoder = torch.compile(decoder, backend=args.backend)
+        decoder = torch.compile(decoder, backend=args.backend, mode=args.compile_mode)
     fused = FusedHead(decoder, head, chunk_rows(args.vocab, args.device))
     batch = {"input_ids": ids, "labels": ids}
     autocast = mode == "ours-train-default" and args.device == "cuda"  # optim.precision=auto: bf16 autocast on GPU
@@ -309,6 +309,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the base's dtype")
     parser.add_argument("--backend", help="torch.compile's backend (default: inductor; aot_eager on CPU, where "
                         "inductor's C++ builds take longer than the smoke run)")  # fmt: skip
+    parser.add_argument("--compile-mode", help="torch.compile's mode for every compiled mode, PEFT's and ours "
+                        "(e.g. reduce-overhead: CUDA graphs; default: torch's default)")  # fmt: skip
     parser.add_argument("--json", help="also write the results here (after every mode)")
     parser.add_argument("--time-budget", type=float, help="seconds: skip a mode that might end later than this, "
                         "judged by the longest mode so far (the table still prints)")  # fmt: skip

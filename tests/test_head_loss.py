@@ -238,9 +238,9 @@ class _ScaledLlama(nn.Module):
         return out
 
 
-def _config(mode: str, task: str = "causal-lm", compile: str = "auto") -> TrainConfig:
+def _config(mode: str, task: str = "causal-lm", compile: str = "auto", distributed: str = "ddp") -> TrainConfig:
     return TrainConfig(task=task, model=ModelSection(source="x"), data=DataSection(path="x"),
-                       run=RunSection(fused_head_loss=mode, compile=compile))  # fmt: skip
+                       run=RunSection(fused_head_loss=mode, compile=compile, distributed=distributed))  # fmt: skip
 
 
 def _prepared() -> tasks.Prepared:
@@ -277,7 +277,11 @@ def test_when_the_split_applies() -> None:
     assert model.training  # the check's eval mode is undone
     assert tasks.fused_head(_config("auto", compile="off"), model, _prepared(), world=1).compiled is False
     assert tasks.fused_head(_config("off"), model, _prepared(), world=1) is None
-    assert tasks.fused_head(_config("auto"), model, _prepared(), world=2) is None  # DDP / FSDP wrap the forward
+    # ddp calls the model itself on every rank; FSDP2 gathers the shards in hooks of the whole model's forward
+    assert isinstance(tasks.fused_head(_config("auto"), model, _prepared(), world=2), tasks.FusedHead)
+    assert tasks.fused_head(_config("auto", distributed="fsdp"), model, _prepared(), world=2) is None
+    with pytest.raises(ConfigError, match="distributed = 'ddp' only, not 'fsdp'"):
+        tasks.fused_head(_config("on", distributed="fsdp"), model, _prepared(), world=2)
     with pytest.raises(ConfigError, match="needs task 'causal-lm'"):
         _config("on", task="seq-cls")
 

@@ -86,6 +86,60 @@ def test_fsdp2_shards_the_model_and_trains_as_ddp_does(
     assert {k: v.shape for k, v in fsdp_state.items()} == {k: v.shape for k, v in ddp_state.items()}
 
 
+def _average_on_rank(rank: int, port: int, results: dict) -> None:
+    """Rank `rank` of two (gloo): unequal starting weights, then gradients that differ by rank, one of them on rank 1
+    only, one on no rank; what parallel.wrap and parallel.average_gradients leave."""
+    import torch.distributed as dist
+
+    from lorakit.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # unequal copies: wrap must make them rank 0's
+        model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(2, 2).double(),
+                                     "c": torch.nn.Linear(2, 1), "frozen": torch.nn.Linear(2, 2)})  # fmt: skip
+        model["frozen"].requires_grad_(False)
+        model.register_buffer("count", torch.tensor([float(rank + 5)]))
+        wrapped = parallel.wrap(model, "ddp", 2, torch.device("cpu"))
+        for p in (*model["a"].parameters(), *model["b"].parameters()):
+            p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(p.numel(), dtype=p.dtype).view_as(p)
+        if rank == 1:
+            model["a"].bias.grad = None  # on rank 0 only
+        parallel.average_gradients(wrapped, 2)
+        results[rank] = {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_averages_every_gradient_in_one_reduction_and_starts_from_rank_0(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_average_on_rank, args=(port, results), nprocs=2, join=True)
+    first, second = results[0], results[1]
+    for key, value in first["state"].items():  # rank 1 took rank 0's weights and buffers
+        assert torch.equal(second["state"][key], value), key
+    assert first["state"]["count"].item() == 5.0
+    for name, grad in first["grads"].items():
+        other = second["grads"][name]
+        if name.startswith(("c.", "frozen.")):  # no rank had one: the optimizer skips it, as in one process
+            assert grad is None and other is None
+            continue
+        assert torch.equal(grad, other), name  # the ranks' gradients are equal after averaging
+        steps = torch.arange(grad.numel(), dtype=torch.float64).view_as(grad)
+        mean = steps * (0.5 if name == "a.bias" else 1.5)  # (1 + 2) / 2, or (1 + 0) / 2 where rank 1 had none
+        torch.testing.assert_close(grad.double(), mean, rtol=0, atol=0)
+        assert grad.dtype == (torch.float64 if name.startswith("b.") else torch.float32)
+
+
 def test_lora_model_trains_inside_transformers_trainer(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 

@@ -90,7 +90,7 @@ class _Setup:
     folder: Path
     prepared: tasks.Prepared
     model: LoraModel
-    wrapped: nn.Module  # what the loop calls: the model, or its DDP / FSDP2 form
+    wrapped: nn.Module  # what the loop calls: the model (one process, ddp), or its FSDP2 form
     optimizer: torch.optim.Optimizer
     scheduler: Any
     max_steps: int
@@ -389,6 +389,8 @@ def _accumulate_gradients(run: _Setup, config: TrainConfig, step: int, env: _Env
         with _autocast(config, env), parallel.no_sync(wrapped, sync):
             loss = tasks.score(config.task, wrapped, batch, run.fused).mean_loss() / accum
         loss.backward()
+        if sync:
+            parallel.average_gradients(wrapped, env.world)
         loss_sum += loss.item()
         examples += len(batch["labels"])
     return loss_sum, examples

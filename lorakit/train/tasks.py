@@ -143,8 +143,8 @@ def fused_head(config: TrainConfig, model: nn.Module, prepared: Prepared, world:
     mode = config.run.fused_head_loss
     if mode == "off" or config.task != "causal-lm":
         return None
-    if world > 1:  # DDP's and FSDP's bookkeeping happens in the wrapped model's forward, which the split skips
-        reason = "it runs in one process only, not under torchrun"
+    if world > 1 and config.run.distributed != "ddp":  # FSDP2 gathers parameters in hooks of the model's forward
+        reason = f"it runs under torchrun with run.distributed = 'ddp' only, not {config.run.distributed!r}"
     else:
         split = _split(model)
         reason = _differs(model, split, prepared) if split else "the model has no decoder and output head to split"
