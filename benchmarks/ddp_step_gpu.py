@@ -1,4 +1,4 @@
-"""Where a two-process training step loses time against one process: the same step under torchrun, four ways.
+"""Where a two-process training step loses time against one process: the same step under torchrun, five ways.
 
 Each rank builds benchmarks/train_step_gpu.build_model (Llama-3.2-1B shape, seeded random bf16 weights), adds r16
 all-linear LoRA with fp32 factors, runs under bf16 autocast with each decoder layer compiled, as `lorakit train`
