@@ -15,7 +15,7 @@ from lorakit.head_loss import chunk_rows, head_loss
 from lorakit.train import tasks
 from lorakit.train.config import DataSection, ModelSection, RunSection, TrainConfig, load_config
 from lorakit.train.loop import train
-from tests.test_train_helpers import tiny_gpt2, write_config
+from tests.test_train_helpers import causal_lm_config, tiny_gpt2
 
 IGNORE = tasks.IGNORE
 
@@ -291,27 +291,8 @@ def _lm_run(tmp_path: Path, mode: str) -> list[dict]:
     if not model.exists():
         tiny_gpt2(model)
         (tmp_path / "lines.txt").write_text("the cat sat on the mat\nand a dog ran in the park today\n" * 12)
-    config = write_config(tmp_path / f"{mode}.toml", f"""
-        task = "causal-lm"
-        [model]
-        source = "{model}"
-        [data]
-        path = "{tmp_path / "lines.txt"}"
-        [lora]
-        target_modules = ["c_attn", "c_fc"]
-        [optim]
-        lr = 0.05
-        batch_size = 4
-        max_steps = 6
-        [run]
-        out_dir = "{tmp_path / mode}"
-        progress = "none"
-        log_every = 1
-        eval_every = 3
-        plots = false
-        tensorboard = false
-        fused_head_loss = "{mode}"
-    """)  # fmt: skip
+    config = causal_lm_config(tmp_path / f"{mode}.toml", model, tmp_path / "lines.txt", max_steps=6,
+                              out_dir=f'"{tmp_path / mode}"', eval_every="3", fused_head_loss=f'"{mode}"')  # fmt: skip
     result = train(load_config(config))
     assert result.fused_head_loss == (mode == "on")
     return [json.loads(line) for line in (Path(result.folder) / "metrics.jsonl").read_text().splitlines()]

@@ -89,30 +89,13 @@ def test_fsdp2_shards_the_model_and_trains_as_ddp_does(
 def test_ddp_scores_a_causal_lm_through_the_chunked_head_to_the_same_losses(tmp_path: Path) -> None:
     """Under ddp every rank calls the model itself, so the chunked head loss runs there too, and two ranks get the
     losses of the full-logits loss: the split decoder and head take the same averaged steps."""
-    from test_train_helpers import tiny_gpt2, write_config
+    from test_train_helpers import causal_lm_config, tiny_gpt2
 
     model = tiny_gpt2(tmp_path / "gpt2")
     (tmp_path / "lines.txt").write_text("the cat sat on the mat\nand a dog ran in the park today\n" * 16)
     losses = {}
     for port, mode in ((29541, "on"), (29542, "off")):
-        config = write_config(tmp_path / f"{mode}.toml", f"""
-            task = "causal-lm"
-            [model]
-            source = "{model}"
-            [data]
-            path = "{tmp_path / "lines.txt"}"
-            [lora]
-            target_modules = ["c_attn", "c_fc"]
-            [optim]
-            lr = 0.05
-            batch_size = 4
-            [run]
-            progress = "none"
-            log_every = 1
-            plots = false
-            tensorboard = false
-            fused_head_loss = "{mode}"
-        """)  # fmt: skip
+        config = causal_lm_config(tmp_path / f"{mode}.toml", model, tmp_path / "lines.txt", fused_head_loss=f'"{mode}"')
         out = tmp_path / f"run_{mode}"
         _torchrun(tmp_path, config, out, port)
         assert json.loads((out / "summary.json").read_text())["fused_head_loss"] == (mode == "on")

@@ -82,6 +82,28 @@ def write_config(path: Path, body: str) -> Path:
     return path
 
 
+def causal_lm_config(path: Path, model: Path, lines: Path, max_steps: int = 0, **run: str) -> Path:
+    """A causal-LM config for the tiny GPT-2 over a text file: LoRA on c_attn and c_fc, lr 0.05, batch 4, no plots;
+    run-section keys added or replaced through `run` (TOML values: strings quoted); max_steps 0 = whole epochs."""
+    run_lines = {"progress": '"none"', "log_every": "1", "plots": "false", "tensorboard": "false", **run}
+    run_section = "\n".join(f"{k} = {v}" for k, v in run_lines.items())
+    body = f"""
+        task = "causal-lm"
+        [model]
+        source = "{model}"
+        [data]
+        path = "{lines}"
+        [lora]
+        target_modules = ["c_attn", "c_fc"]
+        [optim]
+        lr = 0.05
+        batch_size = 4
+        max_steps = {max_steps}
+        [run]
+    """
+    return write_config(path, body + textwrap.indent(run_section, " " * 8) + "\n")
+
+
 def seq_cls_config(tmp: Path, model: Path, data: Path, **run: str) -> Path:
     """A seq-cls config for the tiny BERT; run-section keys can be replaced through `run`."""
     run_lines = {"out_dir": f'"{tmp / "run"}"', "eval_every": "4", "log_every": "1", "checkpoint_every": "4"}
