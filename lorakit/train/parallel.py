@@ -82,10 +82,10 @@ def average_gradients(wrapped: nn.Module, world: int) -> None:
         flat = torch.cat([*(g.reshape(-1) for g in grads), present])  # one message: the gradients, then who had one
         dist.all_reduce(flat)
         flat /= world
-        sums = flat[-len(group) :].tolist()  # one small read: which gradients some rank had
+        had = flat[-len(group) :].tolist()  # one small read: the share of ranks that had each gradient
         means = flat[: -len(group)].split([p.numel() for p in group])
-        for p, mean, had in zip(group, means, sums, strict=True):
-            if had > 0:
+        for p, mean, share in zip(group, means, had, strict=True):
+            if share > 0:
                 p.grad = mean.view_as(p)
 
 
