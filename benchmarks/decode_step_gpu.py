@@ -8,7 +8,9 @@ bf16 weights from config (benchmarks/train_step_gpu.build_model): --layers 16 as
 every module; at 16 layers it took lorakit 71 s and PEFT 32 s on the project's shared 2-core CPU), while a decode
 step costs about the same per layer, so its ratio to the base moves little with the depth (the head's share of a
 step doubles). Adapters: r16,
-lora_alpha 32, all-linear, bf16 factors, random non-zero B (benchmarks/mixed_batch_gpu.adapt). Eager, no compile.
+lora_alpha 32, all-linear, bf16 factors, random non-zero B (benchmarks/mixed_batch_gpu.adapt). Eager by default;
+--compile puts every mode's transformers forward under torch.compile(mode="reduce-overhead") (CUDA graphs) with a
+static KV cache (its prefill run eagerly), so the host's launches leave the comparison.
 Cases, each mode on a fresh model (base: the model alone; ours: lorakit; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
@@ -21,7 +23,7 @@ Timing: torch.cuda.synchronize + perf_counter around each call, median of --step
 follow one another, so the KV cache grows by one token a step, equally in every mode. logits_vs_base is the largest
 difference of the first decode step's logits from the base's (nonzero: the adapters act).
 
-Run (CUDA): PYTHONPATH=. python benchmarks/decode_step_gpu.py [--layers 16] [--json PATH]
+Run (CUDA): PYTHONPATH=. python benchmarks/decode_step_gpu.py [--layers 16] [--compile] [--json PATH]
 Smoke run (CPU, tiny model, seconds): PYTHONPATH=. python benchmarks/decode_step_gpu.py --quick --json /tmp/d.json
 """
 
