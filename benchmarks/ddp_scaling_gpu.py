@@ -13,7 +13,8 @@ per example of exactly --seq tokens, padded/truncated to --seq (fixed shapes: on
 The run: r16, lora_alpha 32, all-linear, AdamW (lr 1e-4), the loop's defaults otherwise: bf16 autocast on CUDA,
 fp32 adapter factors, each decoder layer compiled (run.compile, --compile; auto = on on CUDA, off on CPU).
 run.fused_head_loss is off in both runs, as in the runs before ddp could take it, so the ratios stay comparable with
-those (a ratio compares the same per-process work either way). Eval sets are one batch, checkpoints only at the end, so the run is mostly training steps.
+those (a ratio compares the same per-process work either way). Eval sets are one batch, checkpoints only at the
+end, so the run is mostly training steps.
 
 Measured: the run's own metrics.jsonl (log_every = 1, written by rank 0): each optimizer step's examples/s, which
 is examples x world / that step's wall time on rank 0 (the loss .item() and gradient-norm reads inside the step
