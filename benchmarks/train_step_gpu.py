@@ -16,7 +16,8 @@ Modes (each on a fresh model, same seed, bf16 base; "-drop" = lora_dropout 0.1, 
   ours-default-head    fp32 factors, eager decoder, the chunked head + loss
   ours-train-default   what `lorakit train` runs on CUDA with no flags: fp32 factors, bf16 autocast, each decoder
                        layer compiled (train.parallel.compile_blocks, run.compile=auto), the chunked head + loss at
-                       the library's chunk size, gradient clipping at 1.0 (optim.max_grad_norm), AdamW
+                       the library's chunk size, gradient clipping at 1.0 (optim.max_grad_norm), AdamW; with
+                       --compile-mode, run.compile_mode (reduce-overhead: each layer replayed as CUDA graphs)
   ours-reference-...   any ours-* mode with LORAKIT_KERNELS=0 (the pure-torch reference ops)
 The HF and PEFT modes take transformers' own loss (model(input_ids, labels=...).loss); the *-head modes take
 FusedHead's mean loss, the same quantity (tests/test_head_loss.py checks it to 1e-5 with the gradients):
@@ -110,7 +111,12 @@ def adapt(mode: str, model, args: argparse.Namespace):
 
 
 def is_head_mode(mode: str) -> bool:
-    return "-head" in mode or mode == "ours-train-default"
+    return "-head" in mode or is_train_default(mode)
+
+
+def is_train_default(mode: str) -> bool:
+    """ours-train-default and its variants (-dora, -drop): what `lorakit train` runs."""
+    return mode.startswith("ours-train-default")
 
 
 def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace):
@@ -124,13 +130,13 @@ def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace)
 
     base = model.model  # LoraModel -> the transformers causal LM
     decoder, head = base.model, base.get_output_embeddings()
-    if mode == "ours-train-default":  # run.compile=auto: each decoder layer, on CUDA only
-        parallel.compile_blocks(model, "auto", args.backend, torch.device(args.device))
+    if is_train_default(mode):  # run.compile=auto: each decoder layer, on CUDA only
+        parallel.compile_blocks(model, "auto", args.backend, torch.device(args.device), args.compile_mode or "default")
     elif "compiled" in mode:
         decoder = torch.compile(decoder, backend=args.backend, mode=args.compile_mode)
     fused = FusedHead(decoder, head, chunk_rows(args.vocab, args.device))
     batch = {"input_ids": ids, "labels": ids}
-    autocast = mode == "ours-train-default" and args.device == "cuda"  # optim.precision=auto: bf16 autocast on GPU
+    autocast = is_train_default(mode) and args.device == "cuda"  # optim.precision=auto: bf16 autocast on GPU
 
     def loss() -> torch.Tensor:
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
@@ -141,6 +147,8 @@ def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace)
 
 def measure(mode: str, args: argparse.Namespace) -> dict[str, dict]:
     """{mode: result} and, for a swept *-head mode, {mode@point: result} per --chunk-rows point."""
+    from lorakit.train import parallel
+
     os.environ["LORAKIT_KERNELS"] = "0" if "-reference" in mode else "1"
     started = time.perf_counter()
     model = adapt(mode, build_model(args, args.device), args).train()
@@ -149,11 +157,17 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, dict]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(1))  # fmt: skip
     loss_fn, fused = loss_function(mode, model, ids, args)
-    clip = mode == "ours-train-default"  # optim.max_grad_norm = 1.0
+    clip = is_train_default(mode)  # optim.max_grad_norm = 1.0
+    graphs = parallel.replays_graphs(args.compile_mode or "default") and args.device == "cuda"
 
     def step(record: dict | None = None) -> None:
+        if graphs:  # as lorakit train's loop does under CUDA graphs, for every mode alike
+            torch.compiler.cudagraph_mark_step_begin()
+        missing = [p.grad is None for p in params] if graphs else []
         loss = loss_fn()
         loss.backward()
+        if graphs:
+            parallel.graph_safe_gradients(params, missing)
         if record is not None:  # the first step, before the optimizer moves anything: the same in twin modes
             record["first_loss"] = loss.item()
             record["first_grad_norm"] = (

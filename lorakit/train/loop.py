@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -126,7 +127,7 @@ def train(
     else:
         torch.manual_seed(config.seed + env.rank)  # dropout: different per rank, the same in every run
         random.seed(config.seed + env.rank)
-        before = evaluate(model, prepared, config, env, run.fused)
+        before = evaluate(model, prepared, config, env, run.fused, run.compiled.graphs)
         tracker.log("eval", 0, before)
         _write_json(folder / "before.json", before, env)
     progress = Progress(config.run.progress if env.main else "none", max_steps, start_step, config.run.log_every)
@@ -161,7 +162,7 @@ def train(
             )
         progress.update({"loss": loss, "lr": lr, "ex/s": throughput})
         if done % config.run.eval_every == 0 and done != max_steps:
-            scores = evaluate(model, prepared, config, env, run.fused)
+            scores = evaluate(model, prepared, config, env, run.fused, run.compiled.graphs)
             tracker.log("eval", done, scores)
             progress.eval(done, scores)
         if done % config.run.checkpoint_every == 0 or done == max_steps:
@@ -170,7 +171,7 @@ def train(
             on_step(done)
     progress.close()
 
-    after = evaluate(model, prepared, config, env, run.fused)
+    after = evaluate(model, prepared, config, env, run.fused, run.compiled.graphs)
     tracker.log("eval", max_steps, after)
     progress.eval(max_steps, after)
     tracker.close()
@@ -182,8 +183,9 @@ def train(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, env: _Env | None = None,
-             fused: tasks.FusedHead | None = None) -> dict:  # fmt: skip
-    """The task's metrics over the whole eval set (every rank computes the same numbers)."""
+             fused: tasks.FusedHead | None = None, graphs: bool = False) -> dict:  # fmt: skip
+    """The task's metrics over the whole eval set (every rank computes the same numbers); `graphs`: the blocks
+    replay CUDA graphs, so each batch is marked as a new step."""
     device = env.device if env else next(model.parameters()).device
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
@@ -191,6 +193,8 @@ def evaluate(model: nn.Module, prepared: tasks.Prepared, config: TrainConfig, en
     with _autocast(config, env) if env else nullcontext():
         for i in range(0, len(prepared.eval), size):
             batch = {k: v.to(device) for k, v in prepared.collate(prepared.eval[i : i + size]).items()}
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             scores = tasks.score(config.task, model, batch, fused)
             loss_sum, count, correct = loss_sum + scores.loss_sum.item(), count + scores.count, correct + scores.correct
     if count == 0:
@@ -214,7 +218,9 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     _gradient_checkpointing(model, config)
     wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
     fused = tasks.fused_head(config, model, prepared, env.world)  # checked eagerly, before blocks are compiled
-    compiled = parallel.compile_blocks(model, config.run.compile, config.run.compile_backend, env.device)
+    _check_graphs(config, env)
+    run = config.run
+    compiled = parallel.compile_blocks(model, run.compile, run.compile_backend, env.device, run.compile_mode)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
     from_epochs = max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
@@ -227,6 +233,26 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     return _Setup(
         folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled, fused
     )
+
+
+def _check_graphs(config: TrainConfig, env: _Env) -> None:
+    """CUDA graphs replay a block's kernels as recorded; FSDP2's gathers around every block and a recomputing
+    backward (gradient checkpointing) run the blocks in ways a recording cannot follow."""
+    run = config.run
+    if not parallel.replays_graphs(run.compile_mode) or env.device.type != "cuda":
+        return
+    if env.world > 1 and run.distributed == "fsdp":
+        raise ConfigError(
+            f"run.compile_mode = {run.compile_mode!r} replays CUDA graphs, which FSDP2's sharded blocks cannot "
+            "use; set run.compile_mode = 'default' (or 'max-autotune-no-cudagraphs'), or run.distributed = 'ddp'"
+        )
+    if config.task != "classification" and config.data.padding == "longest":
+        warnings.warn(
+            f"run.compile_mode = {run.compile_mode!r} records CUDA graphs for every batch shape, and with "
+            "data.padding = 'longest' each new batch length records again (time and GPU memory); set "
+            "data.padding = 'max_length' for one shape",
+            stacklevel=2,
+        )
 
 
 def _setup_env() -> _Env:
@@ -381,14 +407,21 @@ def _accumulate_gradients(run: _Setup, config: TrainConfig, step: int, env: _Env
     wrapped.train()
     accum = config.optim.grad_accum
     loss_sum, examples = 0.0, 0
+    graphs = run.compiled.graphs
+    params = [p for p in wrapped.parameters() if p.requires_grad] if graphs else []
     for micro in range(accum):
         t_data = time.perf_counter()
         batch = _batch(prepared, config, step * accum + micro, per_epoch, env)
         timing["wait"] += time.perf_counter() - t_data
         sync = micro == accum - 1 or env.world == 1
+        if graphs:  # a new step for CUDA graph trees: the last one's outputs may be written over
+            torch.compiler.cudagraph_mark_step_begin()
+        missing = [p.grad is None for p in params]
         with _autocast(config, env), parallel.no_sync(wrapped, sync):
             loss = tasks.score(config.task, wrapped, batch, run.fused).mean_loss() / accum
         loss.backward()
+        if graphs:
+            parallel.graph_safe_gradients(params, missing)
         if sync:
             parallel.average_gradients(wrapped, env.world)
         loss_sum += loss.item()

@@ -109,41 +109,79 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 class Compiled:
-    """What compile_blocks did: whether the blocks are compiled, and whether any of them fell back to eager."""
+    """What compile_blocks did: whether the blocks are compiled, whether any of them fell back to eager, and whether
+    they replay as CUDA graphs (then the loop must mark each step and own the gradients: see graph_safe_gradients)."""
 
-    def __init__(self, requested: bool) -> None:
-        self.requested, self.fell_back = requested, False
+    def __init__(self, requested: bool, graphs: bool = False) -> None:
+        self.requested, self.fell_back, self.graphs = requested, False, requested and graphs
 
     def __bool__(self) -> bool:
         return self.requested and not self.fell_back
 
 
-def compile_blocks(model: nn.Module, mode: str, backend: str, device: torch.device) -> Compiled:
+def compile_blocks(
+    model: nn.Module, mode: str, backend: str, device: torch.device, compile_mode: str = "default"
+) -> Compiled:
     """torch.compile on each repeated block (the base's decoder layers), in place, when `mode` asks for it ("auto":
     on a GPU, where it pays; a CPU run would spend longer compiling than it saves). Blocks, not the whole model:
     one compiled block serves every layer, so compiling takes seconds, and the model's modules, state dict and
     adapter files stay as they are. Under "auto" a block the backend fails to compile runs eagerly, with a
-    warning: a default that speeds runs up must not stop one; "on" lets the error through."""
-    state = Compiled(mode == "on" or (mode == "auto" and _compiling_pays(device)))
+    warning: a default that speeds runs up must not stop one; "on" lets the error through. `compile_mode` is
+    torch.compile's (inductor's options: "reduce-overhead" replays each block's kernels as a CUDA graph)."""
+    options = _mode_options(compile_mode)
+    graphs = replays_graphs(compile_mode) and device.type == "cuda"
+    state = Compiled(mode == "on" or (mode == "auto" and _compiling_pays(device)), graphs)
     if not state.requested:
         return state
-    compiler = _or_eager(backend, state) if mode == "auto" else backend
-    for block in blocks(model) or [_base(model)]:
-        block.compile(backend=compiler)
+    if mode == "auto":
+        compiler = _or_eager(backend, state, options)
+        for block in blocks(model) or [_base(model)]:
+            block.compile(backend=compiler)
+    else:
+        for block in blocks(model) or [_base(model)]:
+            block.compile(backend=backend, mode=None if compile_mode == "default" else compile_mode)
     return state
+
+
+def _mode_options(compile_mode: str) -> dict[str, Any]:
+    """Inductor's settings behind a torch.compile mode ({} for the default)."""
+    if compile_mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(compile_mode))
+
+
+def replays_graphs(compile_mode: str) -> bool:
+    """Whether torch.compile's `compile_mode` records CUDA graphs (on a GPU)."""
+    return bool(_mode_options(compile_mode).get("triton.cudagraphs"))
+
+
+def graph_safe_gradients(params: list[nn.Parameter], missing: list[bool]) -> None:
+    """Gives each parameter whose gradient was missing before the backward (`missing`, in `params`' order) a copy of
+    the one it got. Under CUDA graphs a backward's outputs live in the graphs' memory, which the next replay writes
+    over; autograd hands such an output to a parameter with no gradient as its .grad, so the next micro-batch would
+    add to, and the optimizer read, overwritten values. A gradient the parameter already owned was added to in place
+    and stays: only the first micro-batch of a step copies (a few MB for an adapter)."""
+    fresh = [p for p, was_missing in zip(params, missing, strict=True) if was_missing and p.grad is not None]
+    if fresh:
+        for p, owned in zip(fresh, torch._foreach_mul([p.grad for p in fresh], 1.0), strict=True):
+            p.grad = owned
 
 
 def _compiling_pays(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _or_eager(backend: str, state: Compiled) -> Any:
-    """`backend`, except that a graph it fails on is run as traced (eagerly) and the run goes on."""
+def _or_eager(backend: str, state: Compiled, options: dict[str, Any]) -> Any:
+    """`backend` (given inductor's `options` where there are any), except that a graph it fails on is run as traced
+    (eagerly) and the run goes on."""
     compile_graph = torch._dynamo.lookup_backend(backend)
+    extra = {"config_patches": options} if options else {}
 
     def compile_or_eager(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
         try:
-            return compile_graph(graph, example_inputs)
+            return compile_graph(graph, example_inputs, **extra)
         except Exception as err:  # any backend failure: the eager graph computes the same thing
             if not state.fell_back:
                 warnings.warn(

@@ -1,0 +1,137 @@
+"""run.compile_mode: torch.compile's modes for the compiled blocks, and what the loop does so that CUDA graph replays
+never write over a tensor it still holds (the replays themselves run in tests/gpu)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_helpers import write_config
+from torch import nn
+
+from lorakit.errors import ConfigError
+from lorakit.train import load_config, parallel, train
+from tests.gpu.models import BlockMLP
+
+
+def _replayed_gradients(model: nn.Module, *args) -> parallel.Compiled:
+    """A stand-in for compile_blocks with CUDA graphs, on the CPU: every trainable parameter gets its gradient in one
+    buffer that each backward writes over, as a backward replayed from a CUDA graph hands it out (a fresh tensor
+    over the graph's memory, which autograd keeps as the .grad of a parameter that had none)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            buffer = torch.empty_like(p)
+            p.register_hook(lambda grad, buffer=buffer: buffer.copy_(grad).view_as(buffer))
+    return parallel.Compiled(True, graphs=True)
+
+
+def _config(tmp_path: Path, source: str, *overrides: str):
+    rows = ["label," + ",".join(f"x{i}" for i in range(32))]
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(96, 32, generator=generator)
+    labels = (features[:, :4].sum(1) > 0).long()
+    rows += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    columns = json.dumps([f"x{i}" for i in range(32)])
+    path = write_config(tmp_path / "config.toml", f"""
+        task = "classification"
+        [model]
+        source = "{source}"
+        [data]
+        path = "{tmp_path / "data.csv"}"
+        feature_columns = {columns}
+        [lora]
+        r = 4
+        lora_alpha = 8
+        target_modules = ["up", "down"]
+        [optim]
+        lr = 0.01
+        batch_size = 8
+        grad_accum = 3
+        max_steps = 4
+        precision = "fp32"
+        [run]
+        progress = "none"
+        log_every = 1
+        tensorboard = false
+        plots = false
+    """)  # fmt: skip
+    return load_config(path, list(overrides))
+
+
+def _losses(folder: str) -> list[float]:
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def test_gradients_left_in_replayed_memory_are_copied_before_the_next_micro_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the blocks under CUDA graphs (stood in for here), each step's first backward leaves the adapters'
+    gradients in memory the next backward writes over; the loop copies them, so three micro-batches a step train
+    as the same model with plain gradients does. Without the copy the second micro-batch's gradient counts twice
+    and the first's not at all."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "replayed").mkdir()
+    reference = train(_config(tmp_path / "plain", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'a'}"))
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
+    replayed = train(_config(tmp_path / "replayed", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'b'}"))
+    assert len(marks) >= 4 * 3  # every micro-batch (and eval batch) starts a new step for the graphs
+    assert _losses(replayed.folder) == pytest.approx(_losses(reference.folder), rel=1e-6)
+    assert replayed.after["accuracy"] == pytest.approx(reference.after["accuracy"])
+
+
+def test_graph_safe_gradients_copies_only_the_gradients_that_were_missing() -> None:
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    held = torch.full((2,), 5.0)
+    b.grad = held
+    buffer = torch.arange(3.0)
+    a.grad = buffer.view_as(buffer)  # as a backward replayed from a graph hands it out
+    parallel.graph_safe_gradients([a, b], [True, False])
+    assert b.grad is held  # owned already: added to in place by autograd, left alone
+    assert a.grad.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    buffer.fill_(-1)
+    assert a.grad.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_auto_compile_hands_the_modes_inductor_options_to_the_backend() -> None:
+    """Under run.compile = auto each block compiles through a wrapper (a failing block runs eagerly); the mode's
+    options must still reach the backend, and only a mode with CUDA graphs on a GPU asks the loop for their care."""
+    seen: list[dict] = []
+
+    def recording(graph, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return graph.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(recording, name="lorakit_test_recording")
+    model = BlockMLP()
+    state = parallel.compile_blocks(model, "auto", "lorakit_test_recording", torch.device("cuda"), "reduce-overhead")
+    model(torch.randn(4, 32))
+    assert state.graphs and bool(state)
+    assert seen and all(kw == {"config_patches": {"triton.cudagraphs": True}} for kw in seen)
+
+    torch._dynamo.reset()
+    seen.clear()
+    model = BlockMLP()
+    state = parallel.compile_blocks(model, "auto", "lorakit_test_recording", torch.device("cuda"), "default")
+    model(torch.randn(4, 32))
+    assert not state.graphs and seen and all(kw == {} for kw in seen)
+    cpu = parallel.compile_blocks(BlockMLP(), "on", "lorakit_test_recording", torch.device("cpu"), "reduce-overhead")
+    assert not cpu.graphs  # no CUDA graphs on a CPU
+    torch._dynamo.reset()
+
+
+def test_compile_mode_is_checked_against_its_choices_and_the_backend(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.compile_mode must be one of \['default', 'reduce-overhead'"):
+        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=fast")
+    with pytest.raises(ConfigError, match="mode of the inductor backend.*run.compile_backend = 'inductor'"):
+        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead",
+                "run.compile_backend=aot_eager")  # fmt: skip
+    with pytest.raises(ConfigError, match="run.compile = 'off' compiles nothing.*'auto' or 'on'"):
+        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=max-autotune", "run.compile=off")
+    assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead").run.compile == "auto"
