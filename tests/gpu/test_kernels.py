@@ -366,6 +366,30 @@ def test_autocast_falls_back_to_the_reference():
         assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("specs", [[(4, 0.0)], MIXED], ids=["plain", "mixed"])
+def test_a_bf16_layer_under_bf16_autocast_stays_fused(device, specs, monkeypatch):
+    """`lorakit train`'s default on a GPU: a bf16 model, fp32 factors, bf16 autocast. Autocast would compute every
+    product in bf16 as the fused op does, so the op runs (the reference is never called): the output and gradients
+    are those of the same call without autocast, bit for bit, and follow float64 math (dropout included)."""
+    dtype = torch.bfloat16
+    x, w, b, adapters = _case(device, dtype, torch.float32, (3, 7, 40), 24, specs)
+    inputs = [x] + [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    grad_out = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    def run(autocast: bool):
+        torch.manual_seed(0)
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            y = lora_linear(x, w, b, adapters, True)
+        return [y, *torch.autograd.grad(y, inputs, grad_out)]
+
+    plain = run(False)
+    monkeypatch.setattr(ops.reference, "lora_linear", lambda *args: pytest.fail("the reference ran"))
+    for got, want in zip(run(True), plain, strict=True):
+        assert torch.equal(got, want)
+    _check(lambda: lora_linear(x, w, b, adapters, True), x, w, b, None, adapters, dtype)
+
+
 @needs_kernels
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hooked", [False, True], ids=["bare", "hooked"])

@@ -33,6 +33,11 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _no_autocast(t: Tensor):
+    """The CPU impls sum in fp32 as the kernels do, whatever autocast is on around the op (it changes no kernel)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 @torch.library.custom_op("lorakit::dropout_keep_mask", mutates_args=())
 def keep_mask(x: Tensor, seed: Tensor, p: float) -> Tensor:
     """The bool mask (N x in) of the elements of x (N x in) that dropout with this seed keeps."""
@@ -44,15 +49,17 @@ def _dropout_shrink(x: Tensor, lora_A: Tensor, seed: Tensor, p: float) -> Tensor
     """S = drop(x) @ A^T in x's dtype; x (N x in), A (r x in)."""
     if kernels is not None and x.is_cuda:
         return kernels.dropout_shrink(x, lora_A, seed, p)
-    kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
-    return (kept @ _wide(lora_A).T).to(x.dtype)
+    with _no_autocast(x):
+        kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
+        return (kept @ _wide(lora_A).T).to(x.dtype)
 
 
 def _dropout_expand(t: Tensor, lora_A: Tensor, acc: Tensor | None, seed: Tensor, p: float) -> Tensor:
     """acc + drop^T(T @ A) (N x in) in T's dtype; T (N x r), A (r x in); acc None counts as zeros."""
     if kernels is not None and t.is_cuda:
         return kernels.dropout_expand(t, lora_A, acc, seed, p)
-    low_rank = _wide(t) @ _wide(lora_A)
+    with _no_autocast(t):
+        low_rank = _wide(t) @ _wide(lora_A)
     out = low_rank * keep_mask(low_rank, seed, p) / (1 - p)
     if acc is not None:
         out = out + _wide(acc)
@@ -63,8 +70,9 @@ def _dropout_grad_a(t: Tensor, x: Tensor, seed: Tensor, p: float) -> Tensor:
     """dA = T^T @ drop(x) in fp32; T (N x r), x (N x in) -> (r x in)."""
     if kernels is not None and x.is_cuda:
         return kernels.dropout_grad_a(t, x, seed, p)
-    kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
-    return (_wide(t).T @ kept).float()
+    with _no_autocast(x):
+        kept = _wide(x) * keep_mask(x, seed, p) / (1 - p)
+        return (_wide(t).T @ kept).float()
 
 
 @keep_mask.register_fake

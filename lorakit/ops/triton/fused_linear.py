@@ -12,8 +12,10 @@
 
 Everything runs in x's dtype (a bf16 base computes in bf16 even with fp32 factors: PEFT's default casts the
 activations to fp32 instead); gradients come back in each factor's dtype. Dropout masks are redrawn from a seed
-(dropout.py). Cases this does not cover (autocast, a trainable W or bias, dtypes other than fp16/bf16/fp32, mixed
-dtypes between x and W) go to the reference, which defines the semantics.
+(dropout.py). Under autocast x must already be in autocast's dtype: autocast would then compute every product in
+it too, casting the factors as this op does. Cases this does not cover (autocast of x to another dtype, a trainable
+W or bias, dtypes other than fp16/bf16/fp32, mixed dtypes between x and W) go to the reference, which defines the
+semantics.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: 
 def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor | None, adapters) -> bool:
     """The cases the module docstring names (asked by every adapted layer on every call: kept to plain tests)."""
     dtype = x.dtype
-    if dtype not in _FAST_DTYPES or x.dim() < 2 or _autocast(x):
+    if dtype not in _FAST_DTYPES or x.dim() < 2 or _autocast_changes(x):
         return False
     if weight is not None and (weight.requires_grad or weight.dtype != dtype or weight.dim() != 2):
         return False
@@ -65,9 +67,13 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tensor 
     return all(a.lora_A.dim() == 2 and a.lora_B.dim() == 2 and a.lora_A.shape[1] == n_in for a in adapters)
 
 
-def _autocast(x: Tensor) -> bool:
-    """Autocast is on for x's device (the quick global test first: reading x's device costs more)."""
-    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
+def _autocast_changes(x: Tensor) -> bool:
+    """Autocast is on for x's device and would compute in another dtype than x's (the quick global test first:
+    reading x's device costs more). A bf16 model under bf16 autocast, `lorakit train`'s default on a GPU, stays."""
+    if not torch._C._is_any_autocast_enabled():
+        return False
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype
 
 
 def _without_grad(x: Tensor, out: Tensor | None, adapters: Sequence[LoraFactors], training: bool) -> bool:
