@@ -131,6 +131,7 @@ def loss_function(mode: str, model, ids: torch.Tensor, args: argparse.Namespace)
     base = model.model  # LoraModel -> the transformers causal LM
     decoder, head = base.model, base.get_output_embeddings()
     if is_train_default(mode):  # run.compile=auto: each decoder layer, on CUDA only
+        base.config.use_cache = False  # as the loop does: else every layer guards on its own cache slot
         parallel.compile_blocks(model, "auto", args.backend, torch.device(args.device), args.compile_mode or "default")
     elif "compiled" in mode:
         decoder = torch.compile(decoder, backend=args.backend, mode=args.compile_mode)

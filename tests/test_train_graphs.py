@@ -135,3 +135,26 @@ def test_compile_mode_is_checked_against_its_choices_and_the_backend(tmp_path: P
     with pytest.raises(ConfigError, match="run.compile = 'off' compiles nothing.*'auto' or 'on'"):
         _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=max-autotune", "run.compile=off")
     assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead").run.compile == "auto"
+
+
+def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_shapes(tmp_path: Path) -> None:
+    """On a GPU: gradient checkpointing (the backward recomputes the blocks) and FSDP2 (gathers around every block)
+    are refused with the fix named; text padded to each batch's longest records graphs again for every length."""
+    from lorakit.train import loop
+
+    gpu, two_gpus = loop._Env(0, 1, torch.device("cuda")), loop._Env(0, 2, torch.device("cuda"))
+    source = "tests.gpu.models:block_mlp"
+    graphs = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "model.gradient_checkpointing=true")
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing = false"):
+        loop._check_graphs(graphs, gpu)
+    loop._check_graphs(graphs, loop._Env(0, 1, torch.device("cpu")))  # no CUDA graphs on a CPU: nothing to refuse
+    plain = _config(tmp_path, source, "model.gradient_checkpointing=true")
+    loop._check_graphs(plain, gpu)  # the default mode records no graphs
+    sharded = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "run.distributed=fsdp")
+    with pytest.raises(ConfigError, match="run.distributed = 'ddp'"):
+        loop._check_graphs(sharded, two_gpus)
+    loop._check_graphs(_config(tmp_path, source, "run.compile_mode=max-autotune-no-cudagraphs",
+                               "run.distributed=fsdp"), two_gpus)  # fmt: skip
+    text = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "task=seq-cls", "data.text_column=x")
+    with pytest.warns(UserWarning, match="data.padding = 'max_length'"):
+        loop._check_graphs(text, gpu)

@@ -241,6 +241,12 @@ def _check_graphs(config: TrainConfig, env: _Env) -> None:
     run = config.run
     if not parallel.replays_graphs(run.compile_mode) or env.device.type != "cuda":
         return
+    if config.model.gradient_checkpointing:
+        raise ConfigError(
+            f"run.compile_mode = {run.compile_mode!r} replays CUDA graphs, which a backward that recomputes the "
+            "blocks (model.gradient_checkpointing) breaks; set run.compile_mode = 'default' (or "
+            "'max-autotune-no-cudagraphs'), or model.gradient_checkpointing = false"
+        )
     if env.world > 1 and run.distributed == "fsdp":
         raise ConfigError(
             f"run.compile_mode = {run.compile_mode!r} replays CUDA graphs, which FSDP2's sharded blocks cannot "

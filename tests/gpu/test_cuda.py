@@ -330,7 +330,7 @@ def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_floa
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["lora", "dora", "checkpointing"])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_blocks_under_cuda_graphs_train_as_the_default_compile_does(tmp_path: Path, variant: str) -> None:
     """run.compile_mode = reduce-overhead replays each GPT-2 block as CUDA graphs. Two micro-batches a step (the first
     one's gradients must survive the second's replay) and an eval every two steps (graphs recorded without grad
@@ -349,7 +349,6 @@ def test_blocks_under_cuda_graphs_train_as_the_default_compile_does(tmp_path: Pa
 task = "causal-lm"
 [model]
 source = "{model}"
-gradient_checkpointing = {"true" if variant == "checkpointing" else "false"}
 [data]
 path = "{tmp_path / "lines.txt"}"
 padding = "max_length"
