@@ -207,7 +207,8 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return {"median_ms": 1000 * statistics.median(times), "peak_gib": peak}
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None  # CUDA graph pools count here
+    return {"median_ms": 1000 * statistics.median(times), "peak_gib": peak, "peak_reserved_gib": reserved}
 
 
 def sweep(mode: str, fused, step: Callable[[], None], args: argparse.Namespace) -> dict[str, dict]:

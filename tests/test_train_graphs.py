@@ -127,7 +127,7 @@ def test_auto_compile_hands_the_modes_inductor_options_to_the_backend() -> None:
 
 
 def test_compile_mode_is_checked_against_its_choices_and_the_backend(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"run.compile_mode must be one of \['default', 'reduce-overhead'"):
+    with pytest.raises(ConfigError, match=r"run.compile_mode must be one of \['auto', 'default', 'reduce-overhead'"):
         _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=fast")
     with pytest.raises(ConfigError, match="mode of the inductor backend.*run.compile_backend = 'inductor'"):
         _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead",
@@ -135,6 +135,7 @@ def test_compile_mode_is_checked_against_its_choices_and_the_backend(tmp_path: P
     with pytest.raises(ConfigError, match="run.compile = 'off' compiles nothing.*'auto' or 'on'"):
         _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=max-autotune", "run.compile=off")
     assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead").run.compile == "auto"
+    assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile=off").run.compile_mode == "auto"  # no error
 
 
 def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_shapes(tmp_path: Path) -> None:
@@ -146,15 +147,36 @@ def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_s
     source = "tests.gpu.models:block_mlp"
     graphs = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "model.gradient_checkpointing=true")
     with pytest.raises(ConfigError, match="model.gradient_checkpointing = false"):
-        loop._check_graphs(graphs, gpu)
-    loop._check_graphs(graphs, loop._Env(0, 1, torch.device("cpu")))  # no CUDA graphs on a CPU: nothing to refuse
-    plain = _config(tmp_path, source, "model.gradient_checkpointing=true")
-    loop._check_graphs(plain, gpu)  # the default mode records no graphs
+        loop._check_graphs(graphs, gpu, "reduce-overhead")
+    loop._check_graphs(graphs, loop._Env(0, 1, torch.device("cpu")), "reduce-overhead")  # a CPU records no graphs
+    loop._check_graphs(graphs, gpu, "default")  # nor does the default mode
     sharded = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "run.distributed=fsdp")
     with pytest.raises(ConfigError, match="run.distributed = 'ddp'"):
-        loop._check_graphs(sharded, two_gpus)
-    loop._check_graphs(_config(tmp_path, source, "run.compile_mode=max-autotune-no-cudagraphs",
-                               "run.distributed=fsdp"), two_gpus)  # fmt: skip
+        loop._check_graphs(sharded, two_gpus, "max-autotune")
+    loop._check_graphs(sharded, two_gpus, "max-autotune-no-cudagraphs")
     text = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "task=seq-cls", "data.text_column=x")
     with pytest.warns(UserWarning, match="data.padding = 'max_length'"):
-        loop._check_graphs(text, gpu)
+        loop._check_graphs(text, gpu, "reduce-overhead")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "expected"),
+    [
+        ((), (1, "cuda"), "reduce-overhead"),  # classification: one shape
+        ((), (1, "cpu"), "default"),
+        ((), (2, "cuda"), "reduce-overhead"),  # ddp: the all-reduce runs outside the graphs
+        (("run.distributed=fsdp",), (2, "cuda"), "default"),
+        (("model.gradient_checkpointing=true",), (1, "cuda"), "default"),
+        (("run.compile_backend=aot_eager",), (1, "cuda"), "default"),
+        (("task=seq-cls", "data.text_column=x"), (1, "cuda"), "default"),  # padded to each batch's longest
+        (("task=seq-cls", "data.text_column=x", "data.padding=max_length"), (1, "cuda"), "reduce-overhead"),
+        (("run.compile_mode=default",), (1, "cuda"), "default"),
+        (("run.compile_mode=max-autotune-no-cudagraphs",), (1, "cpu"), "max-autotune-no-cudagraphs"),
+    ],
+)
+def test_auto_compile_mode_takes_cuda_graphs_only_where_they_hold(tmp_path: Path, overrides, env, expected) -> None:
+    from lorakit.train import loop
+
+    config = _config(tmp_path, "tests.gpu.models:block_mlp", *overrides)
+    assert config.run.compile_mode == ("auto" if not any("compile_mode" in o for o in overrides) else expected)
+    assert loop._compile_mode(config, loop._Env(0, env[0], torch.device(env[1]))) == expected

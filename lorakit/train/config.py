@@ -102,22 +102,25 @@ class RunSection:
     distributed: str = "ddp"  # under torchrun: ddp (a model copy per rank) | fsdp (FSDP2: the model sharded)
     compile: str = "auto"  # auto (on a GPU) | on | off: torch.compile each repeated block of the model
     compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager to debug a compile problem)
-    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune...
+    compile_mode: str = "auto"  # auto (CUDA graphs where they hold) | default | reduce-overhead | max-autotune...
     fused_head_loss: str = "auto"  # auto | on | off: causal-lm head + loss in chunks, no full logits tensor
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check_compile_mode(run: RunSection) -> None:
-    """A mode other than the default is inductor's (torch.compile passes no mode to another backend)."""
+    """A mode other than the default is inductor's (torch.compile passes no mode to another backend); "auto" picks
+    one where it runs (train.loop)."""
     _check_choice("run.compile_mode", run.compile_mode, COMPILE_MODES)
-    if run.compile_mode != "default" and run.compile_backend != "inductor":
+    if run.compile_mode in ("auto", "default"):
+        return
+    if run.compile_backend != "inductor":
         raise ConfigError(
             f"run.compile_mode = {run.compile_mode!r} is a mode of the inductor backend, and run.compile_backend is "
             f"{run.compile_backend!r}; set run.compile_backend = 'inductor' or run.compile_mode = 'default'"
         )
-    if run.compile_mode != "default" and run.compile == "off":
+    if run.compile == "off":
         raise ConfigError(
             f"run.compile = 'off' compiles nothing, so run.compile_mode = {run.compile_mode!r} would do nothing; set "
             "run.compile to 'auto' or 'on', or leave run.compile_mode at 'default'"

@@ -67,6 +67,7 @@ class RunResult:
     peak_memory_bytes: int
     baseline: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. majority-class accuracy
     compiled: bool = False  # the model's blocks ran under torch.compile (run.compile)
+    cuda_graphs: bool = False  # ... and replayed as CUDA graphs (run.compile_mode)
     fused_head_loss: bool = False  # the loss came from the head in chunks, never the full logits (run.fused_head_loss)
     already_finished: bool = False  # a resumed run that had finished: nothing was done
 
@@ -218,9 +219,10 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     _gradient_checkpointing(model, config)
     wrapped = parallel.wrap(model, config.run.distributed, env.world, env.device)  # before the optimizer: FSDP
     fused = tasks.fused_head(config, model, prepared, env.world)  # checked eagerly, before blocks are compiled
-    _check_graphs(config, env)
+    mode = _compile_mode(config, env)
+    _check_graphs(config, env, mode)
     run = config.run
-    compiled = parallel.compile_blocks(model, run.compile, run.compile_backend, env.device, run.compile_mode)
+    compiled = parallel.compile_blocks(model, run.compile, run.compile_backend, env.device, mode)
     optim = config.optim
     per_epoch = len(batch_indices(len(prepared.train), optim.batch_size, config.seed, 0, env.rank, env.world))
     from_epochs = max(1, math.ceil(optim.epochs * per_epoch / optim.grad_accum))
@@ -235,26 +237,41 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     )
 
 
-def _check_graphs(config: TrainConfig, env: _Env) -> None:
+def _compile_mode(config: TrainConfig, env: _Env) -> str:
+    """run.compile_mode, "auto" resolved: "reduce-overhead" (each block's kernels replayed as a CUDA graph, with no
+    launch from the host) where every batch has one shape and graphs hold (a GPU, inductor, no gradient
+    checkpointing, no FSDP2), else "default". Graphs take a small model's step from bound by the host's launches to
+    bound by the GPU (3.3x on a 24-layer, 512-wide Llama on an H100) and leave a large one's as it was; a batch of a
+    new shape records again, so text padded to each batch's longest stays on the default mode."""
+    run = config.run
+    if run.compile_mode != "auto":
+        return run.compile_mode
+    one_shape = config.task == "classification" or config.data.padding == "max_length"
+    holds = env.device.type == "cuda" and run.compile_backend == "inductor" and not config.model.gradient_checkpointing
+    sharded = env.world > 1 and run.distributed == "fsdp"
+    return "reduce-overhead" if one_shape and holds and not sharded else "default"
+
+
+def _check_graphs(config: TrainConfig, env: _Env, mode: str) -> None:
     """CUDA graphs replay a block's kernels as recorded; FSDP2's gathers around every block and a recomputing
     backward (gradient checkpointing) run the blocks in ways a recording cannot follow."""
     run = config.run
-    if not parallel.replays_graphs(run.compile_mode) or env.device.type != "cuda":
+    if not parallel.replays_graphs(mode) or env.device.type != "cuda":
         return
     if config.model.gradient_checkpointing:
         raise ConfigError(
-            f"run.compile_mode = {run.compile_mode!r} replays CUDA graphs, which a backward that recomputes the "
+            f"run.compile_mode = {mode!r} replays CUDA graphs, which a backward that recomputes the "
             "blocks (model.gradient_checkpointing) breaks; set run.compile_mode = 'default' (or "
             "'max-autotune-no-cudagraphs'), or model.gradient_checkpointing = false"
         )
     if env.world > 1 and run.distributed == "fsdp":
         raise ConfigError(
-            f"run.compile_mode = {run.compile_mode!r} replays CUDA graphs, which FSDP2's sharded blocks cannot "
+            f"run.compile_mode = {mode!r} replays CUDA graphs, which FSDP2's sharded blocks cannot "
             "use; set run.compile_mode = 'default' (or 'max-autotune-no-cudagraphs'), or run.distributed = 'ddp'"
         )
     if config.task != "classification" and config.data.padding == "longest":
         warnings.warn(
-            f"run.compile_mode = {run.compile_mode!r} records CUDA graphs for every batch shape, and with "
+            f"run.compile_mode = {mode!r} records CUDA graphs for every batch shape, and with "
             "data.padding = 'longest' each new batch length records again (time and GPU memory); set "
             "data.padding = 'max_length' for one shape",
             stacklevel=2,
@@ -495,9 +512,10 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         seconds=timing["total"],
         step_seconds=timing["total"] / max(timing["steps"], 1),
         data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
-        peak_memory_bytes=_peak_memory(env),
+        peak_memory_bytes=_peak_memory(env, run.compiled.graphs),
         baseline=tasks.majority_baseline(config.task, prepared),
         compiled=bool(run.compiled),
+        cuda_graphs=bool(run.compiled) and run.compiled.graphs,
         fused_head_loss=run.fused is not None,
     )
     if env.main:
@@ -507,10 +525,12 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
     return result
 
 
-def _peak_memory(env: _Env) -> int:
-    """Peak GPU memory, or this process's peak resident memory on CPU."""
+def _peak_memory(env: _Env, graphs: bool = False) -> int:
+    """Peak GPU memory, or this process's peak resident memory on CPU. CUDA graphs allocate from pools the
+    allocated count leaves out, so under them the peak reserved (a bound from above) is what the run took."""
     if env.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(env.device)
+        peak = torch.cuda.max_memory_reserved if graphs else torch.cuda.max_memory_allocated
+        return peak(env.device)
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

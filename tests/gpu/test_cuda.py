@@ -332,10 +332,10 @@ def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_floa
 @needs_cuda
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_blocks_under_cuda_graphs_train_as_the_default_compile_does(tmp_path: Path, variant: str) -> None:
-    """run.compile_mode = reduce-overhead replays each GPT-2 block as CUDA graphs. Two micro-batches a step (the first
-    one's gradients must survive the second's replay) and an eval every two steps (graphs recorded without grad
-    between training steps): the losses, eval perplexities and adapter equal those of the default mode's compiled
-    blocks, and no graph was skipped."""
+    """run.compile_mode = auto picks reduce-overhead for text padded to max_length: each GPT-2 block replays as CUDA
+    graphs. Two micro-batches a step (the first one's gradients must survive the second's replay) and an eval every
+    two steps (graphs recorded without grad between training steps): the losses, eval perplexities and adapter
+    equal those of the default mode's compiled blocks, and no graph was skipped."""
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -371,7 +371,7 @@ tensorboard = false
 plots = false
 """)
     folders = {}
-    for mode in ("default", "reduce-overhead"):
+    for mode in ("default", "auto"):  # auto: reduce-overhead, as the text is padded to max_length
         torch._dynamo.reset()
         counters.clear()
         overrides = [f"run.compile_mode={mode}", f"run.out_dir={tmp_path / mode}"]
@@ -385,7 +385,9 @@ plots = false
         rows = [r for r in rows if r["kind"] in ("train", "eval")]
         return [(r["kind"], r["step"], r.get("loss", r.get("perplexity"))) for r in rows]
 
-    default, graphs = records(folders["default"]), records(folders["reduce-overhead"])
+    summaries = {m: json.loads((folder / "summary.json").read_text()) for m, folder in folders.items()}
+    assert not summaries["default"]["cuda_graphs"] and summaries["auto"]["cuda_graphs"]
+    default, graphs = records(folders["default"]), records(folders["auto"])
     assert [r[:2] for r in graphs] == [r[:2] for r in default] and len(default) >= 9
     assert [r[2] for r in graphs] == pytest.approx([r[2] for r in default], rel=1e-5)
     a, b = (load_file(folders[m] / "adapter" / "adapter_model.safetensors") for m in folders)
