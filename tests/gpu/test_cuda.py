@@ -105,7 +105,7 @@ def test_qlora_adapter_files_both_ways_with_peft(tmp_path: Path) -> None:
 @needs_two_gpus
 def test_fsdp2_over_nccl_matches_ddp(tmp_path: Path) -> None:
     """The block MLP sharded over two GPUs trains to the same per-step losses and adapter as DDP replicas (both with
-    the CUDA default run.compile = auto: each block compiled)."""
+    the CUDA default run.compile = auto: each block compiled; the replicas' blocks replayed as CUDA graphs)."""
     from safetensors.torch import load_file
 
     rows = ["label," + ",".join(f"x{i}" for i in range(32))]
@@ -146,6 +146,8 @@ plots = false
         return [r["loss"] for r in records if r["kind"] == "train"]
 
     assert len(losses(outs["ddp"])) == 6
+    graphs = {m: json.loads((out / "summary.json").read_text())["cuda_graphs"] for m, out in outs.items()}
+    assert graphs == {"ddp": True, "fsdp": False}  # run.compile_mode = auto: graphs under ddp, none under FSDP2
     assert losses(outs["fsdp"]) == pytest.approx(losses(outs["ddp"]), rel=1e-4)
     a, b = (load_file(outs[m] / "adapter" / "adapter_model.safetensors") for m in ("ddp", "fsdp"))
     assert a.keys() == b.keys()
