@@ -76,11 +76,13 @@ def test_gradients_left_in_replayed_memory_are_copied_before_the_next_micro_batc
     (tmp_path / "plain").mkdir()
     (tmp_path / "replayed").mkdir()
     reference = train(_config(tmp_path / "plain", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'a'}"))
-    marks = []
+    marks, resets = [], []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
     monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
     replayed = train(_config(tmp_path / "replayed", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'b'}"))
     assert len(marks) >= 4 * 3  # every micro-batch (and eval batch) starts a new step for the graphs
+    assert len(resets) == 1  # the graphs and their memory are let go when the run ends
     assert _losses(replayed.folder) == pytest.approx(_losses(reference.folder), rel=1e-6)
     assert replayed.after["accuracy"] == pytest.approx(reference.after["accuracy"])
 
@@ -180,3 +182,22 @@ def test_auto_compile_mode_takes_cuda_graphs_only_where_they_hold(tmp_path: Path
     config = _config(tmp_path, "tests.gpu.models:block_mlp", *overrides)
     assert config.run.compile_mode == ("auto" if not any("compile_mode" in o for o in overrides) else expected)
     assert loop._compile_mode(config, loop._Env(0, env[0], torch.device(env[1]))) == expected
+
+
+def test_a_run_that_stops_lets_its_cuda_graphs_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch keeps recorded graphs and their memory for the process's life: a run that ends in an error lets them go
+    too (a sweep in one process would otherwise keep every stopped run's), and a run without graphs leaves torch's
+    compiled code alone."""
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+
+    def stop(step: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'plain'}"), on_step=stop)
+    assert resets == []
+    monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'graphs'}"), on_step=stop)
+    assert resets == [1]

@@ -116,6 +116,17 @@ def train(
             saved = json.loads((Path(resume) / SUMMARY_FILE).read_text())
             return RunResult(**{**saved, "already_finished": True})
     run = _setup(config, env, overwrite, resume)
+    try:
+        return _run(config, env, run, resume, on_step)
+    finally:
+        if run.compiled.graphs:
+            _release_graphs()
+
+
+def _run(
+    config: TrainConfig, env: _Env, run: _Setup, resume: Path | None, on_step: Callable[[int], None] | None
+) -> RunResult:
+    """The run set up by _setup: the eval before, the steps, the eval after, the report."""
     folder, prepared, model, optimizer, scheduler = run.folder, run.prepared, run.model, run.optimizer, run.scheduler
     max_steps, optim = run.max_steps, config.optim
     start_step = 0
@@ -235,6 +246,13 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     return _Setup(
         folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled, fused
     )
+
+
+def _release_graphs() -> None:
+    """Frees what the run's CUDA graphs hold: torch keeps every recorded graph and its memory pool (the activations
+    of a step) for as long as the process lives, so each finished run of a sweep in one process would keep its own
+    on the GPU. The run's compiled layers are never called again; compiled code elsewhere compiles anew."""
+    torch.compiler.reset()
 
 
 def _compile_mode(config: TrainConfig, env: _Env) -> str:
