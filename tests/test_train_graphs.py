@@ -13,7 +13,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.train import load_config, parallel, train
-from tests.gpu.models import BlockMLP
+from tests.gpu.models import BlockMLP, block_mlp_csv
 
 
 def _replayed_gradients(model: nn.Module, *args) -> parallel.Compiled:
@@ -28,13 +28,7 @@ def _replayed_gradients(model: nn.Module, *args) -> parallel.Compiled:
 
 
 def _config(tmp_path: Path, source: str, *overrides: str):
-    rows = ["label," + ",".join(f"x{i}" for i in range(32))]
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(96, 32, generator=generator)
-    labels = (features[:, :4].sum(1) > 0).long()
-    rows += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    columns = json.dumps([f"x{i}" for i in range(32)])
+    columns = block_mlp_csv(tmp_path / "data.csv", 96)
     path = write_config(tmp_path / "config.toml", f"""
         task = "classification"
         [model]

@@ -3,6 +3,9 @@ ModuleList, so FSDP2 shards one block at a time."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -32,3 +35,14 @@ class BlockMLP(nn.Module):
 def block_mlp() -> BlockMLP:
     torch.manual_seed(0)
     return BlockMLP()
+
+
+def block_mlp_csv(path: Path, rows: int) -> str:
+    """A CSV of `rows` seeded examples for block_mlp (32 features; the label: the first four sum above 0), written to
+    `path`; returns data.feature_columns as TOML."""
+    features = torch.randn(rows, 32, generator=torch.Generator().manual_seed(0))
+    labels = (features[:, :4].sum(1) > 0).long()
+    lines = ["label," + ",".join(f"x{i}" for i in range(32))]
+    lines += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return json.dumps([f"x{i}" for i in range(32)])

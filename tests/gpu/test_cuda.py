@@ -18,6 +18,7 @@ from torch import nn
 from lorakit import LoraConfig, LoraModel, VeraConfig, get_lora_model
 from lorakit.kinds import Bnb4bitKind
 from lorakit.quant import quantize_model
+from tests.gpu.models import block_mlp_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_bnb = pytest.mark.skipif(
@@ -108,13 +109,7 @@ def test_fsdp2_over_nccl_matches_ddp(tmp_path: Path) -> None:
     the CUDA default run.compile = auto: each block compiled; the replicas' blocks replayed as CUDA graphs)."""
     from safetensors.torch import load_file
 
-    rows = ["label," + ",".join(f"x{i}" for i in range(32))]
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(256, 32, generator=generator)
-    labels = (features[:, :4].sum(1) > 0).long()
-    rows += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    columns = json.dumps([f"x{i}" for i in range(32)])
+    columns = block_mlp_csv(tmp_path / "data.csv", 256)
     (tmp_path / "config.toml").write_text(f"""
 task = "classification"
 [model]
