@@ -133,13 +133,12 @@ def compile_blocks(
     state = Compiled(mode == "on" or (mode == "auto" and _compiling_pays(device)), graphs)
     if not state.requested:
         return state
-    if mode == "auto":
-        compiler = _or_eager(backend, state, options)
-        for block in blocks(model) or [_base(model)]:
-            block.compile(backend=compiler)
+    if mode == "auto":  # the mode's options go through the wrapper, which torch.compile passes no mode
+        how = {"backend": _or_eager(backend, state, options)}
     else:
-        for block in blocks(model) or [_base(model)]:
-            block.compile(backend=backend, mode=None if compile_mode == "default" else compile_mode)
+        how = {"backend": backend, "mode": None if compile_mode == "default" else compile_mode}
+    for block in blocks(model) or [_base(model)]:
+        block.compile(**how)
     return state
 
 
