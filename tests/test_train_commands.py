@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert
 from typer.testing import CliRunner
 
 from lorakit.errors import ConfigError
+from lorakit.train import load_config
 from lorakit.train.commands import register
 
 runner = CliRunner()
@@ -35,9 +37,16 @@ def test_train_prints_the_report_and_overrides_apply(app: typer.Typer, config: P
     assert result.exit_code == 0, result.output
     for text in ("accuracy:", "before ->", "trainable parameters: 1,090 of", "adapter on disk:", f"run folder: {out}"):
         assert text in result.output
-    baseline = json.loads((out / "summary.json").read_text())["baseline"]["accuracy"]
+    summary = json.loads((out / "summary.json").read_text())
+    baseline = summary["baseline"]["accuracy"]
     assert f"(majority-class baseline {baseline:.4f})" in result.output
     saved = (out / "config.toml").read_text()
+    batch = load_config(out / "config.toml").optim.batch_size
+    rates = [r["examples_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]  # fmt: skip
+    assert len(rates) == 3  # each step's time is batch / rate: the median is the middle one
+    assert summary["median_step_seconds"] == pytest.approx(statistics.median(batch / r for r in rates), rel=1e-9)
+    assert f"s/step, median {summary['median_step_seconds']:.3f}s," in result.output
     assert "lr = 0.02" in saved and "max_steps = 3" in saved
 
 

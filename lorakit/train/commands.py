@@ -138,8 +138,10 @@ def print_report(result: RunResult) -> None:
         f"adapter on disk: {_size(result.adapter_bytes)} vs full model {_size(result.model_bytes)} "
         f"({result.model_bytes / max(result.adapter_bytes, 1):.0f}x smaller)",
         f"{result.steps} steps on {result.train_examples:,} examples in {result.seconds:.0f}s "
-        f"({result.step_seconds:.3f}s/step, {100 * result.data_wait_fraction:.1f}% waiting for data"
-        + (", compiled)" if result.compiled else ")"),
+        f"({result.step_seconds:.3f}s/step"
+        + (f", median {result.median_step_seconds:.3f}s" if result.median_step_seconds > 0 else "")
+        + f", {100 * result.data_wait_fraction:.1f}% waiting for data"
+        + (", compiled, CUDA graphs)" if result.cuda_graphs else ", compiled)" if result.compiled else ")"),
         f"run folder: {result.folder}  (adapter in {Path(result.folder) / ADAPTER_DIR})",
     ]
     console = _console()

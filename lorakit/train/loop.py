@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -62,10 +63,11 @@ class RunResult:
     steps: int
     train_examples: int
     seconds: float
-    step_seconds: float
+    step_seconds: float  # the mean, compiling (and recording CUDA graphs) included
     data_wait_fraction: float
     peak_memory_bytes: int
     baseline: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. majority-class accuracy
+    median_step_seconds: float = 0.0  # what a step takes once compiled: the few compiling steps barely move it
     compiled: bool = False  # the model's blocks ran under torch.compile (run.compile)
     cuda_graphs: bool = False  # ... and replayed as CUDA graphs (run.compile_mode)
     fused_head_loss: bool = False  # the loss came from the head in chunks, never the full logits (run.fused_head_loss)
@@ -145,7 +147,7 @@ def _run(
     progress = Progress(config.run.progress if env.main else "none", max_steps, start_step, config.run.log_every)
     if resume is None:
         progress.eval(0, before)
-    timing = {"wait": 0.0, "total": 0.0, "steps": 0}
+    timing = {"wait": 0.0, "total": 0.0, "times": []}  # times: each step's seconds
     window: list[float] = []  # losses since the last log line: the logged loss is their mean
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ def _run(
         optimizer.zero_grad(set_to_none=True)
         window.append(loss)
         dt = time.perf_counter() - t0
-        timing["total"], timing["steps"] = timing["total"] + dt, timing["steps"] + 1
+        timing["total"] += dt
+        timing["times"].append(dt)
         done = step + 1
         throughput = examples * env.world / dt
         if done % config.run.log_every == 0 or done == max_steps:
@@ -528,7 +531,8 @@ def _finish(folder: Path, model: LoraModel, config: TrainConfig, env: _Env, befo
         steps=steps,
         train_examples=len(prepared.train),
         seconds=timing["total"],
-        step_seconds=timing["total"] / max(timing["steps"], 1),
+        step_seconds=timing["total"] / max(len(timing["times"]), 1),
+        median_step_seconds=statistics.median(timing["times"]) if timing["times"] else 0.0,
         data_wait_fraction=timing["wait"] / max(timing["total"], 1e-9),
         peak_memory_bytes=_peak_memory(env, run.compiled.graphs),
         baseline=tasks.majority_baseline(config.task, prepared),
