@@ -2,7 +2,9 @@
 49152, tied head; seeded random bf16 weights and a word-level tokenizer built here, so nothing is downloaded): the
 step time the run reports (summary.json's step_seconds) with the text padded to each batch's longest (the default:
 run.compile_mode auto keeps torch.compile's default mode) and padded to data.max_length (auto replays each layer as
-CUDA graphs), and padded to max_length under the default mode, which parts the padding's share from the graphs'.
+CUDA graphs), and padded to max_length under the default mode, which parts the padding's share from the graphs';
+and padded to each batch's longest rounded up to a multiple of 64 (data.pad_to_multiple_of: four lengths, each
+recorded as CUDA graphs once under auto).
 
 Each variant is a fresh `lorakit train` run in this process (LoRA r16 on all linear layers, batch 16, AdamW,
 bf16 autocast as on any GPU), --steps steps; step_seconds averages every step, the first ones (compiling,
@@ -29,6 +31,7 @@ VARIANTS = {
     "longest": [],  # the defaults: padded to each batch's longest, compile_mode auto -> default
     "max_length": ["data.padding=max_length"],  # compile_mode auto -> reduce-overhead (CUDA graphs)
     "max_length-default-mode": ["data.padding=max_length", "run.compile_mode=default"],
+    "multiple-64": ["data.pad_to_multiple_of=64"],  # 4 lengths up to 256: auto -> reduce-overhead, a graph each
 }
 
 

@@ -166,6 +166,8 @@ def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_s
         (("run.compile_backend=aot_eager",), (1, "cuda"), "default"),
         (("task=seq-cls", "data.text_column=x"), (1, "cuda"), "default"),  # padded to each batch's longest
         (("task=seq-cls", "data.text_column=x", "data.padding=max_length"), (1, "cuda"), "reduce-overhead"),
+        (("task=seq-cls", "data.text_column=x", "data.pad_to_multiple_of=16"), (1, "cuda"), "reduce-overhead"),
+        (("task=seq-cls", "data.text_column=x", "data.pad_to_multiple_of=15"), (1, "cuda"), "default"),  # 9 lengths
         (("run.compile_mode=default",), (1, "cuda"), "default"),
         (("run.compile_mode=max-autotune-no-cudagraphs",), (1, "cpu"), "max-autotune-no-cudagraphs"),
     ],
@@ -195,3 +197,52 @@ def test_a_run_that_stops_lets_its_cuda_graphs_go(tmp_path: Path, monkeypatch: p
     with pytest.raises(KeyboardInterrupt):
         train(_config(tmp_path, "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'graphs'}"), on_step=stop)
     assert resets == [1]
+
+
+@pytest.mark.parametrize(
+    ("padding", "multiple", "longest", "width"),
+    [
+        ("longest", None, 37, 37),
+        ("max_length", None, 37, 128),
+        ("max_length", None, 130, 130),  # truncation = false lets an example run past max_length: never cut
+        ("longest", 16, 37, 48),
+        ("longest", 16, 48, 48),
+        ("longest", 48, 100, 128),  # rounded up to 144, but not past max_length
+        ("longest", 48, 129, 129),
+    ],
+)
+def test_batch_width_pads_to_the_longest_rounded_up_but_not_past_max_length(padding, multiple, longest, width):
+    from lorakit.train.config import DataSection
+    from lorakit.train.tasks import batch_width
+
+    data = DataSection(max_length=128, padding=padding, pad_to_multiple_of=multiple)
+    assert batch_width(longest, data) == width
+
+
+def test_text_padded_to_a_multiple_trains_as_padded_to_its_longest(tmp_path: Path) -> None:
+    """Padding is masked out of the loss: a causal LM padded to multiples of 8 (a few batch lengths, which CUDA
+    graphs can replay) gets the losses of the same run padded to each batch's longest, and its batches are so."""
+    from test_train_helpers import causal_lm_config, copy_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorakit.train import tasks
+
+    torch.manual_seed(0)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # its masks would differ with the width
+    model = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64, **no_dropout)
+                    ).save_pretrained(model)  # fmt: skip
+    copy_tokenizer(model)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"{' '.join(['word'] * (3 + i % 11))} end\n" for i in range(48)))
+    path = causal_lm_config(tmp_path / "lm.toml", model, lines, max_steps=4)
+    runs = {}
+    for name, extra in (("longest", []), ("multiple", ["data.pad_to_multiple_of=8"])):
+        config = load_config(path, [f"run.out_dir={tmp_path / name}", *extra])
+        runs[name] = _losses(train(config).folder)
+    assert runs["multiple"] == pytest.approx(runs["longest"], rel=1e-5)
+    prepared = tasks.prepare(config)
+    widths = {prepared.collate(prepared.train[i : i + 4])["input_ids"].shape[1] for i in range(0, 40, 4)}
+    assert widths and all(w % 8 == 0 or w == config.data.max_length for w in widths)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of must be >= 1"):
+        load_config(path, ["data.pad_to_multiple_of=0"])

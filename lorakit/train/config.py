@@ -62,6 +62,7 @@ class DataSection:
     max_samples: int | None = None  # cap on training examples (for sweeps over data size)
     max_length: int = 128
     padding: str = "longest"  # longest | max_length
+    pad_to_multiple_of: int | None = None  # longest, rounded up to a multiple of this (at most max_length)
     truncation: bool = True
     encoding: str = "utf-8"
 
@@ -375,7 +376,7 @@ def _check_numbers(config: TrainConfig) -> None:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     if optim.max_steps is not None and optim.max_steps < -1:
         raise ConfigError(f"optim.max_steps must be >= 1 (or 0 / -1: from optim.epochs), got {optim.max_steps}")
-    for key in ("data.max_samples", "data.eval_samples", "data.max_length"):
+    for key in ("data.max_samples", "data.eval_samples", "data.max_length", "data.pad_to_multiple_of"):
         value = get_field(config, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1 (or left out), got {value}")

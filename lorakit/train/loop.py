@@ -31,7 +31,7 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.multi.parallel import add_seeded_adapter
 from lorakit.optim import create_optimizer
 from lorakit.train import checkpoint, parallel, tasks
-from lorakit.train.config import TrainConfig, load_config, to_toml
+from lorakit.train.config import DataSection, TrainConfig, load_config, to_toml
 from lorakit.train.data import batch_indices
 from lorakit.train.plots import plot_run
 from lorakit.train.tracking import Progress, Tracker, check_available
@@ -260,17 +260,27 @@ def _release_graphs() -> None:
 
 def _compile_mode(config: TrainConfig, env: _Env) -> str:
     """run.compile_mode, "auto" resolved: "reduce-overhead" (each block's kernels replayed as a CUDA graph, with no
-    launch from the host) where every batch has one shape and graphs hold (a GPU, inductor, no gradient
+    launch from the host) where batches take few shapes and graphs hold (a GPU, inductor, no gradient
     checkpointing, no FSDP2), else "default". Graphs take a small model's step from bound by the host's launches to
     bound by the GPU (3.3x on a 24-layer, 512-wide Llama on an H100) and leave a large one's as it was; a batch of a
-    new shape records again, so text padded to each batch's longest stays on the default mode."""
+    new shape records again, so text padded to each batch's longest (any length) stays on the default mode."""
     run = config.run
     if run.compile_mode != "auto":
         return run.compile_mode
-    one_shape = config.task == "classification" or config.data.padding == "max_length"
+    one_shape = config.task == "classification" or _few_lengths(config.data)
     holds = env.device.type == "cuda" and run.compile_backend == "inductor" and not config.model.gradient_checkpointing
     sharded = env.world > 1 and run.distributed == "fsdp"
     return "reduce-overhead" if one_shape and holds and not sharded else "default"
+
+
+GRAPH_LENGTHS = 8  # batch lengths a text run may take and still replay CUDA graphs under compile_mode auto
+
+
+def _few_lengths(data: DataSection) -> bool:
+    """Text batches take at most GRAPH_LENGTHS lengths: padded to max_length, or to multiples of
+    pad_to_multiple_of up to it (each new length records its graphs once, then replays them)."""
+    multiple = data.pad_to_multiple_of
+    return data.padding == "max_length" or (multiple is not None and -(-data.max_length // multiple) <= GRAPH_LENGTHS)
 
 
 def _check_graphs(config: TrainConfig, env: _Env, mode: str) -> None:
@@ -290,11 +300,11 @@ def _check_graphs(config: TrainConfig, env: _Env, mode: str) -> None:
             f"run.compile_mode = {mode!r} replays CUDA graphs, which FSDP2's sharded blocks cannot "
             "use; set run.compile_mode = 'default' (or 'max-autotune-no-cudagraphs'), or run.distributed = 'ddp'"
         )
-    if config.task != "classification" and config.data.padding == "longest":
+    if config.task != "classification" and not _few_lengths(config.data):
         warnings.warn(
-            f"run.compile_mode = {mode!r} records CUDA graphs for every batch shape, and with "
-            "data.padding = 'longest' each new batch length records again (time and GPU memory); set "
-            "data.padding = 'max_length' for one shape",
+            f"run.compile_mode = {mode!r} records CUDA graphs for every batch shape, and with text padded to each "
+            "batch's longest every new length records again (time and GPU memory); set data.padding = "
+            f"'max_length', or data.pad_to_multiple_of to at least max_length / {GRAPH_LENGTHS}",
             stacklevel=2,
         )
 

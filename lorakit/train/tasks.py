@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lorakit import LoraModel, models
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.head_loss import CHUNK_ROWS, chunk_rows, head_loss
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import DataSection, TrainConfig
 from lorakit.train.data import Split, check_columns, label_ids, load_split
 
 Example = dict[str, Any]
@@ -401,10 +401,9 @@ def _numeric(value: Any, column: str, row: int, path: str) -> Any:
 def _text_collate(tokenizer: Any, config: TrainConfig, per_token: bool) -> Callable[[list[Example]], Batch]:
     """Pads a batch to its longest example (or data.max_length); padded label positions are IGNORE."""
     pad_id = tokenizer.pad_token_id
-    fixed = config.data.max_length if config.data.padding == "max_length" else None
 
     def collate(examples: list[Example]) -> Batch:
-        width = fixed or max(len(e["input_ids"]) for e in examples)
+        width = batch_width(max(len(e["input_ids"]) for e in examples), config.data)
         batch: dict[str, list] = {}
         for key in examples[0]:
             if key == "labels" and not per_token:
@@ -416,6 +415,18 @@ def _text_collate(tokenizer: Any, config: TrainConfig, per_token: bool) -> Calla
         return {k: torch.tensor(v) for k, v in batch.items()}
 
     return collate
+
+
+def batch_width(longest: int, data: DataSection) -> int:
+    """The length a batch whose longest example has `longest` tokens is padded to: data.max_length under
+    padding = max_length, else `longest`, rounded up to a multiple of data.pad_to_multiple_of if set (but not past
+    max_length). Never shorter than `longest` (examples untruncated, truncation = false, can be longer)."""
+    if data.padding == "max_length":
+        return max(data.max_length, longest)
+    multiple = data.pad_to_multiple_of
+    if not multiple:
+        return longest
+    return max(longest, min(-(-longest // multiple) * multiple, data.max_length))
 
 
 _PREPARE = {

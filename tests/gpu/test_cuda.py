@@ -327,12 +327,13 @@ def test_parallel_training_on_cuda_with_fp32_factors_on_a_bf16_base_follows_floa
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "multiple"])
 def test_blocks_under_cuda_graphs_train_as_the_default_compile_does(tmp_path: Path, variant: str, monkeypatch) -> None:
-    """run.compile_mode = auto picks reduce-overhead for text padded to max_length: each GPT-2 block replays as CUDA
-    graphs. Two micro-batches a step (the first one's gradients must survive the second's replay) and an eval every
-    two steps (graphs recorded without grad between training steps): the losses, eval perplexities and adapter
-    equal those of the default mode's compiled blocks, and no graph was skipped."""
+    """run.compile_mode = auto picks reduce-overhead for text padded to max_length, or to multiples of 8 up to it
+    ("multiple": batches of two lengths, each recorded once): each GPT-2 block replays as CUDA graphs. Two
+    micro-batches a step (the first one's gradients must survive the second's replay) and an eval every two steps
+    (graphs recorded without grad between training steps): the losses, eval perplexities and adapter equal those
+    of the default mode's compiled blocks, and no graph was skipped."""
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
@@ -342,14 +343,16 @@ def test_blocks_under_cuda_graphs_train_as_the_default_compile_does(tmp_path: Pa
     from lorakit.train.loop import train
 
     model = _word_gpt2(tmp_path / "gpt2")
-    (tmp_path / "lines.txt").write_text("the cat sat on the mat\nthe dog ran in the park\na cat ran\n" * 30)
+    long = "the dog ran in the park and the cat sat on the big mat\n" if variant == "multiple" else ""
+    (tmp_path / "lines.txt").write_text(("the cat sat on the mat\nthe dog ran in the park\na cat ran\n" + long) * 30)
+    padding = 'padding = "longest"\npad_to_multiple_of = 8' if variant == "multiple" else 'padding = "max_length"'
     (tmp_path / "lm.toml").write_text(f"""
 task = "causal-lm"
 [model]
 source = "{model}"
 [data]
 path = "{tmp_path / "lines.txt"}"
-padding = "max_length"
+{padding}
 max_length = 16
 [lora]
 target_modules = ["c_attn", "c_fc", "c_proj"]
