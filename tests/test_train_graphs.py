@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_helpers import write_config
 from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.train import load_config, parallel, train
-from tests.gpu.models import BlockMLP, block_mlp_csv
+from tests.gpu.models import BlockMLP, block_mlp_run
 
 
 def _replayed_gradients(model: nn.Module, *args) -> parallel.Compiled:
@@ -27,32 +26,9 @@ def _replayed_gradients(model: nn.Module, *args) -> parallel.Compiled:
     return parallel.Compiled(True, graphs=True)
 
 
-def _config(tmp_path: Path, source: str, *overrides: str):
-    columns = block_mlp_csv(tmp_path / "data.csv", 96)
-    path = write_config(tmp_path / "config.toml", f"""
-        task = "classification"
-        [model]
-        source = "{source}"
-        [data]
-        path = "{tmp_path / "data.csv"}"
-        feature_columns = {columns}
-        [lora]
-        r = 4
-        lora_alpha = 8
-        target_modules = ["up", "down"]
-        [optim]
-        lr = 0.01
-        batch_size = 8
-        grad_accum = 3
-        max_steps = 4
-        precision = "fp32"
-        [run]
-        progress = "none"
-        log_every = 1
-        tensorboard = false
-        plots = false
-    """)  # fmt: skip
-    return load_config(path, list(overrides))
+def _config(tmp_path: Path, *overrides: str):
+    """block_mlp over 96 rows, batch 8, three micro-batches a step, 4 steps; `overrides` as on the command line."""
+    return load_config(block_mlp_run(tmp_path, rows=96, batch_size=8, max_steps=4, grad_accum=3), list(overrides))
 
 
 def _losses(folder: str) -> list[float]:
@@ -69,12 +45,12 @@ def test_gradients_left_in_replayed_memory_are_copied_before_the_next_micro_batc
     and the first's not at all."""
     (tmp_path / "plain").mkdir()
     (tmp_path / "replayed").mkdir()
-    reference = train(_config(tmp_path / "plain", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'a'}"))
+    reference = train(_config(tmp_path / "plain", f"run.out_dir={tmp_path / 'a'}"))
     marks, resets = [], []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
     monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
-    replayed = train(_config(tmp_path / "replayed", "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'b'}"))
+    replayed = train(_config(tmp_path / "replayed", f"run.out_dir={tmp_path / 'b'}"))
     assert len(marks) >= 4 * 3  # every micro-batch (and eval batch) starts a new step for the graphs
     assert len(resets) == 1  # the graphs and their memory are let go when the run ends
     assert _losses(replayed.folder) == pytest.approx(_losses(reference.folder), rel=1e-6)
@@ -124,14 +100,14 @@ def test_auto_compile_hands_the_modes_inductor_options_to_the_backend() -> None:
 
 def test_compile_mode_is_checked_against_its_choices_and_the_backend(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"run.compile_mode must be one of \['auto', 'default', 'reduce-overhead'"):
-        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=fast")
+        _config(tmp_path, "run.compile_mode=fast")
     with pytest.raises(ConfigError, match="mode of the inductor backend.*run.compile_backend = 'inductor'"):
-        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead",
+        _config(tmp_path, "run.compile_mode=reduce-overhead",
                 "run.compile_backend=aot_eager")  # fmt: skip
     with pytest.raises(ConfigError, match="run.compile = 'off' compiles nothing.*'auto' or 'on'"):
-        _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=max-autotune", "run.compile=off")
-    assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile_mode=reduce-overhead").run.compile == "auto"
-    assert _config(tmp_path, "tests.gpu.models:block_mlp", "run.compile=off").run.compile_mode == "auto"  # no error
+        _config(tmp_path, "run.compile_mode=max-autotune", "run.compile=off")
+    assert _config(tmp_path, "run.compile_mode=reduce-overhead").run.compile == "auto"
+    assert _config(tmp_path, "run.compile=off").run.compile_mode == "auto"  # no error
 
 
 def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_shapes(tmp_path: Path) -> None:
@@ -140,17 +116,16 @@ def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_s
     from lorakit.train import loop
 
     gpu, two_gpus = loop._Env(0, 1, torch.device("cuda")), loop._Env(0, 2, torch.device("cuda"))
-    source = "tests.gpu.models:block_mlp"
-    graphs = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "model.gradient_checkpointing=true")
+    graphs = _config(tmp_path, "run.compile_mode=reduce-overhead", "model.gradient_checkpointing=true")
     with pytest.raises(ConfigError, match="model.gradient_checkpointing = false"):
         loop._check_graphs(graphs, gpu, "reduce-overhead")
     loop._check_graphs(graphs, loop._Env(0, 1, torch.device("cpu")), "reduce-overhead")  # a CPU records no graphs
     loop._check_graphs(graphs, gpu, "default")  # nor does the default mode
-    sharded = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "run.distributed=fsdp")
+    sharded = _config(tmp_path, "run.compile_mode=reduce-overhead", "run.distributed=fsdp")
     with pytest.raises(ConfigError, match="run.distributed = 'ddp'"):
         loop._check_graphs(sharded, two_gpus, "max-autotune")
     loop._check_graphs(sharded, two_gpus, "max-autotune-no-cudagraphs")
-    text = _config(tmp_path, source, "run.compile_mode=reduce-overhead", "task=seq-cls", "data.text_column=x")
+    text = _config(tmp_path, "run.compile_mode=reduce-overhead", "task=seq-cls", "data.text_column=x")
     with pytest.warns(UserWarning, match="data.padding = 'max_length'"):
         loop._check_graphs(text, gpu, "reduce-overhead")
 
@@ -175,7 +150,7 @@ def test_cuda_graphs_refuse_what_a_recording_cannot_follow_and_warn_on_varying_s
 def test_auto_compile_mode_takes_cuda_graphs_only_where_they_hold(tmp_path: Path, overrides, env, expected) -> None:
     from lorakit.train import loop
 
-    config = _config(tmp_path, "tests.gpu.models:block_mlp", *overrides)
+    config = _config(tmp_path, *overrides)
     assert config.run.compile_mode == ("auto" if not any("compile_mode" in o for o in overrides) else expected)
     assert loop._compile_mode(config, loop._Env(0, env[0], torch.device(env[1]))) == expected
 
@@ -191,11 +166,11 @@ def test_a_run_that_stops_lets_its_cuda_graphs_go(tmp_path: Path, monkeypatch: p
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'plain'}"), on_step=stop)
+        train(_config(tmp_path, f"run.out_dir={tmp_path / 'plain'}"), on_step=stop)
     assert resets == []
     monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, "tests.gpu.models:block_mlp", f"run.out_dir={tmp_path / 'graphs'}"), on_step=stop)
+        train(_config(tmp_path, f"run.out_dir={tmp_path / 'graphs'}"), on_step=stop)
     assert resets == [1]
 
 

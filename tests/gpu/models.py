@@ -37,12 +37,37 @@ def block_mlp() -> BlockMLP:
     return BlockMLP()
 
 
-def block_mlp_csv(path: Path, rows: int) -> str:
-    """A CSV of `rows` seeded examples for block_mlp (32 features; the label: the first four sum above 0), written to
-    `path`; returns data.feature_columns as TOML."""
+def block_mlp_run(folder: Path, rows: int, batch_size: int, max_steps: int, grad_accum: int = 1) -> Path:
+    """A `lorakit train` config (returned) for block_mlp in fp32 over a CSV of `rows` seeded examples (32 features;
+    the label: the first four sum above 0), both written into `folder`; LoRA r4 on up and down, no plots."""
     features = torch.randn(rows, 32, generator=torch.Generator().manual_seed(0))
     labels = (features[:, :4].sum(1) > 0).long()
     lines = ["label," + ",".join(f"x{i}" for i in range(32))]
     lines += [f"{int(y)}," + ",".join(f"{v:.5f}" for v in x) for x, y in zip(features.tolist(), labels, strict=True)]
-    path.write_text("\n".join(lines) + "\n")
-    return json.dumps([f"x{i}" for i in range(32)])
+    (folder / "data.csv").write_text("\n".join(lines) + "\n")
+    columns = json.dumps([f"x{i}" for i in range(32)])
+    config = folder / "config.toml"
+    config.write_text(f"""
+task = "classification"
+[model]
+source = "tests.gpu.models:block_mlp"
+[data]
+path = "{folder / "data.csv"}"
+feature_columns = {columns}
+[lora]
+r = 4
+lora_alpha = 8
+target_modules = ["up", "down"]
+[optim]
+lr = 0.01
+batch_size = {batch_size}
+grad_accum = {grad_accum}
+max_steps = {max_steps}
+precision = "fp32"
+[run]
+progress = "none"
+log_every = 1
+tensorboard = false
+plots = false
+""")
+    return config

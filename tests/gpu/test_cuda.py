@@ -18,7 +18,7 @@ from torch import nn
 from lorakit import LoraConfig, LoraModel, VeraConfig, get_lora_model
 from lorakit.kinds import Bnb4bitKind
 from lorakit.quant import quantize_model
-from tests.gpu.models import block_mlp_csv
+from tests.gpu.models import block_mlp_run
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_bnb = pytest.mark.skipif(
@@ -109,32 +109,10 @@ def test_fsdp2_over_nccl_matches_ddp(tmp_path: Path) -> None:
     the CUDA default run.compile = auto: each block compiled; the replicas' blocks replayed as CUDA graphs)."""
     from safetensors.torch import load_file
 
-    columns = block_mlp_csv(tmp_path / "data.csv", 256)
-    (tmp_path / "config.toml").write_text(f"""
-task = "classification"
-[model]
-source = "tests.gpu.models:block_mlp"
-[data]
-path = "{tmp_path / "data.csv"}"
-feature_columns = {columns}
-[lora]
-r = 4
-lora_alpha = 8
-target_modules = ["up", "down"]
-[optim]
-lr = 0.01
-batch_size = 16
-max_steps = 6
-precision = "fp32"
-[run]
-progress = "none"
-log_every = 1
-tensorboard = false
-plots = false
-""")
+    config = block_mlp_run(tmp_path, rows=256, batch_size=16, max_steps=6)
     outs = {mode: tmp_path / mode for mode in ("ddp", "fsdp")}
     for mode, out in outs.items():
-        _torchrun_train(tmp_path / "config.toml", out, f"--run.distributed={mode}")
+        _torchrun_train(config, out, f"--run.distributed={mode}")
 
     def losses(folder: Path) -> list[float]:
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
