@@ -81,9 +81,9 @@ def median_ms(call: Callable[[], object], warmup: int, steps: int, device: str) 
     return 1000 * statistics.median(times)
 
 
-def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple[float, torch.Tensor]:
-    """(median ms of one decode step after a prefill of `prompt`, the first step's logits). Under --compile the
-    cache is static (the KV tensors preallocated for every step, so each step has the same shapes and one CUDA graph
+def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple:
+    """(median ms of one decode step after a prefill of `prompt`, the first step's logits, the step). Under --compile
+    the cache is static (the KV tensors preallocated for every step, so each step has the same shapes and one CUDA graph
     serves them all) and the next position is a tensor updated in place, as transformers' compiled generate does."""
     rows, length = prompt.shape
     token = torch.randint(0, args.vocab, (rows, 1), device=prompt.device, generator=_generator(args, 2))
@@ -95,9 +95,9 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
             return model(input_ids=token, past_key_values=cache, use_cache=True, **routing).logits[:, -1]
 
         first = step().float().cpu()
-        return median_ms(step, args.warmup, args.steps, args.device), first
+        return median_ms(step, args.warmup, args.steps, args.device), first, step
     config = model.config
-    cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + 2)
+    cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + 5)  # + 3 profiled
     with torch.compiler.set_stance("force_eager"):  # the cache's tensors made eagerly: static addresses for graphs
         model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
     for layer in cache.layers:  # what the steps update in place stays put between graph replays
@@ -117,7 +117,22 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
         return logits
 
     first = step().float().cpu()
-    return median_ms(step, args.warmup, args.steps, args.device), first
+    return median_ms(step, args.warmup, args.steps, args.device), first, step
+
+
+def profiled(step: Callable[[], object], args: argparse.Namespace) -> str:
+    """--profile: the kernels of 3 decode steps (after the timed ones) by GPU time, and how many there were."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        synchronizer(args.device)()
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy = sum(e.self_device_time_total for e in events) / 3e3
+    table = events.table(sort_by="self_device_time_total", row_limit=20)
+    return f"{kernels / 3:.0f} GPU events a step, GPU busy {busy:.3f} ms a step\n{table}"
 
 
 def _inner(model, mode: str) -> torch.nn.Module:
@@ -160,7 +175,9 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
                 return model(input_ids=prompt, use_cache=False)
 
             result["forward_ms"] = median_ms(forward, args.warmup, args.steps, args.device)
-        result["decode_ms"], result["logits"] = decode_ms(model, prompt, routing, args)
+        result["decode_ms"], result["logits"], step = decode_ms(model, prompt, routing, args)
+        if mode in args.profile.split(","):
+            print(f"== profile of {case} {mode}'s decode step: " + profiled(step, args), flush=True)
     return result
 
 
@@ -255,6 +272,7 @@ def parse_args() -> argparse.Namespace:
         help="every mode under torch.compile with CUDA graphs "
         "(reduce-overhead) and a static KV cache, as transformers' compiled generate runs",
     )
+    parser.add_argument("--profile", default="", help="modes whose decode step to profile (printed), e.g. base,ours")
     parser.add_argument("--quick", action="store_true", help="a tiny model on CPU, a few steps: a smoke run")
     parser.add_argument("--json", help="also write the results here (rewritten after every case)")
     if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win

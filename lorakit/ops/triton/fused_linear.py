@@ -8,7 +8,8 @@
               dX = sum_a drop_a^T(T_a A_a)  (written once),  then dX += dY W  (epilogue again)
     inference (no gradient recorded, no dropout drawn): the same forward without the autograd node, s in a GEMM's
               epilogue for one adapter, the factors' casts / concatenations kept between calls until a factor
-              changes: 3 launches per layer, the base GEMM's and two
+              changes: 3 launches per layer, the base GEMM's and two; compiled, a decode step's few rows
+              (fp16/bf16) take one kernel instead, x W^T and S computed from the same tiles of x (lora_gemm.py)
 
 Everything runs in x's dtype (a bf16 base computes in bf16 even with fp32 factors: PEFT's default casts the
 activations to fp32 instead); gradients come back in each factor's dtype. Dropout masks are redrawn from a seed
@@ -30,6 +31,11 @@ from torch import Tensor
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 from lorakit.ops.triton.dropout import draw_seeds, dropout_expand, dropout_grad_a, dropout_shrink
+
+try:
+    from lorakit.ops.triton import lora_gemm
+except ImportError:  # no triton: the CPU runs the cuBLAS-shaped composite below
+    lora_gemm = None
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -92,12 +98,29 @@ def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tenso
     beside the base's and nothing else: s rides in a GEMM's epilogue, the factors' casts are kept between calls."""
     lora_a, lora_b, scale = _prepared(x.dtype, adapters)  # (R x in), (out x R)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if _one_kernel(x2, weight, bias, lora_a, lora_b):
+        y = _eager_or_op(lora_gemm.lora_gemm, lora_gemm.lora_gemm_op)(x2, weight, bias, lora_a, lora_b, scale)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
     s = torch.mm(x2, lora_a.T)  # (N x R)
     if out is not None:
         y = torch.addmm(out if out.dim() == 2 else out.reshape(-1, out.shape[-1]), s, lora_b.T, alpha=scale)
     else:
         y = _eager_or_op(_low_rank_then_base, low_rank_then_base)(s, lora_b, x2, weight, bias, scale)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _one_kernel(x2: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> bool:
+    """A compiled decode step's few rows on CUDA: lora_gemm's one kernel, the LoRA term inside the base product
+    (three kernels would be most of the step's extra time). Eagerly the composite stays: a triton launch from
+    Python costs the host more than two cuBLAS calls, and an eager decode step is bound by the host."""
+    return (
+        lora_gemm is not None
+        and torch.compiler.is_compiling()
+        and weight is not None
+        and x2.shape[0] <= lora_gemm.DECODE_ROWS
+        and (bias is None or bias.stride(0) == 1)
+        and lora_gemm.fusable(x2, weight, lora_a, lora_b)
+    )
 
 
 # id(first factor) -> (stamp, weak refs to the factors, A, B); an entry goes when its first factor goes

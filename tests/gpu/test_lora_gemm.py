@@ -1,0 +1,142 @@
+"""The inference GEMM with the LoRA term inside (lorakit/ops/triton/lora_gemm.py) against float64 math, and the
+inference path's choice of it (a decode step's few rows), eagerly, compiled and replayed in a CUDA graph."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lorakit import ops
+from lorakit.ops.reference import LoraFactors
+
+HAS_KERNELS = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAS_KERNELS, reason="the triton kernels need CUDA and triton")
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative (norm) error of bf16/fp16 operands
+
+
+def _operands(rows, n_in, n_out, rank, dtype, with_bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", dtype)
+
+    x, w = randn(rows, n_in), randn(n_out, n_in, scale=n_in**-0.5)
+    a, b = randn(rank, n_in, scale=n_in**-0.5), randn(n_out, rank, scale=0.5)
+    return x, w, randn(n_out) if with_bias else None, a, b
+
+
+def _gold(x, w, bias, a, b, scale):
+    x, w, a, b = (t.double() for t in (x, w, a, b))
+    y = x @ w.T + scale * (x @ a.T) @ b.T
+    return y if bias is None else y + bias.double()
+
+
+def _rel(out, gold) -> float:
+    return ((out.double() - gold).norm() / gold.norm()).item()
+
+
+BF16, FP16 = torch.bfloat16, torch.float16
+CASES = [  # rows (few: t in the K loop; more: t by a GEMM first), in, out, rank, dtype, bias: odd shapes and ranks
+    (1, 96, 80, 1, BF16, True), (4, 2048, 512, 16, BF16, False), (5, 203, 141, 7, FP16, True),
+    (16, 520, 48, 128, BF16, True), (3, 8192, 64, 16, BF16, False), (2, 64, 8192, 33, FP16, True),
+    (17, 64, 33, 64, FP16, False), (64, 300, 129, 16, BF16, True), (65, 203, 141, 1, BF16, False),
+    (300, 520, 200, 128, FP16, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows,n_in,n_out,rank,dtype,with_bias", CASES)
+def test_lora_gemm_matches_float64_math(rows, n_in, n_out, rank, dtype, with_bias):
+    from lorakit.ops.triton.lora_gemm import lora_gemm
+
+    x, w, bias, a, b = _operands(rows, n_in, n_out, rank, dtype, with_bias)
+    y = lora_gemm(x, w, bias, a, b, 0.75)
+    assert y.dtype == dtype and y.shape == (rows, n_out)
+    gold, without = _gold(x, w, bias, a, b, 0.75), _gold(x, w, bias, a, b * 0, 0.75)
+    assert _rel(y, gold) < TOLERANCE[dtype]
+    assert _rel(y.double() - without, gold - without) < 5 * TOLERANCE[dtype]  # the LoRA term itself, not only W x
+
+
+@pytest.mark.parametrize("rows", [3, 200])
+def test_lora_gemm_reads_strided_rows_and_tma_tiles(rows):
+    """x as a column slice of a wider tensor (a fused QKV's input view), and the TMA prefill kernel."""
+    from lorakit.ops.triton.lora_gemm import Tiles, lora_gemm
+
+    x, w, bias, a, b = _operands(rows, 256, 192, 16, torch.bfloat16, True)
+    wide = torch.cat([x, x], 1)[:, 256:]
+    assert wide.stride(0) == 512
+    gold = _gold(x, w, bias, a, b, 2.0)
+    assert _rel(lora_gemm(wide, w, bias, a, b, 2.0), gold) < TOLERANCE[torch.bfloat16]
+    if rows > 64:
+        tiles = Tiles(64, 64, 64, 3, 4)
+        assert _rel(lora_gemm(x, w, bias, a, b, 2.0, tiles, tma=True), gold) < TOLERANCE[torch.bfloat16]
+
+
+def _layer(rows, dtype=torch.bfloat16, n_adapters=1):
+    x, w, bias, a, b = _operands(rows, 192, 160, 8, dtype, True)
+    adapters = [LoraFactors(a, b, 2.0, 0.1)]
+    for k in range(1, n_adapters):
+        _, _, _, a2, b2 = _operands(rows, 192, 160, 4, dtype, False, seed=k)
+        adapters.append(LoraFactors(a2.float(), b2.float(), 0.5, 0.0))  # fp32 master factors: cast, kept
+    return x, w, bias, adapters
+
+
+def _adapters_gold(x, w, bias, adapters):
+    y = x.double() @ w.double().T + bias.double()
+    for f in adapters:
+        y = y + f.scale * (x.double() @ f.lora_A.double().T) @ f.lora_B.double().T
+    return y
+
+
+@pytest.mark.parametrize("rows,fused", [(1, True), (16, True), (17, False)])
+@pytest.mark.parametrize("n_adapters", [1, 2])
+def test_compiled_inference_of_a_decode_steps_rows_takes_the_one_kernel(rows, fused, n_adapters, monkeypatch):
+    """Compiled, few rows run lora_gemm's kernel (launched from the compiled code); eagerly, and for more rows,
+    the cuBLAS composite (a triton launch from Python costs an eager step more than it saves)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lorakit.ops.triton import lora_gemm as module
+
+    torch._dynamo.reset()
+    x, w, bias, adapters = _layer(rows, n_adapters=n_adapters)
+    gold = _adapters_gold(x, w, bias, adapters)
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(lambda x: ops.lora_linear(x, w, bias, adapters, False)), x)
+        assert ("lora_gemm_kernel" in "\n".join(code)) == fused
+        assert _rel(y, gold) < TOLERANCE[torch.bfloat16]
+        monkeypatch.setattr(module, "lora_gemm", lambda *args, **kw: pytest.fail("an eager call took lora_gemm"))
+        assert _rel(ops.lora_linear(x, w, bias, adapters, False), gold) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype,training", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "dropout"])
+def test_fp32_and_training_keep_their_paths(dtype, training):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x, w, bias, adapters = _layer(4, dtype)
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(lambda x: ops.lora_linear(x, w, bias, adapters, training)), x)
+    assert "lora_gemm_kernel" not in "\n".join(code)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decode_launches_the_kernel_and_follows_changed_factors(mode):
+    """Compiled, the kernel is launched from the compiled code (a triton_op); replayed in a CUDA graph, a factor
+    changed in place (a hot swap's copy_) is read by the next replay."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x, w, bias, adapters = _layer(4)
+    step = torch.compile(lambda x: ops.lora_linear(x, w, bias, adapters, False), fullgraph=True, mode=mode)
+    with torch.no_grad():
+        y, code = run_and_get_code(step, x)
+        y = y.clone()  # a CUDA graph's output is overwritten by the next replay
+        assert "lora_gemm_kernel" in "\n".join(code)
+        assert _rel(y, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
+        for _ in range(2):
+            step(x)  # recorded and replayed under reduce-overhead
+        adapters[0].lora_B.mul_(-2.0)
+        again = step(x).clone()
+    assert _rel(again, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
+    assert _rel(again, y.double()) > 0.05
