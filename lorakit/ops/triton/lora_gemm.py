@@ -8,6 +8,10 @@ The composite of cuBLAS calls (fused_linear._inference) reads x again for t and 
 a fifth of a 2048-wide layer's time at 2048 tokens, and launches two more kernels per layer, most of a decode
 step's extra time. t is rounded to x's dtype before the expand, as the reference rounds A(x); every product
 accumulates in fp32. Only fp16/bf16 (fp32 keeps cuBLAS's composite) and R <= MAX_RANK.
+
+The inference path takes it for a compiled decode step's rows (<= DECODE_ROWS). The many-rows forms (t by a GEMM
+first; tiles through plain loads or the TMA unit) are kept for benchmarks/lora_gemm_gpu.py and its tests: at 2048
+rows they lose to the composite so far (benchmarks/README.md, "One kernel for a compiled decode step").
 """
 
 from __future__ import annotations
