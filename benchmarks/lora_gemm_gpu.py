@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench_cudagraph
+
+try:
+    from triton.testing import do_bench_cudagraph
+except ImportError:
+    sys.exit("benchmarks/lora_gemm_gpu.py needs triton and a CUDA GPU (the kernel it measures is a triton kernel)")
 
 from lorakit.ops.reference import LoraFactors
 from lorakit.ops.triton import fused_linear
@@ -126,6 +131,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: the kernel it measures runs only there")
     out = {
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__},
