@@ -97,7 +97,8 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
         first = step().float().cpu()
         return median_ms(step, args.warmup, args.steps, args.device), first, step
     config = model.config
-    cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + 5)  # + 3 profiled
+    extra = 5 + (2 * args.steps + 32 if args.host else 0)  # 3 profiled; --host's steps
+    cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + extra)
     with torch.compiler.set_stance("force_eager"):  # the cache's tensors made eagerly: static addresses for graphs
         model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
     for layer in cache.layers:  # what the steps update in place stays put between graph replays
@@ -133,6 +134,38 @@ def profiled(step: Callable[[], object], args: argparse.Namespace) -> str:
     busy = sum(e.self_device_time_total for e in events) / 3e3
     table = events.table(sort_by="self_device_time_total", row_limit=20)
     return f"{kernels / 3:.0f} GPU events a step, GPU busy {busy:.3f} ms a step\n{table}"
+
+
+def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[str, float]:
+    """--host: where a decode step's time goes on the host. host_ms: the call alone, the device idle before it and
+    not waited for (under CUDA graphs: guards, the inputs gathered, the replay launched); unguarded_ms: the whole
+    step with dynamo's guards skipped (torch's skip_guard_eval_unsafe stance), so decode_ms - unguarded_ms is what
+    the guards cost; and the functions that took the host's time over 30 steps (cProfile, printed)."""
+    import cProfile
+    import io
+    import pstats
+
+    sync, host = synchronizer(args.device), []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - start)
+    sync()
+    result = {"host_ms": 1000 * statistics.median(host)}
+    if args.compile:
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            result["unguarded_ms"] = median_ms(step, 2, args.steps, args.device)
+    profiler, text = cProfile.Profile(), io.StringIO()
+    profiler.enable()
+    for _ in range(30):
+        step()
+        sync()
+    profiler.disable()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "stats")}
+    print(f"== host profile of 30 decode steps:\n{text.getvalue()}\ncounters: {counters}", flush=True)
+    return result
 
 
 def _inner(model, mode: str) -> torch.nn.Module:
@@ -178,6 +211,9 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
         result["decode_ms"], result["logits"], step = decode_ms(model, prompt, routing, args)
         if mode in args.profile.split(","):
             print(f"== profile of {case} {mode}'s decode step: " + profiled(step, args), flush=True)
+        if args.host:
+            print(f"== {case} {mode}", flush=True)
+            result.update(host_report(step, args))
     return result
 
 
@@ -273,6 +309,14 @@ def parse_args() -> argparse.Namespace:
         "(reduce-overhead) and a static KV cache, as transformers' compiled generate runs",
     )
     parser.add_argument("--profile", default="", help="modes whose decode step to profile (printed), e.g. base,ours")
+    parser.add_argument(
+        "--host", action="store_true", help="also time the host's share of a decode step and print its profile"
+    )
+    parser.add_argument(
+        "--recursive-dict-tags",
+        action="store_true",
+        help="dynamo's use_recursive_dict_tags_for_guards (skips the guards of modules whose dicts did not change)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model on CPU, a few steps: a smoke run")
     parser.add_argument("--json", help="also write the results here (rewritten after every case)")
     if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win
@@ -286,6 +330,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.recursive_dict_tags:  # every mode alike
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     torch.backends.cuda.matmul.allow_tf32 = True
     with sdpa_kernel(SERVING_ATTENTION):  # every mode alike, as lorakit serve runs: no cuDNN plan per key length
         results = run(args)

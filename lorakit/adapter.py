@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lorakit.kinds import Kind
 from lorakit.variants import Variant
+from lorakit.variants.lora import Lora
 
 
 class Adapter(nn.Module):
@@ -24,6 +25,11 @@ class Adapter(nn.Module):
     def __setattr__(self, name: str, value: object) -> None:
         Adapter.changes += 1
         super().__setattr__(name, value)
+        if name in ("kind", "variant") and "variant" in self.__dict__ and "kind" in self.__dict__:
+            # read by every forward: a bool of the adapter's own, so a compiled model guards one value per adapter
+            # instead of the identity of the kind and variant objects that all its layers share
+            plain = type(self.variant).contribution is Lora.contribution and self.kind.is_plain_matmul
+            self.__dict__["plain"] = plain  # plain LoRA on a matmul: what the ops compute (lorakit.layer)
 
     def __delattr__(self, name: str) -> None:
         Adapter.changes += 1

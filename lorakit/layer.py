@@ -32,7 +32,6 @@ from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
 from lorakit.ops import routed_dense
 from lorakit.state import AdapterState, Routing
-from lorakit.variants.lora import Lora
 
 PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefills of requests for other adapters
 
@@ -42,6 +41,9 @@ class LoraLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
+        # read by every forward: a bool of the layer's own, so a compiled model guards one value per layer instead
+        # of the identity of the kind object that all layers of its kind share
+        self.acts_on_weight = kind.acts_on_weight
         self.adapters = nn.ModuleDict()
         self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
@@ -94,7 +96,7 @@ class LoraLayer(nn.Module):
             raise LorakitError(
                 f"adapters {self.merged_adapters} are merged into the weights; unmerge_adapter() before routing rows"
             )
-        if self.kind.acts_on_weight:
+        if self.acts_on_weight:
             if routing is not None and any(n in self.adapters for n in routing.rows):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
@@ -408,7 +410,7 @@ def _plain_factors(adapter: Adapter) -> ops.LoraFactors | None:
     """The adapter as the ops take it, when its contribution is exactly plain LoRA's on a matmul kind. Its tensors
     and dropout are read from the module's own dicts: nn.Module's attribute lookup (~1 us a name) on every adapter
     of every layer was most of a routed decode step's Python time."""
-    if type(adapter.variant).contribution is not Lora.contribution or not adapter.kind.is_plain_matmul:
+    if not adapter.plain:
         return None
     if adapter._parameters.get("lora_B_bias") is not None:  # the ops take factors only
         return None

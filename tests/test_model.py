@@ -102,6 +102,25 @@ def test_added_adapter_is_inactive_until_set_and_contributions_add_up():
     assert not torch.allclose(both, base)
 
 
+def test_a_variant_set_on_an_adapter_after_creation_decides_its_forward():
+    """The layer reads an adapter's own flag for "plain LoRA on a matmul" (one guarded value per adapter when
+    compiled); setting another variant must clear it, so the variant's contribution is what the forward adds."""
+    from lorakit.variants.lora import Lora
+
+    class Doubled(Lora):
+        def contribution(self, adapter, module, x, base_out=None):
+            return 2 * super().contribution(adapter, module, x, base_out)
+
+    model, _ = _two_adapters()
+    layer, x = model.model.lin2, torch.randn(3, 16)
+    adapter = layer.adapters["default"]
+    plain = layer(x) - layer.base_layer(x)
+    adapter.variant = Doubled()
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), 2 * plain)
+    adapter.variant = Lora()
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), plain)
+
+
 def test_set_adapter_switches_what_trains():
     model, _ = _two_adapters()
     model.set_adapter("b")
