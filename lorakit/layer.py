@@ -101,7 +101,10 @@ class LoraLayer(nn.Module):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
         if routing is not None:
-            return self._routed(x, routing, self.base_layer(x, *args, **kwargs))
+            out = self.base_layer(x, *args, **kwargs)
+            if torch.compiler.is_compiling() and not self.training:
+                return self._routed_eagerly(x, out)
+            return self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
@@ -140,6 +143,14 @@ class LoraLayer(nn.Module):
                 plans.pop(next(iter(plans)), None)
         plans[id(routing), key] = plan
         return plan(self.base_layer, x, out)
+
+    @torch.compiler.disable
+    def _routed_eagerly(self, x: Tensor, out: Tensor) -> Tensor:
+        """A compiled model's routed inference: the rows' adapter terms run outside the graph, with the plans eager
+        calls keep. Traced, a routing's rows and adapters are constants of the graph, so every new adapter_names list
+        (each step of a server) would compile the model again, and past torch's recompile limit run it eagerly whole.
+        Training keeps them in the graph: parallel training routes every step the same way."""
+        return self._routed(x, self.state.routing_now(), out)
 
     def _new_plan(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
         """A kept plan of the same adapters for other rows (rows joined or left a server's batch) is rebound to

@@ -411,6 +411,33 @@ def test_an_adapter_merged_elsewhere_stops_routing_of_the_others():
     assert model.state.routing is None
 
 
+def test_a_compiled_model_in_eval_mode_routes_new_adapter_names_without_compiling_again():
+    """Inference under torch.compile: each new adapter_names list (a server's every step) reuses the compiled model;
+    the rows' adapter terms run outside the graph. Compiled graphs are counted through the backend."""
+    model = _three_adapter_mlp().eval()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(model.model, backend=counting)
+    with torch.no_grad():
+        for i, names in enumerate((EVEN, UNEVEN, EVEN[::-1], ["a"] * 6, EVEN)):
+            with model.routed(list(names)):
+                mixed = compiled(x=x)
+            if i == 0:
+                first = len(graphs)
+            expected = _one_at_a_time(model, lambda: model(x=x), list(names))
+            torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+        assert len(graphs) == first  # no routing after the first compiled anything
+        _double_scale(model)
+        with model.routed(EVEN):
+            mixed = compiled(x=x)
+        torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), EVEN), atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_model_routes_rows_and_sees_a_changed_scale():
     model = _three_adapter_mlp()
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
