@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import peft
 import pytest
 import torch
@@ -304,8 +306,18 @@ def _assign_data(model: LoraModel) -> None:
         adapter.lora_B.data = adapter.lora_B.data * -3  # same tensor object, same version counter, new storage
 
 
+def _swap_module(model: LoraModel) -> None:
+    """Another Adapter object under the same name, put into the layers' dicts directly (not through add_adapter)."""
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
+        other = copy.deepcopy(layer.adapters["b"])
+        with torch.no_grad():
+            other.lora_B.mul_(-3)
+        layer.adapters["b"] = other
+
+
 CHANGES = {
     "scale": _double_scale,
+    "module-swapped": _swap_module,
     "data-assigned": _assign_data,
     "factor-in-place": _scale_factor_in_place,
     "factor-replaced": _replace_factor,

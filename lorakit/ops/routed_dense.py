@@ -79,9 +79,11 @@ class DenseRouted:
         return other
 
     def __call__(self, out: Tensor, x: Tensor) -> Tensor:
-        s = (x.reshape(-1, self.n_in).to(self.dtype) @ self.a_t).mul_(self.mask)
-        summed = torch.addmm(out.reshape(-1, self.n_out).to(self.dtype), s, self.b_t)
-        return summed.to(out.dtype).reshape(out.shape)
+        # every layer of every decode step: no-op casts skipped in Python, each would be a dispatcher call
+        dtype, x_rows, out_rows = self.dtype, x.reshape(-1, self.n_in), out.reshape(-1, self.n_out)
+        s = torch.mm(x_rows if x.dtype == dtype else x_rows.to(dtype), self.a_t).mul_(self.mask)
+        summed = torch.addmm(out_rows if out.dtype == dtype else out_rows.to(dtype), s, self.b_t)
+        return (summed if summed.dtype == out.dtype else summed.to(out.dtype)).reshape(out.shape)
 
 
 def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
