@@ -23,8 +23,14 @@ import operator
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.nn.utils import parametrize
 
 from lorakit import ops
@@ -102,7 +108,9 @@ class LoraLayer(nn.Module):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
         if routing is not None:
-            out = self.base_layer(x, *args, **kwargs)
+            base = self._modules["base_layer"]
+            bare = not args and not kwargs and _is_bare_linear(base)  # F.linear itself: no module call's overhead
+            out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
             if torch.compiler.is_compiling() and not self.training:
                 return self._routed_eagerly(x, out)
             return self._routed(x, routing, out)
@@ -136,14 +144,15 @@ class LoraLayer(nn.Module):
         key = (x.shape[:-1], x.dtype, x.device, out.dtype, torch.is_grad_enabled(), self.training)
         if torch.compiler.is_compiling():  # traced once: nothing to keep, and no storage to stamp
             return _RoutedPlan(self, routing, key, x, out)(self.base_layer, x, out)
-        plans, held = self._routed_plans, self.adapters._modules  # a plan holds its Routing: its id names no other
-        plan = plans.pop((id(routing), key), None)  # and goes back in last: the least recently used go first
+        modules = self._modules
+        plans, held = self._routed_plans, modules["adapters"]._modules  # a plan holds its Routing: its id names no
+        plan = plans.pop((id(routing), key), None)  # other, and goes back in last: the least recently used go first
         if plan is None or not plan.valid(held):
             plan = self._new_plan(routing, key, x, out)
             if len(plans) >= PLANS_KEPT:
                 plans.pop(next(iter(plans)), None)
         plans[id(routing), key] = plan
-        return plan(self.base_layer, x, out)
+        return plan(modules["base_layer"], x, out)
 
     @torch.compiler.disable
     def _routed_eagerly(self, x: Tensor, out: Tensor) -> Tensor:
@@ -455,8 +464,18 @@ def _sum_dtype(out: Tensor, adapters: list[Adapter], factors: list[ops.LoraFacto
 
 
 def _is_bare_linear(module: nn.Module) -> bool:
-    """nn.Linear itself, without hooks: its forward is F.linear(x, W, b), so lora_linear can compute it whole."""
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    """nn.Linear itself with no hook to call, its own or global (nn.Module's own test for skipping them): its forward
+    is F.linear(x, W, b), so lora_linear can compute it whole."""
+    return type(module) is nn.Linear and not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _global_forward_hooks
+        or _global_forward_pre_hooks
+        or _global_backward_hooks
+        or _global_backward_pre_hooks
+    )
 
 
 class _WeightDelta(nn.Module):

@@ -121,6 +121,38 @@ def test_a_variant_set_on_an_adapter_after_creation_decides_its_forward():
     torch.testing.assert_close(layer(x) - layer.base_layer(x), plain)
 
 
+@pytest.mark.parametrize("routed", [False, True], ids=["active", "routed"])
+@pytest.mark.parametrize("hook", ["global-forward", "global-backward", "own-backward"])
+def test_hooks_on_the_base_layer_still_run_under_a_lora_layer(hook, routed):
+    """The layer computes a bare nn.Linear as F.linear itself only when no hook would have run: a hook registered
+    on the base module, or globally for every module, still sees the base layer's call."""
+    from torch.nn.modules import module as nn_module
+
+    model, _ = _two_adapters()
+    layer = model.model.lin2
+    seen = []
+    x = torch.randn(2, 3, 16, requires_grad=True)
+
+    def record(module, *_):
+        if module is layer.base_layer:
+            seen.append(module)
+
+    handle = {
+        "global-forward": lambda: nn_module.register_module_forward_hook(record),
+        "global-backward": lambda: nn_module.register_module_full_backward_hook(record),
+        "own-backward": lambda: layer.base_layer.register_full_backward_hook(record),
+    }[hook]()
+    try:
+        if routed:
+            with model.routed(["default", "b"]):
+                layer(x).sum().backward()
+        else:
+            layer(x).sum().backward()
+    finally:
+        handle.remove()
+    assert seen == [layer.base_layer]
+
+
 def test_set_adapter_switches_what_trains():
     model, _ = _two_adapters()
     model.set_adapter("b")
