@@ -18,8 +18,10 @@ ParamWrappers: each layer's base_layer is the next, the innermost's the module t
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import operator
+import weakref
 from collections import defaultdict
 
 import torch
@@ -56,6 +58,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
+        _register(self)
         if kind.acts_on_weight:
             host = self.weight_host
             # the module's own weight order, read before any is parametrized: files name nested layers by it
@@ -111,8 +114,8 @@ class LoraLayer(nn.Module):
             base = self._modules["base_layer"]
             bare = not args and not kwargs and _is_bare_linear(base)  # F.linear itself: no module call's overhead
             out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
-            if torch.compiler.is_compiling() and not self.training:
-                return self._routed_eagerly(x, out)
+            if torch.compiler.is_compiling() and not (self.training or torch.is_grad_enabled()):
+                return _routed_outside_graph(self, x, out)
             return self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
         adapters = self.live_adapters()
@@ -153,14 +156,6 @@ class LoraLayer(nn.Module):
                 plans.pop(next(iter(plans)), None)
         plans[id(routing), key] = plan
         return plan(modules["base_layer"], x, out)
-
-    @torch.compiler.disable
-    def _routed_eagerly(self, x: Tensor, out: Tensor) -> Tensor:
-        """A compiled model's routed inference: the rows' adapter terms run outside the graph, with the plans eager
-        calls keep. Traced, a routing's rows and adapters are constants of the graph, so every new adapter_names list
-        (each step of a server) would compile the model again, and past torch's recompile limit run it eagerly whole.
-        Training keeps them in the graph: parallel training routes every step the same way."""
-        return self._routed(x, self.state.routing_now(), out)
 
     def _new_plan(self, routing: Routing, key: tuple, x: Tensor, out: Tensor) -> _RoutedPlan:
         """A kept plan of the same adapters for other rows (rows joined or left a server's batch) is rebound to
@@ -275,6 +270,7 @@ class LoraLayer(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
+        _register(self)  # and the copy is a layer of its own to the compiled routed op
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
@@ -372,6 +368,55 @@ class _RoutedPlan:
             term = adapter.contribution(base, x.index_select(0, idx), out.index_select(0, idx))
             acc = acc.index_add(0, idx, term.to(acc.dtype))
         return acc if acc.dtype == out.dtype else acc.to(out.dtype)
+
+
+# -- routed inference inside a compiled model ------------------------------------------------------
+# Traced, a routing's rows and adapters become constants of the graph: every new adapter_names list (each step of a
+# server) would compile the model again, and past torch's recompile limit run it eagerly whole. So a compiled model
+# in eval mode, recording no gradient, calls one opaque op per routed layer, which runs the layer's kept plan for the
+# routing of the moment; the layer is named by a number (a guarded constant of the graph), and the op is
+# cudagraph-unsafe, so CUDA graphs replay the rest of the model around it and never a recorded routing. Training
+# keeps the routed terms in the graph: parallel training routes every step the same way, and its backward goes
+# through them.
+_LAYERS: weakref.WeakValueDictionary[int, LoraLayer] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+_UNSAFE_IN_GRAPHS = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch 2.9+
+
+
+def _register(layer: LoraLayer) -> None:
+    layer.__dict__["routed_op_key"] = number = next(_NUMBERS)
+    _LAYERS[number] = layer
+
+
+@torch.library.custom_op(
+    "lorakit::add_routed_terms_", mutates_args=("out",), tags=(_UNSAFE_IN_GRAPHS,) if _UNSAFE_IN_GRAPHS else ()
+)
+def _add_routed_terms_(x: Tensor, out: Tensor, layer: int) -> None:
+    """out += the routed adapters' terms of layer number `layer` for the routing it runs under now."""
+    owner = _LAYERS.get(layer)
+    routing = None if owner is None else owner.state.routing_now()
+    if routing is None:
+        raise LorakitError("a compiled routed layer ran with no routing or no longer exists; call it inside routed()")
+    summed = owner._routed(x, routing, out)
+    if summed is not out:
+        out.copy_(summed)
+
+
+@_add_routed_terms_.register_fake
+def _(x: Tensor, out: Tensor, layer: int) -> None:
+    return None
+
+
+def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
+    if _UNSAFE_IN_GRAPHS is None:  # a CUDA graph would replay the op's recording: break the graph instead
+        return _routed_eagerly(layer, x, out)
+    torch.ops.lorakit.add_routed_terms_(x, out, layer.routed_op_key)
+    return out
+
+
+@torch.compiler.disable
+def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
+    return layer._routed(x, layer.state.routing_now(), out)
 
 
 def _one_token_a_row(key: tuple) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import peft
 import pytest
@@ -424,8 +425,8 @@ def test_an_adapter_merged_elsewhere_stops_routing_of_the_others():
 
 
 def test_a_compiled_model_in_eval_mode_routes_new_adapter_names_without_compiling_again():
-    """Inference under torch.compile: each new adapter_names list (a server's every step) reuses the compiled model;
-    the rows' adapter terms run outside the graph. Compiled graphs are counted through the backend."""
+    """Inference under torch.compile: each new adapter_names list (a server's every step) reuses the compiled model,
+    one graph whose routed layers call an op that runs the routing of the moment. Graphs are counted by the backend."""
     model = _three_adapter_mlp().eval()
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     graphs = []
@@ -434,7 +435,7 @@ def test_a_compiled_model_in_eval_mode_routes_new_adapter_names_without_compilin
         graphs.append(graph)
         return graph.forward
 
-    compiled = torch.compile(model.model, backend=counting)
+    compiled = torch.compile(model.model, backend=counting, fullgraph=True)  # one graph: the routing outside it
     with torch.no_grad():
         for i, names in enumerate((EVEN, UNEVEN, EVEN[::-1], ["a"] * 6, EVEN)):
             with model.routed(list(names)):
@@ -443,11 +444,43 @@ def test_a_compiled_model_in_eval_mode_routes_new_adapter_names_without_compilin
                 first = len(graphs)
             expected = _one_at_a_time(model, lambda: model(x=x), list(names))
             torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
-        assert len(graphs) == first  # no routing after the first compiled anything
+        assert len(graphs) == first == 1  # no routing after the first compiled anything
         _double_scale(model)
         with model.routed(EVEN):
             mixed = compiled(x=x)
         torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), EVEN), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_deep_copy_routes_through_its_own_layers():
+    """The compiled routed op names its layer by a number: a deep copy's layers get numbers of their own, so the copy
+    runs its own adapters (here changed after copying), not the original's."""
+    model = _three_adapter_mlp()
+    twin = copy.deepcopy(model)
+    _scale_factor_in_place(twin)
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for which in (model, twin):
+            compiled = torch.compile(which.model, backend="eager", fullgraph=True)
+            with which.routed(EVEN):
+                mixed = compiled(x=x)
+            expected = _one_at_a_time(which, partial(which, x=x), EVEN)
+            torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_cudagraph_unsafe_tag_compiled_routing_breaks_the_graph_and_stays_right(monkeypatch):
+    """On a torch whose ops cannot be marked unsafe for CUDA graphs, the routed terms run eagerly between graphs
+    (a graph replay would otherwise repeat the routing it recorded)."""
+    import lorakit.layer
+
+    monkeypatch.setattr(lorakit.layer, "_UNSAFE_IN_GRAPHS", None)
+    model = _three_adapter_mlp()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model.model, backend="eager")
+    with torch.no_grad():
+        for names in (EVEN, UNEVEN):
+            with model.routed(names):
+                mixed = compiled(x=x)
+            torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), names), atol=1e-5, rtol=1e-5)
 
 
 def test_a_compiled_model_routes_rows_and_sees_a_changed_scale():
