@@ -25,11 +25,20 @@ class Adapter(nn.Module):
     def __setattr__(self, name: str, value: object) -> None:
         Adapter.changes += 1
         super().__setattr__(name, value)
-        if name in ("kind", "variant") and "variant" in self.__dict__ and "kind" in self.__dict__:
-            # read by every forward: a bool of the adapter's own, so a compiled model guards one value per adapter
-            # instead of the identity of the kind and variant objects that all its layers share
-            plain = type(self.variant).contribution is Lora.contribution and self.kind.is_plain_matmul
-            self.__dict__["plain"] = plain  # plain LoRA on a matmul: what the ops compute (lorakit.layer)
+        if name in ("kind", "variant"):
+            self._note_plain()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._note_plain()  # an adapter pickled before the flag existed gets it too
+
+    def _note_plain(self) -> None:
+        """plain: plain LoRA on a matmul kind, what the ops compute (lorakit.layer). Read by every forward: a bool of
+        the adapter's own, so a compiled model guards one value per adapter instead of the identity of the kind and
+        variant objects that all its layers share."""
+        own = self.__dict__
+        if "kind" in own and "variant" in own:
+            own["plain"] = type(own["variant"]).contribution is Lora.contribution and own["kind"].is_plain_matmul
 
     def __delattr__(self, name: str) -> None:
         Adapter.changes += 1

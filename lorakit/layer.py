@@ -271,6 +271,7 @@ class LoraLayer(nn.Module):
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
         _register(self)  # and the copy is a layer of its own to the compiled routed op
+        self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
