@@ -102,10 +102,9 @@ class LoraLayer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         routing = self.state.routing_now() if self.state.enabled else None
-        if routing is not None and self.merged_adapters:  # in every row's weight, whatever the row's adapter
-            raise LorakitError(
-                f"adapters {self.merged_adapters} are merged into the weights; unmerge_adapter() before routing rows"
-            )
+        outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
+        if routing is not None and not outside:
+            self._refuse_merged_routing()
         if self.acts_on_weight:
             if routing is not None and any(n in self.adapters for n in routing.rows):
                 raise LorakitError(_UNROUTABLE)
@@ -114,9 +113,7 @@ class LoraLayer(nn.Module):
             base = self._modules["base_layer"]
             bare = not args and not kwargs and _is_bare_linear(base)  # F.linear itself: no module call's overhead
             out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
-            if torch.compiler.is_compiling() and not (self.training or torch.is_grad_enabled()):
-                return _routed_outside_graph(self, x, out)
-            return self._routed(x, routing, out)
+            return _routed_outside_graph(self, x, out) if outside else self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
@@ -139,6 +136,12 @@ class LoraLayer(nn.Module):
             if f is None:
                 acc = acc + adapter.contribution(base, x, out)
         return acc.to(out.dtype)
+
+    def _refuse_merged_routing(self) -> None:
+        if self.merged_adapters:  # in every row's weight, whatever the row's adapter
+            raise LorakitError(
+                f"adapters {self.merged_adapters} are merged into the weights; unmerge_adapter() before routing rows"
+            )
 
     def _routed(self, x: Tensor, routing: Routing, out: Tensor) -> Tensor:
         """base(x) plus, for every routed adapter held here, its term on its own rows only. What that needs is kept
@@ -398,6 +401,7 @@ def _add_routed_terms_(x: Tensor, out: Tensor, layer: int) -> None:
     routing = None if owner is None else owner.state.routing_now()
     if routing is None:
         raise LorakitError("a compiled routed layer ran with no routing or no longer exists; call it inside routed()")
+    owner._refuse_merged_routing()  # read now, not traced: a merge after compiling is seen, and raises as itself
     summed = owner._routed(x, routing, out)
     if summed is not out:
         out.copy_(summed)
@@ -406,6 +410,12 @@ def _add_routed_terms_(x: Tensor, out: Tensor, layer: int) -> None:
 @_add_routed_terms_.register_fake
 def _(x: Tensor, out: Tensor, layer: int) -> None:
     return None
+
+
+def _outside_graph(layer: LoraLayer) -> bool:
+    """A routed call that the compiled graph leaves to the op: traced, in eval mode, recording no gradient, on a
+    layer with a routed term of its own (not one that acts on the weight)."""
+    return torch.compiler.is_compiling() and not (layer.training or torch.is_grad_enabled() or layer.acts_on_weight)
 
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
@@ -417,6 +427,7 @@ def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
 
 @torch.compiler.disable
 def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
+    layer._refuse_merged_routing()
     return layer._routed(x, layer.state.routing_now(), out)
 
 

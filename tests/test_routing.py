@@ -451,6 +451,25 @@ def test_a_compiled_model_in_eval_mode_routes_new_adapter_names_without_compilin
         torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), EVEN), atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_model_refuses_routing_after_a_merge_with_lorakits_error():
+    """Merged adapters are in every row's weight: a compiled model (one graph, the routed terms in their op) refuses
+    to route once one is merged, with the same error as eagerly, and routes again after unmerging."""
+    model = _three_adapter_mlp()
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        with model.routed(EVEN):
+            before = compiled(x=x)
+        model.merge_adapter(["c"])
+        merged = pytest.raises(LorakitError, match=r"\['c'\] are merged into the weights; unmerge_adapter")
+        with merged, model.routed(EVEN):
+            compiled(x=x)
+        assert model.state.routing is None
+        model.unmerge_adapter()
+        with model.routed(EVEN):
+            torch.testing.assert_close(compiled(x=x), before, atol=1e-5, rtol=1e-5)
+
+
 def test_a_compiled_deep_copy_routes_through_its_own_layers():
     """The compiled routed op names its layer by a number: a deep copy's layers get numbers of their own, so the copy
     runs its own adapters (here changed after copying), not the original's."""
