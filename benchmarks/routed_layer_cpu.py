@@ -36,17 +36,29 @@ def call_us(adapters: int, rows: int, repeat: int) -> float:
         return min(timeit.repeat(lambda: layer(x), number=500, repeat=repeat)) / 500 * 1e6
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, got {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapters", default="8,64", help="comma-separated adapter counts")
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--adapters", type=_counts, default="8,64", help="comma-separated adapter counts")
+    parser.add_argument("--rows", type=int, default=64, help="token rows, one per routed row (at least 1)")
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
+    if args.rows < 1 or args.repeat < 1:
+        parser.error("--rows and --repeat take at least 1")
     torch.set_num_threads(1)
     routed_dense.DEVICES = (*routed_dense.DEVICES, "cpu")
     machine = platform.processor() or platform.machine()
     print(f"routed_layer_cpu: {machine}, torch {torch.__version__}, {args.rows} rows")
-    for n in (int(a) for a in args.adapters.split(",")):
+    for n in args.adapters:
         print(f"{n:3d} adapters: {call_us(n, args.rows, args.repeat):6.1f} us a routed layer call")
 
 
