@@ -392,9 +392,6 @@ def _register(layer: LoraLayer) -> None:
     _LAYERS[number] = layer
 
 
-@torch.library.custom_op(
-    "lorakit::add_routed_terms_", mutates_args=("out",), tags=(_UNSAFE_IN_GRAPHS,) if _UNSAFE_IN_GRAPHS else ()
-)
 def _add_routed_terms_(x: Tensor, out: Tensor, layer: int) -> None:
     """out += the routed adapters' terms of layer number `layer` for the routing it runs under now."""
     owner = _LAYERS.get(layer)
@@ -407,9 +404,15 @@ def _add_routed_terms_(x: Tensor, out: Tensor, layer: int) -> None:
         out.copy_(summed)
 
 
-@_add_routed_terms_.register_fake
-def _(x: Tensor, out: Tensor, layer: int) -> None:
-    return None
+# Defined through torch.library's low-level API: torch.library.custom_op's Python wrappers (autograd, view and
+# aliasing checks) cost about 13 us a call on this project's CPU against 2, once per routed layer of every step.
+_LIBRARY = torch.library.Library("lorakit", "FRAGMENT")
+_LIBRARY.define(
+    "add_routed_terms_(Tensor x, Tensor(a!) out, int layer) -> ()",
+    tags=(_UNSAFE_IN_GRAPHS,) if _UNSAFE_IN_GRAPHS else (),
+)
+_LIBRARY.impl("add_routed_terms_", _add_routed_terms_, "CompositeExplicitAutograd")
+torch.library.register_fake("lorakit::add_routed_terms_", lambda x, out, layer: None, lib=_LIBRARY)
 
 
 def _outside_graph(layer: LoraLayer) -> bool:
