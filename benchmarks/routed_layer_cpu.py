@@ -5,6 +5,9 @@ arithmetic made negligible: an 8 x 8 nn.Linear, one token for each of --rows row
 On a GPU these calls only launch kernels, so this time is most of a routed decode step's (benchmarks/README.md,
 "Routed decode steps, eager and compiled"). The dense form is CUDA's (routed_dense); here it runs on the CPU.
 
+It also prints what calling an op costs before its body runs, defined through torch.library.custom_op or through
+torch.library's low-level API (the routed op of a compiled model, lorakit.layer, uses the latter).
+
 Run: PYTHONPATH=. python benchmarks/routed_layer_cpu.py [--adapters 8,64] [--rows 64]
 """
 
@@ -36,6 +39,23 @@ def call_us(adapters: int, rows: int, repeat: int) -> float:
         return min(timeit.repeat(lambda: layer(x), number=500, repeat=repeat)) / 500 * 1e6
 
 
+def dispatch_us() -> dict[str, float]:
+    """What calling an op costs before its body runs, for a no-op with the routed op's schema defined both ways
+    torch offers (lorakit.layer defines add_routed_terms_ through the low-level one): best mean over 2000 calls."""
+    schema = "(Tensor x, Tensor(a!) out, int layer) -> ()"
+    library = torch.library.Library("routed_layer_cpu", "DEF")
+    library.define("low_level_" + schema)
+    library.impl("low_level_", lambda x, out, layer: None, "CompositeExplicitAutograd")
+
+    @torch.library.custom_op("routed_layer_cpu::custom_op_", mutates_args=("out",))
+    def _custom(x: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+        return None
+
+    x, out, ops = torch.randn(4, 8), torch.randn(4, 8), torch.ops.routed_layer_cpu
+    calls = {"low-level": lambda: ops.low_level_(x, out, 0), "custom_op": lambda: ops.custom_op_(x, out, 0)}
+    return {name: min(timeit.repeat(call, number=2000, repeat=5)) / 2000 * 1e6 for name, call in calls.items()}
+
+
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",")]
@@ -60,6 +80,8 @@ def main() -> None:
     print(f"routed_layer_cpu: {machine}, torch {torch.__version__}, {args.rows} rows")
     for n in args.adapters:
         print(f"{n:3d} adapters: {call_us(n, args.rows, args.repeat):6.1f} us a routed layer call")
+    for name, us in dispatch_us().items():
+        print(f"an op through {name}: {us:.1f} us a call before its body")
 
 
 if __name__ == "__main__":
