@@ -408,3 +408,58 @@ def test_spanned_lora_with_fp32_factors_on_a_bf16_base_batches_where_add_lora_co
     torch.testing.assert_close(y.double(), exact, atol=0.25, rtol=2e-2)
     y.float().sum().backward()
     assert all(a.lora_A.grad.dtype == torch.float32 and a.lora_B.grad.abs().sum() > 0 for a in adapters)
+
+
+def _gathered_case(dtype: torch.dtype):
+    """Four adapters of ranks 1-8 over 6 -> 5, the third absent; 7 token rows naming up to two adapters each."""
+    gen = torch.Generator().manual_seed(2)
+    factors = []
+    for g, r in enumerate((1, 3, 4, 8)):
+        a, b = torch.randn(r, 6, generator=gen, dtype=dtype), torch.randn(5, r, generator=gen, dtype=dtype)
+        factors.append(None if g == 2 else ops.LoraFactors(a, b, 0.5 * g + 1, 0.0))
+    slots = torch.tensor([[0, -1], [1, 3], [-1, -1], [3, 0], [2, -1], [1, -1], [3, 3]], dtype=torch.int32)
+    return factors, slots, torch.randn(7, 6, generator=gen, dtype=dtype), torch.randn(7, 5, generator=gen, dtype=dtype)
+
+
+def test_gathered_lora_is_the_routed_reference_with_rows_named_by_number():
+    """add_gathered_lora's slots name each row's adapters; add_routed_lora lists each adapter's rows: the same sums,
+    a row named twice under one adapter counting twice, an absent adapter nothing."""
+    factors, slots, x, out = _gathered_case(torch.float32)
+    rows = [torch.nonzero(slots == g)[:, 0] for g in range(len(factors))]  # a row once per naming
+    present = [g for g, f in enumerate(factors) if f is not None]
+    expected = ops.reference.add_routed_lora(out, x, [factors[g] for g in present], [rows[g] for g in present], False)
+    got = ops.add_gathered_lora(out, x, slots, ops.gather_table(factors))
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got[[2, 4]], out[[2, 4]]) and not torch.allclose(got[6], out[6])
+
+
+def test_gathered_lora_rounds_once_and_leaves_rows_of_a_broken_adapter_alone():
+    factors, slots, x, out = _gathered_case(torch.float32)
+    factors[0].lora_B[0, 0] = float("nan")  # adapter 0's rows break, no other's
+    got = ops.add_gathered_lora(out.bfloat16(), x.bfloat16(), slots, ops.gather_table(factors))
+    wide = [None if f is None else ops.LoraFactors(f.lora_A.double(), f.lora_B.double(), f.scale, 0.0) for f in factors]
+    want = ops.reference.add_gathered_lora(out.bfloat16().double(), x.bfloat16().double(), slots, wide)
+    assert got.dtype == torch.bfloat16 and got[[0, 3]].isnan().any() and not got[[1, 2, 4, 5, 6]].isnan().any()
+    torch.testing.assert_close(got[[1, 2, 4, 5, 6]].double(), want[[1, 2, 4, 5, 6]], atol=0, rtol=2**-8)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["mixed-dtypes", "rank-above-the-kernels", "transposed-factor", "other-shape", "none-held"],
+)
+def test_a_gather_table_is_refused_where_the_kernels_do_not_apply(change):
+    factors, *_ = _gathered_case(torch.float32)
+    f = factors[1]
+    if change == "mixed-dtypes":
+        factors[1] = ops.LoraFactors(f.lora_A.double(), f.lora_B.double(), f.scale, 0.0)
+    elif change == "rank-above-the-kernels":
+        r = ops.gathered.MAX_RANK + 1
+        factors[1] = ops.LoraFactors(torch.zeros(r, 6), torch.zeros(5, r), 1.0, 0.0)
+    elif change == "transposed-factor":
+        factors[1] = ops.LoraFactors(f.lora_A, f.lora_B.T.contiguous().T, f.scale, 0.0)
+    elif change == "other-shape":
+        factors[1] = ops.LoraFactors(torch.zeros(3, 7), torch.zeros(5, 3), 1.0, 0.0)
+    else:
+        factors = [None] * 3
+    assert ops.gather_table(factors) is None
+    assert ops.gather_table(_gathered_case(torch.float32)[0]) is not None

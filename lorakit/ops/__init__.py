@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from lorakit.ops import reference, routed, routed_dense
+from lorakit.ops import gathered, reference, routed, routed_dense
 from lorakit.ops.lora_fa import frozen_a_linear_contribution
 from lorakit.ops.low_rank_norm import low_rank_weight_norm
 from lorakit.ops.reference import (
@@ -69,6 +69,8 @@ lora_linear = _dispatch("lora_linear")
 add_lora = _dispatch("add_lora")
 
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
+add_gathered_lora = _dispatch("add_gathered_lora", gathered.add_gathered_lora)  # the kernel adds into out itself
+gather_table = gathered.gather_table
 
 
 def add_spanned_lora(
@@ -181,6 +183,7 @@ def prepare_routed_lora(
 
 __all__ = [
     "LoraFactors",
+    "add_gathered_lora",
     "add_lora",
     "add_routed_lora",
     "add_spanned_lora",
@@ -189,6 +192,7 @@ __all__ = [
     "dora_contribution",
     "embedding_contribution",
     "frozen_a_linear_contribution",
+    "gather_table",
     "linear_contribution",
     "lora_linear",
     "low_rank_delta",

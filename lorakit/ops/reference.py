@@ -153,3 +153,19 @@ def add_routed_lora(
     if acc is None:
         return out
     return (out.to(acc.dtype) + acc).to(out.dtype)
+
+
+def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, adapters: Sequence[LoraFactors | None]) -> Tensor:
+    """Semantics: out (T x out) where, for every token row t and every g = slots[t, p] >= 0 (slots: T x P int,
+    -1 for none), out[t] += s_g * B_g(A_g(x[t])) with adapters[g]'s factors (None: no term), summed in fp32 (or
+    wider) and rounded once to out's dtype. The routed decode step's form: every row names its adapters (a tree
+    path names several) by their number in the model."""
+    acc = out.to(torch.promote_types(out.dtype, torch.float32))
+    for g, a in enumerate(adapters):
+        if a is None:
+            continue
+        dtype = torch.promote_types(a.lora_A.dtype, acc.dtype)
+        term = linear_contribution(x.to(dtype), a.lora_A.to(dtype), a.lora_B.to(dtype), a.scale)
+        count = (slots == g).sum(-1, keepdim=True)
+        acc = acc + torch.where(count > 0, term * count.to(dtype), 0)  # other rows: nothing, not 0 * a NaN
+    return acc.to(out.dtype)

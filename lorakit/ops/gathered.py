@@ -1,0 +1,100 @@
+"""add_gathered_lora: the routed terms of a decode step, each row's adapters read where they are.
+
+    out[t] += sum_{p : g = slots[t, p] >= 0} s_g * B_g (A_g x[t])          (reference.add_gathered_lora)
+
+A row names its adapters by number (the model's order of adapters; a tree path names several, -1 none), and a
+layer's GatherTable holds, per number, where that adapter's factors are (their addresses on the device), its rank
+and its scale. The CUDA kernels (ops/triton/gathered.py) read the factors through the table, so a compiled model's
+CUDA graph replays them with the factors of the moment: nothing is copied or checked per layer and step, and the
+host does nothing for the routed layers at all. The table is built (or refilled in place) by the layer when its
+adapters change (lorakit.layer), never inside a step; it keeps the factors' storages alive, so an address in it
+never outlives what it points to.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lorakit.ops import reference
+from lorakit.ops.reference import LoraFactors
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels' factor dtypes, by their code
+MAX_RANK = 128  # above this, the kernels' rank-wide tiles would spill registers: such layers keep the other paths
+MAX_TOKENS = 256  # token rows a step may have: each reads its adapters' factors whole, right for decode steps only
+
+
+@dataclass(eq=False)
+class GatherTable:
+    """A layer's adapters by number: `entries` (G x 4, int64 on the device: A's address, B's address, rank, the
+    scale's float64 bits; zeros where the layer holds no such adapter), and what the kernels are specialised on."""
+
+    entries: Tensor
+    factors: list[LoraFactors | None]  # the same adapters, for the reference; keeps their storages alive
+    dtype: torch.dtype
+    n_in: int
+    n_out: int
+    block_r: int  # the widest rank, rounded up to a power of two (at least 16)
+
+    @property
+    def code(self) -> int:
+        return DTYPES.index(self.dtype)
+
+
+def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
+    """The table of `factors` (by number; None where absent), or None where the kernels do not apply: factors not
+    2-D contiguous matrices of one dtype on one device, ranks above MAX_RANK, or no adapter at all."""
+    held = [f for f in factors if f is not None]
+    if not held:
+        return None
+    first = held[0]
+    dtype, n_in, n_out = first.lora_A.dtype, first.lora_A.shape[-1], first.lora_B.shape[0]
+    device = first.lora_A.device
+    for f in held:
+        a, b = f.lora_A, f.lora_B
+        if not (a.dim() == b.dim() == 2 and a.is_contiguous() and b.is_contiguous()):
+            return None
+        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device or dtype not in DTYPES:
+            return None
+        rank = a.shape[0]
+        if not 0 < rank <= MAX_RANK or a.shape[1] != n_in or b.shape != (n_out, rank):
+            return None
+    block_r = max(16, 1 << (max(f.lora_A.shape[0] for f in held) - 1).bit_length())
+    with torch.inference_mode(False):
+        entries = torch.tensor(_rows(factors), dtype=torch.int64).to(device)
+    torch._dynamo.mark_static_address(entries)  # CUDA graphs read it in place; refills keep its address
+    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r)
+
+
+def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
+    """`fresh` written into `table`'s own tensor where both are specialised alike (a compiled graph keeps reading
+    the same address, so nothing recompiles or records again), else `fresh` itself."""
+    same = (table.entries.shape, table.dtype, table.n_in, table.n_out, table.block_r) == (
+        fresh.entries.shape, fresh.dtype, fresh.n_in, fresh.n_out, fresh.block_r
+    )  # fmt: skip
+    if not same or table.entries.device != fresh.entries.device:
+        return fresh
+    with torch.inference_mode(False), torch.no_grad():
+        table.entries.copy_(fresh.entries)
+    table.factors = fresh.factors
+    return table
+
+
+def _rows(factors: Sequence[LoraFactors | None]) -> list[list[int]]:
+    rows = []
+    for f in factors:
+        if f is None:
+            rows.append([0, 0, 0, 0])
+        else:
+            scale_bits = struct.unpack("<q", struct.pack("<d", float(f.scale)))[0]
+            rows.append([f.lora_A.data_ptr(), f.lora_B.data_ptr(), f.lora_A.shape[0], scale_bits])
+    return rows
+
+
+def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, table: GatherTable) -> Tensor:
+    """reference.add_gathered_lora over the table's adapters: x (T x in), out (T x out), slots (T x P)."""
+    return reference.add_gathered_lora(out, x, slots, table.factors)

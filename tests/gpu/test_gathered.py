@@ -1,0 +1,110 @@
+"""The gathered decode kernels (lorakit/ops/triton/gathered.py) against float64 math, and compiled decode steps
+through them (CUDA graphs, mode reduce-overhead) against the same model run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorakit import LoraConfig, get_lora_model
+from lorakit.layer import LoraLayer
+from lorakit.ops import gather_table, reference
+from lorakit.ops.reference import LoraFactors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the gathered kernels need a CUDA GPU")
+CUDA = torch.device("cuda")
+RANKS = [1, 7, 16, 64, 128, 3]
+
+
+def _factors(n_in: int, n_out: int, dtype: torch.dtype, absent: tuple[int, ...] = (2,)) -> list[LoraFactors | None]:
+    gen = torch.Generator(CUDA).manual_seed(0)
+    factors: list[LoraFactors | None] = []
+    for g, rank in enumerate(RANKS):
+        a = torch.randn(rank, n_in, device=CUDA, generator=gen).div_(n_in**0.5).to(dtype)
+        b = torch.randn(n_out, rank, device=CUDA, generator=gen).div_(rank**0.5).to(dtype)
+        factors.append(None if g in absent else LoraFactors(a, b, 0.5 + g, 0.0))
+    return factors
+
+
+def _wide(factors: list[LoraFactors | None]) -> list[LoraFactors | None]:
+    return [None if f is None else LoraFactors(f.lora_A.double(), f.lora_B.double(), f.scale, 0.0) for f in factors]
+
+
+@pytest.mark.parametrize(
+    "x_dtype,factor_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+     (torch.float16, torch.float16)],
+    ids=["fp32", "bf16", "bf16-on-fp32-factors", "fp16"],
+)  # fmt: skip
+@pytest.mark.parametrize("n_in,n_out", [(2048, 512), (96, 8192), (8192, 2048), (100, 33)])
+@pytest.mark.parametrize("paths", [1, 3])
+def test_the_kernels_add_each_rows_adapters_as_float64_math_does(x_dtype, factor_dtype, n_in, n_out, paths):
+    factors = _factors(n_in, n_out, factor_dtype)
+    table = gather_table(factors)
+    gen = torch.Generator(CUDA).manual_seed(1)
+    tokens = 37
+    x = torch.randn(tokens, n_in, device=CUDA, generator=gen).to(x_dtype)
+    out = torch.randn(tokens, n_out, device=CUDA, generator=gen).to(x_dtype)
+    slots = torch.randint(-1, len(RANKS), (tokens, paths), device=CUDA, generator=gen, dtype=torch.int32)
+    want = reference.add_gathered_lora(out.double(), x.double(), slots, _wide(factors))
+    from lorakit.ops.triton.gathered import add_gathered_lora
+
+    got = add_gathered_lora(out.clone(), x, slots, table)
+    exact = x_dtype == torch.float32
+    tol = 1e-4 if exact else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    base_rows = ((slots == 2) | (slots < 0)).all(-1)  # no adapter, or only the one absent from the table
+    assert torch.equal(got[base_rows], out[base_rows])  # untouched, not rounded again
+    assert not torch.allclose(got[~base_rows], out[~base_rows])
+
+
+NAMES = [f"a{i}" for i in range(4)]
+
+
+def _model(dtype: torch.dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256,
+    )  # fmt: skip
+    model = get_lora_model(
+        LlamaForCausalLM(config).to(CUDA, dtype),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        adapter_name=NAMES[0],
+    )
+    for i, name in enumerate(NAMES[1:]):  # ranks differ; one adapter leaves the MLP alone
+        targets = ["q_proj", "v_proj"] if i == 1 else "all-linear"
+        model.add_adapter(name, LoraConfig(r=8 * (i + 1), target_modules=targets, init_lora_weights=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_decode_steps_follow_each_routing_in_one_graph(dtype):
+    model = _model(dtype)
+    ids = torch.randint(0, 256, (8, 1), device=CUDA, generator=torch.Generator(CUDA).manual_seed(1))
+    routings = [NAMES * 2, NAMES[::-1] * 2, ["a1"] * 8, ["a0", "__base__"] * 4, ["a3", "a2"] * 4]
+    tol = {"atol": 2e-4, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    with torch.no_grad():
+        eager = [model(input_ids=ids, adapter_names=names, use_cache=False).logits for names in routings]
+        eager_forward = model.model.forward
+        model.model.forward = torch.compile(eager_forward, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # the later rounds replay recorded graphs
+            compiled = [model(input_ids=ids, adapter_names=names, use_cache=False).logits.clone() for names in routings]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert all(layer._gather is not None for layer in layers)  # every routed layer reads its table
+        for got, want in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(got, want, **tol)
+        assert not torch.allclose(compiled[0], compiled[1])
+
+        for layer in layers:  # in place, and a new scale: the replayed graphs read both where they are
+            if "a1" in layer.adapters:
+                layer.adapters["a1"].lora_B.mul_(-2)
+                layer.adapters["a1"].scale *= 3
+        after = model(input_ids=ids, adapter_names=routings[2], use_cache=False).logits.clone()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+        model.model.forward = eager_forward
+        want = model(input_ids=ids, adapter_names=routings[2], use_cache=False).logits
+        torch.testing.assert_close(after, want, **tol)
+        assert not torch.allclose(after, compiled[2])
