@@ -40,6 +40,10 @@ class Adapter(nn.Module):
         if "kind" in own and "variant" in own:
             own["plain"] = type(own["variant"]).contribution is Lora.contribution and own["kind"].is_plain_matmul
 
+    def _apply(self, fn, recurse: bool = True):  # .to() / .half() give the factors new storage
+        Adapter.changes += 1
+        return super()._apply(fn, recurse)
+
     def __delattr__(self, name: str) -> None:
         Adapter.changes += 1
         super().__delattr__(name)

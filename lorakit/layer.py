@@ -40,12 +40,14 @@ from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
 from lorakit.ops import routed_dense
-from lorakit.state import AdapterState, Routing
+from lorakit.state import ENTRY_HOOKS, AdapterState, Routing
 
 PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefills of requests for other adapters
 
 
 class LoraLayer(nn.Module):
+    changes = 0  # adapters added, deleted, merged, unmerged or moved in any layer: the gathered tables' cue
+
     def __init__(self, base_layer: nn.Module, kind: Kind, state: AdapterState | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -53,10 +55,11 @@ class LoraLayer(nn.Module):
         # read by every forward: a bool of the layer's own, so a compiled model guards one value per layer instead
         # of the identity of the kind object that all layers of its kind share
         self.acts_on_weight = kind.acts_on_weight
-        self.adapters = nn.ModuleDict()
+        self.adapters = _Adapters()
         self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
+        self._gather: ops.gathered.GatherTable | None = None  # the adapters by number, see _gathered
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         _register(self)
         if kind.acts_on_weight:
@@ -179,6 +182,22 @@ class LoraLayer(nn.Module):
                 return _RoutedPlan(self, routing, key, x, out, union).sealed()
         return _RoutedPlan(self, routing, key, x, out).sealed()
 
+    def _gather_table(self, numbers: tuple[str, ...]) -> ops.gathered.GatherTable | None:
+        """This layer's adapters by their number in `numbers`, where the gathered kernels can read them all."""
+        if self.acts_on_weight or self.merged_adapters:
+            return None
+        held, factors = self.adapters._modules, []
+        for name in numbers:
+            adapter = held.get(name)
+            found = None if adapter is None else _plain_factors(adapter)
+            if adapter is not None and found is None:  # a variant's own term: the kept plans route it
+                return None
+            factors.append(found)
+        device = next((f.lora_A.device for f in factors if f is not None), None)
+        if device is None or device.type not in GATHER_DEVICES:
+            return None
+        return ops.gather_table(factors)
+
     def live_adapters(self) -> list[Adapter]:
         """Adapters that take part in an unrouted forward: enabled, active, present here and not merged."""
         held, merged = self._modules["adapters"]._modules, self.merged_adapters
@@ -191,6 +210,7 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
         self.adapters[name] = adapter
         self._routed_plans = {}
+        LoraLayer.changes += 1
         self.state.know(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -198,6 +218,7 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.adapters[name]
         self._routed_plans = {}  # they hold the adapter's tensors
+        LoraLayer.changes += 1
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
@@ -212,6 +233,7 @@ class LoraLayer(nn.Module):
         self._store_weight(weight, merged)
         self._merge_steps.append((names, scales))  # the scales depend on W, so unmerge needs these ones
         self.merged_adapters.extend(names)
+        LoraLayer.changes += 1
 
     def check_mergeable(self, names: list[str]) -> None:
         """Raises if merging the named adapters would put NaN or inf into the weight."""
@@ -259,6 +281,7 @@ class LoraLayer(nn.Module):
             self._shift_bias(names, -1)
         self._merge_steps = []
         self.merged_adapters = []
+        LoraLayer.changes += 1
 
     def unwrap(self) -> nn.Module:
         """The base layer alone, with whatever is merged kept in its weight."""
@@ -268,21 +291,36 @@ class LoraLayer(nn.Module):
         return self.base_layer
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_routed_plans": {}}  # a copy builds its own from its own adapters
+        return {**self.__dict__, "_routed_plans": {}, "_gather": None}  # a copy builds its own from its own adapters
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
         _register(self)  # and the copy is a layer of its own to the compiled routed op
         self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
+        self.__dict__.setdefault("_gather", None)
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
+        LoraLayer.changes += 1  # and the gathered table's addresses
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         kind = f"{self.kind.name}({self.kind.weight_name()})" if self.kind.acts_on_weight else self.kind.name
         return f"kind={kind}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class _Adapters(nn.ModuleDict):
+    """A layer's adapters by name; an adapter put in or taken out here directly (not through add_adapter) is a
+    change the gathered tables see too."""
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        LoraLayer.changes += 1
+        super().__setitem__(key, module)
+
+    def __delitem__(self, key: str) -> None:
+        LoraLayer.changes += 1
+        super().__delitem__(key)
 
 
 class _RoutedPlan:
@@ -423,6 +461,9 @@ def _outside_graph(layer: LoraLayer) -> bool:
 
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
+    gathered = _gathered(layer, x, out)  # a decode step: in the graph itself
+    if gathered is not None:
+        return gathered
     if _UNSAFE_IN_GRAPHS is None:  # a CUDA graph would replay the op's recording: break the graph instead
         return _routed_eagerly(layer, x, out)
     torch.ops.lorakit.add_routed_terms_(x, out, layer.routed_op_key)
@@ -433,6 +474,72 @@ def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
 def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
     layer._refuse_merged_routing()
     return layer._routed(x, layer.state.routing_now(), out)
+
+
+# -- routed decode steps that read each row's adapters in place ------------------------------------------
+# A layer whose adapters are all plain LoRA of one dtype on a CUDA device keeps them in a table by number
+# (ops.gathered). As a routed block starts without gradients, the tables are rebuilt if any adapter or layer
+# changed since they were built (one comparison otherwise) and the routing's slots are put on the device. A decode
+# step then adds its routed terms with two kernels that read the factors through the table: in a compiled model,
+# inside the graph itself, so CUDA graphs replay the whole step and the host does nothing per routed layer (eagerly,
+# the kept plans stay: they check every factor at every call). What the tables follow: factors changed in place
+# (read where they are), adapters added, deleted, swapped in or out, merged, moved or given new attributes or
+# factors (rebuilt at the next routed block), but not a factor's `.data` assigned directly.
+GATHER_DEVICES = ("cuda",)
+
+
+def _gather_epoch(state: AdapterState) -> tuple:
+    return id(state), Adapter.changes, LoraLayer.changes, state.generation  # id: a deep copy builds its own
+
+
+@torch.compiler.disable  # device tensors made and kept: never traced (a compiled LoraModel enters routed() itself)
+def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
+    if torch.is_grad_enabled() or not any(d != "cuda" or torch.cuda.is_available() for d in GATHER_DEVICES):
+        return
+    epoch = _gather_epoch(state)
+    if state.gather_seen != epoch:
+        _build_tables(state)
+        state.gather_seen = epoch
+    if state.gather_device is not None:
+        state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
+
+
+ENTRY_HOOKS.append(_prepare_gathered)
+
+
+def _build_tables(state: AdapterState) -> None:
+    """Every layer of `state` gets its table afresh, written into its old one where that keeps compiled graphs."""
+    numbers, devices = tuple(state.parents), set()
+    for layer in list(_LAYERS.values()):
+        if layer.state is not state:
+            continue
+        fresh, old = layer._gather_table(numbers), layer._gather
+        layer._gather = fresh if old is None or fresh is None else ops.gathered.refill(old, fresh)
+        if fresh is not None:
+            devices.add(fresh.entries.device)
+    state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
+    state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
+
+
+def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:
+    """out plus the routed terms through the layer's gathered table, or None where that path does not apply: no
+    table or slots, gradients or training, more token rows than a decode step's. Traced only (see above)."""
+    table = layer._gather
+    if table is None:
+        return None
+    slots = layer.state.gather_slots
+    if slots is None or layer.training or torch.is_grad_enabled() or x.dim() < 2:
+        return None
+    n_in, n_out, rows = table.n_in, table.n_out, slots.shape[0]
+    if x.shape[-1] != n_in or out.shape[-1] != n_out or x.device != slots.device or not out.is_contiguous():
+        return None
+    tokens = x.numel() // n_in
+    if x.shape[0] % rows or tokens > ops.gathered.MAX_TOKENS:
+        return None
+    each = tokens // rows  # row i of the batch is token rows i * each .. (Routing.rows_for)
+    token_slots = slots if each == 1 else slots.repeat_interleave(each, dim=0)
+    summed = ops.add_gathered_lora(out.view(tokens, n_out), x.reshape(tokens, n_in), token_slots, table)
+    return summed.view(out.shape)
 
 
 def _one_token_a_row(key: tuple) -> bool:

@@ -17,7 +17,7 @@ forward marks its outputs so that the backward through them replays its routing 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -62,6 +62,24 @@ class Routing:
                 )
         return self._cache[key]
 
+    def slots_for(self, numbers: tuple[str, ...], device: torch.device, width: int = 1) -> Tensor:
+        """(batch_size x P) int32 on `device`: each row's adapters by their position in `numbers`, -1 past the
+        end of a row's path; P is `width` or the longest path if longer (a tree's depth: every routing of one
+        tree then has the same shape, so a compiled model reads it without compiling again). What the gathered
+        decode kernels read (ops.gathered)."""
+        key = ("slots", numbers, device, width)
+        if key not in self._cache:
+            position = {name: i for i, name in enumerate(numbers)}
+            per_row: list[list[int]] = [[] for _ in range(self.batch_size)]
+            for name, idx in self.rows.items():
+                for i in idx.tolist():
+                    per_row[i].append(position[name])
+            width = max(width, *map(len, per_row))
+            table = [row + [-1] * (width - len(row)) for row in per_row]
+            with torch.inference_mode(False):
+                self._cache[key] = torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True)
+        return self._cache[key]
+
     def spans_for(self, n: int) -> dict[str, tuple[int, int]] | None:
         """Each adapter's rows of an n-row layer input as one range [start, stop), where every adapter's rows are
         consecutive and no row is under two adapters (parallel training concatenates its jobs' batches so); else
@@ -90,8 +108,20 @@ def _ranges(rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]] | N
     return spans
 
 
+ENTRY_HOOKS: list[Callable[[AdapterState, Routing], None]] = []  # run as a routed block starts (lorakit.layer's)
+
+
 class AdapterState:
     """The adapter bookkeeping every layer reads; see the module docstring for the fields."""
+
+    generation = 0  # bumped whenever the set of adapters (their numbers) changes
+    # the gathered decode path's (lorakit.layer): the routing's slots, on the device of the layers' tables, set as a
+    # routed block starts without gradients; the adapters' numbering; what the tables were last built for
+    gather_slots: Tensor | None = None
+    gather_numbers: tuple[str, ...] = ()
+    gather_width = 1
+    gather_device: torch.device | None = None
+    gather_seen: tuple | None = None
 
     def __init__(self) -> None:
         self.active: list[str] = []
@@ -113,6 +143,7 @@ class AdapterState:
             raise LorakitError(f"parent {parent!r} is not a loaded adapter; loaded: {sorted(self.parents)}")
         self.parents[name] = parent
         self._routings.clear()
+        self.generation += 1
 
     def remove(self, name: str) -> None:
         children = self.children(name)
@@ -123,6 +154,7 @@ class AdapterState:
             )
         del self.parents[name]
         self._routings.clear()
+        self.generation += 1
         self.active = [n for n in self.active if n != name]
         self.trainable.discard(name)
 
@@ -132,6 +164,7 @@ class AdapterState:
         if name not in self.parents:
             self.parents[name] = None
             self._routings.clear()
+            self.generation += 1
             if not self.active:
                 self.active, self.trainable = [name], {name}
 
@@ -149,6 +182,10 @@ class AdapterState:
     def paths(self, names: Sequence[str]) -> list[str]:
         """The union of the paths of `names`, each name once, ancestors first."""
         return list(dict.fromkeys(n for name in names for n in self.path(name)))
+
+    def depth(self) -> int:
+        """The longest path in the tree (1 without nesting, 0 without adapters)."""
+        return max((len(self.path(name)) for name in self.parents), default=0)
 
     def check_known(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.parents]
@@ -206,9 +243,13 @@ class AdapterState:
             raise LorakitError("a routed forward is already running; routed calls do not nest")
         self.routing = routing
         try:
+            for hook in ENTRY_HOOKS:
+                hook(self, routing)
             yield routing
         finally:
             self.routing = None
+            if self.gather_slots is not None:
+                self.gather_slots = None
 
     def routing_now(self) -> Routing | None:
         """The routing a forward runs under: the routed block's, or, in a backward, the routing of the routed forward

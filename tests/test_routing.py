@@ -516,3 +516,135 @@ def test_a_compiled_model_routes_rows_and_sees_a_changed_scale():
         with model.routed(EVEN):
             mixed = compiled(x=x)
         torch.testing.assert_close(mixed, _one_at_a_time(model, lambda: model(x=x), EVEN), atol=1e-5, rtol=1e-5)
+
+
+# -- decode steps through the gathered tables (lorakit.layer, ops.gathered) ------------------------------------------
+def _gathered_on_cpu(monkeypatch) -> None:
+    """The gathered path on the CPU too, through its reference (on CUDA the kernels read the same tables); dynamo
+    forgets earlier tests' models, which compiled the same transformers code (its recompile limit counts them)."""
+    import lorakit.layer
+
+    monkeypatch.setattr(lorakit.layer, "GATHER_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+
+
+def _decode_model() -> LoraModel:
+    """Adapters of ranks 4, 2, 3 on different layers; c a child of a (its rows run a's term too)."""
+    torch.manual_seed(3)
+    model = get_lora_model(
+        tiny_llama(), LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"), adapter_name="a"
+    )
+    model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model.add_adapter("c", LoraConfig(r=3, init_lora_weights=False, target_modules="all-linear"), parent="a")
+    return model.eval()
+
+
+DECODE_ROUTINGS = [["a", "b", "c", "__base__"], ["c", "c", "b", "a"], ["__base__"] * 4, ["b", "a", "a", "c"]]
+
+
+def _compiled_decode(model: LoraModel, names: list[str], ids: torch.Tensor, compiled) -> torch.Tensor:
+    with model.routed(names):
+        return compiled(input_ids=ids, use_cache=False).logits
+
+
+def _no_routed_op(graphs) -> bool:
+    return not any("add_routed_terms_" in str(node.target) for g in graphs for node in g.graph.nodes)
+
+
+def test_compiled_decode_steps_route_through_the_gathered_tables_in_one_graph(monkeypatch):
+    """A decode step (one token a row, beams too) of a compiled model in eval mode adds its routed terms inside the
+    graph through each layer's table: no routed op, one graph for every routing, each row as eagerly."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    with torch.no_grad():
+        for rows in (4, 8):  # 8: two beams a row, as generate repeats them
+            ids = _ids(64, rows, 1)
+            for names in DECODE_ROUTINGS:
+                got = _compiled_decode(model, names, ids, compiled)
+                with model.routed(names):
+                    torch.testing.assert_close(got, model.model(input_ids=ids, use_cache=False).logits)
+        assert len(graphs) == 2 and _no_routed_op(graphs)  # one graph per batch shape
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(layer._gather is not None for layer in layers)
+        mixed = _compiled_decode(model, DECODE_ROUTINGS[0], _ids(64, 4, 1), compiled)
+        assert not torch.allclose(mixed[0], mixed[3]) and not torch.allclose(mixed[0], mixed[2])  # a vs c, vs base
+
+
+def _delete_and_readd_b(model: LoraModel) -> None:
+    model.delete_adapter("b")
+    torch.manual_seed(11)
+    model.add_adapter("b", LoraConfig(r=5, init_lora_weights=False, target_modules=["q_proj", "o_proj"]))
+
+
+def _swap_b(model: LoraModel) -> None:
+    for layer in (m for m in model.modules() if isinstance(m, LoraLayer) and "b" in m.adapters):
+        other = copy.deepcopy(layer.adapters["b"])
+        with torch.no_grad():
+            other.lora_B.mul_(-3)
+        layer.adapters["b"] = other
+
+
+DECODE_CHANGES = {
+    "factor-in-place": lambda model: [a.lora_B.data.mul_(-3) for a in _adapters(model, "b")],
+    "scale": _double_scale,
+    "factor-replaced": _replace_factor,
+    "deleted-and-readded": _delete_and_readd_b,
+    "module-swapped": _swap_b,
+    "to-float64": lambda model: model.double(),
+}
+
+
+@pytest.mark.parametrize("change", DECODE_CHANGES, ids=str)
+def test_compiled_gathered_decode_steps_see_each_change_of_the_adapters(change, monkeypatch):
+    """The tables follow the adapters: changed in place (read where they are), or set, deleted, swapped, moved
+    (rebuilt as the next routed block starts)."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    ids = _ids(64, 4, 1)
+    compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+    names = ["b", "a", "b", "__base__"]
+    with torch.no_grad():
+        before = _compiled_decode(model, names, ids, compiled)
+        DECODE_CHANGES[change](model)
+        got = _compiled_decode(model, names, ids, compiled)
+        want = model(input_ids=ids, use_cache=False, adapter_names=names).logits
+    torch.testing.assert_close(got, want)
+    assert (change == "to-float64") == torch.allclose(got[0].float(), before[0])  # b's row changed (not its dtype)
+    torch.testing.assert_close(got[1].float(), before[1], atol=1e-5, rtol=1e-5)  # a's did not
+
+
+def test_compiled_gathered_decode_steps_refuse_merged_adapters_and_route_variants_through_the_op(monkeypatch):
+    """A merge after compiling is refused as eagerly (the merged layers' tables are gone, so the op runs and
+    refuses); a layer holding a DoRA adapter has no table, and its routed terms go through the op."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    model.add_adapter("d", LoraConfig(r=2, use_dora=True, init_lora_weights=False, target_modules=["v_proj"]))
+    ids = _ids(64, 4, 1)
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    names = ["d", "a", "b", "c"]
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
+        assert not _no_routed_op(graphs)  # the v_proj layers
+        model.merge_adapter(["b"])
+        with pytest.raises(LorakitError, match=r"\['b'\] are merged into the weights; unmerge_adapter"):
+            _compiled_decode(model, names, ids, compiled)
+        model.unmerge_adapter()
+        torch.testing.assert_close(_compiled_decode(model, names, ids, compiled), got, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_lora_model_called_with_adapter_names_prepares_the_tables_outside_its_graphs(monkeypatch):
+    """torch.compile over the LoraModel itself traces its routed() block too: the tables and slots are still made
+    eagerly (the hook is never traced), and every routing gives each row its own adapters."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    compiled = torch.compile(model, backend="eager")
+    ids = _ids(64, 4, 1)
+    with torch.no_grad():
+        for names in DECODE_ROUTINGS * 2:
+            got = compiled(input_ids=ids, use_cache=False, adapter_names=names).logits
+            torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
+    assert model.state.gather_seen is not None and model.state.gather_slots is None  # built; cleared on the way out

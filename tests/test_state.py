@@ -119,3 +119,20 @@ def test_routing_spans_are_ranges_only_where_every_adapter_has_consecutive_rows_
     assert state.routing_for(["a", "b", "a"]).spans_for(3) is None  # a's rows are not consecutive
     assert state.routing_for(["a", "c"]).spans_for(2) is None  # row 1 is under a and c (a tree path)
     assert state.routing_for(["a", "b"]).spans_for(3) is None  # 3 rows are no repeat of 2
+
+
+def test_routing_slots_name_each_rows_adapters_by_number():
+    """What the gathered decode kernels read: row i's path as numbers in the given order, -1 past its end."""
+    state = _tree()
+    routing = state.routing_for(["leases", BASE, "medical", "legal"])
+    numbers = ("medical", "legal", "contracts", "leases")
+    slots = routing.slots_for(numbers, torch.device("cpu"))
+    assert slots.dtype == torch.int32 and slots.shape == (4, 3)
+    assert [sorted(numbers[g] for g in row if g >= 0) for row in slots.tolist()] == [
+        ["contracts", "leases", "legal"], [], ["medical"], ["legal"]
+    ]  # fmt: skip
+    assert routing.slots_for(numbers, torch.device("cpu")) is slots  # kept: a decode loop asks every step
+    flat = state.routing_for(["medical", BASE]).slots_for(numbers, torch.device("cpu"), width=state.depth())
+    assert flat.tolist() == [[0, -1, -1], [-1, -1, -1]]  # the tree's depth: one shape for every routing
+    other = routing.slots_for(numbers[::-1], torch.device("cpu"))  # another numbering: slots of its own
+    assert other.tolist() == [[3 - g if g >= 0 else -1 for g in row] for row in slots.tolist()]
