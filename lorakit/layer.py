@@ -218,6 +218,7 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.adapters[name]
         self._routed_plans = {}  # they hold the adapter's tensors
+        self._gather = None  # so does the table (rebuilt as the next routed block starts, where it is used)
         LoraLayer.changes += 1
 
     # -- merging -----------------------------------------------------------------------------------
@@ -302,7 +303,8 @@ class LoraLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
-        LoraLayer.changes += 1  # and the gathered table's addresses
+        self._gather = None  # and the gathered table's addresses
+        LoraLayer.changes += 1
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -461,6 +463,7 @@ def _outside_graph(layer: LoraLayer) -> bool:
 
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
+    layer.state.gather_wanted = True  # a compiled model routes through this state: its tables are kept up to date
     gathered = _gathered(layer, x, out)  # a decode step: in the graph itself
     if gathered is not None:
         return gathered
@@ -497,8 +500,12 @@ def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
     if torch.is_grad_enabled() or not any(d != "cuda" or torch.cuda.is_available() for d in GATHER_DEVICES):
         return
     epoch = _gather_epoch(state)
-    if state.gather_seen != epoch:
-        _build_tables(state)
+    if state.gather_seen != epoch or (state.gather_wanted and not state.gather_built):
+        # built at a state's first routed block (a model compiled after it traces them at once) and after a change
+        # only where a compiled model has routed since: eager use would pay every adapter load for tables unread
+        first = state.gather_seen is None or state.gather_seen[0] != id(state)
+        state.gather_built = first or state.gather_wanted
+        _build_tables(state, state.gather_built)
         state.gather_seen = epoch
     if state.gather_device is not None:
         state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
@@ -507,13 +514,14 @@ def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
 ENTRY_HOOKS.append(_prepare_gathered)
 
 
-def _build_tables(state: AdapterState) -> None:
-    """Every layer of `state` gets its table afresh, written into its old one where that keeps compiled graphs."""
+def _build_tables(state: AdapterState, wanted: bool) -> None:
+    """Every layer of `state` gets its table afresh, written into its old one where that keeps compiled graphs; or,
+    not wanted, none (what they kept alive is freed)."""
     numbers, devices = tuple(state.parents), set()
     for layer in list(_LAYERS.values()):
         if layer.state is not state:
             continue
-        fresh, old = layer._gather_table(numbers), layer._gather
+        fresh, old = layer._gather_table(numbers) if wanted else None, layer._gather
         layer._gather = fresh if old is None or fresh is None else ops.gathered.refill(old, fresh)
         if fresh is not None:
             devices.add(fresh.entries.device)

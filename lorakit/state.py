@@ -122,6 +122,8 @@ class AdapterState:
     gather_width = 1
     gather_device: torch.device | None = None
     gather_seen: tuple | None = None
+    gather_wanted = False  # set by a compiled model's routed layers
+    gather_built = False  # the tables are there (else dropped, until a compiled model wants them)
 
     def __init__(self) -> None:
         self.active: list[str] = []

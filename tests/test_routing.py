@@ -648,3 +648,28 @@ def test_a_compiled_lora_model_called_with_adapter_names_prepares_the_tables_out
             got = compiled(input_ids=ids, use_cache=False, adapter_names=names).logits
             torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
     assert model.state.gather_seen is not None and model.state.gather_slots is None  # built; cleared on the way out
+
+
+def test_tables_are_kept_up_to_date_only_for_a_model_that_routes_compiled(monkeypatch):
+    """Built at the first routed block (a model compiled after it traces them at once); after a change, rebuilt
+    only once a compiled model has routed through the state, else dropped: eager routing never reads them, and
+    rebuilding every layer's table at every adapter load would cost it for nothing."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ids, names = _ids(64, 4, 1), ["b", "a", "c", "__base__"]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, adapter_names=names)
+        assert all(layer._gather is not None for layer in layers)
+        _double_scale(model)
+        model(input_ids=ids, use_cache=False, adapter_names=names)
+        assert all(layer._gather is None for layer in layers) and not model.state.gather_wanted
+        compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+        for _ in range(2):  # the first through the routed op, which asks for the tables; the second through them
+            got = _compiled_decode(model, names, ids, compiled)
+        assert model.state.gather_wanted and all(layer._gather is not None for layer in layers)
+        torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
+        _double_scale(model)
+        got = _compiled_decode(model, names, ids, compiled)
+        assert all(layer._gather is not None for layer in layers)  # kept up to date from now on
+        torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
