@@ -208,9 +208,8 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.merged_adapters:
             raise LorakitError(f"adapter {name!r} is merged into the weights; unmerge before replacing it")
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter  # a change the gathered tables see (_Adapters)
         self._routed_plans = {}
-        LoraLayer.changes += 1
         self.state.know(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -219,7 +218,6 @@ class LoraLayer(nn.Module):
         del self.adapters[name]
         self._routed_plans = {}  # they hold the adapter's tensors
         self._gather = None  # so does the table (rebuilt as the next routed block starts, where it is used)
-        LoraLayer.changes += 1
 
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
