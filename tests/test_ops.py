@@ -463,3 +463,14 @@ def test_a_gather_table_is_refused_where_the_kernels_do_not_apply(change):
         factors = [None] * 3
     assert ops.gather_table(factors) is None
     assert ops.gather_table(_gathered_case(torch.float32)[0]) is not None
+
+
+def test_a_gather_table_keeps_what_its_addresses_point_into():
+    """The kernels read through the addresses, so a factor's `.data` assigned (which frees its storage otherwise)
+    must not leave the table pointing at freed memory: the table holds the storages."""
+    factors, *_ = _gathered_case(torch.float32)
+    table = ops.gather_table(factors)
+    old = factors[1].lora_B.data_ptr()
+    factors[1].lora_B.data = torch.zeros(5, 3)
+    assert old in [t.data_ptr() for t in table.storages]
+    assert table.entries[1, 1].item() == old

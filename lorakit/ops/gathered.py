@@ -34,11 +34,12 @@ class GatherTable:
     scale's float64 bits; zeros where the layer holds no such adapter), and what the kernels are specialised on."""
 
     entries: Tensor
-    factors: list[LoraFactors | None]  # the same adapters, for the reference; keeps their storages alive
+    factors: list[LoraFactors | None]  # the same adapters, for the reference
     dtype: torch.dtype
     n_in: int
     n_out: int
     block_r: int  # the widest rank, rounded up to a power of two (at least 16)
+    storages: list[Tensor]  # aliases of the factors the entries point into: a `.data` assigned cannot free them
 
     @property
     def code(self) -> int:
@@ -66,8 +67,9 @@ def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
     block_r = max(16, 1 << (max(f.lora_A.shape[0] for f in held) - 1).bit_length())
     with torch.inference_mode(False):
         entries = torch.tensor(_rows(factors), dtype=torch.int64).to(device)
+        storages = [t.detach() for f in held for t in (f.lora_A, f.lora_B)]
     torch._dynamo.mark_static_address(entries)  # CUDA graphs read it in place; refills keep its address
-    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r)
+    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r, storages)
 
 
 def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
@@ -80,7 +82,7 @@ def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
         return fresh
     with torch.inference_mode(False), torch.no_grad():
         table.entries.copy_(fresh.entries)
-    table.factors = fresh.factors
+    table.factors, table.storages = fresh.factors, fresh.storages
     return table
 
 
