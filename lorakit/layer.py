@@ -529,12 +529,13 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
 
 def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:
     """out plus the routed terms through the layer's gathered table, or None where that path does not apply: no
-    table or slots, gradients or training, more token rows than a decode step's. Traced only (see above)."""
+    table or slots, or more token rows than a decode step's. Traced only, where _outside_graph holds (eval mode, no
+    gradient)."""
     table = layer._gather
     if table is None:
         return None
     slots = layer.state.gather_slots
-    if slots is None or layer.training or torch.is_grad_enabled() or x.dim() < 2:
+    if slots is None or x.dim() < 2:
         return None
     n_in, n_out, rows = table.n_in, table.n_out, slots.shape[0]
     if x.shape[-1] != n_in or out.shape[-1] != n_out or x.device != slots.device or not out.is_contiguous():
