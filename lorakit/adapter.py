@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.kinds import Kind
+from lorakit.state import tables_stale
 from lorakit.variants import Variant
 from lorakit.variants.lora import Lora
 
@@ -24,6 +25,7 @@ class Adapter(nn.Module):
 
     def __setattr__(self, name: str, value: object) -> None:
         Adapter.changes += 1
+        tables_stale()
         super().__setattr__(name, value)
         if name in ("kind", "variant"):
             self._note_plain()
@@ -42,10 +44,12 @@ class Adapter(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .half() give the factors new storage
         Adapter.changes += 1
+        tables_stale()
         return super()._apply(fn, recurse)
 
     def __delattr__(self, name: str) -> None:
         Adapter.changes += 1
+        tables_stale()
         super().__delattr__(name)
 
     def __init__(

@@ -40,7 +40,7 @@ from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
 from lorakit.ops import routed_dense
-from lorakit.state import ENTRY_HOOKS, AdapterState, Routing
+from lorakit.state import ENTRY_HOOKS, AdapterState, Routing, tables_fresh, tables_stale
 
 PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefills of requests for other adapters
 
@@ -233,6 +233,7 @@ class LoraLayer(nn.Module):
         self._merge_steps.append((names, scales))  # the scales depend on W, so unmerge needs these ones
         self.merged_adapters.extend(names)
         LoraLayer.changes += 1
+        tables_stale()
 
     def check_mergeable(self, names: list[str]) -> None:
         """Raises if merging the named adapters would put NaN or inf into the weight."""
@@ -281,6 +282,7 @@ class LoraLayer(nn.Module):
         self._merge_steps = []
         self.merged_adapters = []
         LoraLayer.changes += 1
+        tables_stale()
 
     def unwrap(self) -> nn.Module:
         """The base layer alone, with whatever is merged kept in its weight."""
@@ -303,6 +305,7 @@ class LoraLayer(nn.Module):
         self._routed_plans = {}
         self._gather = None  # and the gathered table's addresses
         LoraLayer.changes += 1
+        tables_stale()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -316,10 +319,12 @@ class _Adapters(nn.ModuleDict):
 
     def __setitem__(self, key: str, module: nn.Module) -> None:
         LoraLayer.changes += 1
+        tables_stale()
         super().__setitem__(key, module)
 
     def __delitem__(self, key: str) -> None:
         LoraLayer.changes += 1
+        tables_stale()
         super().__delitem__(key)
 
 
@@ -484,8 +489,9 @@ def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
 # step then adds its routed terms with two kernels that read the factors through the table: in a compiled model,
 # inside the graph itself, so CUDA graphs replay the whole step and the host does nothing per routed layer (eagerly,
 # the kept plans stay: they check every factor at every call). What the tables follow: factors changed in place
-# (read where they are), adapters added, deleted, swapped in or out, merged, moved or given new attributes or
-# factors (rebuilt at the next routed block), but not a factor's `.data` assigned directly.
+# (read where they are); adapters added, deleted, swapped in or out, merged, moved or given new attributes or
+# factors, after which the tables are stale until the next routed block rebuilds them (a change inside a block: the
+# compiled graph, guarding one flag, takes the op instead). Not seen: a factor's `.data` assigned directly.
 GATHER_DEVICES = ("cuda",)
 
 
@@ -525,16 +531,18 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
             devices.add(fresh.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
     state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
+    if state.gather_device is not None:
+        tables_fresh(state)  # until the next change
 
 
 def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:
     """out plus the routed terms through the layer's gathered table, or None where that path does not apply: no
-    table or slots, or more token rows than a decode step's. Traced only, where _outside_graph holds (eval mode, no
-    gradient)."""
-    table = layer._gather
-    if table is None:
+    current table or slots, or more token rows than a decode step's. Traced only, where _outside_graph holds (eval
+    mode, no gradient)."""
+    table, state = layer._gather, layer.state
+    if table is None or not state.gather_fresh:  # stale: a change since the routed block started
         return None
-    slots = layer.state.gather_slots
+    slots = state.gather_slots
     if slots is None or x.dim() < 2:
         return None
     n_in, n_out, rows = table.n_in, table.n_out, slots.shape[0]

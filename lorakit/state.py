@@ -16,6 +16,7 @@ forward marks its outputs so that the backward through them replays its routing 
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -109,6 +110,22 @@ def _ranges(rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]] | N
 
 
 ENTRY_HOOKS: list[Callable[[AdapterState, Routing], None]] = []  # run as a routed block starts (lorakit.layer's)
+_FRESH: weakref.WeakSet[AdapterState] = weakref.WeakSet()  # the states whose gathered tables are current
+
+
+def tables_stale() -> None:
+    """An adapter or layer changed: no state's gathered tables are read again until rebuilt (lorakit.layer). A flag
+    per state, not a counter, so a compiled graph guards one bool: two graphs at most, never a recompile per change."""
+    if not _FRESH:  # the common case, on every attribute an adapter sets
+        return
+    for state in list(_FRESH):
+        state.gather_fresh = False
+    _FRESH.clear()
+
+
+def tables_fresh(state: AdapterState) -> None:
+    state.gather_fresh = True
+    _FRESH.add(state)
 
 
 class AdapterState:
@@ -118,6 +135,7 @@ class AdapterState:
     # the gathered decode path's (lorakit.layer): the routing's slots, on the device of the layers' tables, set as a
     # routed block starts without gradients; the adapters' numbering; what the tables were last built for
     gather_slots: Tensor | None = None
+    gather_fresh = False  # the tables match the adapters now: a compiled graph reads them only then
     gather_numbers: tuple[str, ...] = ()
     gather_width = 1
     gather_device: torch.device | None = None
@@ -146,6 +164,7 @@ class AdapterState:
         self.parents[name] = parent
         self._routings.clear()
         self.generation += 1
+        tables_stale()
 
     def remove(self, name: str) -> None:
         children = self.children(name)
@@ -157,6 +176,7 @@ class AdapterState:
         del self.parents[name]
         self._routings.clear()
         self.generation += 1
+        tables_stale()
         self.active = [n for n in self.active if n != name]
         self.trainable.discard(name)
 
@@ -167,6 +187,7 @@ class AdapterState:
             self.parents[name] = None
             self._routings.clear()
             self.generation += 1
+            tables_stale()
             if not self.active:
                 self.active, self.trainable = [name], {name}
 

@@ -673,3 +673,28 @@ def test_tables_are_kept_up_to_date_only_for_a_model_that_routes_compiled(monkey
         got = _compiled_decode(model, names, ids, compiled)
         assert all(layer._gather is not None for layer in layers)  # kept up to date from now on
         torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
+
+
+@pytest.mark.parametrize("change", ["scale", "deleted-and-readded"], ids=str)
+def test_a_change_inside_a_routed_block_makes_the_compiled_step_take_the_op(change, monkeypatch):
+    """A change after the block started leaves its tables stale until the next block rebuilds them: the compiled
+    graph guards the flag, so the step after the change runs through the op and sees it, and the next block reads
+    the rebuilt tables in the first graph again."""
+    _gathered_on_cpu(monkeypatch)
+    model = _decode_model()
+    ids, names = _ids(64, 4, 1), ["b", "a", "c", "__base__"]
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    with torch.no_grad():
+        _compiled_decode(model, names, ids, compiled)
+        with model.routed(names):
+            DECODE_CHANGES[change](model)
+            assert not model.state.gather_fresh
+            inside = compiled(input_ids=ids, use_cache=False).logits
+        want = model(input_ids=ids, use_cache=False, adapter_names=names).logits
+        again = _compiled_decode(model, names, ids, compiled)
+    torch.testing.assert_close(inside, want)
+    torch.testing.assert_close(again, want)
+    assert model.state.gather_fresh and not _no_routed_op(graphs[1:2])  # the step inside: through the op
+    # before and after, through the tables (a third graph on CPU only: the reference reads the factors in Python)
+    assert _no_routed_op(graphs[:1]) and _no_routed_op(graphs[2:]) and len(graphs) <= 3
