@@ -46,8 +46,6 @@ PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefi
 
 
 class LoraLayer(nn.Module):
-    changes = 0  # adapters added, deleted, merged, unmerged or moved in any layer: the gathered tables' cue
-
     def __init__(self, base_layer: nn.Module, kind: Kind, state: AdapterState | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -232,7 +230,6 @@ class LoraLayer(nn.Module):
         self._store_weight(weight, merged)
         self._merge_steps.append((names, scales))  # the scales depend on W, so unmerge needs these ones
         self.merged_adapters.extend(names)
-        LoraLayer.changes += 1
         tables_stale()
 
     def check_mergeable(self, names: list[str]) -> None:
@@ -281,7 +278,6 @@ class LoraLayer(nn.Module):
             self._shift_bias(names, -1)
         self._merge_steps = []
         self.merged_adapters = []
-        LoraLayer.changes += 1
         tables_stale()
 
     def unwrap(self) -> nn.Module:
@@ -304,7 +300,6 @@ class LoraLayer(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
         self._gather = None  # and the gathered table's addresses
-        LoraLayer.changes += 1
         tables_stale()
         return super()._apply(fn, recurse)
 
@@ -318,12 +313,10 @@ class _Adapters(nn.ModuleDict):
     change the gathered tables see too."""
 
     def __setitem__(self, key: str, module: nn.Module) -> None:
-        LoraLayer.changes += 1
         tables_stale()
         super().__setitem__(key, module)
 
     def __delitem__(self, key: str) -> None:
-        LoraLayer.changes += 1
         tables_stale()
         super().__delitem__(key)
 
@@ -495,22 +488,17 @@ def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
 GATHER_DEVICES = ("cuda",)
 
 
-def _gather_epoch(state: AdapterState) -> tuple:
-    return id(state), Adapter.changes, LoraLayer.changes, state.generation  # id: a deep copy builds its own
-
-
 @torch.compiler.disable  # device tensors made and kept: never traced (a compiled LoraModel enters routed() itself)
 def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
     if torch.is_grad_enabled() or not any(d != "cuda" or torch.cuda.is_available() for d in GATHER_DEVICES):
         return
-    epoch = _gather_epoch(state)
-    if state.gather_seen != epoch or (state.gather_wanted and not state.gather_built):
+    first = state.gather_owner != id(state)  # a deep copy builds its own
+    if first or not state.gather_fresh or (state.gather_wanted and not state.gather_built):
         # built at a state's first routed block (a model compiled after it traces them at once) and after a change
         # only where a compiled model has routed since: eager use would pay every adapter load for tables unread
-        first = state.gather_seen is None or state.gather_seen[0] != id(state)
+        state.gather_owner = id(state)
         state.gather_built = first or state.gather_wanted
         _build_tables(state, state.gather_built)
-        state.gather_seen = epoch
     if state.gather_device is not None:
         state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
 
@@ -531,8 +519,7 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
             devices.add(fresh.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
     state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
-    if state.gather_device is not None:
-        tables_fresh(state)  # until the next change
+    tables_fresh(state)  # what there is (tables, or none) matches the adapters until the next change
 
 
 def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:

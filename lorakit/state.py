@@ -131,15 +131,14 @@ def tables_fresh(state: AdapterState) -> None:
 class AdapterState:
     """The adapter bookkeeping every layer reads; see the module docstring for the fields."""
 
-    generation = 0  # bumped whenever the set of adapters (their numbers) changes
     # the gathered decode path's (lorakit.layer): the routing's slots, on the device of the layers' tables, set as a
     # routed block starts without gradients; the adapters' numbering; what the tables were last built for
     gather_slots: Tensor | None = None
-    gather_fresh = False  # the tables match the adapters now: a compiled graph reads them only then
+    gather_fresh = False  # no change since the tables were built (or dropped): a compiled graph reads them only then
     gather_numbers: tuple[str, ...] = ()
     gather_width = 1
     gather_device: torch.device | None = None
-    gather_seen: tuple | None = None
+    gather_owner: int | None = None  # id() of the state the tables were built for (a deep copy's differs)
     gather_wanted = False  # set by a compiled model's routed layers
     gather_built = False  # the tables are there (else dropped, until a compiled model wants them)
 
@@ -163,7 +162,6 @@ class AdapterState:
             raise LorakitError(f"parent {parent!r} is not a loaded adapter; loaded: {sorted(self.parents)}")
         self.parents[name] = parent
         self._routings.clear()
-        self.generation += 1
         tables_stale()
 
     def remove(self, name: str) -> None:
@@ -175,7 +173,6 @@ class AdapterState:
             )
         del self.parents[name]
         self._routings.clear()
-        self.generation += 1
         tables_stale()
         self.active = [n for n in self.active if n != name]
         self.trainable.discard(name)
@@ -186,7 +183,6 @@ class AdapterState:
         if name not in self.parents:
             self.parents[name] = None
             self._routings.clear()
-            self.generation += 1
             tables_stale()
             if not self.active:
                 self.active, self.trainable = [name], {name}

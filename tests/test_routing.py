@@ -647,7 +647,7 @@ def test_a_compiled_lora_model_called_with_adapter_names_prepares_the_tables_out
         for names in DECODE_ROUTINGS * 2:
             got = compiled(input_ids=ids, use_cache=False, adapter_names=names).logits
             torch.testing.assert_close(got, model(input_ids=ids, use_cache=False, adapter_names=names).logits)
-    assert model.state.gather_seen is not None and model.state.gather_slots is None  # built; cleared on the way out
+    assert model.state.gather_owner == id(model.state) and model.state.gather_slots is None  # built; slots cleared
 
 
 def test_tables_are_kept_up_to_date_only_for_a_model_that_routes_compiled(monkeypatch):
@@ -698,3 +698,27 @@ def test_a_change_inside_a_routed_block_makes_the_compiled_step_take_the_op(chan
     assert model.state.gather_fresh and not _no_routed_op(graphs[1:2])  # the step inside: through the op
     # before and after, through the tables (a third graph on CPU only: the reference reads the factors in Python)
     assert _no_routed_op(graphs[:1]) and _no_routed_op(graphs[2:]) and len(graphs) <= 3
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["tables", "float64-no-tables"])
+def test_tables_are_built_once_per_change_not_at_every_routed_block(gathered, monkeypatch):
+    """A routed block after no change costs one flag read: the tables (or, where no layer can have one, their
+    absence: the kernels take no float64) are rebuilt at the first block and after each change only, whatever
+    the blocks in between."""
+    import lorakit.layer
+
+    _gathered_on_cpu(monkeypatch)
+    builds, real = [], lorakit.layer._build_tables
+    monkeypatch.setattr(lorakit.layer, "_build_tables", lambda *a: builds.append(a[1]) or real(*a))
+    model = _decode_model() if gathered else _decode_model().double()
+    ids, names = _ids(64, 4, 1), ["b", "a", "c", "__base__"]
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=ids, use_cache=False, adapter_names=names)
+        assert len(builds) == 1
+        _double_scale(model)
+        for _ in range(3):
+            model(input_ids=ids, use_cache=False, adapter_names=names)
+    assert builds == [True, False]  # the second drops what the first built: no compiled model read them
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(layer._gather is None for layer in layers)
