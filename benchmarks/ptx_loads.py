@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+try:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit("benchmarks/ptx_loads.py needs triton (pip install triton==3.6.0; no GPU needed)")
 
 from lorakit.ops.triton import gathered
 
