@@ -6,33 +6,18 @@ Best of 15 rounds of 100 calls.
 Run, on a tree with the patch applied: PYTHONPATH=.:benchmarks python <this file> base|ours|views
 """
 
+import argparse
 import sys
 import time
 
 import torch
-from compiled_host_cpu import stubbed
-from transformers import LlamaConfig, LlamaForCausalLM
+from compiled_host_cpu import build, stubbed
 
-from lorakit import LoraConfig, get_lora_model, packed
+from lorakit import packed
 
 mode = sys.argv[1]
-
-
-torch.manual_seed(0)
-cfg = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
-model = LlamaForCausalLM(cfg).eval()
-call = model
-if mode != "base":
-    packed.PACK_DEVICES = ("cpu",) if mode == "views" else ()
-    lora = get_lora_model(model, LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"), "a0").eval()
-    call = lora
+packed.PACK_DEVICES = ("cpu",) if mode == "views" else ()
+call, model, _ = build("base" if mode == "base" else "ours", argparse.Namespace(layers=16, adapters=1))
 model.forward = torch.compile(model.forward, backend=stubbed, fullgraph=True)
 ids = torch.randint(0, 64, (4, 1))
 with torch.no_grad():
