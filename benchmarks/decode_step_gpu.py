@@ -11,7 +11,8 @@ step doubles). Adapters: r16,
 lora_alpha 32, all-linear, bf16 factors, random non-zero B (benchmarks/mixed_batch_gpu.adapt). Eager by default;
 --compile puts every mode's transformers forward under torch.compile(mode="reduce-overhead") (CUDA graphs) with a
 static KV cache (its prefill run eagerly), so the host's launches leave the comparison.
-Cases, each mode on a fresh model (base: the model alone; ours: lorakit; peft: PEFT 0.21):
+Cases, each mode on a fresh model (base: the model alone; ours: lorakit; ours-unpacked: lorakit without
+lorakit.packed's buffers; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
@@ -43,10 +44,11 @@ from torch.nn.attention import sdpa_kernel
 from train_step_gpu import build_model
 from transformers.cache_utils import DynamicCache, StaticCache
 
+from lorakit import packed
 from lorakit.serve.routing import SERVING_ATTENTION
 
 CASES = ("decode-64", "one-adapter")
-MODES = ("base", "ours", "peft")
+MODES = ("base", "ours", "ours-unpacked", "peft")
 QUICK = dict(
     layers=2,
     decode_layers=2,
@@ -175,7 +177,7 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
 
 def _inner(model, mode: str) -> torch.nn.Module:
     """The transformers model inside the mode's wrapper (lorakit's LoraModel.model, PEFT's base_model.model)."""
-    return {"base": lambda: model, "ours": lambda: model.model, "peft": lambda: model.base_model.model}[mode]()
+    return model.base_model.model if mode == "peft" else model if mode == "base" else model.model
 
 
 def compiled(model, mode: str, args: argparse.Namespace):
@@ -196,6 +198,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     layers = args.decode_layers if case == "decode-64" else args.layers
     start = time.perf_counter()
     base = build_model(argparse.Namespace(**{**vars(args), "layers": layers}), args.device)
+    packed.PACK_DEVICES = () if mode == "ours-unpacked" else ("cuda",)  # the same code with and without buffers
     model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
     result: dict = {"layers": layers, "build_s": time.perf_counter() - start}
     rows = args.decode_batch if case == "decode-64" else args.batch

@@ -35,7 +35,7 @@ from torch.nn.modules.module import (
 )
 from torch.nn.utils import parametrize
 
-from lorakit import ops
+from lorakit import ops, packed
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
@@ -58,6 +58,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
         self._gather: ops.gathered.GatherTable | None = None  # the adapters by number, see _gathered
+        self._fast: tuple | None = None  # where lorakit.packed put the live adapter's factors, see _packed_linear
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         _register(self)
         if kind.acts_on_weight:
@@ -116,6 +117,11 @@ class LoraLayer(nn.Module):
             out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
             return _routed_outside_graph(self, x, out) if outside else self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
+        if _reads_pack(self, base, args, kwargs):  # a compiled inference step
+            fast = self.__dict__["_fast"]
+            if fast is not None:
+                return _packed_linear(self, x, base, fast)
+            self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
         plain = [f for f in factors if f is not None]
@@ -288,7 +294,8 @@ class LoraLayer(nn.Module):
         return self.base_layer
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_routed_plans": {}, "_gather": None}  # a copy builds its own from its own adapters
+        # a copy builds its own from its own adapters
+        return {**self.__dict__, "_routed_plans": {}, "_gather": None, "_fast": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -296,6 +303,7 @@ class LoraLayer(nn.Module):
         _register(self)  # and the copy is a layer of its own to the compiled routed op
         self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
         self.__dict__.setdefault("_gather", None)
+        self.__dict__.setdefault("_fast", None)
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
@@ -599,6 +607,27 @@ _UNROUTABLE = (
     "target_parameters adapters change the weight itself, which every row shares, so they cannot be routed per "
     "row; serve them with set_adapter() (one adapter for the whole batch) or merge them"
 )
+
+
+def _reads_pack(layer: LoraLayer, base: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A compiled inference step of a bare linear layer: the graph reads the views of lorakit.packed's buffer,
+    one input for the model instead of two a layer. Eagerly the factors themselves (and their kept casts) serve."""
+    return (
+        torch.compiler.is_compiling()
+        and not (layer.training or torch.is_grad_enabled() or args or kwargs)
+        and layer.state.enabled
+        and _is_bare_linear(base)
+    )
+
+
+def _packed_linear(layer: LoraLayer, x: Tensor, base: nn.Module, fast: tuple) -> Tensor:
+    """base(x) + s B (A x) with A and B read from the buffer at the layer's offsets (eval mode: no dropout)."""
+    number, (a_at, a_rows, a_cols), (b_at, b_rows, b_cols), scale = fast
+    buffer = packed.BUFFERS[number]
+    lora_a = buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols)
+    lora_b = buffer[b_at : b_at + b_rows * b_cols].view(b_rows, b_cols)
+    factors = [ops.LoraFactors(lora_a, lora_b, scale, 0.0)]
+    return ops.lora_linear(x, _tensor(base, "weight"), _tensor(base, "bias"), factors, False)
 
 
 def _plain_factors(adapter: Adapter) -> ops.LoraFactors | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit import after_step, io, merge
+from lorakit import after_step, io, merge, packed
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
@@ -48,6 +48,7 @@ class LoraModel(nn.Module):
 
         def forward(*args, adapter_names: list[str] | None = None, **kwargs):
             if adapter_names is None:
+                owner()._unrouted()
                 return base(*args, **kwargs)
             state = owner().state
             with owner().routed(adapter_names, _batch_size(args, kwargs)):
@@ -72,9 +73,15 @@ class LoraModel(nn.Module):
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base's generate; adapter_names routes each input row (and the beams or samples it expands to)."""
         if adapter_names is None:
+            self._unrouted()
             return self.model.generate(*args, **kwargs)
         with self.routed(adapter_names, _batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)
+
+    def _unrouted(self) -> None:
+        """An unrouted call starts: compiled inference steps read the live adapter from one buffer (lorakit.packed)."""
+        if self.state.pack_wanted and not torch.compiler.is_compiling():  # a compiled LoraModel: never traced
+            packed.prepare(self.state, lambda: (layer for _, layer in lora_layers(self.model)))
 
     @contextmanager
     def routed(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:

@@ -110,7 +110,7 @@ def _ranges(rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]] | N
 
 
 ENTRY_HOOKS: list[Callable[[AdapterState, Routing], None]] = []  # run as a routed block starts (lorakit.layer's)
-_FRESH: weakref.WeakSet[AdapterState] = weakref.WeakSet()  # the states whose gathered tables are current
+_FRESH: weakref.WeakSet[AdapterState] = weakref.WeakSet()  # the states whose gathered tables or pack are current
 
 
 def tables_stale() -> None:
@@ -120,12 +120,29 @@ def tables_stale() -> None:
         return
     for state in list(_FRESH):
         state.gather_fresh = False
+        packs_stale(state)
     _FRESH.clear()
 
 
 def tables_fresh(state: AdapterState) -> None:
     state.gather_fresh = True
     _FRESH.add(state)
+
+
+STALE_HOOKS: list[Callable[[AdapterState], None]] = []  # run as a state's pack goes stale (lorakit.packed's)
+
+
+def packs_fresh(state: AdapterState) -> None:
+    state.pack_fresh = True
+    _FRESH.add(state)
+
+
+def packs_stale(state: AdapterState) -> None:
+    """The layers stop reading the state's pack at once (a compiled graph guards each layer's offsets, which go)."""
+    if state.pack_fresh:
+        state.pack_fresh = False
+        for hook in STALE_HOOKS:
+            hook(state)
 
 
 class AdapterState:
@@ -141,6 +158,11 @@ class AdapterState:
     gather_owner: int | None = None  # id() of the state the tables were built for (a deep copy's differs)
     gather_wanted = False  # set by a compiled model's routed layers
     gather_built = False  # the tables are there (else dropped, until a compiled model wants them)
+    # lorakit.packed's: the live adapter's factors in one buffer for compiled unrouted inference steps
+    pack_fresh = False  # no change since the layers were given their offsets
+    pack_wanted = False  # set by a compiled model's unrouted inference step
+    pack_owner: int | None = None  # id() of the state the buffers were made for (a deep copy's differs)
+    pack_active: tuple[str, ...] = ()  # the active adapters they were made for
 
     def __init__(self) -> None:
         self.active: list[str] = []
@@ -218,6 +240,7 @@ class AdapterState:
         trainable = list(names) if trainable is None else list(trainable)
         self.check_known(trainable)
         self.active, self.trainable = active, set(trainable)
+        packs_stale(self)
 
     def live(self, present: Sequence[str]) -> list[str]:
         """Active names among `present` (a layer's unmerged adapters), in activation order; none when disabled."""

@@ -1,0 +1,142 @@
+"""Each live adapter's factors as views of one buffer, for compiled unrouted inference steps.
+
+A compiled step takes every adapted layer's factors as graph inputs: two tensors a layer, each with its guards and
+its place among the CUDA graph's inputs, which cost a one-adapter decode step more host time than its LoRA math
+(benchmarks/README.md, "One adapter's factors in one buffer"). With the factors moved into one buffer, the step
+takes that buffer once (from BUFFERS, one place for every layer) and each layer a view of it at its own offset
+(`LoraLayer._fast`).
+
+Made where it helps: once a compiled unrouted inference step has run (`AdapterState.pack_wanted`), as the
+LoraModel's next unrouted call starts without gradients. The factors then live in the buffer (their own storage
+released), so whatever changes them in place (optimizer steps, copy_, hot swaps) is what the step reads; any other
+change (an adapter set, added, deleted, merged, rescaled or moved; a factor replaced) takes the offsets away at
+once (lorakit.state.packs_stale) until the next such call makes them again. Not seen, as by the gathered tables:
+a factor's `.data` assigned by hand. The factors of one adapter then share a storage as views that do not overlap,
+which safetensors and torch.save store as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from lorakit.state import STALE_HOOKS, AdapterState, packs_fresh, tables_stale
+
+PACK_DEVICES = ("cuda",)  # where a compiled step's host time is what the buffer saves (tests add "cpu")
+ALIGN = 64  # elements: every view starts 16-byte aligned, so kernels keep their vector loads
+BUFFERS: dict[int, Tensor] = {}  # number -> buffer, read by the compiled graphs (one source for all layers)
+_NUMBERS = itertools.count()
+_HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDictionary()  # state -> its buffers, layers
+
+
+def prepare(state: AdapterState, layers: Callable[[], Iterable]) -> None:
+    """As an unrouted call of the model starts: the layers' offsets made again where a compiled step wants them."""
+    if not state.pack_wanted or not state.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    if state.pack_fresh and state.pack_owner == id(state) and state.pack_active == tuple(state.active):
+        return
+    if not any(d != "cuda" or torch.cuda.is_available() for d in PACK_DEVICES):
+        return
+    _build(state, layers())
+
+
+def _build(state: AdapterState, layers: Iterable) -> None:
+    """Every layer whose forward is one plain LoRA adapter on a linear weight gets its offsets; others None. An
+    adapter's factors already in its buffer stay there (same number: the compiled graph is kept, and switching
+    back to an adapter compiles nothing); otherwise they move into a new one."""
+    from lorakit.layer import _plain_factors
+
+    held = _held(state)
+    groups: dict[tuple, list] = {}  # (adapter name, dtype, device) -> its layers and factors
+    for layer in layers:
+        layer.__dict__["_fast"] = None
+        if layer.acts_on_weight or layer.merged_adapters:
+            continue
+        names = state.live(list(layer.adapters._modules))
+        factors = _plain_factors(layer.adapters._modules[names[0]]) if len(names) == 1 else None
+        if factors is None:
+            continue
+        a, b = factors.lora_A, factors.lora_B
+        if a.dim() != 2 or b.dim() != 2 or (a.dtype, a.device) != (b.dtype, b.device):
+            continue
+        if a.device.type in PACK_DEVICES:
+            groups.setdefault((names[0], a.dtype, a.device), []).append((layer, a, b, factors.scale))
+    numbers, layers_now = held["numbers"], weakref.WeakSet()
+    for key, members in groups.items():
+        factors = [t for _, a, b, _ in members for t in (a, b)]
+        number = numbers.get(key)
+        if number is None or not _inside(factors, BUFFERS[number]):
+            BUFFERS.pop(number, None)
+            tables_stale()  # the factors move: the gathered tables hold their old addresses
+            number = numbers[key] = _move(factors)
+        for layer, a, b, scale in members:
+            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale)
+            layers_now.add(layer)
+    for key in [k for k in numbers if k[0] not in state.parents]:  # deleted adapters: their buffers go with them
+        BUFFERS.pop(numbers.pop(key), None)
+    held["layers"] = layers_now
+    state.pack_owner, state.pack_active = id(state), tuple(state.active)
+    packs_fresh(state)
+
+
+def _held(state: AdapterState) -> dict:
+    """The state's buffers and the layers given offsets; a deep copy's own (its factors are not in them)."""
+    held = _HELD.get(state)
+    if held is None:
+        held = _HELD[state] = {"numbers": {}, "layers": weakref.WeakSet()}
+        weakref.finalize(state, _release, held)
+    return held
+
+
+def _release(held: dict) -> None:
+    for number in held["numbers"].values():
+        BUFFERS.pop(number, None)
+
+
+def _inside(factors: list[Tensor], buffer: Tensor) -> bool:
+    storage = buffer.untyped_storage().data_ptr()
+    return all(
+        t.untyped_storage().data_ptr() == storage and t.is_contiguous() and t.dtype == buffer.dtype for t in factors
+    )
+
+
+def _move(factors: list[Tensor]) -> int:
+    """The factors' values copied into a new buffer and the factors made views of it (their storage released)."""
+    first = factors[0]
+    size = sum(_padded(t.numel()) for t in factors)
+    buffer = torch.empty(size, dtype=first.dtype, device=first.device)
+    torch._dynamo.mark_static_address(buffer)  # CUDA graphs read it where it is, never a copy a step
+    offset = 0
+    with torch.no_grad():
+        for t in factors:
+            view = buffer[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            t.data = view
+            offset += _padded(t.numel())
+    number = next(_NUMBERS)
+    BUFFERS[number] = buffer
+    return number
+
+
+def _span(t: Tensor) -> tuple[int, int, int]:
+    return (t.storage_offset(), *t.shape)
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _drop(state: AdapterState) -> None:
+    """packs_stale's hook: the layers lose their offsets (the buffers stay, holding the factors)."""
+    held = _HELD.get(state)
+    if held is not None:
+        for layer in list(held["layers"]):
+            layer.__dict__["_fast"] = None
+        held["layers"] = weakref.WeakSet()
+
+
+STALE_HOOKS.append(_drop)

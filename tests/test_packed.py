@@ -1,0 +1,224 @@
+"""Compiled unrouted inference steps read the live adapter's factors as views of one buffer (lorakit.packed): the
+same outputs as the eager model after every kind of change, and one graph input for the model instead of two a
+layer. The buffers are made for CUDA; these tests let the CPU have them too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorakit import LoraConfig, get_lora_model, packed
+from lorakit.layer import LoraLayer
+
+ATOL = 1e-5
+LAYERS = 2
+
+
+@pytest.fixture(autouse=True)
+def _cpu_packs(monkeypatch):
+    monkeypatch.setattr(packed, "PACK_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Counting:
+    """A backend that runs the traced graph as it is and counts graphs and their inputs."""
+
+    def __init__(self) -> None:
+        self.inputs: list[int] = []
+
+    def __call__(self, gm, example_inputs):
+        self.inputs.append(len(example_inputs))
+        return gm.forward
+
+
+def _model(alpha: int = 8):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    lora = get_lora_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False, target_modules="all-linear"),
+        "a0",
+    )
+    lora.add_adapter("a1", LoraConfig(r=4, lora_alpha=alpha, init_lora_weights=False, target_modules="all-linear"))
+    return lora.eval()
+
+
+def _compiled(lora, backend):
+    inner = lora.model
+    inner.forward = torch.compile(inner.forward, backend=backend, fullgraph=True)
+    return lora
+
+
+IDS = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+
+
+def _step(lora):
+    with torch.no_grad():
+        return lora(input_ids=IDS, use_cache=False).logits
+
+
+def _eager(lora):
+    with torch.compiler.set_stance("force_eager"):
+        return _step(lora)
+
+
+def _first_layer(lora) -> LoraLayer:
+    return next(m for m in lora.modules() if isinstance(m, LoraLayer))
+
+
+def _warm(lora):
+    """The first compiled step asks for the buffer, the second reads it (and is compiled once more)."""
+    _step(lora)
+    return _step(lora)
+
+
+def test_a_compiled_step_reads_one_buffer_for_the_model():
+    adapted = 7 * LAYERS
+    plain = Counting()
+    lora = _model()
+    expected = _eager(lora)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed, "PACK_DEVICES", ())  # no buffers: the factors themselves
+        _compiled(lora, plain)
+        torch.testing.assert_close(_warm(lora), expected, atol=ATOL, rtol=0)
+    assert len(plain.inputs) == 1
+    torch._dynamo.reset()
+    counted = Counting()
+    lora = _compiled(_model(), counted)
+    torch.testing.assert_close(_warm(lora), expected, atol=ATOL, rtol=0)
+    assert counted.inputs == [plain.inputs[0], plain.inputs[0] - 2 * adapted + 1]
+    assert all(m._fast is not None for m in lora.modules() if isinstance(m, LoraLayer))
+    factor = _first_layer(lora).adapters["a0"].lora_A
+    assert factor.untyped_storage().nbytes() > factor.numel() * factor.element_size()  # a view of the buffer
+
+
+def test_in_place_changes_are_read_without_compiling():
+    counted = Counting()
+    lora = _compiled(_model(), counted)
+    _warm(lora)
+    with torch.no_grad():
+        _first_layer(lora).adapters["a0"].lora_A.add_(0.5)  # as an optimizer step or a hot swap writes
+        lora.model.model.layers[1].mlp.down_proj.adapters["a0"].lora_B.mul_(-2.0)
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+    assert len(counted.inputs) == 2
+
+
+def test_switching_back_to_an_adapter_compiles_nothing():
+    counted = Counting()
+    lora = _compiled(_model(), counted)
+    first = _warm(lora)
+    lora.set_adapter("a1")
+    second = _step(lora)
+    torch.testing.assert_close(second, _eager(lora), atol=ATOL, rtol=0)
+    assert (second - first).abs().max() > 1e-3  # the adapters differ
+    lora.set_adapter("a0")
+    torch.testing.assert_close(_step(lora), first, atol=ATOL, rtol=0)
+    lora.set_adapter("a1")
+    torch.testing.assert_close(_step(lora), second, atol=ATOL, rtol=0)
+    assert len(counted.inputs) == 3  # before the buffer, a0's, a1's
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["new_parameter", "scale", "merged", "deleted", "disabled", "switched", "two_active", "moved", "trained"],
+)
+def test_every_change_is_seen_by_the_next_compiled_step(change):
+    """At once, by the inner model called directly too (no check runs there), and through the LoraModel."""
+    lora = _compiled(_model(), Counting())
+    _warm(lora)
+    layer = _first_layer(lora)
+    adapter = layer.adapters["a0"]
+    if change == "new_parameter":
+        adapter.lora_A = nn.Parameter(torch.randn_like(adapter.lora_A))
+    elif change == "scale":
+        adapter.scale = 5.0
+    elif change == "merged":
+        lora.merge_adapter(["a0"])
+    elif change == "deleted":
+        lora.set_adapter("a1")
+        _step(lora)
+        lora.delete_adapter("a0")
+    elif change == "switched":
+        lora.set_adapter("a1")
+    elif change == "two_active":
+        lora.set_adapter(["a0", "a1"])
+    elif change == "moved":
+        lora.to(torch.float64)
+    elif change == "trained":  # an optimizer step on factors that are views of the buffer
+        optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+        lora(input_ids=IDS, use_cache=False).logits.square().mean().backward()
+        optimizer.step()
+    if change == "disabled":
+        with lora.disable_adapter():
+            torch.testing.assert_close(_direct(lora), _eager(lora), atol=ATOL, rtol=0)
+            torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+        return
+    torch.testing.assert_close(_direct(lora), _eager(lora), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+
+
+def _direct(lora):
+    with torch.no_grad():
+        return lora.model(input_ids=IDS, use_cache=False).logits
+
+
+def test_the_inner_model_called_directly_reads_the_factors_of_the_moment():
+    lora = _compiled(_model(), Counting())
+    _warm(lora)
+    with torch.no_grad():
+        _first_layer(lora).adapters["a0"].lora_A.add_(1.0)
+        direct = lora.model(input_ids=IDS, use_cache=False).logits
+    torch.testing.assert_close(direct, _eager(lora), atol=ATOL, rtol=0)
+
+
+def test_nothing_is_packed_where_no_compiled_inference_step_ran():
+    lora = _model()
+    _step(lora)
+    _step(lora)
+    lora = _compiled(lora, Counting())
+    lora(input_ids=IDS, use_cache=False).logits.sum().backward()
+    lora(input_ids=IDS, use_cache=False)
+    assert not lora.state.pack_wanted
+    assert all(m._fast is None for m in lora.modules() if isinstance(m, LoraLayer))
+
+
+def test_saved_adapters_after_packing_load_back_the_same(tmp_path):
+    lora = _compiled(_model(), Counting())
+    expected = _warm(lora)
+    lora.save_pretrained(tmp_path)
+    torch._dynamo.reset()
+    fresh = _model()
+    fresh.load_adapter(tmp_path / "a0" if (tmp_path / "a0").exists() else tmp_path, "loaded")
+    fresh.set_adapter("loaded")
+    torch.testing.assert_close(_step(fresh), expected, atol=ATOL, rtol=0)
+
+
+def test_a_deep_copy_packs_its_own_factors():
+    lora = _compiled(_model(), Counting())
+    _warm(lora)
+    twin = copy.deepcopy(lora)
+    with torch.no_grad():
+        _first_layer(twin).adapters["a0"].lora_B.add_(1.0)
+    torch.testing.assert_close(_warm(twin), _eager(twin), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+    assert all(m._fast is not None for m in twin.modules() if isinstance(m, LoraLayer))
+
+
+def test_a_factor_shared_by_two_layers_is_read_where_it_is():
+    lora = _model()
+    attention = lora.model.model.layers[0].self_attn
+    attention.o_proj.adapters["a0"].lora_A = attention.q_proj.adapters["a0"].lora_A  # both 4 x 32
+    _compiled(lora, Counting())
+    _warm(lora)
+    with torch.no_grad():
+        attention.q_proj.adapters["a0"].lora_A.mul_(-3.0)  # one write, read by both layers
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
