@@ -36,7 +36,6 @@ from torch.nn.modules.module import (
 from torch.nn.utils import parametrize
 
 from lorakit import ops, packed
-from lorakit import state as adapter_state
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
@@ -104,9 +103,6 @@ class LoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        fast = self.__dict__["_fast"]
-        if fast is not None and not (args or kwargs) and _packed_step(self):  # a compiled inference step
-            return _packed_linear(x, self._modules["base_layer"], fast)
         routing = self.state.routing_now() if self.state.enabled else None
         outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
         if routing is not None and not outside:
@@ -121,7 +117,10 @@ class LoraLayer(nn.Module):
             out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
             return _routed_outside_graph(self, x, out) if outside else self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
-        if not (args or kwargs) and self.state.enabled and _packed_step(self):  # a compiled inference step
+        if _reads_pack(self, base, args, kwargs):  # a compiled inference step
+            fast = self.__dict__["_fast"]
+            if fast is not None:
+                return _packed_linear(self, x, base, fast)
             self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
@@ -610,20 +609,18 @@ _UNROUTABLE = (
 )
 
 
-def _packed_step(layer: LoraLayer) -> bool:
-    """A compiled inference step of a bare linear layer outside any routed block: the graph reads the views of
-    lorakit.packed's buffer, one input for the model instead of two a layer (eagerly the factors themselves serve).
-    Nothing here reads the layer's AdapterState: whatever of it the offsets depend on takes them away when it
-    changes (lorakit.state.packs_stale), so the graph guards each layer's offsets and one global, where reading the
-    state would add a check that every layer still shares it (111 for 16 layers)."""
+def _reads_pack(layer: LoraLayer, base: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A compiled inference step of a bare linear layer: the graph reads the views of lorakit.packed's buffer,
+    one input for the model instead of two a layer. Eagerly the factors themselves (and their kept casts) serve."""
     return (
         torch.compiler.is_compiling()
-        and not (layer.training or torch.is_grad_enabled() or adapter_state.ROUTED_BLOCKS)
-        and _is_bare_linear(layer._modules["base_layer"])
+        and not (layer.training or torch.is_grad_enabled() or args or kwargs)
+        and layer.state.enabled
+        and _is_bare_linear(base)
     )
 
 
-def _packed_linear(x: Tensor, base: nn.Module, fast: tuple) -> Tensor:
+def _packed_linear(layer: LoraLayer, x: Tensor, base: nn.Module, fast: tuple) -> Tensor:
     """base(x) + s B (A x) with A and B read from the buffer at the layer's offsets (eval mode: no dropout)."""
     number, (a_at, a_rows, a_cols), (b_at, b_rows, b_cols), scale = fast
     buffer = packed.BUFFERS[number]

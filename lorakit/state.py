@@ -130,7 +130,6 @@ def tables_fresh(state: AdapterState) -> None:
 
 
 STALE_HOOKS: list[Callable[[AdapterState], None]] = []  # run as a state's pack goes stale (lorakit.packed's)
-ROUTED_BLOCKS = 0  # routed blocks running, any state's: a layer reading a pack checks this, not its state
 
 
 def packs_fresh(state: AdapterState) -> None:
@@ -164,12 +163,11 @@ class AdapterState:
     pack_wanted = False  # set by a compiled model's unrouted inference step
     pack_owner: int | None = None  # id() of the state the buffers were made for (a deep copy's differs)
     pack_active: tuple[str, ...] = ()  # the active adapters they were made for
-    _enabled = True  # see `enabled`
 
     def __init__(self) -> None:
         self.active: list[str] = []
         self.trainable: set[str] = set()
-        self._enabled = True
+        self.enabled: bool = True
         self.parents: dict[str, str | None] = {}
         self.routing: Routing | None = None
         self._routings: OrderedDict[tuple[str, ...], Routing] = OrderedDict()  # recent; cleared when the tree changes
@@ -244,15 +242,6 @@ class AdapterState:
         self.active, self.trainable = active, set(trainable)
         packs_stale(self)
 
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._enabled = value
-        packs_stale(self)  # the layers' offsets stand for "enabled": they go with it
-
     def live(self, present: Sequence[str]) -> list[str]:
         """Active names among `present` (a layer's unmerged adapters), in activation order; none when disabled."""
         if not self.enabled:
@@ -294,15 +283,12 @@ class AdapterState:
         """Routes rows for the duration of the block; cleared on the way out, exceptions included."""
         if self.routing is not None:
             raise LorakitError("a routed forward is already running; routed calls do not nest")
-        global ROUTED_BLOCKS
         self.routing = routing
-        ROUTED_BLOCKS += 1
         try:
             for hook in ENTRY_HOOKS:
                 hook(self, routing)
             yield routing
         finally:
-            ROUTED_BLOCKS -= 1
             self.routing = None
             if self.gather_slots is not None:
                 self.gather_slots = None
