@@ -2,9 +2,10 @@
 
 64 token rows, each on its own adapter of 64 (r16, bf16 factors), one decode step's routed term of one layer:
   base       the layer's own GEMV, x W^T (cuBLAS), for scale
-  gathered   the two kernels with the shipped tiles (ops/triton/gathered.launch's defaults)
+  gathered   the two kernels with the shipped tiles (ops/triton/gathered.launch's defaults), element loads
+  aligned    the same with ALIGNED (the table's addresses declared 16-byte aligned: 16-byte loads)
   floor      the bytes the step must read (the 64 adapters' factors once) at --bandwidth GB/s
-  sweep      the kernels over --sweep's tile choices; the best is printed (how the defaults were chosen)
+  sweep      both forms over --sweep's tile choices; the best of each is printed (how the defaults were chosen)
 Timing: triton.testing.do_bench_cudagraph (replayed in a CUDA graph, as in a compiled decode step), over --copies
 copies of the adapters in turn, so their factors come from memory, not L2. Each result is checked against float64.
 
@@ -76,25 +77,26 @@ def _projection(n_in: int, n_out: int, args) -> dict:
     slots = (torch.arange(args.rows, device="cuda", dtype=torch.int32) % args.adapters)[:, None]
     weights = [torch.randn(n_out, n_in, device="cuda").bfloat16() for _ in range(args.copies)]
 
-    def gathered(i, tiles=()):
+    def gathered(i, tiles=(), aligned=False):
         t = tables[i]
-        launch(out, x, slots, t.entries, t.block_r, t.code, **dict(zip(TILE_NAMES, tiles, strict=False)))
+        launch(out, x, slots, t.entries, t.block_r, t.code, aligned, **dict(zip(TILE_NAMES, tiles, strict=False)))
 
-    check = out.clone()
-    launch(check, x, slots, tables[0].entries, tables[0].block_r, tables[0].code)
+    assert all(t.aligned for t in tables)  # fresh tensors: the aligned form reads them correctly
     wide = [LoraFactors(f.lora_A.double(), f.lora_B.double(), f.scale, 0.0) for f in tables[0].factors]
-    want = reference.add_gathered_lora(out.double(), x.double(), slots, wide)
+    want = reference.add_gathered_lora(out.double(), x.double(), slots, wide)  # before any timed call
     moved = args.adapters * args.rank * (n_in + n_out) * 2 + args.rows * (n_in + 2 * n_out) * 2
-    row = {
-        "base_us": _time(lambda i: F.linear(x, weights[i]), args.copies),
-        "gathered_us": _time(gathered, args.copies),
-        "floor_us": moved / args.bandwidth / 1e3,
-        "max_rel_error": ((check.double() - want).abs().max() / want.abs().max()).item(),
-    }
-    if args.sweep:
-        timed = {tiles: _time(lambda i, t=tiles: gathered(i, t), args.copies) for tiles in SWEEP}
-        best = min(timed, key=timed.get)
-        row["sweep_best"], row["sweep_best_us"] = dict(zip(TILE_NAMES, best, strict=True)), timed[best]
+    row = {"base_us": _time(lambda i: F.linear(x, weights[i]), args.copies), "floor_us": moved / args.bandwidth / 1e3}
+    start = out.clone()  # the timed calls add into `out`
+    for form, aligned in (("gathered", False), ("aligned", True)):
+        check = start.clone()
+        launch(check, x, slots, tables[0].entries, tables[0].block_r, tables[0].code, aligned)
+        row[f"{form}_us"] = _time(lambda i, a=aligned: gathered(i, aligned=a), args.copies)
+        row[f"{form}_max_rel_error"] = ((check.double() - want).abs().max() / want.abs().max()).item()
+        if args.sweep:
+            timed = {tiles: _time(lambda i, t=tiles, a=aligned: gathered(i, t, a), args.copies) for tiles in SWEEP}
+            best = min(timed, key=timed.get)
+            row[f"{form}_sweep_best"] = dict(zip(TILE_NAMES, best, strict=True))
+            row[f"{form}_sweep_best_us"] = timed[best]
     return row
 
 

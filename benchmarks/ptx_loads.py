@@ -3,16 +3,15 @@ global loads in their PTX by width. A factor's address comes from the table as a
 nothing of its alignment unless told: 16-bit loads (`ld.global.b16`) are one element each, 128-bit ones
 (`ld.global.v4`) eight bf16 at once.
 
-    --pointer-hint  compiles them as if the table's addresses were declared 16-byte aligned on the pointer
-                    (`tl.multiple_of(ptr, 16)` after the cast; the same hint on the integer does not reach the loads).
-                    The expand's loads of B stay 16-bit: its rows' stride is the rank, read from the table, and
-                    needs its own hint (`tl.multiple_of(rank, 8)`, in results/
-                    decode_step_gpu_h100_2026-11-27_unrouted_tables.patch, which has both).
+    --aligned   compiles them with ALIGNED (GatherTable.aligned: every address and row 16-byte aligned), which
+                declares the pointers aligned (`tl.multiple_of(ptr, 16)` on the cast, inside gathered._address: the
+                same hint on the integer, or on the caller's copy, does not reach the loads) and B's row stride, the
+                rank read from the table, a multiple of 8 elements.
 
 Needs torch and triton (CPU-only machines too: ptxas ships with triton). The shapes are decode-64's q_proj: bf16,
 r16, 2048 inputs, 128-column shrink chunks, 256-output expand blocks (ops/triton/gathered.launch's tiles).
 
-Run: PYTHONPATH=. python benchmarks/ptx_loads.py [--pointer-hint]
+Run: PYTHONPATH=. python benchmarks/ptx_loads.py [--aligned]
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import sys
 
 try:
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 except ImportError:
@@ -32,19 +30,6 @@ except ImportError:
 from lorakit.ops.triton import gathered
 
 WIDTHS = {"16-bit": r"ld\.global(\.nc)?\.b16", "64-bit": r"ld\.global(\.nc)?\.v2", "128-bit": r"ld\.global(\.nc)?\.v4"}
-
-
-@triton.jit
-def _hinted_address(raw, CODE: tl.constexpr):
-    """gathered._address with the hint on the pointer it returns (a hint on a call's result is lost as the call is
-    inlined, so the cast is repeated here)."""
-    if CODE == 0:
-        ptr = raw.to(tl.pointer_type(tl.bfloat16))
-    elif CODE == 1:
-        ptr = raw.to(tl.pointer_type(tl.float16))
-    else:
-        ptr = raw.to(tl.pointer_type(tl.float32))
-    return tl.multiple_of(ptr, 16)
 
 
 def ptx(kernel, signature: dict[str, str], constants: dict, aligned: tuple[int, ...], warps: int) -> str:
@@ -62,26 +47,24 @@ def counts(text: str) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pointer-hint", action="store_true", help="addresses declared 16-byte aligned")
+    parser.add_argument("--aligned", action="store_true", help="addresses and rows declared 16-byte aligned")
     args = parser.parse_args()
-    if args.pointer_hint:
-        gathered._address = _hinted_address  # the kernels look it up by name as they compile
     shrink = ptx(
         gathered._shrink_kernel,
         dict(x_ptr="*bf16", slots_ptr="*i32", entries_ptr="*i64", part_ptr="*fp32", n_tokens="i32", n_in="i32",
              chunk="i32"),
-        dict(PATHS=1, BLOCK_R=16, BLOCK_K=128, CODE=0),
+        dict(PATHS=1, BLOCK_R=16, BLOCK_K=128, CODE=0, ALIGNED=args.aligned),
         aligned=(0, 1, 2, 3, 5, 6),
         warps=1,
     )  # fmt: skip
     expand = ptx(
         gathered._expand_kernel,
         dict(part_ptr="*fp32", slots_ptr="*i32", entries_ptr="*i64", out_ptr="*bf16", n_tokens="i32", n_out="i32"),
-        dict(CHUNKS=16, PATHS=1, BLOCK_R=16, BLOCK_N=256, CODE=0),
+        dict(CHUNKS=16, PATHS=1, BLOCK_R=16, BLOCK_N=256, CODE=0, ALIGNED=args.aligned),
         aligned=(0, 1, 2, 3, 5),
         warps=4,
     )
-    print(f"triton {triton.__version__}, sm_90, pointer hint: {args.pointer_hint}")
+    print(f"triton {triton.__version__}, sm_90, aligned: {args.aligned}")
     print(f"shrink global loads by width: {counts(shrink)}")
     print(f"expand global loads by width: {counts(expand)}")
 

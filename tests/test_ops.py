@@ -474,3 +474,22 @@ def test_a_gather_table_keeps_what_its_addresses_point_into():
     factors[1].lora_B.data = torch.zeros(5, 3)
     assert old in [t.data_ptr() for t in table.storages]
     assert table.entries[1, 1].item() == old
+
+
+def test_a_gather_table_says_aligned_only_where_every_address_and_row_is():
+    """The kernels load 16 bytes at a time only from an aligned table: one misaligned factor, or rows whose width
+    is not a multiple of 16 bytes, and the whole table takes element loads (ops.gathered._aligned)."""
+    gen = torch.Generator().manual_seed(3)
+
+    def factors(rank: int = 8, n_in: int = 16, offset: int = 0) -> list:
+        a = torch.randn(rank * n_in + offset, generator=gen)[offset:].view(rank, n_in)
+        return [ops.LoraFactors(a, torch.randn(12, rank, generator=gen), 1.0, 0.0)] * 2
+
+    assert ops.gather_table(factors()).aligned
+    assert not ops.gather_table(factors(offset=1)).aligned  # A starts 4 bytes past an aligned address
+    assert not ops.gather_table(factors(rank=3)).aligned  # B's rows are 12 bytes
+    assert not ops.gather_table(factors(n_in=6)).aligned  # A's rows are 24 bytes
+    table = ops.gather_table(factors())
+    assert ops.gathered.refill(table, ops.gather_table(factors(offset=1))) is not table  # the kernels' form changes
+    same = ops.gather_table(factors())
+    assert ops.gathered.refill(table, same) is table

@@ -26,6 +26,7 @@ from lorakit.ops.reference import LoraFactors
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels' factor dtypes, by their code
 MAX_RANK = 128  # above this, the kernels' rank-wide tiles would spill registers: such layers keep the other paths
 MAX_TOKENS = 256  # token rows a step may have: each reads its adapters' factors whole, right for decode steps only
+VECTOR_LOADS = True  # aligned tables load 16 bytes at a time (benchmarks/decode_step_gpu.py turns it off to compare)
 
 
 @dataclass(eq=False)
@@ -40,6 +41,7 @@ class GatherTable:
     n_out: int
     block_r: int  # the widest rank, rounded up to a power of two (at least 16)
     storages: list[Tensor]  # aliases of the factors the entries point into: a `.data` assigned cannot free them
+    aligned: bool = False  # every factor's address and row 16-byte aligned: the kernels load 16 bytes at a time
 
     @property
     def code(self) -> int:
@@ -69,14 +71,21 @@ def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
         entries = torch.tensor(_rows(factors), dtype=torch.int64).to(device)
         storages = [t.detach() for f in held for t in (f.lora_A, f.lora_B)]
     torch._dynamo.mark_static_address(entries)  # CUDA graphs read it in place; refills keep its address
-    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r, storages)
+    aligned = VECTOR_LOADS and all(_aligned(f) for f in held)
+    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r, storages, aligned)
+
+
+def _aligned(f: LoraFactors) -> bool:
+    size = f.lora_A.element_size()
+    rows = (f.lora_A.shape[1] * size, f.lora_B.shape[1] * size)  # A's rows are `in` wide, B's `rank`
+    return all(t.data_ptr() % 16 == 0 for t in (f.lora_A, f.lora_B)) and all(r % 16 == 0 for r in rows)
 
 
 def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
     """`fresh` written into `table`'s own tensor where both are specialised alike (a compiled graph keeps reading
     the same address, so nothing recompiles or records again), else `fresh` itself."""
-    same = (table.entries.shape, table.dtype, table.n_in, table.n_out, table.block_r) == (
-        fresh.entries.shape, fresh.dtype, fresh.n_in, fresh.n_out, fresh.block_r
+    same = (table.entries.shape, table.dtype, table.n_in, table.n_out, table.block_r, table.aligned) == (
+        fresh.entries.shape, fresh.dtype, fresh.n_in, fresh.n_out, fresh.block_r, fresh.aligned
     )  # fmt: skip
     if not same or table.entries.device != fresh.entries.device:
         return fresh

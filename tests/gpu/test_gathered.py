@@ -59,6 +59,31 @@ def test_the_kernels_add_each_rows_adapters_as_float64_math_does(x_dtype, factor
     assert not torch.allclose(got[~base_rows], out[~base_rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "one-element-off"])
+def test_the_kernels_with_16_byte_loads_match_float64_math(dtype, offset):
+    """Ranks that keep every row 16-byte aligned: the kernels load 16 bytes at a time (GatherTable.aligned); the
+    same factors one element past an aligned address keep element loads. Both as float64 math."""
+    gen = torch.Generator(CUDA).manual_seed(2)
+    n_in, n_out, factors = 2048, 520, []
+    for g, rank in enumerate((8, 16, 64, 128)):
+        values = torch.randn(rank, n_in, device=CUDA, generator=gen).div_(n_in**0.5)
+        a = torch.empty(rank * n_in + offset, device=CUDA, dtype=dtype)[offset:].view(rank, n_in).copy_(values)
+        b = torch.randn(n_out, rank, device=CUDA, generator=gen).div_(rank**0.5).to(dtype)
+        factors.append(LoraFactors(a, b, 0.5 + g, 0.0))
+    table = gather_table(factors)
+    assert table.aligned == (offset == 0)
+    x = torch.randn(64, n_in, device=CUDA, generator=gen).to(dtype)
+    out = torch.randn(64, n_out, device=CUDA, generator=gen).to(dtype)
+    slots = (torch.arange(64, device=CUDA, dtype=torch.int32) % 4)[:, None]
+    want = reference.add_gathered_lora(out.double(), x.double(), slots, _wide(factors))
+    from lorakit.ops.triton.gathered import add_gathered_lora
+
+    got = add_gathered_lora(out.clone(), x, slots, table)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
 NAMES = [f"a{i}" for i in range(4)]
 
 
