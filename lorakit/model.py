@@ -73,7 +73,8 @@ class LoraModel(nn.Module):
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The base's generate; adapter_names routes each input row (and the beams or samples it expands to)."""
         if adapter_names is None:
-            self._unrouted()
+            with torch.no_grad():  # generate records no gradients: its compiled steps may read the pack
+                self._unrouted()
             return self.model.generate(*args, **kwargs)
         with self.routed(adapter_names, _batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)

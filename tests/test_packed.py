@@ -222,3 +222,18 @@ def test_a_factor_shared_by_two_layers_is_read_where_it_is():
     with torch.no_grad():
         attention.q_proj.adapters["a0"].lora_A.mul_(-3.0)  # one write, read by both layers
     torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+
+
+def test_generate_reads_the_buffer_from_its_second_call():
+    """transformers' generate compiles the model inside for a static cache; its first call asks for the buffer, the
+    next one reads it, with the eager model's tokens both times."""
+    lora = _model()
+    ids = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    with torch.compiler.set_stance("force_eager"):
+        want = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    _compiled(lora, "eager")
+    torch.testing.assert_close(lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5), want)
+    assert all(m._fast is None for m in lora.modules() if isinstance(m, LoraLayer))
+    torch.testing.assert_close(lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5), want)
+    assert all(m._fast is not None for m in lora.modules() if isinstance(m, LoraLayer))
