@@ -96,10 +96,17 @@ class LoraConfig:
     def __post_init__(self) -> None:
         checks.check_fields(self, _FIELD_CHECKS)
         _check_variant(self)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            self.target_modules = "all-linear"  # PEFT reads the shorthand in any case
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError(
                 "layers_to_transform cannot be combined with a regex target_modules; "
                 "put the layer indices into the regex instead"
+            )
+        if self.layers_pattern and (self.layers_to_transform is None or isinstance(self.target_modules, str)):
+            raise ConfigError(
+                "layers_pattern only names where layers_to_transform's indices are read; give layers_to_transform "
+                "too, with target_modules as a list of names (as PEFT requires), or drop layers_pattern"
             )
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:

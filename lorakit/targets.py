@@ -232,7 +232,10 @@ def _selected(path: str, module: nn.Module, targets, head: nn.Module | None, con
         re.fullmatch(excluded, path) if isinstance(excluded, str) else _matches_any(path, excluded)
     ):
         return False
-    return config.layers_to_transform is None or _layer_index(path, config) in config.layers_to_transform
+    named_in_full = isinstance(targets, list) and path in targets  # adapted whatever layers_to_transform says (PEFT)
+    if named_in_full or not config.layers_to_transform:  # [] filters nothing (PEFT)
+        return True
+    return _layer_index(path, config) in config.layers_to_transform
 
 
 def _is_plain_matmul(module: nn.Module) -> bool:
@@ -241,12 +244,15 @@ def _is_plain_matmul(module: nn.Module) -> bool:
 
 
 def _layer_index(path: str, config: LoraConfig) -> int | None:
+    """The first numbered segment after a name (the block: T5's decoder.block.1.layer.0, an expert inside
+    layers.1.experts.3), or the one after `layers_pattern`, which may open the path; PEFT's rule."""
     patterns = config.layers_pattern
-    if patterns is None:
-        match = re.match(r".*\.[^.]*\.(\d+)\.", path)
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
     else:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf".*\.{pattern}\.(\d+)\.", path)
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
             if match:
                 break
     return int(match.group(1)) if match else None

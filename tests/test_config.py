@@ -31,6 +31,8 @@ def test_rank_must_be_a_positive_integer(r):
         ({"target_modules": 3}, "target_modules must be"),
         ({"rank_pattern": {"q": 0}}, r"rank_pattern\['q'\]"),
         ({"target_modules": ".*q", "layers_to_transform": [0]}, "layers_to_transform"),
+        ({"target_modules": ["q"], "layers_pattern": "layers"}, "layers_pattern only names"),
+        ({"target_modules": ".*q", "layers_pattern": "layers"}, "layers_pattern only names"),
     ],
 )
 def test_bad_values_are_named(kwargs, message):
@@ -347,3 +349,7 @@ def test_unconverted_pissa_and_olora_folders_load_like_peft(tmp_path, init):
     x = torch.randn(4, 6)
     expected = peft.PeftModel.from_pretrained(mlp(), tmp_path)(x)
     torch.testing.assert_close(LoraModel.from_pretrained(mlp(), tmp_path)(x), expected, atol=1e-6, rtol=0)
+
+
+def test_the_all_linear_shorthand_is_read_in_any_case_as_peft_reads_it():
+    assert LoraConfig(target_modules="All-Linear").target_modules == "all-linear"

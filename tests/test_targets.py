@@ -137,3 +137,41 @@ def test_a_deep_copy_with_target_parameters_is_independent():
     assert type(merged.lin0) is nn.Linear and type(model.model.lin0.base_layer) is not nn.Linear
     model.merge_and_unload()  # the original still unwraps on its own
     assert type(model.model.lin0) is nn.Linear
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4)
+    )
+
+
+def _llama_body():
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return LlamaModel(config)
+
+
+@pytest.mark.parametrize(
+    "build,kwargs",
+    [
+        (_t5, {"target_modules": ["q"], "layers_to_transform": [1]}),  # block 1, not every block's layer.1
+        (_t5, {"target_modules": ["q", "wo"], "layers_to_transform": 0, "layers_pattern": "block"}),
+        (_llama_body, {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "layers"}),
+        (tiny_llama, {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}),
+        (tiny_llama, {"target_modules": ["q_proj"], "layers_to_transform": []}),  # no filter
+    ],
+    ids=["t5-first-index", "t5-pattern", "pattern-opens-the-path", "full-path-skips-the-filter", "empty-list"],
+)
+def test_layers_to_transform_selects_the_modules_peft_selects(build, kwargs):
+    ours = _adapted(get_lora_model(build(), LoraConfig(**kwargs)))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**kwargs))
+    expected = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert ours == expected and ours
