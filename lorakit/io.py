@@ -258,13 +258,20 @@ def _value_problem(key: str, tensor: Tensor, target: Tensor) -> str | None:
 
 def _without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     # With bias="all" PEFT also writes the biases inside its modules_to_save wrapper:
-    # "<m>.modules_to_save.bias" is the trained copy's bias (also under "<m>.bias"), and
-    # "<m>.original_module.bias" the frozen base's, which an adapter does not carry.
+    # "<m>.modules_to_save.bias" (or "<m>.modules_to_save.<adapter>.<sub>.bias" for a module with submodules) is the
+    # trained copy's bias, also under "<m>.bias" ("<m>.<sub>.bias"), and "<m>.original_module..." the frozen
+    # base's, which an adapter does not carry.
     out = {}
     for key, value in weights.items():
         if ".original_module." in key:
             continue
-        out.setdefault(key.replace(".modules_to_save.", "."), value)
+        if ".modules_to_save." in key:
+            head, tail = key.split(".modules_to_save.", 1)
+            named = f"{head}.{tail.split('.', 1)[-1]}"  # the adapter's name dropped
+            if named in weights:
+                continue
+            key = f"{head}.{tail}"
+        out.setdefault(key, value)
     return out
 
 

@@ -286,3 +286,18 @@ def test_tensor_roles_name_each_factor_rank_and_saved_module(tmp_path):
         assert item.rank == layers[item.module].adapters["default"].r  # 4 for query, 2 for value
     assert {item.module for item in by_role["saved"]} == {"classifier"}
     assert "other" not in by_role
+
+
+def test_peft_bias_all_file_with_a_saved_module_holding_submodules_loads(tmp_path):
+    """bias="all" with a modules_to_save module that has submodules (BERT's pooler): PEFT's file also carries
+    "pooler.modules_to_save.<adapter>.dense.bias", a copy of "pooler.dense.bias"; it loads, with PEFT's outputs."""
+    config = peft.LoraConfig(target_modules=["query"], modules_to_save=["pooler"], bias="all", init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_bert_cls(), config).eval()
+    with torch.no_grad():
+        theirs.base_model.model.bert.pooler.modules_to_save["default"].dense.bias.add_(0.5)  # the copy trained
+    theirs.save_pretrained(tmp_path)
+    assert any(".modules_to_save.default.dense.bias" in k for k in load_file(tmp_path / WEIGHTS_NAME))
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    ours = LoraModel.from_pretrained(tiny_bert_cls(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
