@@ -100,12 +100,17 @@ def _projection(n_in: int, n_out: int, args) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decode step's shape: rows, each on its own adapter of --adapters, over --copies copies (not from L2)."""
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--copies", type=int, default=4, help="copies of the adapters, used in turn (not from L2)")
+    parser.add_argument("--copies", type=int, default=4, help="copies of the adapters (and W), used in turn")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    case_arguments(parser)
     parser.add_argument("--bandwidth", type=float, default=3350.0, help="GB/s for the floor (H100 SXM: 3350)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json")

@@ -27,7 +27,7 @@ try:
 except ImportError:
     sys.exit("benchmarks/overlap_gpu.py needs triton and a CUDA GPU")
 
-from gathered_gpu import SHAPES, _tables
+from gathered_gpu import SHAPES, _tables, case_arguments
 
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
@@ -119,10 +119,7 @@ def _projection(n_in: int, n_out: int, args, side: torch.cuda.Stream) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--adapters", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--copies", type=int, default=4, help="copies of W and the adapters, used in turn")
+    case_arguments(parser)
     parser.add_argument("--aligned", action="store_true", help="16-byte loads (GatherTable.aligned) and their tiles")
     parser.add_argument("--json")
     args = parser.parse_args()

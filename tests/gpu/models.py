@@ -1,5 +1,5 @@
-"""A model factory for the GPU tests' `lorakit train` runs (no tokenizer, no download): repeated blocks in a
-ModuleList, so FSDP2 shards one block at a time."""
+"""Model factories for the GPU tests (no tokenizer, no download): repeated blocks in a ModuleList for `lorakit
+train` runs, so FSDP2 shards one block at a time; a two-layer Llama for the compiled decode tests."""
 
 from __future__ import annotations
 
@@ -71,3 +71,15 @@ tensorboard = false
 plots = false
 """)
     return config
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, device: str = "cuda") -> nn.Module:
+    """Two Llama layers (hidden 128, GQA) with seeded random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).to(device, dtype)

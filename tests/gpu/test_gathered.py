@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.layer import LoraLayer
 from lorakit.ops import gather_table, reference
 from lorakit.ops.reference import LoraFactors
+from tests.gpu.models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the gathered kernels need a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -88,13 +88,8 @@ NAMES = [f"a{i}" for i in range(4)]
 
 
 def _model(dtype: torch.dtype):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256,
-    )  # fmt: skip
     model = get_lora_model(
-        LlamaForCausalLM(config).to(CUDA, dtype),
+        tiny_llama(dtype),
         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
         adapter_name=NAMES[0],
     )

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_lora_model, packed
 from lorakit.layer import LoraLayer
+from tests.gpu.models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 def _model(dtype):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256,
-    )  # fmt: skip
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    model = get_lora_model(LlamaForCausalLM(config).to("cuda", dtype), lora, "a0", adapter_dtype=dtype)
+    model = get_lora_model(tiny_llama(dtype), lora, "a0", adapter_dtype=dtype)
     model.add_adapter("a1", lora, adapter_dtype=dtype)
     return model.eval()
 

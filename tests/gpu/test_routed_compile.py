@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_lora_model
+from tests.gpu.models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 NAMES = [f"a{i}" for i in range(4)]
 
 
 def _model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256,
-    )  # fmt: skip
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    model = get_lora_model(LlamaForCausalLM(config).cuda(), lora, adapter_name=NAMES[0])
+    model = get_lora_model(tiny_llama(), lora, adapter_name=NAMES[0])
     for name in NAMES[1:]:
         model.add_adapter(name, lora)
     return model.eval()
