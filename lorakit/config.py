@@ -8,6 +8,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,8 @@ class LoraConfig:
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha for one module: rank_pattern / alpha_pattern win over r / lora_alpha."""
         return (
-            _pattern_value(self.rank_pattern, module_path, self.r),
-            _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
+            _pattern_value("rank_pattern", self.rank_pattern, module_path, self.r),
+            _pattern_value("alpha_pattern", self.alpha_pattern, module_path, self.lora_alpha),
         )
 
     def scale(self, r: int, alpha: float) -> float:
@@ -267,11 +268,20 @@ def _check_variant(config: LoraConfig) -> None:
         )
 
 
-def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{pattern})$", module_path):
-            return value
-    return default
+def _pattern_value(field_name: str, patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """The first matching key's value, as PEFT takes it. Two keys that match one module with different values
+    are warned about: adapter_config.json stores keys sorted (as PEFT writes it), so a reload may take the other."""
+    found = [(p, v) for p, v in patterns.items() if re.match(rf"(.*\.)?(?:{p})$", module_path)]
+    clashing = [p for p, v in found[1:] if v != found[0][1]]
+    if clashing:
+        warnings.warn(
+            f"{field_name} keys {found[0][0]!r} and {clashing[0]!r} both match some modules with different values; "
+            "the first in the dict is used now, but adapter_config.json stores its keys sorted (as PEFT does), so "
+            "the adapter loaded back may use the other: make the patterns match disjoint modules",
+            UserWarning,
+            stacklevel=3,
+        )
+    return found[0][1] if found else default
 
 
 _FIELD_CHECKS: dict[str, checks.Check] = {

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import warnings
 
 import peft
 import pytest
@@ -353,3 +354,15 @@ def test_unconverted_pissa_and_olora_folders_load_like_peft(tmp_path, init):
 
 def test_the_all_linear_shorthand_is_read_in_any_case_as_peft_reads_it():
     assert LoraConfig(target_modules="All-Linear").target_modules == "all-linear"
+
+
+def test_pattern_keys_that_clash_on_a_module_are_warned_about():
+    """The first key wins, as in PEFT, but a saved config's keys come back sorted: the other may win after a load."""
+    config = LoraConfig(r=4, alpha_pattern={"q_proj": 64, r"layers\.0\.self_attn\.q_proj": 1})
+    with pytest.warns(UserWarning, match=r"alpha_pattern keys 'q_proj' and .*sorted"):
+        assert config.rank_and_alpha("model.layers.0.self_attn.q_proj") == (4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config.rank_and_alpha("model.layers.1.self_attn.q_proj") == (4, 64)  # one key matches
+        agreeing = LoraConfig(r=4, rank_pattern={"q_proj": 8, r".*\.q_proj": 8})
+        assert agreeing.rank_and_alpha("model.layers.0.self_attn.q_proj") == (8, 8)
