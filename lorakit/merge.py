@@ -29,8 +29,8 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module, names: list[str], safe: bool = False) -> nn.Module:
-    """The base model with the named adapters folded into its weights and no LoRA modules left."""
-    unmerge_adapters(model)
+    """The base model with the named adapters folded into its weights and no LoRA modules left; adapters merged
+    before stay merged (as PEFT: the model returned gives the outputs it gave, plus the named ones)."""
     merge_adapters(model, names, safe=safe)
     return unwrap_all(model, keep="active")
 

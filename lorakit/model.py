@@ -172,16 +172,36 @@ class LoraModel(nn.Module):
         config = self.peft_config.get(name)
         return bool(config is not None and getattr(config, "use_dora", False))
 
-    def set_adapter(self, names: str | list[str]) -> None:
+    def set_adapter(self, names: str | list[str], inference_mode: bool = False) -> None:
         """Makes `names` active (their contributions add up; a tree node brings its whole path); only `names`
-        themselves train, so a node's ancestors stay frozen."""
+        themselves train, so a node's ancestors stay frozen. As in PEFT, they train even if loaded frozen, unless
+        inference_mode=True."""
         names = [names] if isinstance(names, str) else list(names)
         self.state.check_known(names)
         path = self.state.paths(names)
         for _, saved in saved_modules(self.model):
             saved.copy_for(path)  # raises, before any change, if two of them own a copy of one module
+        if self.merged_adapters:  # as PEFT: a merged adapter would stay in every output whatever is active
+            warnings.warn(
+                f"adapters {self.merged_adapters} are merged: unmerging them before setting the active adapters",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
         self.state.activate(names)
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
         self._set_trainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's: the named adapters' parameters take gradients or not, active or not, until the next
+        set_adapter or add_adapter sets them from the active adapters again."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.state.check_known(names)
+        layers = [layer for _, layer in lora_layers(self.model)]
+        saved_copies = [saved for _, saved in saved_modules(self.model)]
+        for name in names:
+            self._train_adapter(name, requires_grad, layers, saved_copies)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -197,7 +217,8 @@ class LoraModel(nn.Module):
         if not self.peft_config:  # the last one: the model goes back to its own modules
             merge.unload(self.model)
         elif not self.state.active:
-            self.set_adapter(next(iter(self.peft_config)))
+            first = next(iter(self.peft_config))
+            self.set_adapter(first, inference_mode=self.peft_config[first].inference_mode)  # frozen stays frozen
         self._set_trainable()
 
     @contextmanager
@@ -288,12 +309,14 @@ class LoraModel(nn.Module):
         is_main_process: as in PEFT; with a model sharded by FSDP every rank calls this (the shards are gathered
         from all of them) and only the main process writes.
         """
-        for name in selected_adapters or list(self.peft_config):
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)  # []: none, as PEFT
+        self.state.check_known(names)  # before anything is written
+        for name in names:
             target = Path(directory) if name == "default" else Path(directory) / name
             initial = path_initial_model_for_weight_conversion
             io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial, write=is_main_process)
-        if any(self.state.parents.values()) and is_main_process:
-            self._save_tree_manifest(Path(directory), selected_adapters or list(self.peft_config))
+        if names and any(self.state.parents.values()) and is_main_process:
+            self._save_tree_manifest(Path(directory), names)
 
     def _save_tree_manifest(self, directory: Path, names: list[str]) -> None:
         """lorakit_tree.json next to the node folders: who is whose parent (each folder holds its own delta)."""
@@ -373,20 +396,23 @@ class LoraModel(nn.Module):
         layers = [layer for _, layer in lora_layers(self.model)]  # one walk for all names
         saved_copies = [saved for _, saved in saved_modules(self.model)]
         for name in self.peft_config if names is None else names:
-            config = self.peft_config[name]
-            train = name in self.state.trainable and not config.inference_mode
-            for layer in layers:
-                if name in layer.adapters:
-                    layer.adapters[name].requires_grad_(train)
-                    if config.bias == "lora_only" and layer.bias is not None and train:
-                        layer.bias.requires_grad_(True)
-            for saved in saved_copies:
-                if name in saved.copies:
-                    saved.copies[name].requires_grad_(train)
-            if config.bias == "all" and train:
-                for path, param in self.model.named_parameters():
-                    if path.endswith("bias") and ".original_module." not in path:
-                        param.requires_grad_(True)
+            train = name in self.state.trainable and not self.peft_config[name].inference_mode
+            self._train_adapter(name, train, layers, saved_copies)
+
+    def _train_adapter(self, name: str, train: bool, layers: list[LoraLayer], saved_copies: list) -> None:
+        config = self.peft_config[name]
+        for layer in layers:
+            if name in layer.adapters:
+                layer.adapters[name].requires_grad_(train)
+                if config.bias == "lora_only" and layer.bias is not None and train:
+                    layer.bias.requires_grad_(True)
+        for saved in saved_copies:
+            if name in saved.copies:
+                saved.copies[name].requires_grad_(train)
+        if config.bias == "all" and train:
+            for path, param in self.model.named_parameters():
+                if path.endswith("bias") and ".original_module." not in path:
+                    param.requires_grad_(True)
 
 
 def _adapter_parameters(module: LoraLayer | SavedModule) -> Iterator[nn.Parameter]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import peft
 import pytest
 import torch
@@ -18,7 +20,7 @@ from lorakit import (
     TrainableTokensConfig,
     get_lora_model,
 )
-from tests.cases import conv_mlp, mha_block, mlp, tiny_gpt2
+from tests.cases import conv_mlp, mha_block, mlp, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
 
@@ -245,3 +247,78 @@ def test_mha_refuses_dropout_and_dora():
         get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], lora_dropout=0.1))
     with pytest.raises(TargetError, match="use_dora=True needs a layer's output"):
         get_lora_model(mha_block(), LoraConfig(target_modules=["attn"], use_dora=True))
+
+
+def _two_adapter_models(tmp_path):
+    """PEFT and lorakit with the same adapters a (active) and b, both with random non-zero B, loaded from PEFT's
+    files."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / name)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a").eval()
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a").eval()
+    ours.load_adapter(tmp_path / "b", "b")
+    return theirs, ours
+
+
+def _logits(model) -> torch.Tensor:
+    ids = torch.arange(2, 12).view(2, 5)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_set_adapter_while_merged_unmerges_first_as_peft_does(tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path)
+    theirs.merge_adapter()
+    ours.merge_adapter()
+    theirs.set_adapter("b")
+    with pytest.warns(UserWarning, match=r"\['a'\] are merged"):
+        ours.set_adapter("b")
+    assert ours.merged_adapters == [] and ours.active_adapters == ["b"]
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("names", [None, ["a"]], ids=["active", "named"])
+def test_merge_and_unload_keeps_what_was_merged_before_as_peft_does(names, tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path)
+    theirs.merge_adapter(["b"])  # b merged, a active and not
+    ours.merge_adapter(["b"])
+    kwargs = {} if names is None else {"adapter_names": names}
+    expected = _logits(theirs.merge_and_unload(**kwargs))
+    torch.testing.assert_close(_logits(ours.merge_and_unload(**kwargs)), expected, atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_selected_adapters_as_peft_reads_them(tmp_path):
+    _, ours = _two_adapter_models(tmp_path / "in")
+    ours.save_pretrained(tmp_path / "none", selected_adapters=[])
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+    with pytest.raises(LorakitError, match=r"unknown adapter\(s\) \['zz'\]"):
+        ours.save_pretrained(tmp_path / "bad", selected_adapters=["a", "zz"])
+    assert not (tmp_path / "bad").exists()  # nothing written before the names were checked
+    ours.save_pretrained(tmp_path / "one", selected_adapters=["b"])
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["b"]
+
+
+def test_set_adapter_trains_an_adapter_loaded_frozen_unless_inference_mode(tmp_path):
+    """PEFT's set_adapter(name, inference_mode=False) and set_requires_grad: the same parameters take gradients."""
+    theirs, ours = _two_adapter_models(tmp_path)  # b loaded frozen in both
+
+    def trainable(model) -> set[str]:  # adapter names: PEFT's "...lora_A.<name>.weight", ours "...adapters.<name>..."
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return {m.group(1) for n in names if (m := re.search(r"\.(?:adapters|lora_[AB])\.([^.]+)", n))}
+
+    assert trainable(ours) == trainable(theirs) == set()
+    theirs.set_adapter("b")
+    ours.set_adapter("b")
+    assert trainable(ours) == trainable(theirs) == {"b"}
+    theirs.set_adapter("a", inference_mode=True)
+    ours.set_adapter("a", inference_mode=True)
+    assert trainable(ours) == trainable(theirs) == set()
+    theirs.set_requires_grad(["a", "b"])
+    ours.set_requires_grad(["a", "b"])
+    assert trainable(ours) == trainable(theirs) == {"a", "b"}
+    theirs.set_requires_grad("b", requires_grad=False)
+    ours.set_requires_grad("b", requires_grad=False)
+    assert trainable(ours) == trainable(theirs) == {"a"}
