@@ -96,3 +96,30 @@ def test_safe_merge_refuses_broken_weights_and_changes_nothing():
         if "lin2.adapters" not in name:
             assert torch.equal(param, before[name]), name
     assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: nn.Conv1d(2, 3, 3, padding=2, dilation=2),
+        lambda: nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=1, padding_mode="circular"),
+    ],
+    ids=["reflect", "dilated", "circular-strided"],
+)
+def test_a_conv_adapter_follows_the_base_conv_s_geometry(conv):
+    """A(x) is the base conv's own geometry (padding mode, dilation, stride), so the unmerged output is the conv
+    with W + dW, as merged (PEFT 0.21 builds A without padding_mode and dilation, and there differs from its merge)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv())
+    x = torch.randn(2, 2, 7) if isinstance(model[0], nn.Conv1d) else torch.randn(2, 2, 6, 5)
+    lora = get_lora_model(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        unmerged = lora(x)
+        layer = lora.model[0]
+        delta = layer.adapters["default"].delta_weight()
+        direct = layer.base_layer._conv_forward(x, layer.base_layer.weight + delta, layer.base_layer.bias)
+        lora.merge_adapter()
+        merged = lora(x)
+    torch.testing.assert_close(unmerged, direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
