@@ -298,7 +298,7 @@ class LoraModel(nn.Module):
     def save_pretrained(
         self,
         directory: str | Path,
-        selected_adapters: list[str] | None = None,
+        selected_adapters: list[str] | str | None = None,
         path_initial_model_for_weight_conversion: str | Path | None = None,
         is_main_process: bool = True,
     ) -> None:
@@ -309,7 +309,10 @@ class LoraModel(nn.Module):
         is_main_process: as in PEFT; with a model sharded by FSDP every rank calls this (the shards are gathered
         from all of them) and only the main process writes.
         """
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)  # []: none, as PEFT
+        if selected_adapters is None:
+            names = list(self.peft_config)
+        else:  # []: none, as PEFT; one name as a string: that adapter
+            names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
         self.state.check_known(names)  # before anything is written
         for name in names:
             target = Path(directory) if name == "default" else Path(directory) / name

@@ -299,6 +299,10 @@ def test_save_pretrained_selected_adapters_as_peft_reads_them(tmp_path):
     assert not (tmp_path / "bad").exists()  # nothing written before the names were checked
     ours.save_pretrained(tmp_path / "one", selected_adapters=["b"])
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["b"]
+    ours.save_pretrained(tmp_path / "named", selected_adapters="b")
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["b"]
+    with pytest.raises(LorakitError, match=r"\['zz'\]"):  # one name, not its letters
+        ours.save_pretrained(tmp_path / "bad", selected_adapters="zz")
 
 
 def test_set_adapter_trains_an_adapter_loaded_frozen_unless_inference_mode(tmp_path):
