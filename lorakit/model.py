@@ -181,9 +181,10 @@ class LoraModel(nn.Module):
         path = self.state.paths(names)
         for _, saved in saved_modules(self.model):
             saved.copy_for(path)  # raises, before any change, if two of them own a copy of one module
-        if self.merged_adapters:  # as PEFT: a merged adapter would stay in every output whatever is active
+        merged = self.merged_adapters  # a walk over the layers
+        if merged:  # as PEFT: a merged adapter would stay in every output whatever is active
             warnings.warn(
-                f"adapters {self.merged_adapters} are merged: unmerging them before setting the active adapters",
+                f"adapters {merged} are merged: unmerging them before setting the active adapters",
                 UserWarning,
                 stacklevel=2,
             )
@@ -198,10 +199,7 @@ class LoraModel(nn.Module):
         set_adapter or add_adapter sets them from the active adapters again."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self.state.check_known(names)
-        layers = [layer for _, layer in lora_layers(self.model)]
-        saved_copies = [saved for _, saved in saved_modules(self.model)]
-        for name in names:
-            self._train_adapter(name, requires_grad, layers, saved_copies)
+        self._train_adapters(dict.fromkeys(names, requires_grad))
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -396,26 +394,28 @@ class LoraModel(nn.Module):
 
     def _set_trainable(self, names: list[str] | None = None) -> None:
         """requires_grad of adapters `names` (all when None) from the state and their configs."""
-        layers = [layer for _, layer in lora_layers(self.model)]  # one walk for all names
-        saved_copies = [saved for _, saved in saved_modules(self.model)]
-        for name in self.peft_config if names is None else names:
-            train = name in self.state.trainable and not self.peft_config[name].inference_mode
-            self._train_adapter(name, train, layers, saved_copies)
+        names = self.peft_config if names is None else names
+        state = self.state
+        self._train_adapters({n: n in state.trainable and not self.peft_config[n].inference_mode for n in names})
 
-    def _train_adapter(self, name: str, train: bool, layers: list[LoraLayer], saved_copies: list) -> None:
-        config = self.peft_config[name]
-        for layer in layers:
-            if name in layer.adapters:
-                layer.adapters[name].requires_grad_(train)
-                if config.bias == "lora_only" and layer.bias is not None and train:
-                    layer.bias.requires_grad_(True)
-        for saved in saved_copies:
-            if name in saved.copies:
-                saved.copies[name].requires_grad_(train)
-        if config.bias == "all" and train:
-            for path, param in self.model.named_parameters():
-                if path.endswith("bias") and ".original_module." not in path:
-                    param.requires_grad_(True)
+    def _train_adapters(self, trains: dict[str, bool]) -> None:
+        """requires_grad of each named adapter's parameters (and the biases its config trains), one walk for all."""
+        layers = [layer for _, layer in lora_layers(self.model)]
+        saved_copies = [saved for _, saved in saved_modules(self.model)]
+        for name, train in trains.items():
+            config = self.peft_config[name]
+            for layer in layers:
+                if name in layer.adapters:
+                    layer.adapters[name].requires_grad_(train)
+                    if config.bias == "lora_only" and layer.bias is not None and train:
+                        layer.bias.requires_grad_(True)
+            for saved in saved_copies:
+                if name in saved.copies:
+                    saved.copies[name].requires_grad_(train)
+            if config.bias == "all" and train:
+                for path, param in self.model.named_parameters():
+                    if path.endswith("bias") and ".original_module." not in path:
+                        param.requires_grad_(True)
 
 
 def _adapter_parameters(module: LoraLayer | SavedModule) -> Iterator[nn.Parameter]:
