@@ -414,7 +414,7 @@ class LoraModel(nn.Module):
                     saved.copies[name].requires_grad_(train)
             if config.bias == "all" and train:
                 for path, param in self.model.named_parameters():
-                    if path.endswith("bias") and ".original_module." not in path:
+                    if path.rsplit(".", 1)[-1] == "bias" and ".original_module." not in path:  # PEFT's rule, as saved
                         param.requires_grad_(True)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import LoraConfig, LorakitError, LoraLayer, get_lora_model
+from lorakit import LoraConfig, LorakitError, LoraLayer, LoraModel, get_lora_model
 from tests.cases import CASES, Case, conv_mlp, ids_input, output, positional, tiny_bert_cls, tiny_llama
 
 
@@ -344,3 +344,36 @@ def test_delta_lora_through_lorakit_optim_updates_once():
     optimizer.step()
     change = adapter.delta_weight().detach() - delta0
     torch.testing.assert_close(layer.weight.detach(), w0 + change, atol=1e-6, rtol=0)
+
+
+class _WithAttention(nn.Module):
+    """A linear beside nn.MultiheadAttention, whose bias is a parameter named in_proj_bias, not bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(self.lin(x), x, x, need_weights=False)[0]
+
+
+def test_bias_all_trains_what_peft_trains_and_saves_it_all(tmp_path):
+    """bias="all" trains the parameters named `bias` (PEFT's rule), so every trained bias is in the saved file: a
+    parameter whose name only ends in "bias" (in_proj_bias) stays frozen, as in PEFT, and is not lost on save."""
+    torch.manual_seed(0)
+    base = _WithAttention()
+    ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["lin"], bias="all"))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["lin"], bias="all"))
+    trained = {n.removeprefix("model.") for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n}
+    expected = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
+    expected = {n for n in expected if "lora_" not in n}  # the biases: lin.base_layer.bias and the attention's
+    assert trained == expected and "mha.in_proj_bias" not in trained
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_()
+    x = torch.randn(2, 3, 8)
+    ours.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(x), ours(x), rtol=0, atol=1e-6)
