@@ -130,6 +130,8 @@ class LoraConfig:
         for key in ("target_modules", "exclude_modules"):
             if isinstance(out[key], list):
                 out[key] = sorted(out[key])
+        if out["target_modules"] is None and self.target_parameters:
+            out["target_modules"] = []  # PEFT reads null as its default modules, which this adapter has not
         return out
 
     @classmethod

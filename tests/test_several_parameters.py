@@ -160,3 +160,20 @@ def test_dropout_with_all_linear_on_fused_experts_names_where_the_weight_targets
     model = get_lora_model(_mixtral(), config)
     keys = adapter_tensors(model.model, "default", model.peft_config["default"])
     assert any(".experts." in key for key in keys)
+
+
+def test_a_file_of_target_parameters_alone_loads_in_peft_without_its_default_modules(tmp_path):
+    """An adapter of target_parameters only is saved with target_modules [] (not null, which PEFT reads as its
+    default modules for the architecture and adapts them too, from no tensors), so PEFT loads exactly it."""
+    from tests.cases import tiny_llama
+
+    ours = get_lora_model(tiny_llama(), LoraConfig(**_config(["mlp.up_proj.weight"]))).eval()
+    expected = _run(ours)
+    assert not torch.allclose(expected, _run(tiny_llama()), atol=1e-4), "the adapter must change the output"
+    ours.save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    adapted = {n.split(".lora_A")[0] for n, _ in back.named_parameters() if ".lora_A" in n}
+    assert adapted == {f"base_model.model.model.layers.{i}.mlp.up_proj" for i in range(2)}
+    torch.testing.assert_close(_run(back), expected, atol=ATOL, rtol=0)
+    again = LoraModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_run(again), expected, atol=ATOL, rtol=0)
