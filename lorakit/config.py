@@ -67,6 +67,8 @@ class LoraConfig:
 
     target_modules: names matched as suffixes of module paths, a regex matched against the whole path, or
     "all-linear" (every linear layer but the output head). None takes the architecture's default.
+    modules_to_save: modules trained in full, every one whose path ends with a name as text, as PEFT matches them
+    ("classifier" is also DistilBERT's pre_classifier; "norm" is also every input_layernorm).
     """
 
     r: int = 8

@@ -22,6 +22,7 @@ from lorakit.targets import (
     find_token_targets,
     logical_modules,
     modules_to_save,
+    saved_name_matches,
 )
 from lorakit.variants import TrainableTokens, VeraConfig, variant_for
 
@@ -199,11 +200,12 @@ def layer_chain(module: nn.Module) -> list[LoraLayer]:
 
 def _saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     wanted = modules_to_save(config)
-    paths = [p for p, _ in logical_modules(model) if any(p == w or p.endswith("." + w) for w in wanted)]
+    hits = [p for p, _ in logical_modules(model) if saved_name_matches(p, wanted)]
+    paths = [p for p in hits if not any(p.startswith(outer + ".") for outer in hits)]  # the outermost of nested hits
     # a task's usual head names (PEFT writes them into the config) may be absent; other names may not
     optional = TASK_HEADS.get(config.task_type or "", [])
     required = [w for w in config.modules_to_save or [] if w not in optional]
-    missing = [w for w in required if not any(p == w or p.endswith("." + w) for p in paths)]
+    missing = [w for w in required if not any(saved_name_matches(p, [w]) for p in hits)]
     if missing:
         names = sorted({p.rsplit(".", 1)[-1] for p, _ in logical_modules(model)})
         raise TargetError(f"modules_to_save {missing} match no module; module names in this model: {names}")

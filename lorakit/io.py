@@ -21,7 +21,7 @@ from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import layer_chain, lora_layers, saved_modules
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
-from lorakit.targets import modules_to_save
+from lorakit.targets import modules_to_save, saved_name_matches
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 from lorakit.variants.init import converted_config, converted_to_lora
 
@@ -119,7 +119,7 @@ def tensor_roles(
             roles.append(TensorRole(key, role[1], role[0], rank))
             continue
         parts = path.split(".")
-        hit = next((i for i, part in enumerate(parts) if part in saved), None)
+        hit = next((i for i in range(len(parts)) if saved_name_matches(".".join(parts[: i + 1]), saved)), None)
         if hit is not None:
             roles.append(TensorRole(key, ".".join(parts[: hit + 1]), "saved", None))
         else:

@@ -199,6 +199,12 @@ def modules_to_save(config: LoraConfig) -> list[str]:
     return list(config.modules_to_save or []) + TASK_HEADS.get(config.task_type or "", [])
 
 
+def saved_name_matches(path: str, names) -> bool:
+    """PEFT's rule for modules_to_save: the path ends with the name as text, not only at a dot ("classifier" is
+    DistilBERT's pre_classifier too, "norm" every layer's input_layernorm), unlike target_modules' names."""
+    return any(path.endswith(name) for name in names)
+
+
 def default_targets(model: nn.Module) -> list[str] | str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:

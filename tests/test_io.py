@@ -301,3 +301,53 @@ def test_peft_bias_all_file_with_a_saved_module_holding_submodules_loads(tmp_pat
     ours = LoraModel.from_pretrained(tiny_bert_cls(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def _distilbert_cls():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=64, dim=32, hidden_dim=48, n_layers=1, n_heads=4, max_position_embeddings=32, num_labels=2
+    )
+    return transformers.DistilBertForSequenceClassification(config).eval()
+
+
+def _llama():
+    from tests.cases import tiny_llama
+
+    return tiny_llama().eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "extra"),
+    [
+        (_distilbert_cls, {"task_type": "SEQ_CLS"}),  # its "classifier" head name is pre_classifier's ending too
+        (_llama, {"modules_to_save": ["norm"]}),  # model.norm and every layer's input/post_attention_layernorm
+    ],
+)
+def test_modules_to_save_names_end_paths_as_text_as_in_peft(build, extra, tmp_path):
+    """PEFT wraps every module whose path ends with a modules_to_save name as text, not only at a dot: the same
+    modules train in full here, and each side's file loads in the other with the same outputs."""
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    ours = get_lora_model(build(), LoraConfig(r=4, target_modules=["q_lin", "q_proj"], **extra))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=["q_lin", "q_proj"], **extra))
+    full = {n.split(".copies.")[0].removeprefix("model.") for n, p in ours.named_parameters() if ".copies." in n}
+    expected = {
+        n.split(".modules_to_save.")[0].removeprefix("base_model.model.")
+        for n, p in theirs.named_parameters()
+        if p.requires_grad and ".modules_to_save." in n
+    }
+    assert full == expected and len(full) >= 2
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.1)
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
