@@ -1,0 +1,89 @@
+"""The one-adapter inference composite at prefill sizes, whole and in row chunks, against the base GEMM alone.
+
+y = x W^T + s (x A^T) B^T through cuBLAS (lorakit.ops.triton.fused_linear._inference): t = x A^T, u = t B^T, then
+x W^T accumulated onto u by the GEMM's beta epilogue. At 2048 rows u is as large as y, written by one GEMM and read
+back by the next, which is most of the composite's cost over the base. In chunks of rows the u of one chunk may
+still be in L2 when the large GEMM reads it; each chunk's three GEMMs are launched in turn.
+
+bf16, r16, CUDA-graph replays over copies of the weights (256 MB) so W comes from memory.
+Run (CUDA): PYTHONPATH=. python benchmarks/prefill_chunks_gpu.py [--rows 2048] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from triton.testing import do_bench_cudagraph
+except ImportError:
+    sys.exit("benchmarks/prefill_chunks_gpu.py needs triton and a CUDA GPU")
+
+SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (2048, 512), "gate/up_proj": (2048, 8192), "down_proj": (8192, 2048)}
+
+
+def composite(x, w, a, b, scale, chunk: int):
+    """lorakit's composite over row chunks of `chunk` rows (all rows: as it ships)."""
+    y = x.new_empty(x.shape[0], w.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk]
+        yc = y[start : start + chunk]
+        torch.mm(torch.mm(xc, a.T), b.T, out=yc)
+        yc.addmm_(xc, w.T, beta=scale)
+    return y
+
+
+def base_then_term(x, w, a, b, scale):
+    """x W^T first, then s t B^T added in place (a K=16 GEMM reading and writing y)."""
+    return torch.mm(x, w.T).addmm_(torch.mm(x, a.T), b.T, alpha=scale)
+
+
+def _time(call, copies):
+    return 1e3 * do_bench_cudagraph(lambda: [call(i) for i in range(copies)], rep=200) / copies
+
+
+def _shape(n_in: int, n_out: int, rows: int) -> dict:
+    dtype, rank, scale = torch.bfloat16, 16, 2.0
+    copies = max(1, (256 << 20) // (n_in * n_out * 2 * 2))
+    ws = [torch.randn(n_out, n_in, device="cuda", dtype=dtype) / n_in**0.5 for _ in range(copies)]
+    a = (torch.randn(rank, n_in, device="cuda") / n_in**0.5).to(dtype)
+    b = (torch.randn(n_out, rank, device="cuda") * 0.1).to(dtype)
+    x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
+    xd, wd, ad, bd = (t.double() for t in (x, ws[0], a, b))
+    expected = xd @ wd.T + scale * (xd @ ad.T) @ bd.T
+    tol = 2e-2 * expected.abs().max().item()
+    row = {"base_us": _time(lambda i: F.linear(x, ws[i]), copies)}
+    forms = {f"chunks of {c}": (lambda i, c=c: composite(x, ws[i], a, b, scale, c)) for c in (rows, 1024, 512, 256)}
+    forms["base, then the term in place"] = lambda i: base_then_term(x, ws[i], a, b, scale)
+    for name, call in forms.items():
+        err = (call(0).double() - expected).abs().max().item()
+        if err > tol:
+            raise AssertionError(f"{n_in}->{n_out} {name}: max error {err:.3g} > {tol:.3g}")
+        row[name] = _time(call, copies)
+    row = {k: round(v, 2) for k, v in row.items()}
+    row.update({f"{k} / base": round(v / row["base_us"], 3) for k, v in row.items() if k != "base_us"})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": args.rows}
+    for name, (n_in, n_out) in SHAPES.items():
+        results[name] = _shape(n_in, n_out, args.rows)
+        print(name, results[name], flush=True)
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
