@@ -32,6 +32,12 @@ _PEFT_IGNORED = {
     "qalora_group_size",  # used only with use_qalora
     "eva_config", "corda_config", "loftq_config", "lora_ga_config",  # init-time settings
 }  # fmt: skip
+# what PEFT's fields that lorakit reads past hold, when present and not null
+_IGNORED_TYPES = {
+    "auto_mapping": dict, "peft_version": str, "revision": str, "runtime_config": dict, "megatron_core": str,
+    "megatron_config": dict, "qalora_group_size": int, "eva_config": dict, "corda_config": dict,
+    "loftq_config": dict, "lora_ga_config": dict,
+}  # fmt: skip
 _MERGE_IN_PEFT = "load it with PEFT and merge it into the base (merge_and_unload()), then use the merged model"
 # Settings that change the forward pass, refused unless at PEFT's default: key -> why, and what PEFT offers.
 PEFT_UNSUPPORTED = {
@@ -146,6 +152,13 @@ class LoraConfig:
             )
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        wrong = [
+            f"{key}={data[key]!r} (expected a {kind.__name__} or null)"
+            for key, kind in _IGNORED_TYPES.items()
+            if data.get(key) is not None and not isinstance(data[key], kind)
+        ]
+        if wrong:
+            raise ConfigError("adapter_config.json has settings of the wrong type: " + "; ".join(wrong))
         unsupported = [_unsupported(k, v) for k, v in data.items() if k not in known and k not in _PEFT_IGNORED]
         unsupported = [problem for problem in unsupported if problem]
         if unsupported:
@@ -162,7 +175,7 @@ class LoraConfig:
 
 def _unsupported(key: str, value: Any) -> str | None:
     """Why a key that is not a LoraConfig field cannot be ignored; None where it is at PEFT's default."""
-    if value in (None, False, {}, []):
+    if value is None or value is False or (isinstance(value, (dict, list)) and not value):  # not 0, which == False
         return None
     return f"{key}={value!r}: " + PEFT_UNSUPPORTED.get(key, "not a LoRA setting lorakit knows; remove it")
 

@@ -207,7 +207,8 @@ def _saved_module_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     required = [w for w in config.modules_to_save or [] if w not in optional]
     missing = [w for w in required if not any(saved_name_matches(p, [w]) for p in hits)]
     if missing:
-        names = sorted({p.rsplit(".", 1)[-1] for p, _ in logical_modules(model)})
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in logical_modules(model)} - {""})
+        names = [n for n in names if not n.isdigit()]  # a ModuleList's indices name no module kind
         raise TargetError(f"modules_to_save {missing} match no module; module names in this model: {names}")
     return paths
 

@@ -189,6 +189,8 @@ def read_config(directory: str | Path) -> LoraConfig | VeraConfig:
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
     directory = _adapter_dir(directory)
     path = directory / WEIGHTS_NAME
+    if path.exists() and not path.is_file():
+        raise AdapterFileError(f"{path} is a {'folder' if path.is_dir() else 'special file'}, not a safetensors file")
     if not path.exists():
         if (directory / "adapter_model.bin").exists():
             raise AdapterFileError(
@@ -222,7 +224,9 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
             )
     if problems:
         raise AdapterFileError(
-            "the adapter does not fit this base model (was it trained on another one?):\n  " + "\n  ".join(problems)
+            "the adapter file does not fit this base model as adapter_config.json adapts it (trained on another "
+            "base model, or a config whose r, target_modules, layers_to_transform or modules_to_save differ from "
+            "the ones that saved these tensors?):\n  " + "\n  ".join(problems)
         )
     bad = [p for key, t in expected.items() if key in weights and (p := _value_problem(key, weights[key], t))]
     if bad:
@@ -277,6 +281,10 @@ def _without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]
 
 def _adapter_dir(directory: str | Path) -> Path:
     directory = Path(directory)
+    if directory.is_file():
+        raise AdapterFileError(
+            f"{directory} is a file; pass the adapter folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
     atomic.check_complete(directory)

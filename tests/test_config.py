@@ -366,3 +366,26 @@ def test_pattern_keys_that_clash_on_a_module_are_warned_about():
         assert config.rank_and_alpha("model.layers.1.self_attn.q_proj") == (4, 64)  # one key matches
         agreeing = LoraConfig(r=4, rank_pattern={"q_proj": 8, r".*\.q_proj": 8})
         assert agreeing.rank_and_alpha("model.layers.0.self_attn.q_proj") == (8, 8)
+
+
+@pytest.mark.parametrize("value", [0, 1, "", "x", [0], {"a": 1}])
+def test_an_unknown_key_away_from_its_default_is_refused_zero_too(value):
+    """Unknown keys pass only at a default-like value (null, false, {} or []); 0 is not false there."""
+    with pytest.raises(ConfigError, match="foo_bar"):
+        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "foo_bar": value})
+
+
+@pytest.mark.parametrize("value", [None, False, {}, []])
+def test_an_unknown_key_at_a_default_is_read_past(value):
+    assert LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "foo_bar": value}).r == 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("eva_config", "garbage"), ("loftq_config", [1]), ("runtime_config", 3), ("peft_version", 0.21),
+     ("qalora_group_size", "16"), ("auto_mapping", "x")],
+)  # fmt: skip
+def test_peft_fields_read_past_are_still_checked_by_type(key, value):
+    with pytest.raises(ConfigError, match=f"{key}=.*expected a"):
+        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, key: value})
+    assert LoraConfig.from_dict({"peft_type": "LORA", "r": 4, key: None}).r == 4

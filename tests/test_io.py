@@ -351,3 +351,24 @@ def test_modules_to_save_names_end_paths_as_text_as_in_peft(build, extra, tmp_pa
     torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
     loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_file_given_for_the_folder_or_a_folder_for_the_weights_is_named_as_such(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterFileError, match="is a file; pass the adapter folder"):
+        LoraModel.from_pretrained(case.build(), tmp_path / "a" / CONFIG_NAME)
+    (tmp_path / "a" / WEIGHTS_NAME).unlink()
+    (tmp_path / "a" / WEIGHTS_NAME).mkdir()
+    with pytest.raises(AdapterFileError, match="is a folder, not a safetensors file"):
+        LoraModel.from_pretrained(case.build(), tmp_path / "a")
+
+
+def test_a_file_that_does_not_fit_names_the_config_as_a_cause_too(tmp_path):
+    case = CASES[0]
+    _ours(case).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["r"] = config["r"] * 2  # the base is right; the config no longer says what saved the tensors
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match=r"(?s)another base model, or a config whose r.*the file has shape"):
+        LoraModel.from_pretrained(case.build(), tmp_path)

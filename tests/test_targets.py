@@ -175,3 +175,9 @@ def test_layers_to_transform_selects_the_modules_peft_selects(build, kwargs):
     theirs = peft.get_peft_model(build(), peft.LoraConfig(**kwargs))
     expected = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
     assert ours == expected and ours
+
+
+def test_an_unknown_modules_to_save_lists_module_names_not_list_indices():
+    with pytest.raises(TargetError, match="modules_to_save \\['nonexistent'\\] match no module") as caught:
+        get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["nonexistent"]))
+    assert "'q_proj'" in str(caught.value) and "'0'" not in str(caught.value)
