@@ -33,6 +33,7 @@ from lorakit import LoraConfig, LorakitError, LoraModel, models
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, TensorRole, read_config, read_weights, tensor_roles
 from lorakit.serve import vllm
 from lorakit.survey import Adaptable, adaptable_modules, default_target_modules, matched_modules
+from lorakit.targets import modules_to_save
 
 
 class _Commands(TyperGroup):
@@ -310,11 +311,10 @@ def _head_size(config: LoraConfig, weights: dict[str, Tensor]) -> dict[str, int]
     """num_labels for a classifier: the rows of the head the adapter trained in full (modules_to_save)."""
     if config.task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         return {}
-    rows = [
-        weights[t.key].shape[0]
-        for t in tensor_roles(config, weights)
-        if t.role == "saved" and weights[t.key].dim() == 2
-    ]
+    saved = [t for t in tensor_roles(config, weights) if t.role == "saved" and weights[t.key].dim() == 2]
+    names = set(modules_to_save(config))
+    heads = [t for t in saved if t.module.rsplit(".", 1)[-1] in names]  # the head itself, not a module whose name
+    rows = [weights[t.key].shape[0] for t in heads or saved]  # only ends like it (DistilBERT's pre_classifier)
     return {"num_labels": rows[-1]} if rows else {}
 
 

@@ -361,3 +361,18 @@ def test_survey_lists_what_lora_can_adapt_as_training_sees_it(gpt2_folder):
     lora = get_lora_model(model, LoraConfig(target_modules="all-linear"))
     trained = {n.removeprefix("model.").split(".adapters.")[0] for n, _ in lora.named_parameters() if "lora_A" in n}
     assert trained == {path for path, t in found.items() if t.in_all_linear}  # inspect and training agree
+
+
+def test_merge_reads_num_labels_from_the_head_not_a_module_named_like_it():
+    """DistilBERT's pre_classifier is saved whole beside its classifier (its name ends like the head's, which
+    PEFT matches as text); the classifier's rows are the labels."""
+    from lorakit.cli import _head_size
+
+    config = LoraConfig(task_type="SEQ_CLS", target_modules=["q_lin"], modules_to_save=["classifier", "score"])
+    weights = {
+        "base_model.model.classifier.weight": torch.zeros(3, 32),
+        "base_model.model.classifier.bias": torch.zeros(3),
+        "base_model.model.pre_classifier.weight": torch.zeros(32, 32),
+        "base_model.model.pre_classifier.bias": torch.zeros(32),
+    }
+    assert _head_size(config, weights) == {"num_labels": 3}
