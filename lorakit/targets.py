@@ -62,7 +62,7 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 }
 
 # Task types whose heads train in full, as PEFT adds them to modules_to_save.
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -372,3 +372,40 @@ def test_a_file_that_does_not_fit_names_the_config_as_a_cause_too(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(AdapterFileError, match=r"(?s)another base model, or a config whose r.*the file has shape"):
         LoraModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_question_answering_trains_its_head_in_full_as_peft_does(tmp_path):
+    """task_type QUESTION_ANS: PEFT adds qa_outputs to modules_to_save; the same modules train here, and each
+    side's file loads in the other with the same start and end logits."""
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=40,
+        )  # fmt: skip
+        return transformers.BertForQuestionAnswering(config).eval()
+
+    def logits(model):
+        out = model(input_ids=torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1)))
+        return torch.cat([out.start_logits, out.end_logits])
+
+    ours = get_lora_model(build(), LoraConfig(r=4, target_modules=["query"], task_type="QUESTION_ANS"))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=["query"], task_type="QUESTION_ANS"))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad and "lora" not in n} == {
+        "model.qa_outputs.copies.default.weight",
+        "model.qa_outputs.copies.default.bias",
+    }
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.1)
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back), logits(ours), atol=1e-5, rtol=0)
+    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(logits(loaded), logits(theirs), atol=1e-5, rtol=0)
