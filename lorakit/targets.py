@@ -267,8 +267,8 @@ def _layer_index(path: str, config: LoraConfig) -> int | None:
 def _within_saved(path: str, saved: set[str]) -> bool:
     """The module is, or lies inside, a modules_to_save module: it trains in full there, so PEFT gives it no LoRA
     (all-linear with task_type SEQ_CLS names classifier.dense, and the classifier is saved whole)."""
-    parts = path.split(".")
-    return any(_matches_any(".".join(parts[:end]), saved) for end in range(1, len(parts) + 1))
+    parts = path.split(".")  # names matched as modules_to_save matches them, so a module saved whole gets no LoRA
+    return any(saved_name_matches(".".join(parts[:end]), saved) for end in range(1, len(parts) + 1))
 
 
 def _suffix_match(path: str, name: str) -> bool:

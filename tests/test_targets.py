@@ -181,3 +181,23 @@ def test_an_unknown_modules_to_save_lists_module_names_not_list_indices():
     with pytest.raises(TargetError, match="modules_to_save \\['nonexistent'\\] match no module") as caught:
         get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["nonexistent"]))
     assert "'q_proj'" in str(caught.value) and "'0'" not in str(caught.value)
+
+
+def test_a_module_saved_whole_gets_no_lora_under_all_linear():
+    """DistilBERT with task_type SEQ_CLS: "classifier" takes pre_classifier too (PEFT's text-suffix rule), so
+    all-linear leaves it to the full copy instead of adapting the frozen original under it (PEFT refuses that
+    configuration outright)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=64, dim=32, hidden_dim=48, n_layers=1, n_heads=4, max_position_embeddings=40
+    )
+    model = get_lora_model(
+        transformers.DistilBertForSequenceClassification(config),
+        LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=4),
+    )
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not [n for n in trained if "original_module" in n]
+    assert {"model.pre_classifier.copies.default.weight", "model.classifier.copies.default.weight"} <= set(trained)
+    assert any(".q_lin.adapters.default.lora_A" in n for n in trained)
