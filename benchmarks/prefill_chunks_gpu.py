@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
-
-try:
-    from triton.testing import do_bench_cudagraph
-except ImportError:
-    sys.exit("benchmarks/prefill_chunks_gpu.py needs triton and a CUDA GPU")
-
-SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (2048, 512), "gate/up_proj": (2048, 8192), "down_proj": (8192, 2048)}
+from splitk_gemv_gpu import SHAPES, projection, timed  # the same operands, checks and timing
 
 
 def composite(x, w, a, b, scale, chunk: int):
@@ -42,28 +35,16 @@ def base_then_term(x, w, a, b, scale):
     return torch.mm(x, w.T).addmm_(torch.mm(x, a.T), b.T, alpha=scale)
 
 
-def _time(call, copies):
-    return 1e3 * do_bench_cudagraph(lambda: [call(i) for i in range(copies)], rep=200) / copies
-
-
 def _shape(n_in: int, n_out: int, rows: int) -> dict:
-    dtype, rank, scale = torch.bfloat16, 16, 2.0
-    copies = max(1, (256 << 20) // (n_in * n_out * 2 * 2))
-    ws = [torch.randn(n_out, n_in, device="cuda", dtype=dtype) / n_in**0.5 for _ in range(copies)]
-    a = (torch.randn(rank, n_in, device="cuda") / n_in**0.5).to(dtype)
-    b = (torch.randn(n_out, rank, device="cuda") * 0.1).to(dtype)
-    x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
-    xd, wd, ad, bd = (t.double() for t in (x, ws[0], a, b))
-    expected = xd @ wd.T + scale * (xd @ ad.T) @ bd.T
-    tol = 2e-2 * expected.abs().max().item()
-    row = {"base_us": _time(lambda i: F.linear(x, ws[i]), copies)}
+    p = projection(n_in, n_out, rows)
+    ws, a, b, x, scale, copies = p.ws, p.a, p.b, p.x, p.scale, len(p.ws)
+    row = {"base_us": timed(lambda i: F.linear(x, ws[i]), copies)}
     forms = {f"chunks of {c}": (lambda i, c=c: composite(x, ws[i], a, b, scale, c)) for c in (rows, 1024, 512, 256)}
     forms["base, then the term in place"] = lambda i: base_then_term(x, ws[i], a, b, scale)
     for name, call in forms.items():
-        err = (call(0).double() - expected).abs().max().item()
-        if err > tol:
-            raise AssertionError(f"{n_in}->{n_out} {name}: max error {err:.3g} > {tol:.3g}")
-        row[name] = _time(call, copies)
+        if (err := p.error(call(0))) is not None:
+            raise AssertionError(f"{n_in}->{n_out} {name}: max error {err:.3g}")
+        row[name] = timed(call, copies)
     row = {k: round(v, 2) for k, v in row.items()}
     row.update({f"{k} / base": round(v / row["base_us"], 3) for k, v in row.items() if k != "base_us"})
     return row

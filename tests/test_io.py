@@ -319,6 +319,23 @@ def _llama():
     return tiny_llama().eval()
 
 
+def _trained_files_load_both_ways(ours, theirs, build, run, tmp_path) -> None:
+    """Every trainable tensor of both models set at random (as if trained), then each side's saved folder loaded by
+    the other library on a fresh base: `run` gives the same outputs."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.1)
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(back), run(ours), atol=1e-5, rtol=0)
+    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(run(loaded), run(theirs), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("build", "extra"),
     [
@@ -339,18 +356,7 @@ def test_modules_to_save_names_end_paths_as_text_as_in_peft(build, extra, tmp_pa
         if p.requires_grad and ".modules_to_save." in n
     }
     assert full == expected and len(full) >= 2
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for model in (ours, theirs):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(std=0.1)
-    ours.eval().save_pretrained(tmp_path / "ours")
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-    torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
-    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
-    torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+    _trained_files_load_both_ways(ours, theirs, build, lambda model: model(input_ids=ids).logits, tmp_path)
 
 
 def test_a_file_given_for_the_folder_or_a_folder_for_the_weights_is_named_as_such(tmp_path):
@@ -397,15 +403,4 @@ def test_question_answering_trains_its_head_in_full_as_peft_does(tmp_path):
         "model.qa_outputs.copies.default.weight",
         "model.qa_outputs.copies.default.bias",
     }
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for model in (ours, theirs):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(std=0.1)
-    ours.eval().save_pretrained(tmp_path / "ours")
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(back), logits(ours), atol=1e-5, rtol=0)
-    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
-    torch.testing.assert_close(logits(loaded), logits(theirs), atol=1e-5, rtol=0)
+    _trained_files_load_both_ways(ours, theirs, build, logits, tmp_path)
