@@ -12,11 +12,10 @@ Run (CUDA): PYTHONPATH=. python benchmarks/prefill_chunks_gpu.py [--rows 2048] [
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
-from splitk_gemv_gpu import SHAPES, projection, timed  # the same operands, checks and timing
+from splitk_gemv_gpu import over_shapes, projection, timed  # the same operands, checks and timing
 
 
 def composite(x, w, a, b, scale, chunk: int):
@@ -57,13 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": args.rows}
-    for name, (n_in, n_out) in SHAPES.items():
-        results[name] = _shape(n_in, n_out, args.rows)
-        print(name, results[name], flush=True)
-        torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    over_shapes(_shape, args.rows, results, args.json)
 
 
 if __name__ == "__main__":

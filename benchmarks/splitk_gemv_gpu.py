@@ -173,13 +173,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    over_shapes(_shape, args.rows, results, args.json)
+
+
+def over_shapes(shape, rows: int, results: dict, json_path: str | None) -> None:
+    """shape(n_in, n_out, rows) for every projection into `results` (printed without any sweep), then the JSON."""
     for name, (n_in, n_out) in SHAPES.items():
-        row = _shape(n_in, n_out, args.rows)
-        results[name] = row
-        print(name, {k: v for k, v in row.items() if k != "sweep"}, flush=True)
+        results[name] = shape(n_in, n_out, rows)
+        print(name, {k: v for k, v in results[name].items() if k != "sweep"}, flush=True)
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -25,18 +25,12 @@ _MAX_CONFIG_BYTES = 16 * 2**20
 
 # How each key PEFT 0.21 writes into adapter_config.json is read, beyond LoraConfig's own fields.
 # Bookkeeping, or settings that only steer how PEFT initialises the factors (a saved adapter is a plain LoRA):
-# read and ignored whatever their value.
-_PEFT_IGNORED = {
-    "auto_mapping", "peft_version", "revision", "peft_type", "runtime_config",
-    "megatron_core", "megatron_config",  # used only on Megatron's parallel layers, which lorakit never adapts
-    "qalora_group_size",  # used only with use_qalora
-    "eva_config", "corda_config", "loftq_config", "lora_ga_config",  # init-time settings
-}  # fmt: skip
-# what PEFT's fields that lorakit reads past hold, when present and not null
-_IGNORED_TYPES = {
-    "auto_mapping": dict, "peft_version": str, "revision": str, "runtime_config": dict, "megatron_core": str,
-    "megatron_config": dict, "qalora_group_size": int, "eva_config": dict, "corda_config": dict,
-    "loftq_config": dict, "lora_ga_config": dict,
+# read past, their value checked only for its type (null allowed).
+_PEFT_IGNORED: dict[str, type] = {
+    "auto_mapping": dict, "peft_version": str, "revision": str, "peft_type": str, "runtime_config": dict,
+    "megatron_core": str, "megatron_config": dict,  # used only on Megatron's parallel layers, never adapted here
+    "qalora_group_size": int,  # used only with use_qalora
+    "eva_config": dict, "corda_config": dict, "loftq_config": dict, "lora_ga_config": dict,  # init-time settings
 }  # fmt: skip
 _MERGE_IN_PEFT = "load it with PEFT and merge it into the base (merge_and_unload()), then use the merged model"
 # Settings that change the forward pass, refused unless at PEFT's default: key -> why, and what PEFT offers.
@@ -154,7 +148,7 @@ class LoraConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         wrong = [
             f"{key}={data[key]!r} (expected a {kind.__name__} or null)"
-            for key, kind in _IGNORED_TYPES.items()
+            for key, kind in _PEFT_IGNORED.items()
             if data.get(key) is not None and not isinstance(data[key], kind)
         ]
         if wrong:
