@@ -82,8 +82,8 @@ def _shape(args, n_in: int, n_out: int, rows: int) -> dict:
         if err > tol:
             raise AssertionError(f"{n_in}->{n_out} rows={rows} {what}: max error {err:.3g} > {tol:.3g}")
 
-    def fused(tiles=None, shrink=None, tma=False, lora=True):
-        return lambda i: lora_gemm(x, ws[i], None, a if lora else None, b, scale, tiles, shrink, tma)
+    def fused(tiles=None, shrink=None, lora=True):
+        return lambda i: lora_gemm(x, ws[i], None, a if lora else None, b, scale, tiles, shrink)
 
     with torch.no_grad():
         check(fused()(0), "fused")
@@ -96,12 +96,12 @@ def _shape(args, n_in: int, n_out: int, rows: int) -> dict:
         }
         if args.sweep and rows in (4, 2048):
             timings = {}
-            for tiles, shrink, tma, lora in _sweep(rows):
-                what = f"{tiles} shrink={shrink} tma={tma} lora={lora}"
+            for tiles, shrink, lora in _sweep(rows):
+                what = f"{tiles} shrink={shrink} lora={lora}"
                 try:
                     if lora:
-                        check(fused(tiles, shrink, tma)(0), what)
-                    timings[what] = round(1e3 * _time(fused(tiles, shrink, tma, lora), copies), 2)
+                        check(fused(tiles, shrink)(0), what)
+                    timings[what] = round(1e3 * _time(fused(tiles, shrink, lora), copies), 2)
                 except Exception as error:  # a configuration the GPU cannot hold (shared memory)
                     print(f"  skip {what}: {type(error).__name__}: {str(error)[:120]}")
             print("  " + json.dumps(timings))
@@ -117,11 +117,11 @@ def _shape(args, n_in: int, n_out: int, rows: int) -> dict:
 
 
 def _sweep(rows: int):
-    """(tiles, shrink, tma, lora): few rows, the decode tiles with t in the loop; many rows, the prefill tiles
-    through pointers and through the TMA unit, each also without the LoRA term (the bare GEMM against cuBLAS)."""
+    """(tiles, shrink, lora): few rows, the decode tiles with t in the loop; many rows, the pointer kernel's tiles,
+    each also without the LoRA term (the bare GEMM against cuBLAS; the TMA kernel: persistent_gemm_gpu.py)."""
     if rows <= 16:
-        return [(t, True, False, True) for t in DECODE_SWEEP] + [(t, True, False, False) for t in DECODE_SWEEP[:6]]
-    return [(t, False, tma, lora) for t in PREFILL_SWEEP for tma in (False, True) for lora in (True, False)]
+        return [(t, True, True) for t in DECODE_SWEEP] + [(t, True, False) for t in DECODE_SWEEP[:6]]
+    return [(t, False, lora) for t in PREFILL_SWEEP for lora in (True, False)]
 
 
 def main() -> None:

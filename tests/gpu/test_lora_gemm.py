@@ -1,5 +1,6 @@
-"""The inference GEMM with the LoRA term inside (lorakit/ops/triton/lora_gemm.py) against float64 math, and the
-inference path's choice of it (a decode step's few rows), eagerly, compiled and replayed in a CUDA graph."""
+"""The inference GEMMs with the LoRA term inside (lorakit/ops/triton/lora_gemm.py) against float64 math, and the
+inference path's choice of them (a decode step's few rows; a prefill's many rows on a GPU with a TMA unit),
+eagerly, compiled and replayed in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -58,26 +59,118 @@ def test_lora_gemm_matches_float64_math(rows, n_in, n_out, rank, dtype, with_bia
     assert _rel(y.double() - without, gold - without) < 5 * TOLERANCE[dtype]  # the LoRA term itself, not only W x
 
 
-@pytest.mark.parametrize("rows", [3, 200])
-def test_lora_gemm_reads_strided_rows_and_tma_tiles(rows):
-    """x as a column slice of a wider tensor (a fused QKV's input view), and the TMA prefill kernel."""
-    from lorakit.ops.triton.lora_gemm import Tiles, lora_gemm
+@pytest.mark.parametrize("rows", [3, 200, 600])
+def test_lora_gemm_reads_strided_rows(rows):
+    """x as a column slice of a wider tensor (a fused QKV's input view), through both kernels."""
+    from lorakit.ops.triton.lora_gemm import lora_gemm, lora_gemm_prefill
 
     x, w, bias, a, b = _operands(rows, 256, 192, 16, torch.bfloat16, True)
     wide = torch.cat([x, x], 1)[:, 256:]
     assert wide.stride(0) == 512
     gold = _gold(x, w, bias, a, b, 2.0)
     assert _rel(lora_gemm(wide, w, bias, a, b, 2.0), gold) < TOLERANCE[torch.bfloat16]
-    if rows > 64:
-        tiles = Tiles(64, 64, 64, 3, 4)
-        assert _rel(lora_gemm(x, w, bias, a, b, 2.0, tiles, tma=True), gold) < TOLERANCE[torch.bfloat16]
+    if _has_tma():
+        assert _rel(lora_gemm_prefill(wide, w, bias, a, b, 2.0), gold) < TOLERANCE[torch.bfloat16]
 
 
-def _layer(rows, dtype=torch.bfloat16, n_adapters=1):
-    x, w, bias, a, b = _operands(rows, 192, 160, 8, dtype, True)
+def _has_tma() -> bool:
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_tma = pytest.mark.skipif(not HAS_KERNELS or not _has_tma(), reason="the prefill kernel needs a TMA unit (sm90+)")
+PREFILL_CASES = [  # rows, in, out, rank, dtype, bias, t in the K loop (None: prefill_tiles' choice)
+    (512, 2048, 2048, 16, BF16, False, None), (700, 136, 520, 7, FP16, True, None),
+    (513, 200, 2056, 4, BF16, True, None), (1024, 64, 1032, 64, BF16, False, None),
+    (600, 520, 2048, 24, FP16, False, True), (600, 520, 512, 24, BF16, True, False),
+    (1500, 1024, 8192, 1, BF16, True, None),
+]  # fmt: skip
+
+
+@needs_tma
+@pytest.mark.parametrize("rows,n_in,n_out,rank,dtype,with_bias,shrink", PREFILL_CASES)
+def test_prefill_kernel_matches_float64_math(rows, n_in, n_out, rank, dtype, with_bias, shrink):
+    """Odd rows, outputs and ranks (the TMA unit zero-fills and clips the edges), both ways of making t."""
+    from lorakit.ops.triton.lora_gemm import lora_gemm_prefill, prefill_tiles
+
+    x, w, bias, a, b = _operands(rows, n_in, n_out, rank, dtype, with_bias)
+    tiles = prefill_tiles(n_out, rank)[0] if shrink is not None else None
+    y = lora_gemm_prefill(x, w, bias, a, b, 0.75, tiles, shrink)
+    assert y.dtype == dtype and y.shape == (rows, n_out)
+    gold, without = _gold(x, w, bias, a, b, 0.75), _gold(x, w, bias, a, b * 0, 0.75)
+    assert _rel(y, gold) < TOLERANCE[dtype]
+    assert _rel(y.double() - without, gold - without) < 5 * TOLERANCE[dtype]  # the LoRA term itself, not only W x
+    assert _rel(lora_gemm_prefill(x, w, bias, None, None, 0.75), without) < TOLERANCE[dtype]
+
+
+@needs_tma
+def test_prefill_operands_the_tma_unit_cannot_address_go_through_cublas():
+    """A row stride or address off 16 bytes: prefill_ready says no where the trace can tell (strides), and the
+    kernel's own call checks the addresses too."""
+    from lorakit.ops.triton.lora_gemm import lora_gemm_prefill, prefill_ready
+
+    x, w, bias, a, b = _operands(600, 128, 256, 16, BF16, True)
+    shifted = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(600, 128)  # 2 bytes off an aligned address
+    odd_rows = torch.cat([x, x[:, :4]], 1)[:, :128]  # rows 264 bytes apart
+    assert shifted.data_ptr() % 16 and not prefill_ready(odd_rows, w, bias, a, b)
+    for view in (shifted, odd_rows):
+        assert torch.equal(view, x)
+        assert _rel(lora_gemm_prefill(view, w, bias, a, b, 2.0), _gold(x, w, bias, a, b, 2.0)) < 1e-2
+    assert prefill_ready(x, w, bias, a, b) and not prefill_ready(x, w[:252], bias[:252], a, b[:252])  # out % 8
+
+
+@needs_tma
+@pytest.mark.parametrize("n_adapters", [1, 2])
+def test_compiled_prefill_takes_the_persistent_kernel_and_follows_changed_factors(n_adapters):
+    """Compiled (CUDA graphs), a prefill's rows run the persistent kernel from the compiled code; a factor changed
+    in place is read by the next replay. Eagerly a layer this small keeps the composite, and so does a compiled one
+    with too few output tiles for the card's SMs."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lorakit.ops.triton import fused_linear
+
+    torch._dynamo.reset()
+    x, w, bias, adapters = _layer(1024, n_adapters=n_adapters, n_out=1024)
+    step = torch.compile(lambda x: ops.lora_linear(x, w, bias, adapters, False), fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        y, code = run_and_get_code(step, x)
+        y = y.clone()
+        assert "lora_gemm_prefill" in "\n".join(code)
+        assert _rel(y, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
+        for _ in range(2):
+            step(x)
+        adapters[0].lora_B.mul_(-2.0)
+        again = step(x).clone()
+        assert _rel(again, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
+        assert _rel(again, y.double()) > 0.05
+        assert fused_linear._kernel_for(x, w, bias, adapters[0].lora_A, adapters[0].lora_B) is None
+    torch._dynamo.reset()
+    x, w, bias, adapters = _layer(600, n_adapters=n_adapters)  # 20 tiles of 64 x 128
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(lambda x: ops.lora_linear(x, w, bias, adapters, False)), x)
+    assert "lora_gemm_prefill" not in "\n".join(code)
+    assert _rel(y, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
+
+
+@needs_tma
+def test_eager_prefill_of_a_large_layer_takes_the_kernel(monkeypatch):
+    """Eagerly, where the GEMM outlasts a launch from Python (rows x in x out >= 2^34), the kernel serves too."""
+    from lorakit.ops.triton import lora_gemm as module
+
+    x, w, bias, a, b = _operands(2048, 2048, 4096, 16, BF16, False)
+    adapters = [LoraFactors(a, b, 2.0, 0.0)]
+    calls = []
+    kernel = module.lora_gemm_prefill
+    monkeypatch.setattr(module, "lora_gemm_prefill", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        y = ops.lora_linear(x, w, bias, adapters, False)
+    assert calls and _rel(y, _gold(x, w, bias, a, b, 2.0)) < TOLERANCE[torch.bfloat16]
+
+
+def _layer(rows, dtype=torch.bfloat16, n_adapters=1, n_out=160):
+    x, w, bias, a, b = _operands(rows, 192, n_out, 8, dtype, True)
     adapters = [LoraFactors(a, b, 2.0, 0.1)]
     for k in range(1, n_adapters):
-        _, _, _, a2, b2 = _operands(rows, 192, 160, 4, dtype, False, seed=k)
+        _, _, _, a2, b2 = _operands(rows, 192, n_out, 4, dtype, False, seed=k)
         adapters.append(LoraFactors(a2.float(), b2.float(), 0.5, 0.0))  # fp32 master factors: cast, kept
     return x, w, bias, adapters
 

@@ -8,8 +8,9 @@
               dX = sum_a drop_a^T(T_a A_a)  (written once),  then dX += dY W  (epilogue again)
     inference (no gradient recorded, no dropout drawn): the same forward without the autograd node, s in a GEMM's
               epilogue for one adapter, the factors' casts / concatenations kept between calls until a factor
-              changes: 3 launches per layer, the base GEMM's and two; compiled, a decode step's few rows
-              (fp16/bf16) take one kernel instead, x W^T and S computed from the same tiles of x (lora_gemm.py)
+              changes: 3 launches per layer, the base GEMM's and two; fp16/bf16 take one of lora_gemm.py's kernels
+              instead where it pays (_kernel_for): compiled, a decode step's few rows; a prefill's many rows on a
+              GPU with a TMA unit, the term added inside the base GEMM's tiles
 
 Everything runs in x's dtype (a bf16 base computes in bf16 even with fp32 factors: PEFT's default casts the
 activations to fp32 instead); gradients come back in each factor's dtype. Dropout masks are redrawn from a seed
@@ -98,8 +99,9 @@ def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tenso
     beside the base's and nothing else: s rides in a GEMM's epilogue, the factors' casts are kept between calls."""
     lora_a, lora_b, scale = _prepared(x.dtype, adapters)  # (R x in), (out x R)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if _one_kernel(x2, weight, bias, lora_a, lora_b):
-        y = lora_gemm.lora_gemm_op(x2, weight, bias, lora_a, lora_b, scale)  # compiled only: the op
+    kernel = _kernel_for(x2, weight, bias, lora_a, lora_b)
+    if kernel is not None:
+        y = kernel(x2, weight, bias, lora_a, lora_b, scale)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
     s = torch.mm(x2, lora_a.T)  # (N x R)
     if out is not None:
@@ -109,18 +111,28 @@ def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, out: Tenso
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _one_kernel(x2: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> bool:
-    """A compiled decode step's few rows on CUDA: lora_gemm's one kernel, the LoRA term inside the base product
-    (three kernels would be most of the step's extra time). Eagerly the composite stays: a triton launch from
-    Python costs the host more than two cuBLAS calls, and an eager decode step is bound by the host."""
-    return (
-        lora_gemm is not None
-        and torch.compiler.is_compiling()
-        and weight is not None
-        and x2.shape[0] <= lora_gemm.DECODE_ROWS
-        and (bias is None or bias.stride(0) == 1)
-        and lora_gemm.fusable(x2, weight, lora_a, lora_b)
-    )
+def _kernel_for(x2: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor):
+    """One of lora_gemm's kernels (the LoRA term inside the base product) where it pays, else None (the composite).
+    A compiled decode step's few rows: the two more kernels of the composite would be most of the step's extra
+    time; eagerly the composite stays (a triton launch from Python costs the host more than two cuBLAS calls, and
+    an eager decode step is bound by the host). A prefill's many rows on a GPU with a TMA unit: compiled, or eagerly
+    where the GEMM outlasts the launch (the composite writes and reads back a term as large as y)."""
+    if lora_gemm is None or weight is None or not x2.is_cuda:
+        return None
+    rows, compiling = x2.shape[0], torch.compiler.is_compiling()
+    if rows <= lora_gemm.DECODE_ROWS:
+        few = compiling and (bias is None or bias.stride(0) == 1) and lora_gemm.fusable(x2, weight, lora_a, lora_b)
+        return lora_gemm.lora_gemm_op if few else None
+    if not (compiling or rows * weight.numel() >= _EAGER_WORK) or not lora_gemm.prefill_ready(
+        x2, weight, bias, lora_a, lora_b
+    ):
+        return None
+    if not lora_gemm.prefill_pays(rows, weight.shape[0], lora_a.shape[0], x2.device):
+        return None
+    return lora_gemm.lora_gemm_prefill_op if compiling else lora_gemm.lora_gemm_prefill
+
+
+_EAGER_WORK = 1 << 34  # rows x in x out from which an eager prefill takes the kernel: ~100 us of GEMM on an H100
 
 
 # id(first factor) -> (stamp, weak refs to the factors, A, B); an entry goes when its first factor goes

@@ -1,17 +1,21 @@
-"""Inference GEMM with the LoRA term inside the base product: y is written once, and nothing of x's or y's size
-is read again.
+"""Inference GEMM with the LoRA term inside the base product: y is written once, and nothing of y's size is read
+again.
 
-    t = x A^T                  (N x R)  in the K loop beside x W^T (few rows: decode), or one GEMM before (prefill)
-    y = x W^T + s t B^T + b    (N x out)  s t B^T as one more K step over (t, B), b in the epilogue
+    t = x A^T                  (N x R)  in the K loop beside x W^T, or one GEMM before (s t, by cuBLAS)
+    y = x W^T + s t B^T + b    (N x out)  s t B^T as one more dot into the same fp32 tile, b in the epilogue
 
-The composite of cuBLAS calls (fused_linear._inference) reads x again for t and y twice more for the expand, about
-a fifth of a 2048-wide layer's time at 2048 tokens, and launches two more kernels per layer, most of a decode
-step's extra time. t is rounded to x's dtype before the expand, as the reference rounds A(x); every product
-accumulates in fp32. Only fp16/bf16 (fp32 keeps cuBLAS's composite) and R <= MAX_RANK.
+The composite of cuBLAS calls (fused_linear._inference) writes s t B^T as large as y and reads it back in the base
+GEMM's epilogue, and reads x again for t: about a fifth of a 2048-wide layer's time at 2048 tokens, and for a
+decode step two more launches per layer, most of its extra time. t is rounded to x's dtype before the expand, as
+the reference rounds A(x); every product accumulates in fp32. Only fp16/bf16 (fp32 keeps cuBLAS's composite).
 
-The inference path takes it for a compiled decode step's rows (<= DECODE_ROWS). The many-rows forms (t by a GEMM
-first; tiles through plain loads or the TMA unit) are kept for benchmarks/lora_gemm_gpu.py and its tests: at 2048
-rows they lose to the composite so far (benchmarks/README.md, "One kernel for a compiled decode step").
+Two kernels, one per regime, both chosen by the inference path:
+  few rows (<= DECODE_ROWS, a compiled decode step): thin column blocks of W streamed through plain loads, t from
+      the same tiles of x in the K loop (R <= MAX_RANK);
+  many rows (>= PREFILL_ROWS, a prefill, on a GPU with a TMA unit): persistent programs, one per SM, walk the
+      output tiles with every tile of x, W (and A) moved by the TMA unit, at cuBLAS's speed without the term
+      (benchmarks/persistent_gemm_gpu.py); wide layers take s t from one cuBLAS GEMM first, narrow ones compute t
+      in the K loop (R <= PREFILL_RANK).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from torch import Tensor
 
 MAX_RANK = 128  # the expand step holds (rows x R) and (out x R) tiles at once
 DECODE_ROWS = 16  # up to this many rows, one kernel (at 64, x's tile read by every column block costs 2x)
+PREFILL_ROWS = 512  # from this many rows, the persistent kernel where it pays (prefill_pays)
+PREFILL_RANK = 64  # t's fp32 tile (128 x R) beside the output tile's must stay in registers
+NARROW = 1024  # layers up to this many outputs compute t in the K loop: few column blocks recompute it
 
 
 @dataclass(frozen=True)
@@ -38,13 +45,19 @@ class Tiles:
     stages: int
     warps: int
     group_m: int = 8
+    specialize: bool = False  # the persistent kernel's warps split into loading and computing ones
 
 
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (row block, column block): GROUP_M row blocks take each column block in turn,
-    so the W tiles they share are still in L2."""
-    pid = tl.program_id(0)
+    """This program's output tile (row block, column block)."""
+    return _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number pid as (row block, column block): GROUP_M row blocks take each column block in turn, so
+    the W tiles they share are still in L2."""
     width = GROUP_M * tl.cdiv(N, BLOCK_N)
     first_m = (pid // width) * GROUP_M
     size_m = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
@@ -111,24 +124,39 @@ def _lora_gemm_kernel(
 
 
 @triton.jit
-def _lora_gemm_tma_kernel(
-    x_desc, w_desc, t_desc, b_desc, bias_ptr, y_desc, M, N, K, scale,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _persistent_kernel(
+    x_desc, w_desc, a_desc, t_desc, b_ptr, bias_ptr, y_desc, M, N, K, R, scale, stride_bn,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+    SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
-    """The prefill kernel with every tile moved by the TMA unit (edges zero-filled and clipped by it)."""
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
-    if HAS_LORA:
-        acc += tl.dot(t_desc.load([off_m, 0]), b_desc.load([off_n, 0]).T) * scale
-    if HAS_BIAS:
+    """The prefill kernel: PROGRAMS programs walk the output tiles in _tile's order; every tile of x, W and A is
+    moved by the TMA unit (edges zero-filled, y's clipped). SHRINK: t = x A^T from the x tiles of the K loop, else
+    s t read whole (made by cuBLAS). Without HAS_LORA: x W^T + b alone (the GEMM against cuBLAS, benchmarks)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=SPECIALIZE, warp_specialize=SPECIALIZE):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            x = x_desc.load([off_m, k * BLOCK_K])
+            acc = tl.dot(x, w_desc.load([off_n, k * BLOCK_K]).T, acc)
+            if SHRINK:
+                t_acc = tl.dot(x, a_desc.load([0, k * BLOCK_K]).T, t_acc)
         rn = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :].to(tl.float32)
-    y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+        if HAS_LORA:
+            if SHRINK:  # noqa: SIM108 (constexpr branches)
+                t = (t_acc * scale).to(y_desc.dtype)
+            else:
+                t = t_desc.load([off_m, 0])
+            rr = tl.arange(0, BLOCK_R)
+            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R))
+            acc = tl.dot(t, b.T, acc)  # s t B^T into the same tile: never written or read back
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :].to(tl.float32)
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
 def fusable(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor) -> bool:
@@ -165,11 +193,11 @@ def _stages(rows_of_tiles: int, block_k: int, most: int) -> int:
 
 def lora_gemm(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None, scale: float,
-    tiles: Tiles | None = None, shrink: bool | None = None, tma: bool = False, wrapped: bool = False,
+    tiles: Tiles | None = None, shrink: bool | None = None, wrapped: bool = False,
 ) -> Tensor:  # fmt: skip
     """x W^T + scale (x A^T) B^T + b for 2-D x (rows x in), W (out x in), A (R x in), B (out x R), as one kernel
-    (few rows, or `shrink`) or a small GEMM and one kernel; A None: x W^T + b alone. `tiles`, `shrink` and `tma`
-    override the defaults (benchmarks); `wrapped` launches through torch.library.wrap_triton (the op's body)."""
+    (few rows, or `shrink`) or a small GEMM and one kernel; A None: x W^T + b alone. `tiles` and `shrink` override
+    the defaults (benchmarks); `wrapped` launches through torch.library.wrap_triton (the op's body)."""
     rows, n_in = x.shape
     n_out = weight.shape[0]
     has_lora = lora_a is not None
@@ -182,19 +210,6 @@ def lora_gemm(
         t = lora_a if shrink else torch.mm(x, lora_a.T)  # (rows x R); unused when the kernel computes it
     y = x.new_empty(rows, n_out)
     grid = (triton.cdiv(rows, tiles.block_m) * triton.cdiv(n_out, tiles.block_n),)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        block_r = max(16, triton.next_power_of_2(rank))
-        m, n, k = tiles.block_m, tiles.block_n, tiles.block_k
-        _wrap(_lora_gemm_tma_kernel, wrapped)[grid](
-            TensorDescriptor.from_tensor(x, [m, k]), TensorDescriptor.from_tensor(weight, [n, k]),
-            TensorDescriptor.from_tensor(t, [m, block_r]), TensorDescriptor.from_tensor(lora_b, [n, block_r]),
-            bias if bias is not None else y, TensorDescriptor.from_tensor(y, [m, n]),
-            rows, n_out, n_in, float(scale), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-            BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=tiles.group_m, num_stages=tiles.stages, num_warps=tiles.warps,
-        )  # fmt: skip
-        return y
     _wrap(_lora_gemm_kernel, wrapped)[grid](
         x, weight, lora_a, t, lora_b, bias if bias is not None else y, y,
         rows, n_out, n_in, rank, float(scale),
@@ -219,3 +234,124 @@ def _lora_gemm_op(
 
 # what compiled code calls: a triton_op, so the compiled step (and its CUDA graph) launches the kernel itself
 lora_gemm_op = torch.library.triton_op("lorakit::lora_gemm", _lora_gemm_op, mutates_args=())
+
+
+# -- many rows: the persistent kernel ---------------------------------------------------------------------------
+def prefill_ready(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> bool:
+    """What the persistent kernel takes, as far as a traced (fake) tensor tells: fusable's inputs on a GPU with a TMA
+    unit, R <= PREFILL_RANK, and rows of x, W, A and y whose strides are multiples of 16 bytes (the TMA unit's rule;
+    the addresses themselves are checked as the kernel is launched)."""
+    return (
+        fusable(x, weight, lora_a, lora_b)
+        and lora_a.shape[0] <= PREFILL_RANK
+        and weight.shape[0] % 8 == 0
+        and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1))
+        and all(_rows_aligned(t) for t in (x, weight, lora_a))
+        and _has_tma(x.device)
+    )
+
+
+def _rows_aligned(t: Tensor) -> bool:
+    return t.stride(0) * t.element_size() % 16 == 0
+
+
+def _addressable(t: Tensor) -> bool:
+    """A 2-D operand the TMA unit can move: unit inner stride, row stride and address multiples of 16 bytes."""
+    return t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+_TMA: dict[torch.device, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # asked while tracing: a constant of the graph, not a break in it
+def _has_tma(device: torch.device) -> bool:
+    if device not in _TMA:
+        _TMA[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _TMA[device]
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def _programs(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def prefill_pays(rows: int, n_out: int, rank: int, device: torch.device) -> bool:
+    """Enough output tiles for the persistent kernel: at least half the SMs' worth (below that its programs leave
+    the card half idle, where cuBLAS splits K or takes smaller tiles: benchmarks/persistent_gemm_gpu.py --rows)."""
+    tiles = prefill_tiles(n_out, rank)[0]
+    count = triton.cdiv(rows, tiles.block_m) * triton.cdiv(n_out, tiles.block_n)
+    return rows >= PREFILL_ROWS and 2 * count >= _programs(device)
+
+
+def prefill_tiles(n_out: int, rank: int) -> tuple[Tiles, bool]:
+    """(tiles, t in the K loop) for the persistent kernel on a Hopper-class GPU, from the sweep of
+    benchmarks/persistent_gemm_gpu.py. Narrow layers: small tiles (enough of them for the SMs) and t from the x
+    tiles of the K loop, which only a few column blocks repeat; wide layers: 128 x 256 tiles, warp specialized,
+    s t by one cuBLAS GEMM first (t in the loop of such tiles cost a fifth more). Stages: as deep as shared memory
+    holds, with the t and B tiles."""
+    block_r = max(16, triton.next_power_of_2(rank))
+    if n_out <= NARROW:
+        bm, bn, bk, most, warps, specialize, shrink = 64, 128, 64, 4, 4, False, True
+    else:
+        bm, bn, bk, most, warps, specialize, shrink = 128, 256, 64, 3, 8, True, False
+    pipeline, fixed = (bm + bn) * bk * 2, (bm * bn + (bm + bn) * block_r) * 2  # bytes: a stage; y's and t/B's tiles
+    stages = max(2, min(most, ((220 << 10) - fixed) // pipeline))
+    return Tiles(bm, bn, bk, stages, warps, 8, specialize), shrink
+
+
+def lora_gemm_prefill(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None, scale: float,
+    tiles: Tiles | None = None, shrink: bool | None = None,
+) -> Tensor:  # fmt: skip
+    """x W^T + scale (x A^T) B^T + b by the persistent kernel (A None: x W^T + b); operands the TMA unit cannot
+    address (or output rows it cannot store) go through cuBLAS instead. `tiles` and `shrink` override
+    prefill_tiles (benchmarks)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    has_lora = lora_a is not None
+    if weight.shape[0] % 8 or not all(_addressable(t) for t in (x, weight, lora_a) if t is not None):
+        y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+        return y.addmm_(torch.mm(x, lora_a.T), lora_b.T, alpha=scale) if has_lora else y
+    rows, n_in = x.shape
+    n_out, rank = weight.shape[0], lora_a.shape[0] if has_lora else 1
+    default_tiles, default_shrink = prefill_tiles(n_out, rank)
+    tiles, shrink = tiles or default_tiles, has_lora and (default_shrink if shrink is None else shrink)
+    m, n, k, block_r = tiles.block_m, tiles.block_n, tiles.block_k, max(16, triton.next_power_of_2(rank))
+    y = x.new_empty(rows, n_out)
+    x_desc = TensorDescriptor.from_tensor(x, [m, k])
+    a_desc = t_desc = x_desc  # stand-ins where the kernel reads none
+    if shrink:
+        a_desc = TensorDescriptor.from_tensor(lora_a, [block_r, k])
+    elif has_lora:
+        t = torch.addmm(x.new_empty(rows, rank), x, lora_a.T, beta=0, alpha=scale)  # s t, rounded once
+        if rank % 8:  # rows of t 16-byte aligned for the TMA unit
+            t = torch.nn.functional.pad(t, (0, 8 - rank % 8))
+        t_desc = TensorDescriptor.from_tensor(t, [m, block_r])
+    grid = (min(_programs(x.device), triton.cdiv(rows, m) * triton.cdiv(n_out, n)),)
+    _persistent_kernel[grid](
+        x_desc, TensorDescriptor.from_tensor(weight, [n, k]), a_desc, t_desc, lora_b if has_lora else y,
+        bias if bias is not None else y, TensorDescriptor.from_tensor(y, [m, n]), rows, n_out, n_in, rank,
+        float(scale), lora_b.stride(0) if has_lora else 0, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        SHRINK=shrink, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, BLOCK_R=block_r, GROUP_M=tiles.group_m, PROGRAMS=grid[0],
+        SPECIALIZE=tiles.specialize, num_stages=tiles.stages, num_warps=tiles.warps,
+    )  # fmt: skip
+    return y
+
+
+# what compiled code calls: an opaque op (the TMA descriptors are made on the host as it runs, which inductor does
+# not trace); a CUDA graph records the launch with the addresses of its replays
+@torch.library.custom_op("lorakit::lora_gemm_prefill", mutates_args=())
+def lora_gemm_prefill_op(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float
+) -> Tensor:
+    return lora_gemm_prefill(x, weight, bias, lora_a, lora_b, scale)
+
+
+@lora_gemm_prefill_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
