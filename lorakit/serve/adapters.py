@@ -51,6 +51,7 @@ class AdapterRegistry:
         )  # read only here, never by the worker: no lock needed
         self.served: dict[str, ServedAdapter] = {}
         self._reserved: set[str] = set()
+        self._unloading: set[str] = set()  # unloaded, but their modules wait for the requests that still use them
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()  # one reader at a time keeps the cache's LRU bookkeeping whole
 
@@ -76,6 +77,13 @@ class AdapterRegistry:
         with self._lock:
             if name in self.served or name in self._reserved or name == self.base_id:
                 raise APIError(400, f"the adapter {name!r} is already loaded; unload it first", param="lora_name")
+            if name in self._unloading:
+                raise APIError(
+                    400,
+                    f"the adapter {name!r} is still being unloaded (requests that use it are finishing); load it "
+                    "again once its unload request has returned",
+                    param="lora_name",
+                )
             if parent is not None and parent not in self.served:
                 raise APIError(404, f"parent adapter {parent!r} is not loaded", param="parent", code="model_not_found")
             self._reserved.add(name)
@@ -104,8 +112,9 @@ class AdapterRegistry:
             if children:
                 raise APIError(400, f"adapter {name!r} is the parent of {children}; unload those first")
             adapter = self.served.pop(name)
+            self._unloading.add(name)
         future = self.engine.between_steps(lambda: self.engine.model.delete_adapter(name), busy_name=name)
-        future.add_done_callback(lambda f: f.exception() and self._restore(adapter))
+        future.add_done_callback(lambda f: self._unloaded(adapter, f))
         return future
 
     def _attach_now(self, read: _ReadAdapter) -> None:
@@ -127,9 +136,12 @@ class AdapterRegistry:
         with self._lock:
             self._reserved.discard(name)
 
-    def _restore(self, adapter: ServedAdapter) -> None:
+    def _unloaded(self, adapter: ServedAdapter, future: Future) -> None:
+        """The unload is over: the name is free again, or, if deleting failed, the adapter is served again."""
         with self._lock:
-            self.served[adapter.name] = adapter
+            self._unloading.discard(adapter.name)
+            if future.exception() is not None:
+                self.served[adapter.name] = adapter
 
 
 def _serving_dtype(model: Any) -> torch.dtype | None:

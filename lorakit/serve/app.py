@@ -41,6 +41,9 @@ from lorakit.serve.protocol import (
     usage,
 )
 from lorakit.serve.roots import AdapterRoots
+from lorakit.serve.text import token_bytes
+
+DISCONNECT_CHECK_S = 0.25  # how often a request asks whether its client is still there, whatever else happens
 
 
 @dataclass
@@ -48,7 +51,6 @@ class ServerSettings:
     base_id: str
     max_model_len: int
     api_key: str | None = None
-    default_max_tokens: int = 256
 
 
 def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, settings: ServerSettings) -> FastAPI:
@@ -67,6 +69,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
 
     def token_text(token: int) -> str:  # one token alone, as logprobs list it
         return tokenizer.decode([token])
+
+    bytes_of = token_bytes(tokenizer)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -94,7 +98,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
         ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens
         job = _generation(body, adapter, ids, limit, settings)
-        return await _respond(engine, request, body, [job], ChatShape(token_text), new_id("chatcmpl"))
+        return await _respond(engine, request, body, [job], ChatShape(token_text, bytes_of), new_id("chatcmpl"))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -132,11 +136,11 @@ def create_app(engine: Engine, registry: AdapterRegistry, roots: AdapterRoots, s
 def _generation(
     body: _Sampling, adapter: str, ids: list[int], max_tokens: int | None, settings: ServerSettings
 ) -> GenerationRequest:
-    """The engine's request; 400 if prompt + max_tokens exceed the model's context (a prompt may fill it when
-    max_tokens is 0: echo's scoring)."""
+    """The engine's request; without max_tokens, up to the model's context (as OpenAI and vLLM do); 400 if prompt +
+    max_tokens exceed the context (a prompt may fill it when max_tokens is 0: echo's scoring)."""
     room = settings.max_model_len - len(ids)
     if max_tokens is None:
-        max_tokens = min(settings.default_max_tokens, max(room, 1))
+        max_tokens = max(room, 1)
     if max_tokens > room:
         raise APIError(
             400,
@@ -178,13 +182,8 @@ async def _respond(
     engine: Engine, request: Request, body: _Sampling, job_requests: list[GenerationRequest], shape: Any, rid: str
 ) -> Any:
     """Choices of every prompt: choice j of prompt p has index p * n + j, as OpenAI numbers a batch's choices."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
-
-    def emit(i: int, event: Event) -> None:  # called on the engine's thread
-        loop.call_soon_threadsafe(events.put_nowait, (i, event))
-
-    jobs = _submit_choices(engine, job_requests, body.n, emit)
+    events = _Events(request)
+    jobs = _submit_choices(engine, job_requests, body.n, events.emit)
     prompt_tokens = sum(len(r.prompt_ids) for r in job_requests)
     scoring = job_requests[0].logprobs is not None
     echo = [shape.echo[i // body.n] for i in range(len(jobs))] if shape.echo else None  # per choice
@@ -205,12 +204,9 @@ async def _respond(
     completion_tokens = 0
     try:
         while None in choices:
-            try:
-                i, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
+            if (got := await events.next()) is None:  # the client is gone
+                return None
+            i, event = got
             if event.error:
                 raise APIError(500, event.error, type="server_error")
             texts[i].append(event.text)
@@ -229,22 +225,59 @@ def _submit_choices(
     engine: Engine, job_requests: list[GenerationRequest], n: int, emit: Callable[[int, Event], None]
 ) -> list[Any]:
     """One engine job per choice of each prompt. With a seed, choice j samples with seed + j: reproducible, yet the
-    choices differ (greedy choices are all the same text). A 429 for a later choice withdraws the earlier ones."""
+    choices differ (greedy choices are all the same text). 400 for more choices than the server ever takes at once;
+    a failure for a later choice (a 429: the server is full now) withdraws the earlier ones."""
+    wanted, most = len(job_requests) * n, engine.max_concurrent + engine.max_queue
+    if wanted > most:
+        raise APIError(
+            400,
+            f"this request asks for {wanted} completions (prompts x n) and this server takes at most {most} requests "
+            "at once (--max-concurrent + --max-queue); send fewer prompts or a smaller n",
+            param="n",
+        )
     jobs: list[Any] = []
     try:
         for job_request in job_requests:
             for j in range(n):
                 seed = None if job_request.seed is None else job_request.seed + j
                 jobs.append(engine.submit(replace(job_request, seed=seed), partial(emit, len(jobs))))
-    except APIError:
+    except BaseException:
         for job in jobs:
             job.cancel()
         raise
     return jobs
 
 
+class _Events:
+    """The events of one request's jobs, in the order the engine reports them, and whether its client is still there,
+    asked every DISCONNECT_CHECK_S whether events flow (the jobs decode) or not (they wait in the queue)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
+        self.check_at = self.loop.time() + DISCONNECT_CHECK_S
+
+    def emit(self, i: int, event: Event) -> None:  # called on the engine's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+
+    async def next(self) -> tuple[int, Event] | None:
+        """The next (choice index, event); None once the client has disconnected."""
+        while True:
+            if self.loop.time() >= self.check_at:
+                if await self.request.is_disconnected():
+                    return None
+                self.check_at = self.loop.time() + DISCONNECT_CHECK_S
+            if not self.queue.empty():  # while decoding: no timer per event
+                return self.queue.get_nowait()
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=self.check_at - self.loop.time())
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                continue
+
+
 async def _stream(
-    events: asyncio.Queue, n: int, shape: Any, rid: str, model: str, options: tuple[int, bool, bool, list | None],
+    events: _Events, n: int, shape: Any, rid: str, model: str, options: tuple[int, bool, bool, list | None],
     cancel_all: Callable[[], None],
 ) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: one chunk per text delta (each naming its choice, with its tokens' logprobs when asked
@@ -265,7 +298,9 @@ async def _stream(
                 yield sse([shape.chunk_choice(echo[i], None, index=i)])
         running, completion_tokens = n, 0
         while running:
-            i, event = await events.get()
+            if (got := await events.next()) is None:  # the client is gone (also while the jobs wait in the queue)
+                return
+            i, event = got
             if event.error:
                 yield f"data: {json.dumps(APIError(500, event.error, type='server_error').body())}\n\n"
                 break
@@ -314,6 +349,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            reason = first.get("ctx", {}).get("error", "")
+            message = f"request body is not valid JSON: {reason} (at character {first['loc'][-1]})"
+            return JSONResponse(APIError(400, message).body(), status_code=400)
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)

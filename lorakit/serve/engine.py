@@ -25,7 +25,14 @@ from transformers.cache_utils import DynamicCache
 from lorakit.serve.batch import DecodeBatch
 from lorakit.serve.errors import APIError, over_capacity
 from lorakit.serve.routing import forward_rows
-from lorakit.serve.sampling import TokenLogprob, generator_for, next_token, prompt_logprobs, token_logprob
+from lorakit.serve.sampling import (
+    TokenLogprob,
+    generator_for,
+    is_greedy,
+    next_token,
+    prompt_logprobs,
+    token_logprob,
+)
 from lorakit.serve.text import TextStream
 
 
@@ -62,8 +69,11 @@ class Event:
 class Job:
     """One request inside the engine: its tokens, text, random stream and whether its client still waits."""
 
-    def __init__(self, request: GenerationRequest, emit: Callable[[Event], None], tokenizer: Any, eos: set[int]):
-        self.request, self.emit, self.eos = request, emit, eos
+    def __init__(
+        self, request: GenerationRequest, emit: Callable[[Event], None], tokenizer: Any, eos: set[int],
+        withdraw: Callable[[Job], None] = lambda job: None,
+    ) -> None:  # fmt: skip
+        self.request, self.emit, self.eos, self._withdraw = request, emit, eos, withdraw
         self.text = TextStream(tokenizer, request.stop)
         self.generator = generator_for(request.seed)
         self.tokens: list[int] = []
@@ -71,14 +81,15 @@ class Job:
         self.cancelled = threading.Event()
 
     def cancel(self) -> None:
-        """The client is gone: the worker drops the row before the next step."""
+        """The client is gone: a waiting job leaves the queue at once, a running row is dropped before the next step."""
         self.cancelled.set()
+        self._withdraw(self)
 
     def next_token(self, logits: Tensor, greedy: int | None = None) -> int:
         """This row's next token: `greedy` (the batch's argmax, picked on the device in one go) when the request
         is greedy and may end now, else picked from the row's logits on the host with the request's own stream."""
         masked = bool(self.eos) and len(self.tokens) < self.request.min_tokens
-        if greedy is not None and self.request.temperature == 0 and not masked:
+        if greedy is not None and is_greedy(self.request.temperature) and not masked:
             return greedy
         logits = logits.to("cpu", torch.float32, copy=masked)  # the caller's logits stay as they are
         if masked:
@@ -170,7 +181,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
         """Queues a job; APIError 429 past max_concurrent running + max_queue waiting, 503 while shutting down."""
-        job = Job(request, emit, self.tokenizer, self.eos)
+        job = Job(request, emit, self.tokenizer, self.eos, withdraw=self._withdraw)
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="service_unavailable")
@@ -194,6 +205,17 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"running": len(self._batch), "waiting": len(self._waiting), **self._counts}
+
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job still waiting leaves the queue now, so its place goes to the next request at once."""
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._counts["cancelled"] += 1
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._cond:  # other threads count withdrawn jobs
+            self._counts[key] += n
 
     # -- the worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -228,7 +250,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         keep = [i for i, job in enumerate(self._batch.rows) if not job.cancelled.is_set()]
         if len(keep) < len(self._batch):
-            self._counts["cancelled"] += len(self._batch) - len(keep)
+            self._count("cancelled", len(self._batch) - len(keep))
             self._batch.remove(keep)
 
     def _admit(self) -> None:
@@ -239,7 +261,7 @@ class Engine:
                     return
                 job = self._waiting.popleft()
             if job.cancelled.is_set():
-                self._counts["cancelled"] += 1
+                self._count("cancelled")
                 continue
             try:  # whatever goes wrong, this job (no longer waiting, not yet a row) gets an answer
                 cache = DynamicCache()
@@ -251,7 +273,7 @@ class Engine:
                     job.emit(Event(prompt_logprobs=prompt_logprobs(logits[0], job.request.prompt_ids, top)))
                     logits = logits[:, -1]
                 if job.after_prefill(logits[0]):
-                    self._counts["finished"] += 1
+                    self._count("finished")
                 else:
                     self._batch.add(job, cache, group=job.request.adapter)
             except Exception:
@@ -264,10 +286,20 @@ class Engine:
         inputs[self._cache_keyword] = inputs.pop("cache")
         logits = forward_rows(self.model, [job.request.adapter for job in jobs], **inputs)
         greedy = logits.argmax(-1).tolist()  # one transfer for the whole batch; sampled rows copy their own row
-        keep = [i for i, job in enumerate(jobs) if not job.choose(logits[i], greedy[i])]
+        keep = [i for i, job in enumerate(jobs) if not _choose(job, logits[i], greedy[i])]
         if len(keep) < len(jobs):
-            self._counts["finished"] += len(jobs) - len(keep)
+            self._count("finished", len(jobs) - len(keep))
             self._batch.remove(keep)
+
+
+def _choose(job: Job, logits: Tensor, greedy: int) -> bool:
+    """job.choose, but a failure (a bug, logits no token can be sampled from) ends this row alone, never its batch."""
+    try:
+        return job.choose(logits, greedy)
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        job.fail("internal error while picking the next token; see the server log")
+        return True
 
 
 def _complete(op: _Op) -> None:

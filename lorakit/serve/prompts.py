@@ -8,10 +8,16 @@ from lorakit.serve.errors import APIError
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The ids `generate` would get for this conversation: the chat template with the assistant's turn opened."""
+    """The ids `generate` would get for this conversation: the chat template with the assistant's turn opened. A
+    conversation the template refuses (many raise_exception on roles that do not alternate) is a 400 with its reason."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError  # transformers renders templates with jinja2: it is there when a template is
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:
+        raise APIError(400, f"the model's chat template refuses these messages: {err}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

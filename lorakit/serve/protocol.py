@@ -1,7 +1,8 @@
 """OpenAI's request and response shapes for /v1/completions and /v1/chat/completions (the fields we honour).
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send extra options still work;
-known fields are checked (type and range) and a bad one is answered with 400 naming it.
+known fields are checked (type and range) and a bad one is answered with 400 naming it. A field sent as null takes
+its default, as OpenAI reads its nullable fields (the `openai` client sends null for an option given as None).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from lorakit.serve.sampling import TokenLogprob
 
 MAX_CHOICES = 16  # n: each choice takes a row of the batch, so one request cannot claim the whole server
 MAX_LOGPROBS = 20  # the likeliest tokens listed per generated token (vLLM's default limit)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit int, what vLLM accepts
 
 
 class StreamOptions(BaseModel):
@@ -31,13 +33,19 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="choices, each decoded as its own row")
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = Field(None)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling fields: keep going past the end-of-sequence token, or forbid it for the first tokens
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_defaults(cls, data: Any) -> Any:
+        """The body without its null fields, so that each takes its default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -107,13 +115,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 class ChatShape:
     """How chat results are written: a message at the end, deltas while streaming; logprobs as chat's `content`
-    list. `text_of` turns a token id into its text."""
+    list. `text_of` turns a token id into its text, `bytes_of` into its own bytes (text.token_bytes: a piece of a
+    character split across tokens has its text U+FFFD but its real bytes)."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     echo: list[str] | None = None
 
-    def __init__(self, text_of: Callable[[int], str]) -> None:
-        self.text_of = text_of
+    def __init__(self, text_of: Callable[[int], str], bytes_of: Callable[[int], bytes]) -> None:
+        self.text_of, self.bytes_of = text_of, bytes_of
 
     def choice(self, text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
         message = {"role": "assistant", "content": text}
@@ -130,8 +139,7 @@ class ChatShape:
 
     def logprobs(self, scored: list[TokenLogprob], index: int = 0) -> dict[str, Any]:
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = self.text_of(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self.text_of(token), "logprob": logprob, "bytes": list(self.bytes_of(token))}
 
         return {"content": [
             {**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scored

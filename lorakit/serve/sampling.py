@@ -7,21 +7,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Temperatures below this are greedy, as in vLLM: dividing the logits by a tinier one overflows them to inf, and the
+# softmax of those is NaN, which no token can be sampled from.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
 
 def generator_for(seed: int | None) -> torch.Generator:
-    """A per-request random stream, so a seeded request samples the same tokens whatever it is batched with."""
+    """A per-request random stream, so a seeded request samples the same tokens whatever it is batched with; any int
+    seeds it, taken modulo 2**64 (torch's seeds are 64-bit)."""
     generator = torch.Generator()
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(seed % 2**64)
     return generator
 
 
 def next_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """argmax at temperature 0 (what `generate(do_sample=False)` picks); else nucleus sampling at `temperature`."""
+    """argmax at temperature 0 or below GREEDY_BELOW (what `generate(do_sample=False)` picks); else nucleus sampling at
+    `temperature`."""
     logits = logits.float()
-    if temperature == 0:
+    if is_greedy(temperature):
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:

@@ -1,7 +1,11 @@
-"""Token ids to text as they are generated: incremental decoding, stop strings, no half characters."""
+"""Token ids to text as they are generated: incremental decoding, stop strings, no half characters; a token's own
+bytes."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 
@@ -41,3 +45,47 @@ class TextStream:
         delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
         self.sent = text if text.startswith(self.sent) else self.sent
         return delta
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one byte a token
+
+
+def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
+    """A function from a token id to the token's own bytes, which chat logprobs list: joined, the pieces of a character
+    split across tokens give its UTF-8 bytes back (each piece's text alone is U+FFFD). Byte-level vocabularies (GPT-2,
+    Llama 3, SmolLM) map a token's characters back to bytes, a SentencePiece byte token (<0xE4>) is its byte; added
+    tokens and any other tokenizer's tokens are their text's UTF-8."""
+    kinds = _decoder_kinds(tokenizer)
+    from_char = {c: b for b, c in _byte_level_alphabet().items()} if "ByteLevel" in kinds else {}
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+
+    def bytes_of(token: int) -> bytes:
+        if token not in added:
+            piece = tokenizer.convert_ids_to_tokens(token)
+            if from_char and isinstance(piece, str) and all(c in from_char for c in piece):
+                return bytes(from_char[c] for c in piece)
+            if "ByteFallback" in kinds and isinstance(piece, str) and (byte := _BYTE_TOKEN.fullmatch(piece)):
+                return bytes([int(byte[1], 16)])
+        return tokenizer.decode([token]).encode()
+
+    return bytes_of
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    """The "type"s of a fast tokenizer's decoder and of the decoders in it (a Sequence); none for other tokenizers."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    kinds, todo = set(), [json.loads(decoder.__getstate__())]
+    while todo:
+        spec = todo.pop()
+        kinds.add(spec.get("type"))
+        todo.extend(spec.get("decoders") or [])
+    return kinds
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character table: printable bytes stand for themselves, the others for characters from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}

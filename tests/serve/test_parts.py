@@ -247,3 +247,171 @@ def test_serving_forwards_keep_cudnn_attention_off_and_restore_it() -> None:
     assert seen == {"cudnn": False, "others": True, "rows": ["a", "__base__"]}
     assert logits.shape == (2, 5)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_a_tiny_temperature_is_greedy(tokenizer) -> None:
+    """Logits divided by 1.5e-38 overflow to inf and their softmax is NaN: below GREEDY_BELOW the argmax is taken."""
+    from lorakit.serve.sampling import generator_for, next_token
+
+    logits = torch.linspace(-3.0, 40.0, len(tokenizer)).roll(7)
+    for temperature in (1.5e-38, 1e-30, 5e-6):
+        assert next_token(logits, temperature, 0.9, generator_for(0)) == int(logits.argmax())
+    job = Job(GenerationRequest("a", [1], 4, temperature=1.5e-38), lambda event: None, tokenizer, set())
+    assert job.next_token(logits, greedy=3) == 3  # the batch's argmax, as for temperature 0
+
+
+def _run_together(model, tokenizer, requests: list) -> list:
+    """(each request's last event, its job), the requests submitted at once: they are decoded in one batch."""
+    import threading
+
+    from lorakit.serve.engine import Engine
+
+    engine, ends = Engine(model, tokenizer, max_concurrent=len(requests)), {}
+    done = threading.Semaphore(0)
+
+    def emit(i: int, event) -> None:
+        if event.finish_reason or event.error:
+            ends[i] = event
+            done.release()
+
+    jobs = [engine.submit(request, lambda event, i=i: emit(i, event)) for i, request in enumerate(requests)]
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60), "a job never got an answer"
+    finally:
+        engine.stop()
+    return [ends[i] for i in range(len(jobs))], jobs
+
+
+def test_a_row_that_cannot_pick_its_token_fails_alone(tokenizer, monkeypatch) -> None:
+    """A failure while sampling one row (a bug, logits no token can be sampled from) fails that request alone; the
+    rows decoded with it go on."""
+    from lorakit import LoraModel
+    from lorakit.serve import engine as engine_module
+
+    calls = []
+
+    def fails_on_the_third_call(logits, temperature, top_p, generator) -> int:
+        calls.append(temperature)
+        if len(calls) == 3:  # the sampled row's second decode step, next to the greedy row
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return int(logits.argmax())
+
+    monkeypatch.setattr(engine_module, "next_token", fails_on_the_third_call)
+    model = LoraModel(build_model(len(tokenizer), tokenizer.eos_token_id))
+    greedy, sampled = GenerationRequest("__base__", [5, 6, 7], 8), GenerationRequest("__base__", [8, 9], 8, 0.7)
+    (greedy_end, sampled_end), (greedy_job, _) = _run_together(model, tokenizer, [greedy, sampled])
+    assert sampled_end.error and "internal error" in sampled_end.error
+    assert greedy_end.error is None and greedy_end.finish_reason == "length" and len(greedy_job.tokens) == 8
+
+
+def test_a_cancelled_waiting_job_gives_its_place_up_at_once(tokenizer) -> None:
+    """A request abandoned while queued leaves the queue when it is cancelled, not when the worker reaches it."""
+    from lorakit import LoraModel
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.errors import APIError
+
+    engine = Engine(LoraModel(build_model(len(tokenizer), tokenizer.eos_token_id)), tokenizer, 1, 1)  # not started
+    request = GenerationRequest("__base__", [5, 6], 4)
+    engine.submit(request, lambda event: None)
+    abandoned = engine.submit(request, lambda event: None)
+    with pytest.raises(APIError) as full:
+        engine.submit(request, lambda event: None)
+    assert full.value.status == 429
+    abandoned.cancel()
+    abandoned.cancel()  # twice: counted once
+    assert engine.stats() == {"running": 0, "waiting": 1, "finished": 0, "cancelled": 1}
+    engine.submit(request, lambda event: None)  # the freed place
+    assert engine.stats()["waiting"] == 2
+
+
+def test_any_int_seeds_a_stream_modulo_2_to_the_64() -> None:
+    from lorakit.serve.sampling import generator_for
+
+    def draws(seed: int) -> list[float]:
+        return torch.rand(4, generator=generator_for(seed)).tolist()
+
+    assert draws(2**64 + 5) == draws(5) and draws(-1) == draws(2**64 - 1) and draws(5) != draws(6)
+
+
+def test_chat_logprobs_bytes_are_each_tokens_own(tokenizer) -> None:
+    """A character split across byte-level tokens: each piece's text is U+FFFD, its bytes are its own, so the
+    entries' bytes joined are the text's UTF-8; an added token's bytes are its text's."""
+    from lorakit.serve.protocol import ChatShape
+    from lorakit.serve.sampling import TokenLogprob
+    from lorakit.serve.text import token_bytes
+
+    text = "héllo wörld, 東京 ✓"
+    ids = tokenizer(text)["input_ids"]
+    shape = ChatShape(lambda t: tokenizer.decode([t]), token_bytes(tokenizer))
+    content = shape.logprobs([TokenLogprob(t, -1.0, [(t, -1.0)]) for t in ids])["content"]
+    assert any(entry["token"] == "\ufffd" for entry in content)  # pieces of a character
+    assert b"".join(bytes(entry["bytes"]) for entry in content) == text.encode()
+    assert [entry["top_logprobs"][0]["bytes"] for entry in content] == [entry["bytes"] for entry in content]
+    assert token_bytes(tokenizer)(tokenizer.eos_token_id) == b"<|im_end|>"
+
+
+def test_sentencepiece_byte_tokens_are_their_byte() -> None:
+    """Not byte-level (Llama 2, Mistral): a byte-fallback token is its byte, any other token its text."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.serve.text import token_bytes
+
+    vocab = {"<unk>": 0, "▁hi": 1, "<0xE6>": 2, "<0x9D>": 3, "<0xB1>": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    bytes_of = token_bytes(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert [bytes_of(t) for t in (2, 3, 4)] == [b"\xe6", b"\x9d", b"\xb1"] and bytes_of(1) == b"hi"
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400() -> None:
+    from lorakit.serve.errors import APIError
+    from lorakit.serve.prompts import encode_chat
+
+    strict = build_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    assert encode_chat(strict, [{"role": "user", "content": "hi"}])
+    with pytest.raises(APIError) as refused:
+        encode_chat(strict, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert refused.value.status == 400 and refused.value.param == "messages"
+    assert "Conversation roles must alternate" in refused.value.message
+
+
+def test_a_name_whose_unload_still_waits_is_refused_in_words_a_client_knows(tmp_path: Path) -> None:
+    """Unloading waits for the requests that use the adapter; loading the name again meanwhile says so (not the
+    library's delete_adapter message), and once the unload is done the name loads again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit import LoraModel
+    from lorakit.serve.adapters import AdapterRegistry
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.errors import APIError
+
+    model_dir, root = write_tiny(tmp_path, ["a1"])
+    model = LoraModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), max_concurrent=2)
+    registry = AdapterRegistry(engine, "model")
+    registry.load("a1", root / "a1")
+    engine.start()
+    job = engine.submit(GenerationRequest("a1", [5, 6, 7], max_tokens=4000), lambda event: None)
+    try:
+        unloading = registry.unload("a1")
+        with pytest.raises(APIError) as refused:
+            registry.read("a1", root / "a1")
+        assert refused.value.status == 400 and "still being unloaded" in refused.value.message
+        assert "delete_adapter" not in refused.value.message
+        job.cancel()
+        unloading.result(timeout=60)
+        registry.load("a1", root / "a1")
+        assert [a.name for a in registry.snapshot()] == ["a1"]
+    finally:
+        job.cancel()
+        engine.stop()
