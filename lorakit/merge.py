@@ -9,8 +9,10 @@ from __future__ import annotations
 import warnings
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorakit.inject import lora_layers, unwrap_all
+from lorakit.layer import LoraLayer
 
 
 def merge_adapters(model: nn.Module, names: list[str], safe: bool = False) -> None:
@@ -43,9 +45,22 @@ def unload(model: nn.Module) -> nn.Module:
 
 def _untie_shared_weights(model: nn.Module) -> None:
     """A merged delta belongs to the adapted layer alone: modules that share its weight (tied input and
-    output embeddings) get their own copy of the base weight first, and the config stops re-tying them."""
+    output embeddings) get their own copy of the base weight first, and the config stops re-tying them. Two adapted
+    layers on one tensor (BART's encoder and decoder embed_tokens) each merge into a copy of their own."""
     layers = dict(lora_layers(model))
-    adapted = {id(layer.stored_weight): path for path, layer in layers.items()}
+    adapted: dict[int, str] = {}
+    for path, layer in layers.items():
+        weight = layer.stored_weight
+        if id(weight) not in adapted:
+            adapted[id(weight)] = path
+            continue
+        _give_own_weight(layer, weight)
+        warnings.warn(
+            f"{path} shared its weight with the adapted {adapted[id(weight)]}; it takes its own copy of the base "
+            "weight so that each merges only its own delta",
+            stacklevel=3,
+        )
+        _stop_retying(model)
     for path, module in model.named_modules(remove_duplicate=False):
         if any(path == p or path.startswith(p + ".") for p in layers):
             continue
@@ -57,6 +72,20 @@ def _untie_shared_weights(model: nn.Module) -> None:
                     "weight as its own copy so merging changes only the adapted layer",
                     stacklevel=3,
                 )
-                config = getattr(model, "config", None)
-                if getattr(config, "tie_word_embeddings", False):
-                    config.tie_word_embeddings = False
+                _stop_retying(model)
+
+
+def _stop_retying(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
+def _give_own_weight(layer: LoraLayer, weight: nn.Parameter) -> None:
+    """The layer's stored base weight replaced by a copy (where a parametrization keeps it, its `original`)."""
+    own = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    name, host = layer.kind.weight_name(), layer.weight_host
+    if layer.kind.acts_on_weight and parametrize.is_parametrized(host, name):
+        host.parametrizations[name].original = own
+    else:
+        setattr(host, name, own)

@@ -123,3 +123,40 @@ def test_a_conv_adapter_follows_the_base_conv_s_geometry(conv):
         merged = lora(x)
     torch.testing.assert_close(unmerged, direct, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_two_adapted_layers_on_one_tied_table_each_merge_their_own_delta(tmp_path):
+    """BART's encoder and decoder embed_tokens share one table: adapting both and merging put both deltas into it,
+    so each side read the other's (merged outputs off by 0.47). Each now merges into a copy of its own; the
+    outputs are PEFT's, unmerged, merged and after unmerging."""
+    import peft
+    import transformers
+
+    from lorakit import LoraModel
+
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32,
+        decoder_start_token_id=2,
+    )  # fmt: skip
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.BartForConditionalGeneration(config).eval()
+
+    targets = ["encoder.embed_tokens", "decoder.embed_tokens"]
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(build(), tmp_path).eval()
+    encoder, decoder = (ours.model.get_submodule(f"model.{t}") for t in targets)
+    assert encoder.stored_weight is decoder.stored_weight
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="its own copy"):
+            ours.merge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        ours.unmerge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
