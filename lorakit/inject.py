@@ -16,6 +16,7 @@ from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 from lorakit.targets import (
     TASK_HEADS,
+    check_fused_kernel_targets,
     default_targets,
     find_module_targets,
     find_parameter_targets,
@@ -61,6 +62,7 @@ def _lora_targets(model: nn.Module, config: LoraConfig | VeraConfig) -> list[tup
     convert_moe_targets(model, config)
     targets = [(path, kind, path) for path, kind in find_module_targets(model, config)]
     targets += [(path, kind, f"{path}.{kind.weight_name()}") for path, kind in find_parameter_targets(model, config)]
+    check_fused_kernel_targets(model, config, [path for path, _, _ in targets])
     for path, kind, key in targets:
         if config.lora_dropout and kind.acts_on_weight:
             raise ConfigError(

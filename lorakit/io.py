@@ -7,6 +7,7 @@ both saving and loading go through it, so what is written is exactly what is rea
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import layer_chain, lora_layers, saved_modules
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
-from lorakit.targets import modules_to_save, saved_name_matches
+from lorakit.targets import logical_modules, modules_to_save, saved_name_matches
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 from lorakit.variants.init import converted_config, converted_to_lora
 
@@ -29,6 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
 _PREFIX = "base_model.model."
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: what save_embedding_layers looks for
 _FACTOR_KEYS = {  # kind.is_embedding -> adapter attribute -> PEFT's name
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"},
     True: {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
@@ -140,15 +142,18 @@ def save_adapter(
     directory: str | Path,
     initial: str | Path | None = None,
     write: bool = True,
+    save_embedding_layers: str | bool = "auto",
 ) -> None:
     """Writes the adapter folder as one change (lorakit.atomic): a kill leaves it wholly old or wholly new.
 
     initial: the folder of this adapter saved right after a PiSSA / OLoRA init; the file written is then a
     plain LoRA of rank 2r against the original base weight (PEFT's path_initial_model_for_weight_conversion).
     write: False on the other ranks of a sharded model, which only take part in gathering the tensors.
+    save_embedding_layers: PEFT's; see embedding_base_tensors.
     """
     check_adapter_name(name)  # the last defence: a name never leads outside the save folder
-    tensors = {k: _whole(v).cpu().contiguous() for k, v in adapter_tensors(model, name, config).items()}
+    live = adapter_tensors(model, name, config) | embedding_base_tensors(model, config, save_embedding_layers)
+    tensors = _unaliased({k: _whole(v).cpu().contiguous() for k, v in live.items()})
     if not write:
         return
     if initial is not None:
@@ -158,6 +163,73 @@ def save_adapter(
     if lorakit_part:
         files[LORAKIT_CONFIG_NAME] = _json_bytes(lorakit_part)
     atomic.replace_folder(directory, files, owned={CONFIG_NAME, WEIGHTS_NAME, LORAKIT_CONFIG_NAME})
+
+
+def embedding_base_tensors(
+    model: nn.Module, config: LoraConfig | VeraConfig, save_embedding_layers: str | bool = "auto"
+) -> dict[str, Tensor]:
+    """PEFT's save_embedding_layers: the input and output embeddings' own tensors, saved whole beside the adapter so
+    that a resized vocabulary travels with it. An adapted one gives its base layer's (`<path>.base_layer.weight`);
+    one without LoRA is saved itself (`<path>.weight`) only where target_modules does not name an embedding. "auto"
+    is True where target_modules names embed_tokens or lm_head (not with trainable tokens, whose point is to save
+    little); PEFT's other "auto" case, a vocabulary resized since the base checkpoint named in
+    base_model_name_or_path, needs that checkpoint's config, which lorakit does not fetch."""
+    if save_embedding_layers not in ("auto", True, False):
+        raise ConfigError(f"save_embedding_layers must be 'auto', True or False, not {save_embedding_layers!r}")
+    named = _names_an_embedding(model, config)
+    tokens = getattr(config, "trainable_token_indices", None) is not None
+    if save_embedding_layers is False or (save_embedding_layers == "auto" and (not named or tokens)):
+        return {}
+    tensors = {}
+    for path, layer, adapted in _embedding_layers(model):
+        if adapted or not named:
+            tensors |= {f"{_PREFIX}{path}.{name}": t for name, t in _own_tensors(layer) if t is not None}
+    return tensors
+
+
+def _embedding_layers(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(key path, module, adapted) of the model's input and output embeddings that a file may carry whole: an adapted
+    one by its base layer (`<path>.base_layer`), a plain one by itself; a module saved whole per adapter is not."""
+    paths = {id(m): p for p, m in lora_layers(model)}
+    plain = {id(m): p for p, m in model.named_modules()}
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:  # transformers raises for models without word embeddings (Wav2Vec2)
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            found.append((f"{paths[id(layer)]}.base_layer", layer, True))
+        elif isinstance(layer, (nn.Linear, nn.Embedding)) and id(layer) in plain:
+            found.append((plain[id(layer)], layer, False))
+    return found
+
+
+def _own_tensors(layer: nn.Module) -> list[tuple[str, Tensor | None]]:
+    if isinstance(layer, LoraLayer):
+        return [(layer.kind.weight_name(), layer.stored_weight), ("bias", layer.bias)]
+    return [("weight", layer.weight), ("bias", getattr(layer, "bias", None))]
+
+
+def _names_an_embedding(model: nn.Module, config: LoraConfig | VeraConfig) -> bool:
+    """PEFT's test: a list that holds "embed_tokens" or "lm_head" itself, or a regex (not all-linear) that matches the
+    path of a module so named."""
+    targets = config.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        paths = [p for p, _ in logical_modules(model) if p.rsplit(".", 1)[-1] in _EMBEDDING_NAMES]
+        return any(re.fullmatch(targets, p) for p in paths)
+    return not isinstance(targets, str) and any(name in (targets or []) for name in _EMBEDDING_NAMES)
+
+
+def _unaliased(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses two keys on one storage (tied input and output embeddings both saved): later ones copied."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 def _split_config(data: dict) -> tuple[dict, dict]:
@@ -240,14 +312,17 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
 
 
 def _base_weights_in_file(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """PEFT's key -> base weight of an adapted layer whose full weight the file carries: PEFT saves an adapted
-    embed_tokens / lm_head whole (save_embedding_layers="auto"), so that resized vocabularies travel, and loads it
-    into the base layer."""
+    """PEFT's key -> base tensor of an input / output embedding whose own tensors the file carries
+    (embedding_base_tensors: PEFT and lorakit save them under save_embedding_layers), to be loaded into the base as
+    PEFT's load does; an adapted layer's base layer, or the plain module."""
     found = {}
-    for path, layer in lora_layers(model):
-        key = f"{_PREFIX}{path}.base_layer.{layer.kind.weight_name()}"
-        if key in weights and not layer.merged_adapters:
-            found[key] = layer.stored_weight
+    for path, layer, adapted in _embedding_layers(model):
+        if adapted and layer.merged_adapters:
+            continue
+        for name, tensor in _own_tensors(layer):
+            key = f"{_PREFIX}{path}.{name}"
+            if key in weights and tensor is not None:
+                found[key] = tensor
     return found
 
 

@@ -99,15 +99,30 @@ class EmbeddingKind(Kind):
     supports_weight_init: bool = False
 
     def contribution(self, module: nn.Module, x: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float):
-        return ops.embedding_contribution(x, lora_A, lora_B, scale, padding_idx=module.padding_idx)
+        term = ops.embedding_contribution(x, lora_A, lora_B, scale, padding_idx=module.padding_idx)
+        return _scaled_as_the_table(module, term)
 
     def base_output(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-        return F.embedding(
+        out = F.embedding(
             x, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
         )
+        return _scaled_as_the_table(module, out)
 
     def without_bias(self, module: nn.Module, out: Tensor) -> Tensor:
         return out
+
+
+def _scaled_as_the_table(module: nn.Module, out: Tensor) -> Tensor:
+    """out * the module's embed_scale, where it has one: a scaled word embedding (Gemma 3, BART with scale_embedding)
+    returns table[ids] * embed_scale, so a term that adds to its output is scaled alike, and merging (which puts dW
+    into the table) changes nothing. PEFT's _get_embed_scale rule: a number (taken in the table's dtype) or a
+    one-element tensor; anything else scales nothing."""
+    embed_scale = getattr(module, "embed_scale", None)
+    if isinstance(embed_scale, (int, float)) and not isinstance(embed_scale, bool):
+        embed_scale = torch.tensor(embed_scale, dtype=module.weight.dtype, device=out.device)
+    if isinstance(embed_scale, Tensor) and embed_scale.numel() == 1:
+        return out * embed_scale.to(out.dtype)
+    return out
 
 
 @dataclass(frozen=True)
@@ -275,7 +290,13 @@ def kind_of(module: nn.Module) -> Kind | None:
 def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
     """The kind for `module.<parameter>`; a weight already parametrized by another adapter counts as itself."""
     if parametrize.is_parametrized(module, parameter):
-        weight = module.parametrizations[parameter].original
+        weight = getattr(module.parametrizations[parameter], "original", None)
+        if weight is None:  # torch's weight_norm keeps two tensors, original0 (g) and original1 (v)
+            raise TargetError(
+                f"{parameter!r} of {type(module).__name__} is computed by a torch parametrization from several "
+                "tensors (weight_norm's g and v), so target_parameters cannot adapt it in place; adapt the module "
+                "with target_modules instead (its LoRA acts on the output)"
+            )
     else:
         weight = getattr(module, parameter, None)
     if not isinstance(weight, nn.Parameter):

@@ -86,9 +86,11 @@ class LoraLayer(nn.Module):
 
     @property
     def stored_weight(self) -> Tensor:
-        """The stored base weight (merged adapters included, unmerged ones not)."""
+        """The stored base weight (merged adapters included, unmerged ones not). A layer on the output reads the
+        weight the module computes, which under a parametrization of its own (torch's weight_norm: g and v) is
+        stored by the parametrization's right_inverse when merged."""
         name, host = self.kind.weight_name(), self.weight_host
-        if parametrize.is_parametrized(host, name):
+        if self.kind.acts_on_weight and parametrize.is_parametrized(host, name):
             return host.parametrizations[name].original
         return self.kind.weight_of(host)
 

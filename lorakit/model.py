@@ -299,6 +299,7 @@ class LoraModel(nn.Module):
         selected_adapters: list[str] | str | None = None,
         path_initial_model_for_weight_conversion: str | Path | None = None,
         is_main_process: bool = True,
+        save_embedding_layers: str | bool = "auto",
     ) -> None:
         """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`.
 
@@ -306,6 +307,8 @@ class LoraModel(nn.Module):
         the adapter is then written as a plain LoRA against the original base weight.
         is_main_process: as in PEFT; with a model sharded by FSDP every rank calls this (the shards are gathered
         from all of them) and only the main process writes.
+        save_embedding_layers: as in PEFT, whether the base tables of adapted input / output embeddings are saved
+        whole beside the factors ("auto": where target_modules names embed_tokens or lm_head).
         """
         if selected_adapters is None:
             names = list(self.peft_config)
@@ -315,7 +318,9 @@ class LoraModel(nn.Module):
         for name in names:
             target = Path(directory) if name == "default" else Path(directory) / name
             initial = path_initial_model_for_weight_conversion
-            io.save_adapter(self.model, name, self.peft_config[name], target, initial=initial, write=is_main_process)
+            io.save_adapter(
+                self.model, name, self.peft_config[name], target, initial, is_main_process, save_embedding_layers
+            )
         if names and any(self.state.parents.values()) and is_main_process:
             self._save_tree_manifest(Path(directory), names)
 

@@ -69,9 +69,18 @@ class SavedModule(nn.Module):
             out = out.index_copy(0, idx, part)
         return out
 
-    @property
-    def weight(self):
-        return self.current().weight
+    def __getattr__(self, name: str):
+        """A name the wrapper lacks is read from the module an unrouted forward runs (PEFT's ModulesToSaveWrapper):
+        a parent that reads its child's tensors without calling it (MobileBERT's head: decoder.weight, decoder.bias)
+        gets the active copy's. A routed forward does not change what is read here."""
+        try:
+            return super().__getattr__(name)  # the wrapper's own submodules, parameters and buffers
+        except AttributeError:
+            own = self.__dict__
+            # half-built (a copy or unpickling in progress) or a dunder that copy and pickle probe for: nothing there
+            if "state" not in own or "_modules" not in own or name.startswith("__"):
+                raise
+        return getattr(self.current(), name)
 
 
 def _rows(values, idx: Tensor, n: int):

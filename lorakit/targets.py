@@ -61,6 +61,13 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
+# model_type -> module names whose weights a fused kernel reads directly, so a LoRA term on their output never runs
+# on that path: Mamba's CUDA kernels (mamba_inner_fn, mamba_split_conv1d_scan_combined) take out_proj's and conv1d's
+# weights. PEFT 0.21 refuses LoRA on them for these model types (tuners_utils._check_lora_target_modules_mamba).
+FUSED_KERNEL_WEIGHTS = {
+    model_type: ("out_proj", "conv1d") for model_type in ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h")
+}
+
 # Task types whose heads train in full, as PEFT adds them to modules_to_save.
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
 
@@ -93,15 +100,19 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
         return []
     saved = set(modules_to_save(config))
     head = _output_head(model) if targets == "all-linear" else None
-    found, unsupported = [], []
+    found, unsupported, clashes = [], [], []
     for path, module in logical_modules(model):
         if _within_saved(path, saved) or not _selected(path, module, targets, head, config):
             continue
+        if saved_name_matches(path, saved):
+            clashes.append(path)
         kind = _kind_in_place(model, path, module)
         if kind is None:
             unsupported.append(f"{path} ({type(module).__name__})")
         else:
             found.append((path, kind))
+    if clashes:
+        raise TargetError(_saved_clash(clashes, targets, config))
     if unsupported:
         raise TargetError(
             "target_modules selects modules LoRA cannot wrap: " + ", ".join(unsupported) + ". "
@@ -133,6 +144,26 @@ def _with_companions(model: nn.Module, path: str, kind: Kind) -> list[tuple[str,
     parent moves them below its base_layer, where a file names them (PEFT's attn.base_layer.out_proj)."""
     below = f"{path}.base_layer" if isinstance(model.get_submodule(path), LoraLayer) else path
     return [(f"{below}.{child}", child_kind) for child, child_kind in kind.companions()] + [(path, kind)]
+
+
+def check_fused_kernel_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> None:
+    """Refuses LoRA on a module whose weight a fused kernel of this model reads directly (Mamba's out_proj and
+    conv1d), as PEFT does: the kernel would skip the unmerged term."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = FUSED_KERNEL_WEIGHTS.get(model_type, ())
+    hit = [p for p in paths if p.rsplit(".", 1)[-1] in names]
+    if hit and getattr(config, "peft_type", "LORA") == "LORA":
+        found = sorted({p.rsplit(".", 1)[-1] for p in hit})
+        raise TargetError(
+            f"LoRA cannot go on {found} of a {model_type} model ({_few(hit)}): its fused CUDA kernels read those "
+            "weights directly, so the adapter would be skipped there (PEFT refuses them too). Remove them from "
+            f"target_modules / target_parameters, or (with all-linear, which selects out_proj) set "
+            f"exclude_modules={found}"
+        )
+
+
+def _few(paths: list[str], n: int = 3) -> str:
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, Kind]]:
@@ -265,10 +296,46 @@ def _layer_index(path: str, config: LoraConfig) -> int | None:
 
 
 def _within_saved(path: str, saved: set[str]) -> bool:
-    """The module is, or lies inside, a modules_to_save module: it trains in full there, so PEFT gives it no LoRA
-    (all-linear with task_type SEQ_CLS names classifier.dense, and the classifier is saved whole)."""
-    parts = path.split(".")  # names matched as modules_to_save matches them, so a module saved whole gets no LoRA
-    return any(saved_name_matches(".".join(parts[:end]), saved) for end in range(1, len(parts) + 1))
+    """The module is a modules_to_save module named at a dot, or lies inside one: it trains in full there, so PEFT
+    gives it no LoRA (all-linear with task_type SEQ_CLS names classifier.dense, and the classifier is saved whole). A
+    module that a name ends only as text (DistilBERT's pre_classifier for "classifier") is not: see _saved_clash."""
+    parts = path.split(".")
+    inside = any(saved_name_matches(".".join(parts[:end]), saved) for end in range(1, len(parts)))
+    return inside or _matches_any(path, saved)
+
+
+def _saved_clash(paths: list[str], targets, config: LoraConfig) -> str:
+    """The error for LoRA targets that modules_to_save also takes, by the text-suffix rule alone. PEFT wraps such a
+    module with LoRA, then fails to save it whole (TypeError); training it in full instead would drop the LoRA asked
+    for, and write a file PEFT cannot load."""
+    how = [
+        f"{p} (modules_to_save {_saving_names(p, config)}; target_modules {_selector(p, targets, config)})"
+        for p in paths
+    ]
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    named = config.target_modules is not None and not isinstance(config.target_modules, str)
+    return (
+        f"{', '.join(how)}: selected for LoRA and, as modules_to_save names match the end of a path as text (PEFT's "
+        "rule), also to be trained in full; a module cannot be both, and PEFT refuses this too. Keep it out of LoRA "
+        f"with exclude_modules={names} (it then trains in full){', or drop it from target_modules' if named else ''}"
+        ", or give modules_to_save a name that ends only the paths meant"
+    )
+
+
+def _saving_names(path: str, config: LoraConfig) -> str:
+    """The modules_to_save names that take `path`, each said to come from task_type where the task adds it."""
+    task = f" from task_type={config.task_type!r}"
+    added = [n for n in TASK_HEADS.get(config.task_type or "", []) if n not in (config.modules_to_save or [])]
+    return ", ".join(repr(n) + (task if n in added else "") for n in modules_to_save(config) if path.endswith(n))
+
+
+def _selector(path: str, targets, config: LoraConfig) -> str:
+    """What in target_modules selected `path`: the names that end it, the regex, all-linear, or the defaults."""
+    if config.target_modules is None:
+        return f"default {targets!r}"
+    if isinstance(targets, str):
+        return repr(targets)
+    return repr([t for t in targets if _suffix_match(path, t)])
 
 
 def _suffix_match(path: str, name: str) -> bool:

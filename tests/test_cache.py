@@ -345,3 +345,22 @@ def test_a_switch_from_ram_costs_a_few_ops_whatever_the_depth(tmp_path):
     layer (on a GPU, hundreds of kernel launches and small host-to-device copies for an all-linear LLM)."""
     shallow, deep = _switch_ops(tmp_path, 2), _switch_ops(tmp_path, 24)
     assert shallow == deep <= 4
+
+
+def test_a_folder_that_carries_a_base_table_is_refused_with_its_reason(tmp_path):
+    """An adapted embed_tokens is saved with its base table (PEFT's save_embedding_layers="auto"); a hot swap changes
+    factors only, so the swap names that and the two ways out instead of calling the keys unknown targets. Saved
+    without the table, the same adapter swaps in."""
+    from tests.cases import tiny_llama
+
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    get_lora_model(tiny_llama().eval(), config).save_pretrained(tmp_path / "whole")
+    source = get_lora_model(tiny_llama().eval(), config)
+    source.save_pretrained(tmp_path / "factors", save_embedding_layers=False)
+    model = get_lora_model(tiny_llama().eval(), config, "live")
+    with pytest.raises(LorakitError, match="base-layer tensors.*save_embedding_layers=False"):
+        model.hotswap_adapter(tmp_path / "whole", "live")
+    model.hotswap_adapter(tmp_path / "factors", "live")
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, atol=ATOL, rtol=0)

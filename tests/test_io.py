@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model, io
+from lorakit import AdapterFileError, LoraConfig, LorakitError, LoraModel, atomic, get_lora_model, io
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
 from tests.cases import CASES, PEFT_OUTPUTS, Case, output, tiny_bert_cls
 
@@ -404,3 +404,77 @@ def test_question_answering_trains_its_head_in_full_as_peft_does(tmp_path):
         "model.qa_outputs.copies.default.bias",
     }
     _trained_files_load_both_ways(ours, theirs, build, logits, tmp_path)
+
+
+def _llama_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "config", "saved"),
+    [
+        (_llama, {"target_modules": ["embed_tokens", "q_proj"]}, ["model.embed_tokens"]),
+        (_llama, {"target_modules": ["lm_head"]}, ["lm_head"]),
+        (_llama, {"target_modules": r".*(embed_tokens|q_proj)"}, ["model.embed_tokens"]),
+        (_llama, {"target_modules": ["model.embed_tokens"]}, []),  # not the bare name: PEFT saves no base weight
+        (_llama, {"target_modules": "all-linear"}, []),
+        (_llama, {"target_modules": ["lm_head"], "trainable_token_indices": [3]}, []),  # trainable tokens: kept small
+        (_llama_tied, {"target_modules": ["embed_tokens", "lm_head"]}, ["model.embed_tokens", "lm_head"]),
+    ],
+    ids=["names", "lm_head", "regex", "path", "all-linear", "trainable-tokens", "tied"],
+)
+def test_an_adapted_embedding_saves_its_base_layer_where_peft_does(build, config, saved, tmp_path):
+    """PEFT's save_embedding_layers="auto": where target_modules names embed_tokens or lm_head (or a regex matches
+    one), the adapted input / output embeddings' base layers are saved whole; the same keys here (a tied table
+    twice), and each side's folder loads in the other."""
+    ours = get_lora_model(build(), LoraConfig(**config))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "theirs")
+    keys = [set(load_file(tmp_path / side / WEIGHTS_NAME)) for side in ("ours", "theirs")]
+    assert keys[0] == keys[1]
+    assert {k for k in keys[0] if ".base_layer." in k} == {f"base_model.model.{p}.base_layer.weight" for p in saved}
+    LoraModel.from_pretrained(build(), tmp_path / "theirs")
+    peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
+
+
+def test_a_saved_base_embedding_is_loaded_into_the_base_as_peft_loads_it(tmp_path):
+    """A folder whose embed_tokens base weight differs from the model's (a table trained or resized before):
+    loading puts the file's table into the base layer, as PEFT does, so both give the same outputs."""
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=False))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.base_layer.weight.add_(1.0)
+    theirs.eval().save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(_llama(), tmp_path).eval()
+    ours = LoraModel.from_pretrained(_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, back(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("choice", [True, False])
+def test_save_embedding_layers_takes_peft_s_values(choice, tmp_path):
+    """save_pretrained(save_embedding_layers=...) as in PEFT: True saves an adapted embedding's base table even where
+    "auto" would not (a path, not the name), False never; the same keys as PEFT's, and each folder loads in the
+    other. Anything else is refused before a file is written."""
+    config = dict(target_modules=["model.embed_tokens", "q_proj"], init_lora_weights=False)
+    ours = get_lora_model(_llama(), LoraConfig(**config))
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=choice)
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=choice)
+    keys = [set(load_file(tmp_path / side / WEIGHTS_NAME)) for side in ("ours", "theirs")]
+    assert keys[0] == keys[1]
+    assert any(".base_layer." in k for k in keys[0]) == choice
+    LoraModel.from_pretrained(_llama(), tmp_path / "theirs")
+    peft.PeftModel.from_pretrained(_llama(), tmp_path / "ours")
+    with pytest.raises(LorakitError, match="save_embedding_layers"):
+        ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
+    assert not (tmp_path / "bad").exists()

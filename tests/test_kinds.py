@@ -72,3 +72,41 @@ def test_grouped_conv_factor_shapes_are_peft_ones(groups):
     assert b_shape == tuple(layer.lora_B["default"].weight.shape)
     x = torch.randn(1, 6, 5, 5)
     assert kind_of(conv).contribution(conv, x, torch.randn(a_shape), torch.randn(b_shape), 1.0).shape == conv(x).shape
+
+
+class _WeightNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1), dim=2)  # g, v: no original
+        self.head = nn.Linear(40, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).flatten(1))
+
+
+def _weight_normed_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _WeightNormed().eval()
+
+
+def test_a_weight_normed_conv_is_adapted_on_its_output_and_merges_through_g_and_v(tmp_path):
+    """torch's weight_norm stores g and v: the LoRA acts on the output, the same as PEFT's, and merging stores
+    W + dW back through the parametrization (PEFT's merge leaves the weight as it was), so merged == unmerged."""
+    from lorakit import LoraConfig, LoraModel, TargetError
+
+    x = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(
+        _weight_normed_net(), peft.LoraConfig(target_modules=["conv"], init_lora_weights=False)
+    )
+    theirs.eval().save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(_weight_normed_net(), tmp_path).eval()
+    with torch.no_grad():
+        expected = theirs(x)
+        assert not torch.allclose(expected, _weight_normed_net()(x), atol=1e-4)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+        merged = ours.merge_and_unload()
+        assert nn.utils.parametrize.is_parametrized(merged.conv, "weight")
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=0)
+    with pytest.raises(TargetError, match="target_parameters cannot adapt it.*target_modules instead"):
+        LoraModel(_weight_normed_net()).add_adapter("p", LoraConfig(target_parameters=["conv.weight"]))

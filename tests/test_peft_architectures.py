@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from lorakit import LoraConfig, LoraModel, TargetError, get_lora_model
+from lorakit import LoraConfig, LorakitError, LoraModel, TargetError, get_lora_model
 from lorakit.io import adapter_tensors
 
 ATOL = 1e-5
@@ -339,3 +339,138 @@ def test_expert_stacks_match_peft(name: str, parameter: str, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = LoraModel.from_pretrained(arch.build(), tmp_path / "theirs").eval()
     torch.testing.assert_close(_run(back, arch), _run(theirs, arch), atol=ATOL, rtol=0)
+
+
+def _both_ways(build, run, config: dict, tmp_path) -> tuple[LoraModel, nn.Module]:
+    """Random adapters from each library, each saved and loaded by the other on a fresh base: same outputs, same
+    file keys. Returns (ours, theirs), both loaded from the other side's folder."""
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **config)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_back = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(run(ours_back), run(theirs), atol=ATOL, rtol=0)
+    torch.manual_seed(3)
+    ours = get_lora_model(build(), LoraConfig(init_lora_weights=False, **config)).eval()
+    assert not torch.allclose(run(ours), run(build()), atol=1e-4), "the adapter must change the output"
+    ours.save_pretrained(tmp_path / "ours")
+    theirs_back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(theirs_back), run(ours), atol=ATOL, rtol=0)
+    from safetensors.torch import load_file
+
+    keys = [set(load_file(tmp_path / side / "adapter_model.safetensors")) for side in ("ours", "theirs")]
+    assert keys[0] == keys[1]
+    return ours_back, theirs_back
+
+
+def _gemma3() -> nn.Module:
+    config = {**LLAMA_LIKE, "head_dim": 8, "tie_word_embeddings": False}
+    return Arch("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", config).build()
+
+
+def _bart_scaled() -> nn.Module:
+    return Arch("bart", "BartForConditionalGeneration", "BartConfig", {**BART_LIKE, "scale_embedding": True}).build()
+
+
+@pytest.mark.parametrize(
+    ("build", "batch", "config"),
+    [
+        (_gemma3, "ids", {"target_modules": ["embed_tokens", "q_proj"]}),
+        (_gemma3, "ids", {"target_modules": ["embed_tokens"], "use_dora": True}),
+        (_gemma3, "ids", {"target_modules": ["q_proj"], "trainable_token_indices": [3, 5]}),
+        (_bart_scaled, "seq2seq", {"target_modules": ["decoder.embed_tokens"]}),  # one of the tables tied to shared
+    ],
+    ids=["gemma3-lora", "gemma3-dora", "gemma3-trainable-tokens", "bart-scale_embedding"],
+)
+def test_a_scaled_word_embedding_scales_the_adapter_term_as_peft_does(build, batch, config, tmp_path):
+    """Gemma 3's and BART's (scale_embedding) embeddings return table[ids] * embed_scale: PEFT scales the LoRA and
+    DoRA terms alike (trainable tokens change the table itself), so each side's file gives the other side's outputs,
+    both save the adapted table's base weight (save_embedding_layers="auto"), and merging changes nothing."""
+    assert float(build().get_input_embeddings().embed_scale) != 1.0
+    arch = Arch("scaled", "", "", {}, inputs=batch)
+
+    def run(model):
+        return _run(model, arch)
+
+    ours, _ = _both_ways(build, run, config, tmp_path)
+    expected = run(ours)
+    torch.testing.assert_close(run(ours.merge_and_unload()), expected, atol=ATOL, rtol=0)
+
+
+def _mobilebert() -> nn.Module:
+    config = {
+        **BERT_LIKE,
+        **{"embedding_size": 16, "intra_bottleneck_size": 16, "true_hidden_size": 16, "num_feedforward_networks": 1},
+    }
+    return Arch("mobilebert", "MobileBertForMaskedLM", "MobileBertConfig", config).build()
+
+
+def test_a_head_that_reads_its_saved_decoder_s_tensors_gets_the_trained_copy_s(tmp_path):
+    """MobileBERT's LM head reads decoder.weight and decoder.bias without calling decoder: with modules_to_save=
+    ["decoder"] they are the trained copy's (PEFT's ModulesToSaveWrapper forwards attribute reads), both ways."""
+    arch = Arch("mobilebert", "", "", {})
+    config = {"target_modules": ["query", "value"], "modules_to_save": ["decoder"], "r": 4}
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(_mobilebert(), peft.LoraConfig(**config)).eval()
+    ours = get_lora_model(_mobilebert(), LoraConfig(**config)).eval()
+    _trained_alike = [p for p in (*theirs.parameters(), *ours.parameters()) if p.requires_grad]
+    with torch.no_grad():
+        for p in _trained_alike:
+            p.normal_(std=0.1)
+    for model, side in ((theirs, "theirs"), (ours, "ours")):
+        model.save_pretrained(tmp_path / side)
+    back = LoraModel.from_pretrained(_mobilebert(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_run(back, arch), _run(theirs, arch), atol=ATOL, rtol=0)
+    peft_back = peft.PeftModel.from_pretrained(_mobilebert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(_run(peft_back, arch), _run(ours, arch), atol=ATOL, rtol=0)
+    with ours.disable_adapter():  # attribute reads fall back to the original, as the forward does
+        torch.testing.assert_close(_run(ours, arch), _run(_mobilebert(), arch), atol=ATOL, rtol=0)
+
+
+def _wav2vec2() -> nn.Module:
+    config = {
+        **{k: v for k, v in BERT_LIKE.items() if "dropout" not in k},
+        **{"conv_dim": (16, 16), "conv_stride": (5, 2), "conv_kernel": (10, 3), "num_conv_pos_embeddings": 16},
+        **{"num_conv_pos_embedding_groups": 4, "hidden_dropout": 0.0, "layerdrop": 0.0, "mask_time_prob": 0.0},
+    }
+    return Arch("wav2vec2", "Wav2Vec2ForCTC", "Wav2Vec2Config", config).build()
+
+
+def test_a_weight_normed_grouped_conv_is_adapted_on_its_output_as_peft_does(tmp_path):
+    """Wav2Vec2's positional conv is a grouped Conv1d under torch's weight_norm (two stored tensors, g and v): its
+    LoRA acts on the output and matches PEFT both ways; merging is refused by name, as a grouped conv cannot hold
+    dW."""
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        with torch.no_grad():
+            return model(audio).logits
+
+    config = {"target_modules": ["pos_conv_embed.conv", "q_proj"], "r": 4}
+    ours, _ = _both_ways(_wav2vec2, run, config, tmp_path)
+    with pytest.raises(LorakitError, match="groups=4 cannot merge"):
+        ours.merge_adapter()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["out_proj"]},
+        {"target_modules": ["conv1d"], "r": 64},
+        {"target_modules": "all-linear"},
+        {"target_modules": ["x_proj"], "target_parameters": ["out_proj.weight"]},
+    ],
+    ids=["out_proj", "conv1d", "all-linear", "target_parameters"],
+)
+def test_mamba_s_fused_kernel_weights_are_refused_as_in_peft(config, tmp_path):
+    """Mamba's CUDA kernels read out_proj's and conv1d's weights directly, so PEFT refuses LoRA on them; so does
+    lorakit, naming the modules and the fix, which both then accept (files load both ways)."""
+    mamba = {"vocab_size": VOCAB, "hidden_size": 32, "state_size": 4, "num_hidden_layers": 1, "expand": 2}
+    arch = Arch("mamba", "MambaForCausalLM", "MambaConfig", {**mamba, "conv_kernel": 3, "time_step_rank": 4})
+    with pytest.raises(ValueError, match="incompatible with Mamba-based models"):
+        peft.get_peft_model(arch.build(), peft.LoraConfig(**config))
+    with pytest.raises(
+        TargetError, match=r"LoRA cannot go on \['(out_proj|conv1d)'\] of a mamba model.*exclude_modules"
+    ):
+        get_lora_model(arch.build(), LoraConfig(**config))
+    fixed = {"target_modules": "all-linear", "exclude_modules": ["out_proj"]}
+    _both_ways(arch.build, lambda model: _run(model, arch), fixed, tmp_path)

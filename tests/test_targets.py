@@ -183,21 +183,67 @@ def test_an_unknown_modules_to_save_lists_module_names_not_list_indices():
     assert "'q_proj'" in str(caught.value) and "'0'" not in str(caught.value)
 
 
-def test_a_module_saved_whole_gets_no_lora_under_all_linear():
-    """DistilBERT with task_type SEQ_CLS: "classifier" takes pre_classifier too (PEFT's text-suffix rule), so
-    all-linear leaves it to the full copy instead of adapting the frozen original under it (PEFT refuses that
-    configuration outright)."""
+def _distilbert_cls():
     import transformers
 
     torch.manual_seed(0)
     config = transformers.DistilBertConfig(
         vocab_size=64, dim=32, hidden_dim=48, n_layers=1, n_heads=4, max_position_embeddings=40
     )
-    model = get_lora_model(
-        transformers.DistilBertForSequenceClassification(config),
-        LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=4),
-    )
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert not [n for n in trained if "original_module" in n]
-    assert {"model.pre_classifier.copies.default.weight", "model.classifier.copies.default.weight"} <= set(trained)
-    assert any(".q_lin.adapters.default.lora_A" in n for n in trained)
+    return transformers.DistilBertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("config", "selector"),
+    [
+        ({"target_modules": ["q_lin", "pre_classifier"], "modules_to_save": ["classifier"]}, r"\['pre_classifier'\]"),
+        ({"target_modules": "all-linear", "task_type": "SEQ_CLS"}, "'all-linear'"),
+        ({"target_modules": r".*(q_lin|pre_classifier)", "modules_to_save": ["classifier"]}, "q_lin"),
+    ],
+    ids=["named", "all-linear", "regex"],
+)
+def test_a_lora_target_that_modules_to_save_takes_by_text_is_refused_as_in_peft(config, selector):
+    """DistilBERT: "classifier" ends pre_classifier's path as text, so modules_to_save takes it too (PEFT's rule).
+    Selected for LoRA as well, PEFT refuses (TypeError); here an error names both matches and the fix."""
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+        peft.get_peft_model(_distilbert_cls(), peft.LoraConfig(**config))
+    with pytest.raises(
+        TargetError, match=rf"pre_classifier \(modules_to_save 'classifier'.*{selector}.*exclude_modules"
+    ):
+        get_lora_model(_distilbert_cls(), LoraConfig(**config))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": "all-linear", "task_type": "SEQ_CLS", "exclude_modules": ["pre_classifier"]},
+        {"target_modules": ["q_lin", "classifier"], "task_type": "SEQ_CLS"},  # named at a dot: saved whole, no LoRA
+    ],
+    ids=["excluded", "named-head"],
+)
+def test_what_peft_accepts_of_a_saved_head_trains_the_same_and_loads_both_ways(config, tmp_path):
+    """The fix the error names (exclude_modules), and a head named in target_modules that modules_to_save names at a
+    dot (PEFT gives it no LoRA): the same modules train in full as in PEFT, and each side's file loads in the other."""
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    ours = get_lora_model(_distilbert_cls(), LoraConfig(r=4, **config))
+    theirs = peft.get_peft_model(_distilbert_cls(), peft.LoraConfig(r=4, **config))
+    full = {n.split(".copies.")[0].removeprefix("model.") for n, _ in ours.named_parameters() if ".copies." in n}
+    expected = {
+        n.split(".modules_to_save.")[0].removeprefix("base_model.model.")
+        for n, p in theirs.named_parameters()
+        if p.requires_grad and ".modules_to_save." in n
+    }
+    assert full == expected == {"pre_classifier", "classifier"}
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.1)
+    ours.eval().save_pretrained(tmp_path / "ours")
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    back = peft.PeftModel.from_pretrained(_distilbert_cls(), tmp_path / "ours").eval()
+    loaded = LoraModel.from_pretrained(_distilbert_cls(), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -372,6 +372,12 @@ def _factors_from_file(
     """Layer index -> (A, B, s) of a cached adapter, from `weights` (its tensors, maybe moved), checked first."""
     _check_plain(None, str(entry.path), entry.config, what="the")
     unknown = sorted(k for k in weights if k not in slot.keys)
+    if any(".base_layer." in k for k in unknown):
+        raise CacheError(
+            f"the adapter in {entry.path} carries base-layer tensors ({[k for k in unknown if '.base_layer.' in k][:2]}"
+            ": an adapted embed_tokens / lm_head saved whole, as PEFT's save_embedding_layers does); a hot swap "
+            "changes factors only, so load it with load_adapter, or save it with save_embedding_layers=False"
+        )
     if unknown:
         raise CacheError(
             f"the adapter in {entry.path} adapts what slot {slot.name!r} does not: {unknown[:4]}"
