@@ -123,8 +123,9 @@ def find_module_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str,
     if not found and not config.target_parameters:
         raise TargetError(_nothing_matched(model, targets))
     if isinstance(targets, list):
-        in_saved = [p for p, _ in logical_modules(model) if _within_saved(p, saved)]  # PEFT lists them as targets
-        _warn_unused_names(targets, [p for p, _ in found] + in_saved)
+        # PEFT lists modules saved whole and excluded ones among the targets it writes: they matched something
+        passed_over = [p for p, _ in logical_modules(model) if _within_saved(p, saved) or _excluded(p, config)]
+        _warn_unused_names(targets, [p for p, _ in found] + passed_over)
     with_companions = [target for path, kind in found for target in _with_companions(model, path, kind)]
     return list(dict.fromkeys(with_companions))  # "attn" and "out_proj" both named: out_proj once
 
@@ -264,15 +265,19 @@ def _selected(path: str, module: nn.Module, targets, head: nn.Module | None, con
         hit = _matches_any(path, targets)
     if not hit:
         return False
-    excluded = config.exclude_modules
-    if excluded is not None and (
-        re.fullmatch(excluded, path) if isinstance(excluded, str) else _matches_any(path, excluded)
-    ):
+    if _excluded(path, config):
         return False
     named_in_full = isinstance(targets, list) and path in targets  # adapted whatever layers_to_transform says (PEFT)
     if named_in_full or not config.layers_to_transform:  # [] filters nothing (PEFT)
         return True
     return _layer_index(path, config) in config.layers_to_transform
+
+
+def _excluded(path: str, config: LoraConfig) -> bool:
+    excluded = config.exclude_modules
+    if excluded is None:
+        return False
+    return bool(re.fullmatch(excluded, path) if isinstance(excluded, str) else _matches_any(path, excluded))
 
 
 def _is_plain_matmul(module: nn.Module) -> bool:

@@ -247,3 +247,19 @@ def test_what_peft_accepts_of_a_saved_head_trains_the_same_and_loads_both_ways(c
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_peft_folder_that_lists_an_excluded_module_loads_without_a_word(tmp_path):
+    """PEFT writes the resolved target list, excluded modules included (DistilBERT's pre_classifier, excluded so it
+    trains in full under SEQ_CLS): loading it must not warn that those entries matched nothing."""
+    import warnings
+
+    theirs = peft.get_peft_model(
+        _distilbert_cls(),
+        peft.LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", exclude_modules=["pre_classifier"]),
+    )
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="target_modules entries matched nothing")
+        ours = LoraModel.from_pretrained(_distilbert_cls(), tmp_path)
+    assert not isinstance(ours.model.get_submodule("pre_classifier"), LoraLayer)
