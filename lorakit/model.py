@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -114,6 +115,15 @@ class LoraModel(nn.Module):
         return getattr(self.model, "config", None)
 
     @property
+    def base_model(self) -> LoraModel:
+        """This model, which plays both PEFT roles (PeftModel and its tuner): `model.base_model.model` is the base."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped base model (its modules adapted in place), as PEFT's get_base_model returns it."""
+        return self.model
+
+    @property
     def active_adapters(self) -> list[str]:
         """The adapters whose contributions add up, ancestors first (a tree node brings its path)."""
         return list(self.state.active)
@@ -129,12 +139,22 @@ class LoraModel(nn.Module):
 
     # -- adapters by name ------------------------------------------------------------------------
     def add_adapter(
-        self, name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None, parent: str | None = None
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        adapter_dtype: torch.dtype | None = None,
+        parent: str | None = None,
     ) -> None:
-        """Adds adapter `name`, inactive and frozen unless it is the first (set_adapter activates and trains it).
+        """Adds adapter `adapter_name`, inactive and frozen unless it is the first (set_adapter activates it).
 
+        low_cpu_mem_usage: accepted as PEFT's; no effect (the factors are small and created in place).
+        autocast_adapter_dtype: as in PEFT, fp16/bf16 layers get fp32 factors; False keeps each layer's dtype.
         parent: makes it a tree node, a LoRA on top of `parent`: the model at the node is the base plus every delta
         on the path root .. node, and set_adapter(name) activates that path while only the node trains."""
+        name, config = adapter_name, peft_config
         check_adapter_name(name)
         if name in self.peft_config:
             raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")
@@ -147,6 +167,8 @@ class LoraModel(nn.Module):
             self.state.remove(name)
             raise
         self.peft_config[name] = config
+        if not autocast_adapter_dtype and adapter_dtype is None:
+            self._keep_base_dtype(name)
         self._attach_state()
         self._register_after_step()
         if not self.state.active:
@@ -154,6 +176,12 @@ class LoraModel(nn.Module):
             self._set_trainable()
         else:
             self._set_trainable([name])  # the others' flags are unchanged
+
+    def _keep_base_dtype(self, name: str) -> None:
+        """PEFT's autocast_adapter_dtype=False: adapter `name`'s factors in its layer's own (floating) dtype."""
+        for _, layer in lora_layers(self.model):
+            if name in layer.adapters and layer.stored_weight.is_floating_point():
+                layer.adapters[name].to(layer.stored_weight.dtype)
 
     def _check_new_config(self, name: str, config: LoraConfig, parent: str | None) -> None:
         biased = [n for n, c in self.peft_config.items() if c.bias != "none"]
@@ -239,14 +267,30 @@ class LoraModel(nn.Module):
             if merged:
                 merge.merge_adapters(self.model, merged)
 
-    def _warn_trained_biases(self) -> None:
+    def disable_adapter_layers(self) -> None:
+        """PEFT's: the base model alone until enable_adapter_layers() (merged adapters are unmerged now); the
+        adapters get requires_grad=False."""
+        self._warn_trained_biases(stacklevel=3)
+        merge.unmerge_adapters(self.model)
+        for module in self._adapter_hosts():
+            for param in _adapter_parameters(module):
+                param.requires_grad_(False)
+        self.state.enabled = False
+
+    def enable_adapter_layers(self) -> None:
+        """PEFT's: the active adapters count again and train as set_adapter set them. Unlike PEFT 0.21, an adapter
+        loaded frozen (is_trainable=False, inference_mode) stays frozen."""
+        self.state.enabled = True
+        self._set_trainable()
+
+    def _warn_trained_biases(self, stacklevel: int = 5) -> None:  # 5: the caller's `with` line, through contextlib
         for name in self.state.active:
             bias = self.peft_config[name].bias
             if bias != "none":
                 warnings.warn(
                     f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
                     "same output as the base model would without adaption (the trained biases stay).",
-                    stacklevel=5,  # the caller's `with` line, through contextlib
+                    stacklevel=stacklevel,
                 )
 
     # -- merging ---------------------------------------------------------------------------------
@@ -260,8 +304,12 @@ class LoraModel(nn.Module):
     def unmerge_adapter(self) -> None:
         merge.unmerge_adapters(self.model)
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """The base model's own class with the adapters folded in; no LoRA module left, no extra latency."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The base model's own class with the adapters folded in; no LoRA module left, no extra latency.
+
+        progressbar: accepted as PEFT's (same order of arguments); lorakit shows no bar, merging takes milliseconds."""
         return merge.merge_and_unload(self.model, self._with_paths(adapter_names), safe=safe_merge)
 
     def unload(self) -> nn.Module:
@@ -296,12 +344,18 @@ class LoraModel(nn.Module):
     def save_pretrained(
         self,
         directory: str | Path,
+        safe_serialization: bool = True,
         selected_adapters: list[str] | str | None = None,
-        path_initial_model_for_weight_conversion: str | Path | None = None,
-        is_main_process: bool = True,
         save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
+        convert_pissa_to_lora: str | Path | None = None,
     ) -> None:
-        """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>`.
+        """PEFT's layout: 'default' in `directory`, every other adapter in `directory/<name>` (PEFT's arguments,
+        in its order).
+
+        safe_serialization: True (safetensors) is the only format lorakit writes; False (a pickle) is refused.
+        convert_pissa_to_lora: PEFT's old name, removed in PEFT 0.21 (which ignores it): refused, naming the new one.
 
         path_initial_model_for_weight_conversion: as in PEFT, the folder saved right after a PiSSA / OLoRA init;
         the adapter is then written as a plain LoRA against the original base weight.
@@ -310,6 +364,7 @@ class LoraModel(nn.Module):
         save_embedding_layers: as in PEFT, whether the base tables of adapted input / output embeddings are saved
         whole beside the factors ("auto": where target_modules names embed_tokens or lm_head).
         """
+        _check_save_options(safe_serialization, convert_pissa_to_lora)
         if selected_adapters is None:
             names = list(self.peft_config)
         else:  # []: none, as PEFT; one name as a string: that adapter
@@ -334,22 +389,47 @@ class LoraModel(nn.Module):
         tree.write_manifest(directory, {n: self.state.parents[n] for n in names})
 
     def load_adapter(
-        self, directory: str | Path, adapter_name: str, is_trainable: bool = False, parent: str | None = None
+        self,
+        directory: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
+        parent: str | None = None,
+        config: LoraConfig | None = None,
+        subfolder: str | None = None,
     ) -> None:
         """Adds the adapter saved in `directory` under `adapter_name` (a tree node below `parent`, if given);
-        nothing changes if it does not fit. A whole saved tree: lorakit.multi.tree.load_tree."""
+        nothing changes if it does not fit. A whole saved tree: lorakit.multi.tree.load_tree.
+
+        PEFT's arguments, in its order: torch_device, ephemeral_gpu_offload and low_cpu_mem_usage are accepted and
+        change nothing (the factors are created on their layer's device, and loading copies into them);
+        autocast_adapter_dtype as in add_adapter; key_mapping renames the file's keys by regex as PEFT does
+        (default: the base model's _checkpoint_conversion_mapping); config replaces adapter_config.json;
+        subfolder: the adapter is in directory/subfolder."""
         check_adapter_name(adapter_name)  # before reading files, so a bad name costs nothing
+        directory = Path(directory) / subfolder if subfolder else directory
         if self.adapter_cache is not None:
-            config, weights = self.adapter_cache.read(directory)
+            read_config, weights = self.adapter_cache.read(directory)
         else:
-            config, weights = io.read_config(directory), io.read_weights(directory)
+            read_config, weights = io.read_config(directory), io.read_weights(directory)
+        config = dataclasses.replace(config) if config is not None else read_config
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, parent=parent)
+        if key_mapping is None:
+            key_mapping = getattr(self.model, "_checkpoint_conversion_mapping", None)
+        weights = _remapped(weights, key_mapping)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, parent=parent)
         try:
             io.load_weights(self.model, adapter_name, self.peft_config[adapter_name], weights)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        if is_trainable and parent is None:  # as PEFT: it trains while inactive, until the next set_adapter
+            self._train_adapters({adapter_name: True})
 
     def hotswap_adapter(self, source: str | Path, adapter_name: str, rank: int | None = None) -> None:
         """Copies `source` (a loaded adapter's name, else a folder) into adapter `adapter_name` in place: fixed
@@ -366,22 +446,43 @@ class LoraModel(nn.Module):
         directory: str | Path,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs,
     ) -> LoraModel:
-        """Loads a lorakit or PEFT adapter folder onto `model`; frozen unless is_trainable."""
+        """Loads a lorakit or PEFT adapter folder onto `model`; frozen unless is_trainable. PEFT's arguments, in its
+        order, meaning what they mean in load_adapter; of PEFT's **kwargs, torch_device and subfolder are taken and
+        the hub's (revision, token, cache_dir, ...) refused: lorakit reads local folders only."""
+        allowed = {"torch_device", "subfolder"}
+        hub = sorted(k for k, v in kwargs.items() if k not in allowed and v is not None)
+        if hub:
+            raise LorakitError(
+                f"from_pretrained got {hub}: lorakit reads local adapter folders only; download the adapter first "
+                "(huggingface_hub.snapshot_download(repo_id, revision=...)) and pass its folder"
+            )
         lora_model = cls(model)
-        lora_model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        lora_model.load_adapter(
+            directory, adapter_name, is_trainable, kwargs.get("torch_device"), autocast_adapter_dtype,
+            ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, config=config, subfolder=kwargs.get("subfolder"),
+        )  # fmt: skip
         return lora_model
 
     # -- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total); a module trained in full via modules_to_save counts once."""
-        originals = {id(p) for _, s in saved_modules(self.model) for p in s.original_module.parameters()}
-        params = [p for p in self.parameters() if id(p) not in originals]
+        """(trainable, total) over every parameter, as PEFT counts: a modules_to_save module counts twice in the
+        total (its frozen original and its trained copy are both in the model)."""
+        params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
+        """PEFT's line, character for character."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def _adapter_hosts(self) -> Iterator[LoraLayer | SavedModule]:
         yield from (layer for _, layer in lora_layers(self.model))
@@ -423,9 +524,40 @@ class LoraModel(nn.Module):
                         param.requires_grad_(True)
 
 
+def _check_save_options(safe_serialization: bool, convert_pissa_to_lora: str | Path | None) -> None:
+    if not safe_serialization:
+        raise LorakitError(
+            "safe_serialization=False asks for adapter_model.bin, a pickle file, which lorakit never writes (loading "
+            "one can run code); PEFT and lorakit both read the safetensors file: leave safe_serialization=True"
+        )
+    if convert_pissa_to_lora is not None:
+        raise LorakitError(
+            "convert_pissa_to_lora was renamed path_initial_model_for_weight_conversion (PEFT 0.21 silently ignores "
+            "the old name, saving an unconverted adapter); pass save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)"
+        )
+
+
 def _adapter_parameters(module: LoraLayer | SavedModule) -> Iterator[nn.Parameter]:
     container = module.adapters if isinstance(module, LoraLayer) else module.copies
     yield from container.parameters()
+
+
+def _remapped(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """PEFT's key_mapping: the first regex that matches a key (after its base_model[.model]. prefix) renames it."""
+    if not key_mapping:
+        return weights
+    out = {}
+    for key, value in weights.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            renamed, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = renamed
+                break
+        out[prefix + rest] = value
+    return out
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -441,12 +573,25 @@ def get_lora_model(
     model: nn.Module,
     config: LoraConfig,
     adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+    *,
     adapter_dtype: torch.dtype | None = None,
 ) -> LoraModel:
     """Freezes `model`, adds adapter `adapter_name` from `config` and makes it active and trainable.
 
+    PEFT's get_peft_model arguments, in its order: mixed=True (PEFT's mixed adapter types) is refused;
+    autocast_adapter_dtype and low_cpu_mem_usage as in LoraModel.add_adapter; revision (the base model's hub
+    revision, which PEFT writes into adapter_config.json) is accepted and not recorded: lorakit never downloads.
     adapter_dtype: the factors' dtype; default fp32 (fp64 for fp64 models), as PEFT does.
     """
+    if mixed:
+        raise LorakitError(
+            "mixed=True builds PEFT's PeftMixedModel (adapters of different PEFT types together); lorakit mixes "
+            "LoRA variants in one LoraModel already: call get_lora_model without mixed"
+        )
     lora_model = LoraModel(model)
-    lora_model.add_adapter(adapter_name, config, adapter_dtype)
+    lora_model.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype, adapter_dtype=adapter_dtype)
     return lora_model

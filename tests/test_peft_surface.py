@@ -326,3 +326,156 @@ def test_set_adapter_trains_an_adapter_loaded_frozen_unless_inference_mode(tmp_p
     theirs.set_requires_grad("b", requires_grad=False)
     ours.set_requires_grad("b", requires_grad=False)
     assert trainable(ours) == trainable(theirs) == {"a"}
+
+
+# -- PEFT's keyword arguments and return values ---------------------------------------------------------------------
+_PAIR = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+
+
+def _saved(tmp_path) -> None:
+    torch.manual_seed(1)
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(**_PAIR)).save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"torch_device": "cpu"},
+        {"low_cpu_mem_usage": True},
+        {"autocast_adapter_dtype": False},
+        {"ephemeral_gpu_offload": False},
+        {"key_mapping": {}},
+    ],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_from_pretrained_and_load_adapter_take_peft_keywords(kwargs, tmp_path):
+    _saved(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True, **kwargs)
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True, **kwargs)
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+    theirs.load_adapter(tmp_path, "b", True, **kwargs)
+    ours.load_adapter(tmp_path, "b", True, **kwargs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_from_pretrained_config_replaces_the_folders_config_as_in_peft(tmp_path):
+    _saved(tmp_path)
+    scaled = {**_PAIR, "lora_alpha": 32}  # the file says alpha 8: the given config wins in both
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, config=peft.LoraConfig(**scaled))
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path, config=LoraConfig(**scaled))
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+    assert ours.peft_config["default"].lora_alpha == 32 and ours.peft_config["default"].inference_mode
+
+
+def test_from_pretrained_refuses_hub_keywords_and_reads_a_subfolder(tmp_path):
+    _saved(tmp_path / "sub")
+    with pytest.raises(LorakitError, match=r"\['revision'\]: lorakit reads local adapter folders only"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path / "sub", revision="main")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="sub")
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path, subfolder="sub")
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+
+
+def test_key_mapping_renames_file_keys_as_peft_does(tmp_path):
+    from safetensors.torch import save_file
+
+    _saved(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k.replace("model.layers", "model.blocks"): v for k, v in load_file(file).items()}, file)
+    mapping = {r"^model\.blocks": "model.layers"}
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, key_mapping=mapping)
+    ours = LoraModel.from_pretrained(tiny_llama(), tmp_path, key_mapping=mapping)
+    assert not torch.allclose(_logits(theirs), _logits(tiny_llama()), atol=1e-4)
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+
+
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype_as_peft(tmp_path):
+    def dtypes(model) -> set[torch.dtype]:
+        return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+    def bf16():
+        return tiny_llama().to(torch.bfloat16)
+
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    for autocast in (True, False):
+        theirs = peft.get_peft_model(bf16(), peft.LoraConfig(**config), autocast_adapter_dtype=autocast)
+        ours = get_lora_model(bf16(), LoraConfig(**config), autocast_adapter_dtype=autocast)
+        assert dtypes(ours) == dtypes(theirs) == {torch.float32 if autocast else torch.bfloat16}
+        theirs.add_adapter("b", peft.LoraConfig(**config), autocast_adapter_dtype=autocast)
+        ours.add_adapter(adapter_name="b", peft_config=LoraConfig(**config), autocast_adapter_dtype=autocast)
+        assert dtypes(ours) == dtypes(theirs)
+    _saved(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(bf16(), tmp_path, autocast_adapter_dtype=False)
+    ours = LoraModel.from_pretrained(bf16(), tmp_path, autocast_adapter_dtype=False)
+    assert dtypes(ours) == dtypes(theirs) == {torch.bfloat16}
+
+
+def test_get_lora_model_takes_get_peft_models_keywords():
+    kwargs = {"adapter_name": "x", "mixed": False, "autocast_adapter_dtype": True, "revision": None}
+    ours = get_lora_model(tiny_llama(), LoraConfig(**_PAIR), low_cpu_mem_usage=False, **kwargs)
+    assert ours.active_adapters == ["x"]
+    with pytest.raises(LorakitError, match="mixed=True"):
+        get_lora_model(tiny_llama(), LoraConfig(**_PAIR), mixed=True)
+
+
+def test_merge_and_unload_takes_peft_positional_order(tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path)
+    expected = _logits(theirs.merge_and_unload(True, True, ["b"]))  # progressbar, safe_merge, adapter_names
+    torch.testing.assert_close(_logits(ours.merge_and_unload(True, True, ["b"])), expected, atol=1e-5, rtol=0)
+
+
+def test_base_model_and_get_base_model_as_peft(tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path)
+    assert type(ours.get_base_model()) is type(theirs.get_base_model())
+    assert ours.base_model.model is ours.get_base_model()
+    assert theirs.base_model.model is theirs.get_base_model()
+    ours.base_model.set_adapter(["a", "b"])
+    theirs.base_model.set_adapter(["a", "b"])
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_disable_and_enable_adapter_layers_as_peft(tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path)
+    theirs.set_adapter("b")
+    ours.set_adapter("b")  # b trains
+    ours.merge_adapter()
+    theirs.base_model.disable_adapter_layers()
+    ours.disable_adapter_layers()
+    torch.testing.assert_close(_logits(ours), _logits(tiny_llama()), atol=1e-5, rtol=0)
+    assert _trainable(ours) == _trainable(theirs) == 0
+    theirs.base_model.enable_adapter_layers()
+    ours.enable_adapter_layers()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
+    assert _trainable(ours) == _trainable(theirs) > 0
+
+
+def test_trainable_parameter_counts_and_report_are_peft_s(capsys):
+    from tests.cases import tiny_bert_cls
+
+    config = {"r": 4, "target_modules": ["query", "value"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}
+    for model in (
+        get_lora_model(tiny_bert_cls(), LoraConfig(**config)),
+        peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(**config)),
+    ):
+        model.print_trainable_parameters()
+    ours, theirs = capsys.readouterr().out.splitlines()
+    assert ours == theirs  # "trainable params: 1,123 || all params: 19,056 || trainable%: 5.8931"
+
+
+def test_save_pretrained_takes_peft_positional_order_and_refuses_pickles(tmp_path):
+    theirs, ours = _two_adapter_models(tmp_path / "in")
+    theirs.save_pretrained(tmp_path / "theirs", True, ["b"])  # safe_serialization, selected_adapters
+    ours.save_pretrained(tmp_path / "ours", True, ["b"])
+    assert (tmp_path / "ours" / "b" / "adapter_model.safetensors").is_file()
+    assert sorted(load_file(tmp_path / "ours" / "b" / "adapter_model.safetensors")) == sorted(
+        load_file(tmp_path / "theirs" / "b" / "adapter_model.safetensors")
+    )
+    with pytest.raises(LorakitError, match="safe_serialization=False asks for adapter_model.bin"):
+        ours.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(LorakitError, match="renamed path_initial_model_for_weight_conversion"):
+        ours.save_pretrained(tmp_path / "pissa", convert_pissa_to_lora=str(tmp_path / "init"))
+    assert not (tmp_path / "bin").exists() and not (tmp_path / "pissa").exists()
