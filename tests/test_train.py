@@ -208,7 +208,7 @@ def test_data_formats_read_the_same_rows(tmp_path: Path, csv_data: Path, fmt: st
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.text_column=review"], "has no column(s) ['review']; its columns are ['label', 'text']"),
+        (["data.text_column=review"], "rows have no column 'review' (e.g. {'text': "),
         (['data.labels=["neg"]'], "label(s) ['pos'] in column 'label' are not in data.labels ['neg']"),
         (["data.path=/nowhere.csv"], "data file /nowhere.csv does not exist"),
         (["optim.name=Adamm"], "optim.name 'Adamm' is not a torch.optim optimizer"),
@@ -243,9 +243,12 @@ def test_an_existing_run_folder_is_refused_unless_overwrite(tmp_path: Path, bert
 
 
 def test_label_outside_classes_can_be_dropped(tmp_path: Path, bert: Path, csv_data: Path) -> None:
-    config = load_config(seq_cls_config(tmp_path, bert, csv_data), ['data.labels=["neg"]', "other_labels=drop"])
+    data = tmp_path / "three.csv"
+    data.write_text(csv_data.read_text() + "a so-so film,meh\n" * 10)
+    config = load_config(seq_cls_config(tmp_path, bert, data), ["other_labels=drop"])
     prepared = train_tasks.prepare(config)
-    assert prepared.classes == ["neg"] and {e["labels"] for e in prepared.train} == {0}
+    assert prepared.classes == ["neg", "pos"] and {e["labels"] for e in prepared.train} == {0, 1}
+    assert len(prepared.train) + len(prepared.eval) == 120  # the ten "meh" rows are gone
 
 
 def test_adapter_is_written_atomically_and_matches_the_model(tmp_path: Path, bert: Path, csv_data: Path) -> None:

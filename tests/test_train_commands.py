@@ -88,3 +88,9 @@ def test_sweep_and_compare_bad_input(app: typer.Typer, config: Path, tmp_path: P
     assert "exactly one of" in str(runner.invoke(app, ["sweep", str(config)]).exception)
     assert "takes integers" in str(runner.invoke(app, ["sweep", str(config), "--samples", "1,a"]).exception)
     assert "no summary.json" in str(runner.invoke(app, ["compare", str(tmp_path)]).exception)
+
+
+def test_an_override_without_its_value_never_takes_the_next_option(app: typer.Typer, config: Path) -> None:
+    result = runner.invoke(app, ["train", str(config), "--run.out_dir", "--lr=0.02"])
+    assert isinstance(result.exception, ConfigError)
+    assert "override --run.out_dir has no value; write --run.out_dir=VALUE" in str(result.exception)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.train import load_config, parallel, train
+from lorakit.train.loop import TrainingInterrupted
 from tests.gpu.models import BlockMLP, block_mlp_run
 
 
@@ -165,11 +166,11 @@ def test_a_run_that_stops_lets_its_cuda_graphs_go(tmp_path: Path, monkeypatch: p
     def stop(step: int) -> None:
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):  # Ctrl-C: one line saying how to resume
         train(_config(tmp_path, f"run.out_dir={tmp_path / 'plain'}"), on_step=stop)
     assert resets == []
     monkeypatch.setattr(parallel, "compile_blocks", _replayed_gradients)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):  # Ctrl-C: one line saying how to resume
         train(_config(tmp_path, f"run.out_dir={tmp_path / 'graphs'}"), on_step=stop)
     assert resets == [1]
 

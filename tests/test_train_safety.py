@@ -219,3 +219,103 @@ def test_train_setup_never_creates_the_folder_on_error(tmp_path: Path, bert: Pat
     write_config(tmp_path / "x.toml", "")  # an empty config names no model: the key and the fix
     with pytest.raises(ConfigError, match="model.source is missing"):
         load_config(tmp_path / "x.toml")
+
+
+# -- rows that would train on nothing or on the text "None" --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            '{"text": "so good", "label": "pos"}\n{"label": "neg"}\n',
+            "rows have no column 'text' (e.g. {'label': 'neg'})",
+        ),
+        ('{"text": "so good", "label": "pos"}\n{"text": null, "label": "neg"}\n', "empty, null or NaN 'text'"),
+        ('{"text": "so good", "label": "pos"}\n{"text": " ", "label": "neg"}\n', "empty, null or NaN 'text'"),
+        ('{"text": "so good", "label": "pos"}\n{"text": "so bad", "label": null}\n', "empty, null or NaN 'label'"),
+    ],
+)
+def test_a_row_without_its_text_or_label_is_refused(tmp_path: Path, bert: Path, rows: str, message: str) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text(rows * 10)
+    config = load_config(seq_cls_config(tmp_path, bert, data))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_class_or_repeated_labels_are_refused(tmp_path: Path, bert: Path, csv_data: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("holds only the class(es) ['neg']; a classifier needs at least 2")):
+        tasks.prepare(
+            load_config(seq_cls_config(tmp_path, bert, csv_data), ['data.labels=["neg"]', "other_labels=drop"])
+        )
+    one_class = tmp_path / "neg.csv"
+    one_class.write_text("text,label\n" + "so bad,neg\n" * 20)
+    with pytest.raises(ConfigError, match="every training row has the label 'neg'"):
+        tasks.prepare(load_config(seq_cls_config(tmp_path, bert, one_class)))
+    with pytest.raises(ConfigError, match=re.escape("data.labels names ['neg'] more than once")):
+        load_config(seq_cls_config(tmp_path, bert, csv_data), ['data.labels=["neg", "pos", "neg"]'])
+    with pytest.raises(ConfigError, match="data.labels is empty"):
+        load_config(seq_cls_config(tmp_path, bert, csv_data), ["data.labels=[]"])
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_column(tmp_path: Path) -> None:
+    from lorakit.train.data import read_rows
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext,label\nso good,pos\n".encode())
+    assert read_rows(str(path)) == [{"text": "so good", "label": "pos"}]
+
+
+# -- two runs, one folder; interrupted runs ------------------------------------------------------------------------
+def test_two_runs_never_share_a_folder(
+    tmp_path: Path, bert: Path, csv_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data))
+    refused = []
+
+    def second_run(step: int) -> None:  # while the first run trains, a second one wants its folder
+        if step == 5:
+            for kwargs in ({"resume": tmp_path / "run"}, {"overwrite": True}):
+                with pytest.raises(ConfigError, match="is in use by another `lorakit train` running now") as err:
+                    train(config, **kwargs)
+                refused.append(err)
+
+    train(config, on_step=second_run)
+    assert len(refused) == 2 and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 8
+    prepare = tasks.prepare
+
+    def meanwhile(cfg):  # another run, started at the same moment, creates the folder while this one loads
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / MARKER_FILE).write_text("the other run's\n")
+        return prepare(cfg)
+
+    monkeypatch.setattr(tasks, "prepare", meanwhile)
+    with pytest.raises(ConfigError, match="was just taken by another `lorakit train` started at the same time"):
+        train(load_config(seq_cls_config(tmp_path, bert, csv_data), [f"run.out_dir={tmp_path / 'other'}"]))
+    assert (tmp_path / "other" / MARKER_FILE).read_text() == "the other run's\n"
+
+
+@pytest.mark.parametrize(("at", "message"), [(6, "keeps its checkpoint of step 4"), (2, "before the first checkpoint")])
+def test_sigterm_ends_the_run_with_how_to_resume(
+    tmp_path: Path, bert: Path, csv_data: Path, at: int, message: str
+) -> None:
+    import signal
+
+    config = load_config(seq_cls_config(tmp_path, bert, csv_data))
+    folder = tmp_path / "run"
+
+    def terminate(step: int) -> None:
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(loop.TrainingInterrupted, match=message):
+        train(config, on_step=terminate)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    if at > 4:
+        assert train(config, resume=folder).steps == 8
+        return
+    with pytest.raises(
+        ConfigError, match=re.escape(f"start it again with lorakit train {folder}/config.toml --overwrite")
+    ):
+        train(config, resume=folder)
+    assert train(load_config(folder / "config.toml"), overwrite=True).steps == 8  # the command it names works

@@ -70,7 +70,10 @@ def load(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: i
     """Restores everything `save` wrote and returns the number of optimizer steps already done."""
     target = folder / CHECKPOINT_DIR
     if not (target / STATE_FILE).is_file():
-        raise ConfigError(f"{folder} has no checkpoint to resume from; start a new run without --resume")
+        raise ConfigError(
+            f"{folder} has no checkpoint to resume from (it stopped before its first one); start it again with "
+            f"lorakit train {folder / 'config.toml'} --overwrite"
+        )
     tensors, meta = _read(target / STATE_FILE)
     trainable = {k.removeprefix("trainable."): v for k, v in tensors.items() if k.startswith("trainable.")}
     trainable.update(_tied_copies(model, trainable))

@@ -190,7 +190,7 @@ def _overrides(args: list[str]) -> list[str]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides are written --section.field=value")
         if "=" not in arg:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):  # the next option is not this one's value
                 raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
             arg, i = f"{arg}={args[i + 1]}", i + 1
         out.append(arg[2:])

@@ -163,6 +163,7 @@ class TrainConfig:
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         _check_numbers(self)
+        _check_labels(self.data.labels)
         self.lora_config()  # a bad [lora] key fails now, not after the model has loaded
 
     def lora_config(self) -> LoraConfig:
@@ -389,6 +390,18 @@ def _check_numbers(config: TrainConfig) -> None:
         )
     if not config.run.out_dir.strip():
         raise ConfigError("run.out_dir is empty (an unset variable?); set it to the folder the run should create")
+
+
+def _check_labels(labels: list[Any] | None) -> None:
+    """data.labels names each class once (labels compare as text, so 1 and "1" are one class)."""
+    if labels is None:
+        return
+    if not labels:
+        raise ConfigError("data.labels is empty; list the classes in order, or leave it out to use the labels found")
+    texts = [str(label) for label in labels]
+    repeated = sorted({t for t in texts if texts.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"data.labels names {repeated} more than once; list each class once")
 
 
 def _check_range(key: str, value: float, low: float, high: float, low_open: bool = False, hint: str = "") -> None:

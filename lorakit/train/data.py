@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +87,10 @@ def read_rows(source: str, fmt: str = "auto", encoding: str = "utf-8") -> list[R
         raise ConfigError(f"data.encoding {encoding!r} is not a text encoding Python knows; e.g. 'utf-8'") from None
     if fmt != "disk" and not path.is_file():
         raise ConfigError(f"data path {path} is not a regular file; point data.path at a {fmt} file")
+    # a byte-order mark (Excel writes one) is not part of the first column's name
+    reading = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
     try:
-        rows = _READERS[fmt](path, encoding)
+        rows = _READERS[fmt](path, reading)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not {encoding} text ({err.reason}); set data.encoding, e.g. 'latin-1'") from None
     except (json.JSONDecodeError, csv.Error) as err:
@@ -201,13 +204,39 @@ _READERS = {
 
 
 def check_columns(rows: list[Row], columns: list[str], where: str) -> None:
-    """Every named column exists in the first row; the message lists the columns there are."""
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise ConfigError(
-            f"{where} has no column(s) {missing}; its columns are {sorted(rows[0])}; "
-            "set data.text_column / data.label_column / data.feature_columns to one of them"
-        )
+    """Every named column exists in every row (a JSONL row may leave one out); the message lists the columns."""
+    for column in columns:
+        lacking = [r for r in rows if column not in r]
+        if lacking:
+            raise ConfigError(
+                f"{where}: {len(lacking)} of {len(rows)} rows have no column {column!r} (e.g. {_show(lacking[0])}); "
+                f"the first row's columns are {sorted(rows[0])}; give every row that column, or set "
+                "data.text_column / data.label_column / data.feature_columns to one they have"
+            )
+
+
+def check_filled(rows: list[Row], columns: list[str], where: str) -> None:
+    """No named cell is empty, null or NaN: training would read it as the text 'None' or '', or as a class."""
+    for column in columns:
+        empty = [r for r in rows if _is_empty(r[column])]
+        if empty:
+            raise ConfigError(
+                f"{where}: {len(empty)} of {len(rows)} rows have an empty, null or NaN {column!r} (e.g. "
+                f"{_show(empty[0])}); fill those cells in or remove the rows"
+            )
+
+
+def _is_empty(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or value == []
+
+
+def _show(row: Row) -> str:
+    text = repr(row)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def label_ids(split: Split, data: DataSection) -> tuple[list[Any], Split]:
@@ -225,8 +254,19 @@ def label_ids(split: Split, data: DataSection) -> tuple[list[Any], Split]:
                 "data.labels, or set data.other_labels = 'drop' to leave those rows out"
             )
         mapped.append([{**r, column: index[_label_key(r[column])]} for r in rows])
+    if len(classes) < 2:
+        raise ConfigError(
+            f"column {column!r} holds only the class(es) {classes}; a classifier needs at least 2: check "
+            "data.label_column, and data.labels with data.other_labels = 'drop'"
+        )
     if not mapped[0]:
         raise ConfigError(f"no training row has a label in {classes}; check data.labels and data.label_column")
+    present = {r[column] for r in mapped[0]}
+    if len(present) < 2:
+        raise ConfigError(
+            f"every training row has the label {classes[present.pop()]!r} (of {classes}): a classifier learns nothing "
+            f"from one class; give {data.path} rows of at least two classes (or raise data.max_samples)"
+        )
     return classes, Split(*mapped)
 
 

@@ -13,11 +13,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
+import threading
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,11 @@ from lorakit.train.data import batch_indices
 from lorakit.train.plots import plot_run
 from lorakit.train.tracking import Progress, Tracker, check_available
 
+try:  # POSIX advisory locks: a run folder held by a running `lorakit train`
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
@@ -45,6 +52,10 @@ MARKER_FILE = ".lorakit-run"
 
 class TrainingStopped(LorakitError):
     """The run cannot go on (the loss became NaN or inf); its last good checkpoint is kept."""
+
+
+class TrainingInterrupted(LorakitError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run; its last checkpoint is kept and --resume continues it exactly."""
 
 
 @dataclass
@@ -102,6 +113,7 @@ class _Setup:
     model_bytes: int
     compiled: parallel.Compiled
     fused: tasks.FusedHead | None  # the model split at its output head, when run.fused_head_loss applies
+    lock: int | None = None  # rank 0: a descriptor holding the run folder's lock until the run ends
 
 
 def train(
@@ -119,10 +131,46 @@ def train(
             return RunResult(**{**saved, "already_finished": True})
     run = _setup(config, env, overwrite, resume)
     try:
-        return _run(config, env, run, resume, on_step)
+        with _signals_interrupt():
+            return _run(config, env, run, resume, on_step)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupt_message(run.folder)) from None
     finally:
+        if run.lock is not None:
+            os.close(run.lock)
         if run.compiled.graphs:
             _release_graphs()
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s) stops the run as Ctrl-C does, so both end with one line saying how to
+    resume; only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_message(folder: Path) -> str:
+    step = checkpoint.saved_step(folder)
+    if step is None:
+        return (
+            f"interrupted before the first checkpoint, so there is nothing to resume; start it again with "
+            f"lorakit train {folder / CONFIG_FILE} --overwrite"
+        )
+    return (
+        f"interrupted; {folder} keeps its checkpoint of step {step}; continue it, to the same result as an "
+        f"uninterrupted run, with: lorakit train --resume {folder}"
+    )
 
 
 def _run(
@@ -243,11 +291,13 @@ def _setup(config: TrainConfig, env: _Env, overwrite: bool, resume: Path | None)
     max_steps = optim.max_steps if optim.max_steps is not None and optim.max_steps > 0 else from_epochs
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, max_steps)
+    lock = None
     if env.main:
         _start_folder(folder, config, overwrite, resume is not None)
+        lock = _hold(folder)
     _barrier(env)
     return _Setup(
-        folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled, fused
+        folder, prepared, model, wrapped, optimizer, scheduler, max_steps, per_epoch, model_bytes, compiled, fused, lock
     )
 
 
@@ -375,15 +425,46 @@ def _start_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bo
 
 def _make_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume and (folder / MARKER_FILE).is_file():
+        os.close(_hold(folder))  # never delete the folder of a run that is still going
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (folder / MARKER_FILE).write_text("a run folder made by `lorakit train`; --overwrite may delete it\n")
+        _claim(folder)
         # the resolved folder is recorded, so `--resume` finds the same place
         resolved = dataclasses.replace(config, run=dataclasses.replace(config.run, out_dir=str(folder)))
         tmp = folder / (CONFIG_FILE + ".tmp")
         tmp.write_text(to_toml(resolved))
         os.replace(tmp, folder / CONFIG_FILE)
+
+
+def _claim(folder: Path) -> None:
+    """Writes the marker only if no other run did since this one checked the folder (two runs started at once)."""
+    try:
+        descriptor = os.open(folder / MARKER_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise ConfigError(
+            f"run folder {folder} was just taken by another `lorakit train` started at the same time; two runs "
+            "never share a folder: choose another --run.out_dir"
+        ) from None
+    with os.fdopen(descriptor, "w") as marker:
+        marker.write("a run folder made by `lorakit train`; --overwrite may delete it\n")
+
+
+def _hold(folder: Path) -> int:
+    """An exclusive lock on the folder's marker, held by the open descriptor returned until it is closed (or the
+    process dies, even by SIGKILL); a folder another run holds is refused, not written over."""
+    descriptor = os.open(folder / MARKER_FILE, os.O_RDWR | os.O_CREAT)
+    if fcntl is None:  # Windows: no advisory locks; the marker's exclusive creation still guards a new folder
+        return descriptor
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ConfigError(
+            f"run folder {folder} is in use by another `lorakit train` running now; wait for it to end, or choose "
+            "another --run.out_dir"
+        ) from None
+    return descriptor
 
 
 def _no_kv_cache(base: nn.Module) -> None:

@@ -20,7 +20,7 @@ from lorakit import LoraModel, models
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.head_loss import CHUNK_ROWS, chunk_rows, head_loss
 from lorakit.train.config import DataSection, TrainConfig
-from lorakit.train.data import Split, check_columns, label_ids, load_split
+from lorakit.train.data import Split, check_columns, check_filled, label_ids, load_split
 
 Example = dict[str, Any]
 Batch = dict[str, Tensor]
@@ -271,11 +271,17 @@ def _tokenizer(config: TrainConfig) -> Any:
 
 
 # -- encoding per task -----------------------------------------------------------------------------------------------
-def _prepare_seq_cls(config: TrainConfig, split: Split) -> Prepared:
-    data = config.data
+def _check_rows(split: Split, data: DataSection, columns: list[str], filled: list[str]) -> None:
+    """Train and eval rows all have `columns`, and no empty, null or NaN cell in `filled` (texts and labels)."""
     for rows, where in ((split.train, data.path), (split.eval, data.eval_path or data.path)):
         if rows:
-            check_columns(rows, [data.text_column, data.label_column], where)
+            check_columns(rows, columns, where)
+            check_filled(rows, filled, where)
+
+
+def _prepare_seq_cls(config: TrainConfig, split: Split) -> Prepared:
+    data = config.data
+    _check_rows(split, data, [data.text_column, data.label_column], [data.text_column, data.label_column])
     classes, split = label_ids(split, data)
     tokenizer = _tokenizer(config)
 
@@ -289,7 +295,7 @@ def _prepare_seq_cls(config: TrainConfig, split: Split) -> Prepared:
 
 def _prepare_token_cls(config: TrainConfig, split: Split) -> Prepared:
     data = config.data
-    check_columns(split.train, [data.text_column, data.label_column], data.path)
+    _check_rows(split, data, [data.text_column, data.label_column], [data.text_column, data.label_column])
     seen = sorted({str(t) for rows in (split.train, split.eval) for r in rows for t in r[data.label_column]})
     classes = list(data.labels) if data.labels is not None else seen
     index = {str(c): i for i, c in enumerate(classes)}
@@ -319,7 +325,7 @@ def _prepare_causal_lm(config: TrainConfig, split: Split) -> Prepared:
     written with the tokenizer's chat template and only the answer's tokens are learned and scored."""
     data = config.data
     columns = [data.text_column] + ([data.prompt_column] if data.prompt_column else [])
-    check_columns(split.train, columns, data.path)
+    _check_rows(split, data, columns, columns)
     tokenizer = _tokenizer(config)
 
     def encode(rows: list[Example]) -> list[Example]:
@@ -361,7 +367,7 @@ def _prepare_classification(config: TrainConfig, split: Split) -> Prepared:
     """Tabular or image rows: data.feature_columns, or one column 'features' holding an array per row."""
     data = config.data
     columns = data.feature_columns or ["features"]
-    check_columns(split.train, [*columns, data.label_column], data.path)
+    _check_rows(split, data, [*columns, data.label_column], [data.label_column])
     classes, split = label_ids(split, data)
 
     def encode(rows: list[Example]) -> list[Example]:
