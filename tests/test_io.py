@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit import AdapterFileError, LoraConfig, LorakitError, LoraModel, atomic, get_lora_model, io
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
-from tests.cases import CASES, PEFT_OUTPUTS, Case, output, tiny_bert_cls
+from tests.cases import CASES, PEFT_OUTPUTS, Case, output, tiny_bert_cls, trained_files_load_both_ways
 
 ATOL = 1e-5
 
@@ -319,23 +319,6 @@ def _llama():
     return tiny_llama().eval()
 
 
-def _trained_files_load_both_ways(ours, theirs, build, run, tmp_path) -> None:
-    """Every trainable tensor of both models set at random (as if trained), then each side's saved folder loaded by
-    the other library on a fresh base: `run` gives the same outputs."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for model in (ours, theirs):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(std=0.1)
-    ours.eval().save_pretrained(tmp_path / "ours")
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    back = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
-    torch.testing.assert_close(run(back), run(ours), atol=1e-5, rtol=0)
-    loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
-    torch.testing.assert_close(run(loaded), run(theirs), atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize(
     ("build", "extra"),
     [
@@ -356,7 +339,7 @@ def test_modules_to_save_names_end_paths_as_text_as_in_peft(build, extra, tmp_pa
         if p.requires_grad and ".modules_to_save." in n
     }
     assert full == expected and len(full) >= 2
-    _trained_files_load_both_ways(ours, theirs, build, lambda model: model(input_ids=ids).logits, tmp_path)
+    trained_files_load_both_ways(ours, theirs, build, lambda model: model(input_ids=ids).logits, tmp_path)
 
 
 def test_a_file_given_for_the_folder_or_a_folder_for_the_weights_is_named_as_such(tmp_path):
@@ -403,7 +386,7 @@ def test_question_answering_trains_its_head_in_full_as_peft_does(tmp_path):
         "model.qa_outputs.copies.default.weight",
         "model.qa_outputs.copies.default.bias",
     }
-    _trained_files_load_both_ways(ours, theirs, build, logits, tmp_path)
+    trained_files_load_both_ways(ours, theirs, build, logits, tmp_path)
 
 
 def _llama_tied():

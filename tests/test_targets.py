@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from lorakit import ConfigError, LoraConfig, LorakitError, LoraLayer, LoraModel, TargetError, get_lora_model
-from tests.cases import conv_mlp, float_input, mha_block, mlp, tiny_bert_cls, tiny_gpt2, tiny_llama
+from tests.cases import (
+    conv_mlp,
+    float_input,
+    mha_block,
+    mlp,
+    tiny_bert_cls,
+    tiny_gpt2,
+    tiny_llama,
+    trained_files_load_both_ways,
+)
 
 
 def _adapted(model) -> set[str]:
@@ -234,19 +243,7 @@ def test_what_peft_accepts_of_a_saved_head_trains_the_same_and_loads_both_ways(c
         if p.requires_grad and ".modules_to_save." in n
     }
     assert full == expected == {"pre_classifier", "classifier"}
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for model in (ours, theirs):
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(std=0.1)
-    ours.eval().save_pretrained(tmp_path / "ours")
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    back = peft.PeftModel.from_pretrained(_distilbert_cls(), tmp_path / "ours").eval()
-    loaded = LoraModel.from_pretrained(_distilbert_cls(), tmp_path / "theirs").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+    trained_files_load_both_ways(ours, theirs, _distilbert_cls, lambda model: model(input_ids=ids).logits, tmp_path)
 
 
 def test_a_peft_folder_that_lists_an_excluded_module_loads_without_a_word(tmp_path):
