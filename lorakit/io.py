@@ -258,6 +258,29 @@ def read_config(directory: str | Path) -> LoraConfig | VeraConfig:
     return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_dict(data)
 
 
+def as_config(config: object) -> LoraConfig | VeraConfig | TrainableTokensConfig:
+    """lorakit's config for `config`: itself, or a PEFT config object (peft.LoraConfig, peft.VeraConfig, ...) read
+    as its adapter_config.json would be, so code written for get_peft_model passes its config unchanged."""
+    if isinstance(config, tuple(_CONFIG_CLASSES.values())):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict) or getattr(config, "peft_type", None) is None:
+        raise ConfigError(f"expected a lorakit or PEFT LoraConfig, got {type(config).__name__}")
+    data = json.loads(json.dumps(to_dict(), default=_json_value))  # enums -> their values, sets -> lists
+    peft_type = data.get("peft_type")
+    if peft_type not in _CONFIG_CLASSES:
+        raise ConfigError(
+            f"a PEFT {type(config).__name__} (peft_type {peft_type!r}): lorakit takes {sorted(_CONFIG_CLASSES)} configs"
+        )
+    return _CONFIG_CLASSES[peft_type].from_dict(data)
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return getattr(value, "value", str(value))
+
+
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
     directory = _adapter_dir(directory)
     path = directory / WEIGHTS_NAME

@@ -154,7 +154,7 @@ class LoraModel(nn.Module):
         autocast_adapter_dtype: as in PEFT, fp16/bf16 layers get fp32 factors; False keeps each layer's dtype.
         parent: makes it a tree node, a LoRA on top of `parent`: the model at the node is the base plus every delta
         on the path root .. node, and set_adapter(name) activates that path while only the node trains."""
-        name, config = adapter_name, peft_config
+        name, config = adapter_name, io.as_config(peft_config)  # a PEFT config object is read as its file would be
         check_adapter_name(name)
         if name in self.peft_config:
             raise LorakitError(f"adapter {name!r} exists already; delete_adapter({name!r}) first")

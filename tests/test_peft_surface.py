@@ -479,3 +479,24 @@ def test_save_pretrained_takes_peft_positional_order_and_refuses_pickles(tmp_pat
     with pytest.raises(LorakitError, match="renamed path_initial_model_for_weight_conversion"):
         ours.save_pretrained(tmp_path / "pissa", convert_pissa_to_lora=str(tmp_path / "init"))
     assert not (tmp_path / "bin").exists() and not (tmp_path / "pissa").exists()
+
+
+def test_a_peft_config_object_is_read_as_its_file_would_be(tmp_path):
+    """Code written for get_peft_model passes peft.LoraConfig objects: get_lora_model, add_adapter and
+    from_pretrained(config=) take them as lorakit's own config with the same fields (DoRA, task type, targets),
+    and a PEFT config of a kind lorakit has not is refused by name."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True)
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    theirs_config = get_lora_model(tiny_llama().eval(), peft.LoraConfig(task_type="CAUSAL_LM", **fields))
+    torch.manual_seed(5)
+    ours_config = get_lora_model(tiny_llama().eval(), LoraConfig(task_type="CAUSAL_LM", **fields))
+    assert theirs_config.peft_config["default"] == ours_config.peft_config["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs_config(input_ids=ids).logits, ours_config(input_ids=ids).logits)
+    ours_config.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(tiny_llama().eval(), tmp_path, config=peft.LoraConfig(**fields))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours_config(input_ids=ids).logits)
+    with pytest.raises(ConfigError, match="IA3Config"):
+        get_lora_model(tiny_llama().eval(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
