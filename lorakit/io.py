@@ -304,7 +304,7 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[str, Tensor]) -> None:
     """Copies file tensors into adapter `name`; checks every key and shape before changing anything."""
     weights = _without_peft_wrapper_names(weights)
-    expected = adapter_tensors(model, name, config) | _base_weights_in_file(model, weights)
+    expected = adapter_tensors(model, name, config) | base_weights_in_file(model, weights)
     problems = []
     missing = sorted(k for k in expected if k not in weights)
     unexpected = sorted(k for k in weights if k not in expected)
@@ -334,7 +334,7 @@ def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[
                 target.copy_(weights[key])
 
 
-def _base_weights_in_file(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+def base_weights_in_file(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     """PEFT's key -> base tensor of an input / output embedding whose own tensors the file carries
     (embedding_base_tensors: PEFT and lorakit save them under save_embedding_layers), to be loaded into the base as
     PEFT's load does; an adapted layer's base layer, or the plain module."""

@@ -120,10 +120,11 @@ class AdapterRegistry:
     def _attach_now(self, read: _ReadAdapter) -> None:
         model, adapter = self.engine.model, read.adapter
         try:
+            weights = _without_the_served_base(model, adapter, read.weights)
             read.config.inference_mode = True
             model.add_adapter(adapter.name, read.config, adapter_dtype=_serving_dtype(model), parent=adapter.parent)
             try:
-                io.load_weights(model.model, adapter.name, model.peft_config[adapter.name], read.weights)
+                io.load_weights(model.model, adapter.name, model.peft_config[adapter.name], weights)
             except Exception:
                 model.delete_adapter(adapter.name)
                 raise
@@ -142,6 +143,23 @@ class AdapterRegistry:
             self._unloading.discard(adapter.name)
             if future.exception() is not None:
                 self.served[adapter.name] = adapter
+
+
+def _without_the_served_base(model: Any, adapter: ServedAdapter, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter's tensors without the base embedding tables its folder may carry (PEFT's and lorakit's
+    save_embedding_layers): loading one copies it into the base every adapter shares, so a table that differs from
+    the served one (a vocabulary changed in training) is refused; an equal one is left out."""
+    served = io.base_weights_in_file(model.model, weights)
+    changed = [k for k, t in served.items() if not torch.equal(weights[k].to(t.device, t.dtype), t)]
+    if changed:
+        raise APIError(
+            400,
+            f"the adapter {adapter.name!r} carries base-layer tensors that differ from the served model's "
+            f"({changed[:2]}): it was trained with a changed vocabulary or embedding, which one base shared by every "
+            "adapter cannot serve; serve it on its own base (merge_and_unload, then save that model)",
+            param="lora_path",
+        )
+    return {k: t for k, t in weights.items() if k not in served}
 
 
 def _serving_dtype(model: Any) -> torch.dtype | None:

@@ -415,3 +415,32 @@ def test_a_name_whose_unload_still_waits_is_refused_in_words_a_client_knows(tmp_
     finally:
         job.cancel()
         engine.stop()
+
+
+def test_an_adapter_that_carries_another_embedding_table_is_refused_and_the_base_kept(tmp_path: Path) -> None:
+    """A folder of an adapted embed_tokens carries the base table (save_embedding_layers): equal to the served one
+    it loads as any adapter; changed in training, loading it would copy it into the base every adapter shares, so
+    it is refused and the served table stays as it was."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit import LoraConfig, LoraModel, get_lora_model
+    from lorakit.serve.adapters import AdapterRegistry
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.errors import APIError
+
+    model_dir, _ = write_tiny(tmp_path, [])
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    get_lora_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(tmp_path / "same")
+    changed = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.add_(1.0)
+    get_lora_model(changed, config).save_pretrained(tmp_path / "changed")
+    model = LoraModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    table = model.model.get_input_embeddings().weight.detach().clone()
+    registry = AdapterRegistry(Engine(model, AutoTokenizer.from_pretrained(model_dir), max_concurrent=2), "model")
+    registry.load("same", tmp_path / "same")
+    with pytest.raises(APIError) as refused:
+        registry.load("changed", tmp_path / "changed")
+    assert refused.value.status == 400 and "base-layer tensors" in refused.value.message
+    assert [a.name for a in registry.snapshot()] == ["same"]
+    assert torch.equal(model.model.get_input_embeddings().base_layer.weight, table)
