@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit import after_step, io, merge, packed
+from lorakit import after_step, io, merge, packed, status
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
@@ -469,6 +469,17 @@ class LoraModel(nn.Module):
             ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, config=config, subfolder=kwargs.get("subfolder"),
         )  # fmt: skip
         return lora_model
+
+    # -- status ----------------------------------------------------------------------------------
+    def get_layer_status(self) -> list[status.LayerStatus]:
+        """PEFT's: every adapted layer (and module saved per adapter) with its adapters' state."""
+        return status.layer_status(self.model, self.state.enabled, self.active_adapters)
+
+    def get_model_status(self) -> status.ModelStatus:
+        """PEFT's: the layers' statuses folded together, "irregular" where layers disagree."""
+        types = {name: config.peft_type for name, config in self.peft_config.items()}
+        counts = self.get_nb_trainable_parameters()
+        return status.model_status(self.model, self.state.enabled, self.active_adapters, types, counts)
 
     # -- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

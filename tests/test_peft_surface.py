@@ -500,3 +500,38 @@ def test_a_peft_config_object_is_read_as_its_file_would_be(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, ours_config(input_ids=ids).logits)
     with pytest.raises(ConfigError, match="IA3Config"):
         get_lora_model(tiny_llama().eval(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+
+
+def test_layer_and_model_status_read_as_peft_s():
+    """get_layer_status / get_model_status give PEFT's report field for field: two adapters on different targets, a
+    module saved per adapter, then one adapter merged, then the adapter layers disabled."""
+    import dataclasses
+
+    from tests.cases import tiny_bert_cls
+
+    first = dict(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], init_lora_weights=False)
+    second = dict(r=2, target_modules=["query"], init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(**first))
+    theirs.add_adapter("b", peft.LoraConfig(**second))
+    ours = get_lora_model(tiny_bert_cls(), LoraConfig(**first))
+    ours.add_adapter("b", LoraConfig(**second))
+
+    def same() -> None:
+        assert dataclasses.asdict(ours.get_model_status()) == dataclasses.asdict(theirs.get_model_status())
+        assert [dataclasses.asdict(s) for s in ours.get_layer_status()] == [
+            dataclasses.asdict(s) for s in theirs.get_layer_status()
+        ]
+
+    same()
+    theirs.set_adapter("b")
+    ours.set_adapter("b")
+    same()
+    theirs.base_model.merge_adapter(["b"])
+    ours.merge_adapter(["b"])
+    same()
+    theirs.base_model.disable_adapter_layers()
+    ours.disable_adapter_layers()  # unmerges at once; PEFT at its next forward
+    with torch.no_grad():
+        ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    same()
