@@ -22,6 +22,7 @@ from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
 from lorakit.state import AdapterState
+from lorakit.targets import TASK_HEADS
 
 if TYPE_CHECKING:
     from lorakit.multi.cache import AdapterCache
@@ -109,10 +110,52 @@ class LoraModel(nn.Module):
                 "cannot be routed per row; use set_adapter() for them, or serve them in their own batches"
             )
 
+    def __getattr__(self, name: str):
+        """What this wrapper does not hold is the base model's, as PEFT's PeftModel passes it on: code written for
+        PEFT reads model.device, model.dtype, model.generation_config or calls model.gradient_checkpointing_enable()
+        on the wrapper. Only names that would act on the whole base in place of the adapters are refused."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("model")
+            if base is None or name.startswith("__") or name in _NOT_PASSED_ON:
+                raise
+            if name in _REFUSED:
+                raise AttributeError(f"LoraModel.{name}: {_REFUSED[name]}") from None
+            return getattr(base, name)
+
     @property
     def config(self):
         """The base model's (transformers) config, for code that expects model.config."""
         return getattr(self.model, "config", None)
+
+    @property
+    def peft_type(self) -> str:
+        """The active adapter's kind in PEFT's words ("LORA", "VERA", ...)."""
+        return getattr(self.peft_config[self.active_adapter], "peft_type", "LORA")
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The names trained in full over every adapter, the task's head among them, as PEFT's attribute holds them."""
+        names = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+            names.update(TASK_HEADS.get(getattr(config, "task_type", None), ()))
+        return names or None
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The paths of the modules that carry an adapter (PEFT's list; weights adapted by target_parameters are in
+        targeted_parameter_names)."""
+        return [path for path, layer in lora_layers(self.model) if not layer.acts_on_weight]
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.model, "dtype", None)
 
     @property
     def base_model(self) -> LoraModel:
@@ -533,6 +576,13 @@ class LoraModel(nn.Module):
                 for path, param in self.model.named_parameters():
                     if path.rsplit(".", 1)[-1] == "bias" and ".original_module." not in path:  # PEFT's rule, as saved
                         param.requires_grad_(True)
+
+
+_NOT_PASSED_ON = frozenset({"_is_hf_initialized"})  # transformers' loading code sets it on the wrapper itself
+_REFUSED = {
+    "push_to_hub": "it would upload the whole base model; lorakit has no hub: save_pretrained(folder) writes the "
+    "adapter files (PEFT's format), upload that folder with huggingface_hub's upload_folder",
+}
 
 
 def _check_save_options(safe_serialization: bool, convert_pissa_to_lora: str | Path | None) -> None:

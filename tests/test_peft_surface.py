@@ -434,6 +434,30 @@ def test_base_model_and_get_base_model_as_peft(tmp_path):
     torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=0)
 
 
+def test_the_wrapper_passes_unknown_names_to_the_base_as_peft_does():
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "task_type": "SEQ_CLS",
+              "init_lora_weights": False}  # fmt: skip
+    ours = get_lora_model(tiny_llama(), LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    for name in ("device", "dtype", "main_input_name", "base_model_torch_dtype", "targeted_module_names"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.generation_config is ours.model.generation_config
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    assert ours.modules_to_save == theirs.modules_to_save == {"lm_head", "classifier", "score"}
+    assert ours.active_peft_config is ours.peft_config["default"]
+    assert ours.get_input_embeddings() is ours.model.model.embed_tokens
+    ours.gradient_checkpointing_enable()  # a method of the base, called on the wrapper as PEFT users do
+    assert ours.model.model.gradient_checkpointing
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters() if p.requires_grad)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        ours.no_such_name  # noqa: B018
+    with pytest.raises(AttributeError, match="whole base model.*save_pretrained"):
+        ours.push_to_hub("someone/adapter")
+
+
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
