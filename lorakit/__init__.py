@@ -4,6 +4,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, TargetError
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
+from lorakit.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 
 __version__ = "0.1.0"
@@ -20,4 +21,6 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "get_lora_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
 ]

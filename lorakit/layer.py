@@ -23,6 +23,7 @@ import math
 import operator
 import weakref
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,6 @@ class LoraLayer(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        """The state's active adapters that this layer holds (PEFT's name)."""
-        return [n for n in self.state.active if n in self.adapters]
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -317,6 +313,83 @@ class LoraLayer(nn.Module):
         kind = f"{self.kind.name}({self.kind.weight_name()})" if self.kind.acts_on_weight else self.kind.name
         return f"kind={kind}, active={self.active_adapters}, merged={self.merged_adapters}"
 
+    # -- PEFT's per-layer attributes ---------------------------------------------------------------
+    # For code written against PEFT's LoraLayer (layer.lora_A["default"].weight, layer.scaling, ...): views built
+    # on each read over the adapters' own tensors and settings, holding nothing, so state_dict, named_modules and
+    # parameters stay lorakit's and forward reads none of them. As in PEFT's LoraLayer, only LoRA adapters (with
+    # factors A and B) show: PEFT keeps VeRA and trainable tokens in layers of other classes. Setting an entry
+    # takes effect where PEFT's does (scaling, lora_dropout); the others are refused, naming what to do instead.
+    @property
+    def lora_A(self) -> Mapping[str, PeftFactor]:
+        """name -> A as PEFT's lora_A[name] module shows it: .weight is the adapter's own tensor, so in-place changes
+        (nn.init.zeros_(layer.lora_A[name].weight)) change the adapter. Empty on embeddings (lora_embedding_A)."""
+        return _PeftView(self, "lora_A", lambda a: PeftFactor(a.lora_A, None), _factors_of(self, embedding=False))
+
+    @property
+    def lora_B(self) -> Mapping[str, PeftFactor]:
+        """name -> B as PEFT's lora_B[name] module shows it: .weight, and .bias where lora_bias trains one."""
+        return _PeftView(self, "lora_B", lambda a: PeftFactor(a.lora_B, a.lora_B_bias), _factors_of(self, False))
+
+    @property
+    def lora_embedding_A(self) -> Mapping[str, Tensor]:
+        """name -> A of an embedding layer, the tensor itself (PEFT's ParameterDict); empty on other kinds."""
+        return _PeftView(self, "lora_embedding_A", lambda a: a.lora_A, _factors_of(self, embedding=True))
+
+    @property
+    def lora_embedding_B(self) -> Mapping[str, Tensor]:
+        return _PeftView(self, "lora_embedding_B", lambda a: a.lora_B, _factors_of(self, embedding=True))
+
+    @property
+    def lora_magnitude_vector(self) -> Mapping[str, PeftFactor]:
+        """name -> DoRA's magnitude as PEFT's module shows it (.weight), for the DoRA adapters here."""
+        names = [n for n in _factors_of(self) if hasattr(self.adapters[n].variant_state, "lora_magnitude_vector")]
+        return _PeftView(self, "lora_magnitude_vector", _magnitude, names)
+
+    @property
+    def scaling(self) -> Mapping[str, float]:
+        """name -> the scale s its term is multiplied by. Settable as in PEFT: layer.scaling[name] = 0.5 rescales
+        that adapter's term here from the next call on (and in merges after it)."""
+        return _PeftView(self, "scaling", lambda a: a.scale, _factors_of(self), write=_set_scale)
+
+    @property
+    def r(self) -> Mapping[str, int]:
+        return _PeftView(self, "r", lambda a: a.r, _factors_of(self))
+
+    @property
+    def lora_alpha(self) -> Mapping[str, float]:
+        return _PeftView(self, "lora_alpha", lambda a: a.alpha, _factors_of(self))
+
+    @property
+    def lora_dropout(self) -> Mapping[str, nn.Module]:
+        """name -> the adapter's dropout module (nn.Identity where there is none, and on embeddings, whose input
+        ids are never dropped out; PEFT keeps an unused nn.Dropout there). Settable to an nn.Dropout or nn.Identity."""
+        return _PeftView(self, "lora_dropout", lambda a: a.dropout, _factors_of(self), write=_set_dropout)
+
+    @property
+    def use_dora(self) -> Mapping[str, bool]:
+        return _PeftView(self, "use_dora", lambda a: a.variant.name == "dora", _factors_of(self))
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into this layer's weight (PEFT's)."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether the model runs with its adapters disabled (disable_adapter(), disable_adapter_layers())."""
+        return not self.state.enabled
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The model's active adapters, held here or not, as PEFT's layers list them (a tree node brings its path);
+        the ones this layer runs are live_adapters()."""
+        return list(self.state.active)
+
+    @property
+    def active_adapter(self) -> list[str]:
+        """PEFT's: the same list (PEFT's layer holds a list once its model has set the adapters)."""
+        return self.active_adapters
+
 
 class _Adapters(nn.ModuleDict):
     """A layer's adapters by name; an adapter put in or taken out here directly (not through add_adapter) is a
@@ -329,6 +402,101 @@ class _Adapters(nn.ModuleDict):
     def __delitem__(self, key: str) -> None:
         tables_stale()
         super().__delitem__(key)
+
+
+# -- PEFT's per-layer attributes: the views LoraLayer's properties return ------------------------------------------
+class PeftFactor:
+    """One factor as PEFT's lora_A[name] / lora_B[name] module shows it, without being one (no forward, no state):
+    .weight and .bias are the adapter's own tensors. They are changed in place; assigning them is refused, since the
+    adapter would not see a new tensor."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "bias", bias)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise LorakitError(
+            f"lorakit's PEFT-style factor views do not take new tensors; change .{name} in place instead "
+            f"(with torch.no_grad(): layer.lora_A[name].{name}.copy_(new))"
+        )
+
+    def __repr__(self) -> str:
+        bias = "" if self.bias is None else f", bias={tuple(self.bias.shape)}"
+        return f"PeftFactor(weight={tuple(self.weight.shape)}{bias})"
+
+
+class _PeftView(Mapping):
+    """name -> read(adapter) over the named adapters of a layer; write(adapter, value) where an entry may be set."""
+
+    __slots__ = ("_layer", "_attr", "_read", "_names", "_write")
+
+    def __init__(
+        self,
+        layer: LoraLayer,
+        attr: str,
+        read: Callable[[Adapter], object],
+        names: list[str],
+        write: Callable[[Adapter, object], None] | None = None,
+    ) -> None:
+        self._layer, self._attr, self._read, self._names, self._write = layer, attr, read, names, write
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(self._layer.adapters[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __setitem__(self, name: str, value: object) -> None:
+        if self._write is None:
+            raise LorakitError(
+                f"layer.{self._attr}[{name!r}] cannot be set in lorakit: it is fixed when the adapter is made (a "
+                "new value would change no tensor, or the meaning of the ones trained); add the adapter again with "
+                "the config you want, or set layer.scaling[name] to rescale its term"
+            )
+        if name not in self._names:
+            raise KeyError(name)
+        if name in self._layer.merged_adapters:  # unmerging subtracts the delta as it is then
+            raise LorakitError(
+                f"adapter {name!r} is merged into this layer's weight; unmerge_adapter() before setting it"
+            )
+        self._write(self._layer.adapters[name], value)
+
+    def __delitem__(self, name: str) -> None:
+        raise LorakitError(f"layer.{self._attr} is a view of the adapters; delete_adapter({name!r}) removes one")
+
+    def __repr__(self) -> str:
+        return f"{self._attr}({dict(self)!r})"
+
+
+def _factors_of(layer: LoraLayer, embedding: bool | None = None) -> list[str]:
+    """The adapters with factors A and B of their own (LoRA, DoRA, ...), on an embedding layer or not as asked."""
+    if embedding is not None and embedding != layer.kind.is_embedding:
+        return []
+    held = layer.adapters._modules
+    return [n for n, a in held.items() if all(getattr(a, f, None) is not None for f in ("lora_A", "lora_B"))]
+
+
+def _magnitude(adapter: Adapter) -> PeftFactor:
+    return PeftFactor(adapter.variant_state.lora_magnitude_vector, None)
+
+
+def _set_scale(adapter: Adapter, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LorakitError(f"scaling takes a finite number, got {value!r}")
+    adapter.scale = float(value)  # Adapter.__setattr__: kept plans and packed factors see the change
+
+
+def _set_dropout(adapter: Adapter, module: nn.Module) -> None:
+    if type(module) not in (nn.Dropout, nn.Identity):  # what the ops read: nn.Dropout's p, else no dropout
+        raise LorakitError(f"lora_dropout takes an nn.Dropout or nn.Identity, got {type(module).__name__}")
+    adapter.dropout = module
 
 
 class _RoutedPlan:

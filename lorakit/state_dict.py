@@ -1,0 +1,126 @@
+"""PEFT's get_peft_model_state_dict / set_peft_model_state_dict for a LoraModel: one adapter's tensors under PEFT's
+keys (the adapter name left out), as PEFT's functions give and take them, for code written against PEFT.
+
+The keys are io.py's (adapter_tensors, the ones save_pretrained writes), so a dict from either library loads in the
+other. Loading checks every key and shape before it changes anything.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
+
+from lorakit import io
+from lorakit.errors import LorakitError
+from lorakit.model import LoraModel
+
+
+def get_peft_model_state_dict(
+    model: LoraModel,
+    state_dict: dict[str, Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, Tensor]:
+    """Adapter `adapter_name`'s tensors by PEFT key, detached views of the live ones (no copy), as PEFT's function.
+
+    state_dict: the model's own state_dict (lorakit's keys) to read the values from instead, as gathered under
+    DeepSpeed ZeRO-3 or FSDP. unwrap_compiled: a torch.compile'd LoraModel is read through its `_orig_mod`.
+    save_embedding_layers: the base tables of the input / output embeddings too (io.embedding_base_tensors)."""
+    model = _lora_model(model, unwrap_compiled)
+    config = _config(model, adapter_name)
+    live = io.adapter_tensors(model.model, adapter_name, config)
+    live |= io.embedding_base_tensors(model.model, config, save_embedding_layers)
+    if state_dict is None:
+        return {key: tensor.detach() for key, tensor in live.items()}
+    return _from_state_dict(model, live, state_dict)
+
+
+def set_peft_model_state_dict(
+    model: LoraModel,
+    peft_model_state_dict: dict[str, Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
+    """Copies a dict of get_peft_model_state_dict's form (either library's) into adapter `adapter_name` in place.
+
+    Returns PEFT's load result. missing_keys: this adapter's keys (in the dict's form) that the dict lacks, left as
+    they were; PEFT lists every key of the model not loaded, base weights included, with the adapter name inside.
+    unexpected_keys: always empty, since a key that is not this adapter's (another model or config) raises, as a
+    shape that does not fit does, unless ignore_mismatched_sizes skips that tensor with PEFT's warning.
+    low_cpu_mem_usage: accepted as PEFT's; no effect (the adapter's tensors exist and are copied into)."""
+    model = _lora_model(model, unwrap_compiled=True)  # PEFT's would load nothing into a compiled model's keys
+    config = _config(model, adapter_name)
+    if adapter_name in model.merged_adapters:  # the merged weight would keep the old delta, and unmerge the new one
+        raise LorakitError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() before setting it")
+    weights = io._without_peft_wrapper_names(peft_model_state_dict)
+    expected = io.adapter_tensors(model.model, adapter_name, config) | io.base_weights_in_file(model.model, weights)
+    unexpected = sorted(k for k in weights if k not in expected)
+    if unexpected:
+        raise LorakitError(
+            f"{len(unexpected)} keys are not tensors of adapter {adapter_name!r} of this model (a dict from another "
+            "model, or an adapter with other target_modules, r or modules_to_save?); get_peft_model_state_dict's "
+            f"keys carry no adapter name: {io._few(unexpected)}"
+        )
+    mismatched = [
+        (key, tuple(weights[key].shape), tuple(target.shape))
+        for key, target in expected.items()
+        if key in weights and weights[key].shape != target.shape
+    ]
+    if mismatched and not ignore_mismatched_sizes:
+        raise LorakitError(
+            "tensors whose shapes do not fit this model (another base model, or another r?); pass "
+            "ignore_mismatched_sizes=True to leave them as they are:\n  "
+            + "\n  ".join(f"{key}: the dict has {theirs}, the model needs {ours}" for key, theirs, ours in mismatched)
+        )
+    if mismatched:
+        _warn_mismatched(mismatched)
+    skipped = {key for key, _, _ in mismatched}
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in weights and key not in skipped:
+                target.copy_(weights[key])
+    missing = [k for k in expected if k not in weights or k in skipped]
+    return _IncompatibleKeys(missing_keys=missing, unexpected_keys=[])
+
+
+def _lora_model(model: object, unwrap_compiled: bool) -> LoraModel:
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, LoraModel):
+        fix = "pass unwrap_compiled=True" if hasattr(model, "_orig_mod") else "pass the model get_lora_model returned"
+        raise LorakitError(f"expected a LoraModel, got {type(model).__name__}: {fix}")
+    return model
+
+
+def _config(model: LoraModel, adapter_name: str):
+    if adapter_name not in model.peft_config:
+        raise LorakitError(f"no adapter {adapter_name!r} in this model; it has {sorted(model.peft_config)}")
+    return model.peft_config[adapter_name]
+
+
+def _from_state_dict(model: LoraModel, live: dict[str, Tensor], state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The values `state_dict` (the LoraModel's keys) holds for each live tensor; one the model's state_dict does not
+    hold (a base weight computed on reading, such as a 4-bit one) is read live."""
+    own = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        own.setdefault(id(tensor), key)
+    absent = [own[id(t)] for t in live.values() if id(t) in own and own[id(t)] not in state_dict]
+    if absent:
+        raise LorakitError(f"the state_dict passed lacks tensors of this adapter: {io._few(absent)}")
+    return {key: (state_dict[own[id(t)]] if id(t) in own else t).detach() for key, t in live.items()}
+
+
+def _warn_mismatched(mismatched: list[tuple[str, tuple, tuple]]) -> None:
+    """PEFT's warning for the tensors ignore_mismatched_sizes skipped."""
+    found = "found shape {} in the checkpoint and {} in the model instantiated"
+    listed = "\n".join(f"- {key}: {found.format(theirs, ours)}" for key, theirs, ours in mismatched)
+    warnings.warn(
+        "Some weights of LoraModel were not initialized from the model checkpoint and are being ignored because "
+        f"you passed `ignore_mismatched_sizes=True`: {listed}.",
+        stacklevel=3,
+    )
