@@ -185,6 +185,27 @@ def test_random_types_repeat_with_a_seed(combination_type, tmp_path):
     assert any(not torch.equal(s1[p], s3[p]) for p in s1), "another seed drops other entries"
 
 
+@pytest.mark.parametrize("combination_type", ["dare_linear", "dare_ties_svd"])
+def test_random_types_under_torchs_global_seed_give_peft_adapter(combination_type, tmp_path):
+    """seed=None draws from torch's generator as PEFT does, after creating the new factors as PEFT does (here with
+    the sources' init_lora_weights=False, which PEFT's combined adapter inherits): the same masks, PEFT's deltas."""
+    ours, theirs = _pair(tiny_llama, LLAMA, tmp_path)
+    for m in (ours, theirs):
+        torch.manual_seed(5)
+        m.add_weighted_adapter(["fr", "de"], [0.7, -0.4], "mix", combination_type, density=0.5)
+    _assert_same_deltas(ours, theirs, "mix")
+
+
+def test_numpy_and_tensor_weights_combine_as_in_peft(tmp_path):
+    import numpy as np
+
+    ours, theirs = _pair(tiny_llama, LLAMA, tmp_path)
+    for weights in ([np.float32(0.7), np.float64(-0.4)], torch.tensor([0.7, -0.4])):
+        for m in (ours, theirs):
+            m.add_weighted_adapter(["fr", "de"], weights, f"mix{type(weights).__name__}", "ties", density=0.5)
+        _assert_same_deltas(ours, theirs, f"mix{type(weights).__name__}")
+
+
 def test_dare_keeping_everything_is_linear(tmp_path):
     ours, _ = _pair(tiny_llama, LLAMA, tmp_path)
     ours.add_weighted_adapter(["fr", "de"], [1.0, 0.5], "dare", "dare_linear", density=1.0, seed=0)
@@ -242,6 +263,18 @@ BAD_CALLS = {
     "svd_rank": (dict(adapters=["fr", "de"], weights=[1, 1], svd_rank=0), "svd_rank"),
     "svd_clamp": (dict(adapters=["fr", "de"], weights=[1, 1], svd_clamp=1.5), "quantile"),
     "svd_driver on CPU": (dict(adapters=["fr", "de"], weights=[1, 1], svd_driver="gesvdj"), "CUDA tensors only"),
+    "one name as a string": (dict(adapters="fr", weights=[1.0]), r"a list of adapter names, got 'fr'; e.g. \['fr'\]"),
+    "no weights": (dict(adapters=["fr", "de"], weights=None), "weights must be a list of numbers"),
+    "density as text": (dict(adapters=["fr", "de"], weights=[1, 1], combination_type="ties", density="0.5"), "density"),
+    "density as a bool": (
+        dict(adapters=["fr", "de"], weights=[1, 1], combination_type="ties", density=True),
+        "density",
+    ),
+    "svd_clamp as text": (dict(adapters=["fr", "de"], weights=[1, 1], svd_clamp="0.9"), "quantile"),
+    "seed as text": (
+        dict(adapters=["fr", "de"], weights=[1, 1], combination_type="dare_linear", density=0.5, seed="0"),
+        "seed must be an integer",
+    ),
 }
 
 

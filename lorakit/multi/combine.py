@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -72,15 +73,18 @@ def add_weighted_adapter(
 
     seed: the dare_* types drop entries at random; a seed makes that repeatable (None: torch's global generator).
     """
-    adapters, weights = list(adapters), [float(w) for w in _checked_weights(adapters, weights)]
+    adapters, weights = _checked_names(adapters), [float(w) for w in _checked_weights(adapters, weights)]
     _check_sources(model, adapters, adapter_name)
     # one adapter can only be scaled, as in PEFT
     combination_type = "linear" if len(adapters) == 1 else _checked_type(combination_type)
     rank = _new_rank(model, adapters, combination_type, svd_rank)
     _check_density(combination_type, density, majority_sign_method)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise CombinationError(f"seed must be an integer or None (torch's global generator), got {seed!r}")
     config = _new_config(model, adapters, rank)
     plans = _layer_plans(model, adapters, config, combination_type)
     _check_svd_options(svd_clamp, svd_driver, plans)
+    density, svd_clamp = (None if v is None else float(v) for v in (density, svd_clamp))
     combination = Combination(
         combination_type, tuple(weights), rank, density, majority_sign_method, svd_clamp, svd_full_matrices,
         svd_driver, _generator(plans, seed),
@@ -98,17 +102,34 @@ def add_weighted_adapter(
 # -- checks, all before the model changes -----------------------------------------------------------
 
 
+def _checked_names(adapters: list[str]) -> list[str]:
+    """A list of names; one name as a string would be read letter by letter."""
+    if isinstance(adapters, str) or not isinstance(adapters, Iterable):
+        raise CombinationError(f"adapters must be a list of adapter names, got {adapters!r}; e.g. [{adapters!r}]")
+    return list(adapters)
+
+
 def _checked_weights(adapters: list[str], weights: list[float]) -> list[float]:
+    """One finite number per adapter: Python, NumPy or one-element torch numbers, as PEFT takes them."""
     if not adapters:
         raise CombinationError("add_weighted_adapter needs at least one adapter name in `adapters`")
+    if isinstance(weights, str) or not isinstance(weights, Iterable):
+        raise CombinationError(f"weights must be a list of numbers, one per adapter, got {weights!r}")
+    weights = list(weights)
     if len(weights) != len(adapters):
         raise CombinationError(
             f"{len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter, in the same order"
         )
-    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+    bad = [w for w in weights if not _is_number(w) or not math.isfinite(float(w))]
     if bad:
         raise CombinationError(f"weights must be finite numbers, got {bad}")
-    return list(weights)
+    return weights
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _checked_type(combination_type: str) -> str:
@@ -172,7 +193,7 @@ def _check_density(combination_type: str, density: float | None, majority_sign_m
         raise CombinationError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     if combination_type in ("cat", "linear", "svd"):
         return
-    if density is None or not 0.0 <= density <= 1.0:
+    if not _is_number(density) or not 0.0 <= float(density) <= 1.0:
         raise CombinationError(
             f"combination_type={combination_type!r} prunes each adapter to a `density` in [0, 1] "
             f"(the fraction of entries kept); got density={density!r}"
@@ -182,7 +203,7 @@ def _check_density(combination_type: str, density: float | None, majority_sign_m
 
 
 def _check_svd_options(svd_clamp: float | None, svd_driver: str | None, plans) -> None:
-    if svd_clamp is not None and not 0.0 <= svd_clamp <= 1.0:
+    if svd_clamp is not None and (not _is_number(svd_clamp) or not 0.0 <= float(svd_clamp) <= 1.0):
         raise CombinationError(f"svd_clamp is a quantile in [0, 1] (or None: no clamping), got {svd_clamp!r}")
     layer, present = plans[0]
     if svd_driver is not None and not layer.adapters[present[0][1]].lora_A.is_cuda:
@@ -207,10 +228,13 @@ def _new_config(model: LoraModel, adapters: list[str], rank: int) -> LoraConfig:
             f"the adapters' target_modules are {targets}: a mix of name lists, regexes and 'all-linear' has no "
             "common form (PEFT refuses it too); combine adapters whose target_modules are of one kind"
         )
-    # rsLoRA off: PEFT keeps it, which scales its combination by sqrt(r) instead of 1
+    # rsLoRA off: PEFT keeps it, which scales its combination by sqrt(r) instead of 1. The first adapter's init
+    # where it is a random one, as PEFT: the new factors draw what PEFT's draw, so dare_* with seed=None under one
+    # torch.manual_seed gives PEFT's masks; an init from W (PiSSA, OLoRA, ...) would rewrite the shared base
+    init = configs[0].init_lora_weights
     return dataclasses.replace(
         configs[0], r=rank, lora_alpha=rank, target_modules=union, rank_pattern={}, alpha_pattern={},
-        use_rslora=False, init_lora_weights=True,
+        use_rslora=False, init_lora_weights=init if isinstance(init, bool) or init == "gaussian" else True,
     )  # fmt: skip
 
 
