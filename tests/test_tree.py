@@ -153,3 +153,24 @@ def test_a_manifest_with_a_cycle_or_a_missing_parent_is_refused_before_loading(t
         with pytest.raises(LorakitError, match=message):
             load_tree(base, tmp_path)
         assert not base.peft_config
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ([["legal", None]], "is not a lorakit-tree/1 manifest"),
+        ({"format": "lorakit-tree/1", "parents": {"legal": None, "contracts": ["legal"]}}, "names or null, found"),
+        ({"format": "lorakit-tree/1", "parents": {"legal": None, "../legal": "legal"}}, "path separator"),
+    ],
+    ids=["a-list", "a-list-as-parent", "a-path-as-name"],
+)
+def test_a_malformed_manifest_is_refused_with_one_error_before_loading(tmp_path, manifest, message, monkeypatch):
+    from lorakit import io
+
+    _tree_model().save_pretrained(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    base = LoraModel(tiny_llama())
+    monkeypatch.setattr(io, "read_weights", lambda *a, **k: pytest.fail("a node was read before the check"))
+    with pytest.raises(LorakitError, match=message):
+        load_tree(base, tmp_path)
+    assert not base.peft_config

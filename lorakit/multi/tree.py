@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit.errors import AdapterFileError
 from lorakit.model import LoraModel
+from lorakit.names import check_adapter_name
 
 MANIFEST = "lorakit_tree.json"
 FORMAT = "lorakit-tree/1"
@@ -42,8 +43,13 @@ def read_parents(directory: str | Path) -> dict[str, str | None]:
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"{path} is missing or not JSON ({err}); save the tree with save_pretrained") from None
     parents = data.get("parents") if isinstance(data, dict) else None
-    if data.get("format") != FORMAT or not isinstance(parents, dict):
+    if not isinstance(parents, dict) or data.get("format") != FORMAT:
         raise AdapterFileError(f"{path} is not a {FORMAT} manifest (expected format and parents keys)")
+    odd = sorted(repr(p) for p in parents.values() if p is not None and not isinstance(p, str))
+    if odd:
+        raise AdapterFileError(f"{path}: parents must be adapter names or null, found {odd}; save the tree again")
+    for name in parents:
+        check_adapter_name(name)  # a name such as "../x" would be read from outside the tree's folder
     unknown = sorted({p for p in parents.values() if p is not None and p not in parents})
     if unknown:
         raise AdapterFileError(f"{path} names parents {unknown} that are not nodes of the tree")
