@@ -183,7 +183,8 @@ def test_concat_pads_to_the_longest_and_masks_the_padding() -> None:
     [
         (lambda jobs: jobs[1].__setattr__("name", "wide"), "two jobs are named 'wide'"),
         (lambda jobs: jobs[0].lora_config.__setattr__("bias", "all"), "bias='all' trains the base's biases"),
-        (lambda jobs: jobs[2].__setattr__("steps", 0), "steps and grad_accum must be >= 1"),
+        (lambda jobs: jobs[2].__setattr__("steps", 0), "steps and grad_accum must be integers >= 1"),
+        (lambda jobs: jobs[2].__setattr__("grad_accum", 1.5), r"must be integers >= 1, got 2, 1.5"),
         (
             lambda jobs: jobs[2].lora_config.__setattr__("target_parameters", ["attention.self.query.weight"]),
             "target_parameters adapters change the shared weight",
@@ -197,6 +198,59 @@ def test_jobs_that_cannot_share_a_base_are_refused_before_any_adapter(change, me
     with pytest.raises(ConfigError, match=message):
         ParallelTrainer(model, jobs)
     assert model.peft_config == {}
+
+
+def _state(model: LoraModel) -> dict[str, torch.Tensor]:
+    """Every tensor by its module path (a layer an adapter was added to and removed from stays wrapped, as in PEFT)."""
+    return {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_job_that_fails_to_start_leaves_the_model_as_it_was_and_a_fixed_call_trains() -> None:
+    """A job whose config or optimizer fails removes the jobs added before it, and an adapter the model had (loaded
+    frozen) is active and frozen again: a corrected call then trains each job as it trains alone."""
+    base = LoraModel(_bert())
+    base.add_adapter("old", LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    base.set_adapter("old", inference_mode=True)
+    before = _state(base)
+    for broken in (
+        lambda job: job.__setattr__("lora_config", LoraConfig(r=2, target_modules=["nope"])),
+        lambda job: job.__setattr__("optimizer", lambda params: torch.optim.SGD(params, lr=-1.0)),
+    ):
+        jobs = _jobs()[1:]
+        broken(jobs[1])
+        with pytest.raises(ValueError):
+            ParallelTrainer(base, jobs)
+        assert list(base.peft_config) == ["old"] and base.active_adapters == ["old"]
+        assert not any(p.requires_grad for p in base.parameters())
+        after = _state(base)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    jobs = _jobs()[1:]
+    trainer = ParallelTrainer(base, jobs)
+    assert base.active_adapters == ["old"] and not any(
+        p.requires_grad for n, p in base.named_parameters() if ".old" in n
+    )
+    trainer.run()
+    for job in jobs:
+        params, _ = _alone(_bert(), job)
+        for ours, theirs in zip(trainer.parameters_of(job.name), params, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (lambda b: {k: v[:0] for k, v in b.items()}, "job 'short': micro-batch 1 has no rows"),
+        (lambda b: {k: v for k, v in b.items() if k != "labels"}, r"micro-batch 1 has no 'labels' tensor \(keys:"),
+    ],
+    ids=["no-rows", "no-labels"],
+)
+def test_an_empty_or_unlabelled_batch_is_refused_naming_its_job(batch, message: str) -> None:
+    jobs = _jobs()
+    jobs[2].batches = [jobs[2].batches[0], batch(jobs[2].batches[1])]
+    trainer = ParallelTrainer(_bert(), jobs)
+    trainer.step()
+    with pytest.raises(LorakitError, match=message):
+        trainer.step()
 
 
 def test_a_job_that_runs_out_of_batches_names_itself() -> None:

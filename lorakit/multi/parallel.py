@@ -121,8 +121,11 @@ def check_jobs(model: LoraModel, jobs: list[ParallelJob]) -> None:
         if job.name in model.peft_config:
             raise ConfigError(f"job {job.name!r}: the model has an adapter of that name already; rename the job")
         seen.add(job.name)
-        if job.steps < 1 or job.grad_accum < 1:
-            raise ConfigError(f"job {job.name!r}: steps and grad_accum must be >= 1, got {job.steps}, {job.grad_accum}")
+        counts = (job.steps, job.grad_accum)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise ConfigError(
+                f"job {job.name!r}: steps and grad_accum must be integers >= 1, got {job.steps!r}, {job.grad_accum!r}"
+            )
         _check_shares_base(job)
 
 
@@ -160,13 +163,19 @@ class ParallelTrainer:
         self.loss_fn = loss_fn
         self.forward_context = forward_context
         self.pad_values = {"input_ids": _pad_token_id(self.model), **(pad_values or {}), **_FIXED_PADS}
-        active = self.model.active_adapters
-        for job in jobs:
-            add_seeded_adapter(self.model, job.name, job.lora_config, job.seed)
-        self._running = [self._start(job) for job in jobs]
-        _check_disjoint(self._running)
-        if active:
-            self.model.set_adapter(active)
+        before = _Snapshot.take(self.model)
+        try:
+            for job in jobs:
+                add_seeded_adapter(self.model, job.name, job.lora_config, job.seed)
+            self._running = [self._start(job) for job in jobs]
+            _check_disjoint(self._running)
+        except BaseException:  # a job that fails to start leaves the model as it was, so a fixed call can run
+            for job in reversed(jobs):
+                if job.name in self.model.peft_config:
+                    self.model.delete_adapter(job.name)
+            before.restore(self.model)
+            raise
+        before.restore(self.model)
         self.train_live()
 
     def _start(self, job: ParallelJob) -> _Running:
@@ -257,14 +266,23 @@ class ParallelTrainer:
         return losses
 
     def _next_batch(self, running: _Running) -> Batch:
+        job = running.job
         try:
-            return next(running.batches)
+            batch = next(running.batches)
         except StopIteration:
-            job = running.job
             raise LorakitError(
                 f"job {job.name!r} ran out of batches after {running.micro} micro-batches; it needs "
                 f"steps * grad_accum = {job.steps * job.grad_accum}: give it more batches or fewer steps"
             ) from None
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if not isinstance(labels, Tensor) or labels.dim() == 0 or len(labels) == 0:
+            # an empty batch's mean loss is NaN; its job would report NaN and step on no gradient
+            found = "no rows" if isinstance(labels, Tensor) else f"no 'labels' tensor (keys: {sorted(batch)})"
+            raise LorakitError(
+                f"job {job.name!r}: micro-batch {running.micro} has {found}; every batch needs at least one row, "
+                "with its labels under 'labels'"
+            )
+        return batch
 
 
 _FIXED_PADS = {"labels": IGNORE, "attention_mask": 0}
@@ -327,6 +345,31 @@ def _pad_and_cat(tensors: list[Tensor], fill: int) -> Tensor:
 def _pad_token_id(model: LoraModel) -> int:
     pad = getattr(model.config, "pad_token_id", None)
     return pad if isinstance(pad, int) else 0
+
+
+@dataclass
+class _Snapshot:
+    """What starting the jobs changes on the model's existing adapters: which are active and train, and which of
+    their parameters take gradients (an adapter loaded frozen stays frozen)."""
+
+    names: list[str]
+    inference_mode: dict[str, bool]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+
+    @classmethod
+    def take(cls, model: LoraModel) -> _Snapshot:
+        active, trainable = model.active_adapters, model.state.trainable
+        names = [n for n in active if n in trainable] or active  # set_adapter(names) gives this active set again
+        modes = {n: c.inference_mode for n, c in model.peft_config.items()}
+        return cls(names, modes, [(p, p.requires_grad) for p in model.parameters()])
+
+    def restore(self, model: LoraModel) -> None:
+        if self.names:
+            model.set_adapter(self.names)
+        for name, mode in self.inference_mode.items():
+            model.peft_config[name].inference_mode = mode
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
 
 
 def _check_disjoint(running: list[_Running]) -> None:
