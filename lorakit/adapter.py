@@ -71,8 +71,11 @@ class Adapter(nn.Module):
         a_shape, b_shape = kind.factor_shapes(weight, r)
         factory = {"device": weight.device, "dtype": dtype or _adapter_dtype(weight.dtype)}
         for name, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
-            if name in variant.factors:  # nn.Linear's default init, so init=False gives a non-identity adapter
-                factor = nn.init.kaiming_uniform_(torch.empty(shape, **factory), a=math.sqrt(5))
+            if name in variant.factors:  # init=False keeps these: a non-identity adapter, drawn as PEFT draws it
+                if kind.zero_factor == "lora_A":  # an embedding's factors: N(0, 1), as PEFT's Embedding makes them
+                    factor = torch.randn(shape, **factory)
+                else:  # nn.Linear's default init
+                    factor = nn.init.kaiming_uniform_(torch.empty(shape, **factory), a=math.sqrt(5))
                 self._register_factor(name, factor, trains=variant.factors[name])
         # PEFT's lora_bias: lora_B is a layer with a bias, trained with the factors and scaled with them
         self.register_parameter("lora_B_bias", nn.Parameter(_layer_bias(b_shape, factory)) if lora_bias else None)

@@ -559,3 +559,19 @@ def test_layer_and_model_status_read_as_peft_s():
         ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
     same()
+
+
+@pytest.mark.parametrize("init", [False, True, "gaussian"])
+def test_under_one_seed_new_factors_are_peft_s_embeddings_included(init):
+    """Code that seeds torch and builds both libraries' adapters (or compares runs across them) gets the same factors:
+    an embedding's are drawn N(0, 1) as PEFT's Embedding draws them, a linear layer's as nn.Linear's."""
+    config = {"r": 4, "target_modules": ["embed_tokens", "q_proj", "down_proj"], "init_lora_weights": init}
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    torch.manual_seed(1)
+    ours = get_lora_model(tiny_llama(), LoraConfig(**config))
+    want = peft.get_peft_model_state_dict(theirs, save_embedding_layers=False)
+    got = _peft_state(ours)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
