@@ -28,6 +28,7 @@ from lorakit.variants.init import converted_config, converted_to_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+_WHOLE_MODEL_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
 _PREFIX = "base_model.model."
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: what save_embedding_layers looks for
@@ -385,6 +386,13 @@ def _adapter_dir(directory: str | Path) -> Path:
         )
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder {directory} does not exist")
+    if not (directory / CONFIG_NAME).exists() and (directory / _WHOLE_MODEL_NAME).is_file():
+        raise AdapterFileError(
+            f"{directory} holds {_WHOLE_MODEL_NAME}, a whole model's state dict (transformers.Trainer's checkpoints "
+            "and save_model() write one for a LoraModel: it writes adapter folders only for PEFT's own class), not "
+            "an adapter folder; load it with get_lora_model(base, config).load_state_dict(safetensors.torch."
+            "load_file(...)), then save the adapter with model.save_pretrained(folder)"
+        )
     atomic.check_complete(directory)
     return directory
 

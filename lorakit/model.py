@@ -40,6 +40,7 @@ class LoraModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         self._show_base_signature()
+        self.register_state_dict_post_hook(_unshared_state)
 
     def _show_base_signature(self) -> None:
         """transformers.Trainer keeps only the dataset columns named in model.forward's signature (it looks through
@@ -69,7 +70,11 @@ class LoraModel(nn.Module):
         self._show_base_signature()
         self._register_after_step()  # a copy's Delta-LoRA factors update the copy's weights
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, labels: torch.Tensor | None = None, **kwargs):
+        """`labels` is named because transformers.Trainer finds the label columns in the class's signature (PEFT's
+        class is looked through, ours is not); without it evaluate() and predict() compute no loss."""
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.__dict__["forward"](*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -123,6 +128,14 @@ class LoraModel(nn.Module):
             if name in _REFUSED:
                 raise AttributeError(f"LoraModel.{name}: {_REFUSED[name]}") from None
             return getattr(base, name)
+
+    def _get_name(self) -> str:
+        """The base model's class name: transformers.Trainer reads it (through PEFT's wrapper, not ours) to shift a
+        causal LM's labels under label smoothing. The repr still starts with LoraModel."""
+        return self.model._get_name()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + super().__repr__().removeprefix(self._get_name())
 
     @property
     def config(self):
@@ -602,6 +615,17 @@ def _check_save_options(safe_serialization: bool, convert_pissa_to_lora: str | P
 def _adapter_parameters(module: LoraLayer | SavedModule) -> Iterator[nn.Parameter]:
     container = module.adapters if isinstance(module, LoraLayer) else module.copies
     yield from container.parameters()
+
+
+def _unshared_state(model: LoraModel, state: dict, prefix: str, _metadata: dict) -> None:
+    """A tensor held under several names (tied input and output embeddings) gets its own copy under each name after
+    the first, as safetensors refuses shared memory: transformers.Trainer writes a LoraModel's checkpoints with
+    safetensors' save_file(model.state_dict()). Every name stays, so any state dict loads as before."""
+    first: dict[int, str] = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        key = prefix + name
+        if first.setdefault(id(tensor), key) != key and key in state and state[key] is not tensor:  # not keep_vars
+            state[key] = state[key].clone()
 
 
 def _remapped(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
