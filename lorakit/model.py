@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 class LoraModel(nn.Module):
     """Wraps `model` (kept as `.model`, its modules adapted in place); forward passes straight through."""
 
+    # transformers reads this on the model it trains to tell a quantized base with trainable adapters (which it
+    # trains) from a bare quantized one (which it refuses); PEFT's loaded adapters set it, and so do ours
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model

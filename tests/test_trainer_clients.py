@@ -192,3 +192,54 @@ def test_accelerate_prepare_train_save_and_state_round_trip_match_peft(tmp_path:
     torch.testing.assert_close(results["lorakit"][0], results["peft"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(results["lorakit"][1], results["peft"][1], rtol=0, atol=1e-5)
     _assert_peft_loads_both_alike(tiny_gpt2, tmp_path, _rows(4, "gpt2"))
+
+
+def test_adapter_checkpoints_hold_the_adapter_as_peft_s_checkpoints_do(tmp_path: Path) -> None:
+    """With the callback, every checkpoint-N folder holds the adapter files beside Trainer's own; each loads in PEFT
+    and in lorakit with the outputs PEFT's own checkpoint of the same run gives, and resuming still works."""
+    from lorakit.hf_trainer import AdapterCheckpoints
+
+    arch, ids = "llama", torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for kind in ("peft", "lorakit"):
+        trainer = _trainer(_model(kind, arch), arch, tmp_path / kind, save_strategy="steps", save_steps=2)
+        if kind == "lorakit":
+            trainer.add_callback(AdapterCheckpoints())
+        trainer.train()
+        outs[kind] = [tmp_path / kind / f"checkpoint-{step}" for step in (2, 4)]
+    for theirs, ours in zip(outs["peft"], outs["lorakit"], strict=True):
+        assert (ours / "adapter_model.safetensors").is_file() and (ours / "trainer_state.json").is_file()
+        want = peft.PeftModel.from_pretrained(tiny_llama(), theirs).eval()(input_ids=ids).logits
+        for loaded in (
+            peft.PeftModel.from_pretrained(tiny_llama(), ours),
+            LoraModel.from_pretrained(tiny_llama(), ours),
+        ):
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+    resumed = _trainer(_model("lorakit", arch), arch, tmp_path / "lorakit", save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(outs["lorakit"][0]))
+    final = LoraModel.from_pretrained(tiny_llama(), outs["lorakit"][1]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(resumed.model.eval()(input_ids=ids).logits, final, atol=1e-6, rtol=0)
+
+
+def test_adapter_checkpoints_refuse_a_model_that_is_not_a_lora_model(tmp_path: Path) -> None:
+    from lorakit.errors import LorakitError
+    from lorakit.hf_trainer import AdapterCheckpoints
+
+    trainer = _trainer(_model("peft", "llama"), "llama", tmp_path, save_strategy="steps", save_steps=2)
+    trainer.add_callback(AdapterCheckpoints())
+    with pytest.raises(LorakitError, match="PeftModel.*get_lora_model"):
+        trainer.train()
+
+
+def test_a_quantized_base_with_lorakit_adapters_passes_transformers_training_check() -> None:
+    """transformers refuses to train a quantized base without adapters; with PEFT's or lorakit's it trains."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    class Quantizer:
+        is_trainable = True
+
+    base = tiny_llama()
+    base.is_quantized, base.hf_quantizer = True, Quantizer()
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(base)
+    validate_quantization_for_training(get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj"])))
