@@ -2,6 +2,7 @@
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, TargetError
+from lorakit.injected import inject_adapter_in_model
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
 from lorakit.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -21,6 +22,7 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "get_lora_model",
+    "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -30,7 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _WHOLE_MODEL_NAME = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
 LORAKIT_CONFIG_NAME = "lorakit_config.json"  # lorakit-only settings (variant), kept out of PEFT's file
-_PREFIX = "base_model.model."
+_PREFIX = PEFT_PREFIX = "base_model.model."  # PeftModel's path to the base model, in PEFT's file keys
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: what save_embedding_layers looks for
 _FACTOR_KEYS = {  # kind.is_embedding -> adapter attribute -> PEFT's name
     False: {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias"},

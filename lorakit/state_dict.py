@@ -2,7 +2,8 @@
 keys (the adapter name left out), as PEFT's functions give and take them, for code written against PEFT.
 
 The keys are io.py's (adapter_tensors, the ones save_pretrained writes), so a dict from either library loads in the
-other. Loading checks every key and shape before it changes anything.
+other. Loading checks every key and shape before it changes anything. A model adapted by inject_adapter_in_model
+(no wrapper) has PEFT's keys for such a model: without the "base_model.model." prefix.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit import io
 from lorakit.errors import LorakitError
+from lorakit.injected import owner_of
 from lorakit.model import LoraModel
 
 
 def get_peft_model_state_dict(
-    model: LoraModel,
+    model: LoraModel | nn.Module,
     state_dict: dict[str, Tensor] | None = None,
     adapter_name: str = "default",
     unwrap_compiled: bool = False,
@@ -30,17 +32,22 @@ def get_peft_model_state_dict(
     state_dict: the model's own state_dict (lorakit's keys) to read the values from instead, as gathered under
     DeepSpeed ZeRO-3 or FSDP. unwrap_compiled: a torch.compile'd LoraModel is read through its `_orig_mod`.
     save_embedding_layers: the base tables of the input / output embeddings too (io.embedding_base_tensors)."""
-    model = _lora_model(model, unwrap_compiled)
+    model, bare = _lora_model(model, unwrap_compiled)
     config = _config(model, adapter_name)
     live = io.adapter_tensors(model.model, adapter_name, config)
     live |= io.embedding_base_tensors(model.model, config, save_embedding_layers)
-    if state_dict is None:
-        return {key: tensor.detach() for key, tensor in live.items()}
-    return _from_state_dict(model, live, state_dict)
+    if state_dict is not None and bare:  # the injected model's own state_dict: its keys are the LoraModel's minus
+        state_dict = {f"model.{key}": value for key, value in state_dict.items()}  # the wrapper's "model."
+    got = (
+        {key: t.detach() for key, t in live.items()}
+        if state_dict is None
+        else _from_state_dict(model, live, state_dict)
+    )
+    return {key.removeprefix(io.PEFT_PREFIX): t for key, t in got.items()} if bare else got
 
 
 def set_peft_model_state_dict(
-    model: LoraModel,
+    model: LoraModel | nn.Module,
     peft_model_state_dict: dict[str, Tensor],
     adapter_name: str = "default",
     ignore_mismatched_sizes: bool = False,
@@ -53,8 +60,10 @@ def set_peft_model_state_dict(
     unexpected_keys: always empty, since a key that is not this adapter's (another model or config) raises, as a
     shape that does not fit does, unless ignore_mismatched_sizes skips that tensor with PEFT's warning.
     low_cpu_mem_usage: accepted as PEFT's; no effect (the adapter's tensors exist and are copied into)."""
-    model = _lora_model(model, unwrap_compiled=True)  # PEFT's would load nothing into a compiled model's keys
+    model, bare = _lora_model(model, unwrap_compiled=True)  # PEFT's would load nothing into a compiled model's keys
     config = _config(model, adapter_name)
+    # either form loads into either model: a PeftModel's dict (prefixed) or an injected model's (not)
+    peft_model_state_dict = {_prefixed(key): value for key, value in peft_model_state_dict.items()}
     if adapter_name in model.merged_adapters:  # the merged weight would keep the old delta, and unmerge the new one
         raise LorakitError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() before setting it")
     weights = io._without_peft_wrapper_names(peft_model_state_dict)
@@ -85,16 +94,29 @@ def set_peft_model_state_dict(
             if key in weights and key not in skipped:
                 target.copy_(weights[key])
     missing = [k for k in expected if k not in weights or k in skipped]
+    if bare:
+        missing = [k.removeprefix(io.PEFT_PREFIX) for k in missing]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=[])
 
 
-def _lora_model(model: object, unwrap_compiled: bool) -> LoraModel:
+def _lora_model(model: object, unwrap_compiled: bool) -> tuple[LoraModel, bool]:
+    """The LoraModel, and whether `model` is a model adapted by inject_adapter_in_model (keys without the prefix)."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, LoraModel):
+    if isinstance(model, LoraModel):
+        return model, False
+    owner = owner_of(model) if isinstance(model, nn.Module) else None
+    if owner is None:
         fix = "pass unwrap_compiled=True" if hasattr(model, "_orig_mod") else "pass the model get_lora_model returned"
-        raise LorakitError(f"expected a LoraModel, got {type(model).__name__}: {fix}")
-    return model
+        raise LorakitError(
+            f"expected a LoraModel or a model adapted by inject_adapter_in_model, got {type(model).__name__}: {fix}"
+        )
+    return owner, True
+
+
+def _prefixed(key: str) -> str:
+    """A key in PeftModel's form; "base_model.<x>" keys (VeRA's shared vera_A / vera_B) are in it already."""
+    return key if key.startswith("base_model.") else io.PEFT_PREFIX + key
 
 
 def _config(model: LoraModel, adapter_name: str):
