@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit import after_step, io, merge, packed, status
+from lorakit import after_step, card, io, merge, packed, status
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
@@ -438,6 +438,8 @@ class LoraModel(nn.Module):
             )
         if names and any(self.state.parents.values()) and is_main_process:
             self._save_tree_manifest(Path(directory), names)
+        if names and is_main_process:
+            card.write_card(directory, self.model, {n: self.peft_config[n] for n in names})
 
     def _save_tree_manifest(self, directory: Path, names: list[str]) -> None:
         """lorakit_tree.json next to the node folders: who is whose parent (each folder holds its own delta)."""

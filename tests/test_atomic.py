@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit import AdapterFileError, LoraConfig, LoraModel, atomic, get_lora_model
+from lorakit.card import CARD_NAME
 from lorakit.io import CONFIG_NAME, LORAKIT_CONFIG_NAME, WEIGHTS_NAME
 from tests.cases import mlp
 
@@ -132,7 +133,7 @@ def test_leftovers_of_killed_saves_are_removed(tmp_path):
     (target / f".{WEIGHTS_NAME}.abc123.tmp").write_bytes(b"x")  # what lorakit 0.1's saves left behind
     _model(alpha=16).save_pretrained(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in target.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_a_save_killed_between_the_aside_renames_gets_its_folder_back(tmp_path):
@@ -158,7 +159,7 @@ def test_in_place_fallback_and_its_marker(tmp_path, monkeypatch):
     _model(alpha=4).save_pretrained(target)
     monkeypatch.setattr(atomic, "_swap", lambda stage, target: False)
     _model(alpha=16).save_pretrained(target)
-    assert _alpha(target) == 16 and sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert _alpha(target) == 16 and sorted(p.name for p in target.iterdir()) == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]
     (target / atomic.IN_PROGRESS).write_bytes(b"")  # as a kill during the one-by-one replacement leaves it
     with pytest.raises(AdapterFileError, match="was being saved"):
         LoraModel.from_pretrained(mlp(), target)
@@ -212,7 +213,7 @@ def test_a_folder_too_big_to_carry_is_replaced_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "_MAX_CARRIED", 2)
     _model(alpha=16).save_pretrained(target)
     assert target.stat().st_ino == inode and _alpha(target) == 16  # the same folder, new files
-    assert sorted(p.name for p in target.iterdir())[:2] == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in target.iterdir())[:3] == [CARD_NAME, CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_a_swap_gives_a_new_folder(tmp_path):

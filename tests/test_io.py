@@ -214,7 +214,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         model.save_pretrained(target)
     assert (target / WEIGHTS_NAME).read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no stage folder left behind
-    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
 
 
 # -- values no adapter has (issue 8 item 6) ----------------------------------------------------------------
@@ -461,3 +461,24 @@ def test_save_embedding_layers_takes_peft_s_values(choice, tmp_path):
     with pytest.raises(LorakitError, match="save_embedding_layers"):
         ours.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
     assert not (tmp_path / "bad").exists()
+
+
+def test_save_writes_peft_s_model_card_once_and_keeps_the_users(tmp_path):
+    """The card's metadata is what the Hub and PEFT's own save write (library_name peft, base_model, a causal LM's
+    pipeline tag); a README already in the folder is the user's and stays as it is."""
+    from huggingface_hub import ModelCard
+
+    from tests.cases import tiny_llama
+
+    base = tiny_llama()
+    base.config._name_or_path = "org/tiny-llama"
+    model = get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "a")
+    data = ModelCard.load(tmp_path / "a" / "README.md").data
+    assert (data.library_name, data.base_model, data.pipeline_tag) == ("peft", "org/tiny-llama", "text-generation")
+    assert "lora" in data.tags
+    peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")  # the folder stays PEFT's
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "README.md").write_text("my notes\n")
+    model.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "README.md").read_text() == "my notes\n"

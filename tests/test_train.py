@@ -254,7 +254,11 @@ def test_label_outside_classes_can_be_dropped(tmp_path: Path, bert: Path, csv_da
 def test_adapter_is_written_atomically_and_matches_the_model(tmp_path: Path, bert: Path, csv_data: Path) -> None:
     result = train(load_config(seq_cls_config(tmp_path, bert, csv_data)))
     adapter = Path(result.folder) / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert not list(Path(result.folder).glob("*.tmp"))
     checkpoint = Path(result.folder) / "checkpoint"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["state.safetensors"]  # one file: one atomic unit
