@@ -134,6 +134,10 @@ class ConvKind(Kind):
     supports_weight_init: bool = False
     groups: int = 1  # a grouped conv's B is a grouped 1x1 conv, as in PEFT; its dW is dense, so it cannot merge
 
+    def in_out(self, weight: Tensor) -> tuple[int, int]:
+        out_f, in_per_group = weight.shape[:2]
+        return in_per_group * self.groups, out_f  # in_channels: A reads every input channel
+
     def factor_shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_f, in_per_group, *kernel = weight.shape
         return (r, in_per_group * self.groups, *kernel), (out_f, r // self.groups, *(1 for _ in kernel))
@@ -289,16 +293,13 @@ def kind_of(module: nn.Module) -> Kind | None:
 
 def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
     """The kind for `module.<parameter>`; a weight already parametrized by another adapter counts as itself."""
-    if parametrize.is_parametrized(module, parameter):
-        weight = getattr(module.parametrizations[parameter], "original", None)
-        if weight is None:  # torch's weight_norm keeps two tensors, original0 (g) and original1 (v)
-            raise TargetError(
-                f"{parameter!r} of {type(module).__name__} is computed by a torch parametrization from several "
-                "tensors (weight_norm's g and v), so target_parameters cannot adapt it in place; adapt the module "
-                "with target_modules instead (its LoRA acts on the output)"
-            )
-    else:
-        weight = getattr(module, parameter, None)
+    weight = stored_parameter(module, parameter)
+    if weight is None and parametrize.is_parametrized(module, parameter):
+        raise TargetError(  # torch's weight_norm keeps two tensors, original0 (g) and original1 (v)
+            f"{parameter!r} of {type(module).__name__} is computed by a torch parametrization from several "
+            "tensors (weight_norm's g and v), so target_parameters cannot adapt it in place; adapt the module "
+            "with target_modules instead (its LoRA acts on the output)"
+        )
     if not isinstance(weight, nn.Parameter):
         raise TargetError(f"{type(module).__name__} has no parameter named {parameter!r}")
     if weight.dim() == 3:  # a fused MoE block's experts
@@ -310,6 +311,14 @@ def parameter_kind(module: nn.Module, parameter: str) -> ParameterKind:
             f"{parameter!r} of {type(module).__name__} has shape {tuple(weight.shape)}"
         )
     return ParameterKind(parameter=parameter)
+
+
+def stored_parameter(module: nn.Module, name: str) -> Tensor | None:
+    """The Parameter a module stores under `name`, also where an adapter parametrizes it (reading the name would
+    compute W + dW, a new tensor each time)."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations[name], "original", None)
+    return getattr(module, name, None)
 
 
 def own_parameter_names(module: nn.Module) -> list[str]:

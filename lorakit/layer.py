@@ -99,6 +99,17 @@ class LoraLayer(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    @property
+    def in_features(self) -> int:
+        """PEFT's: the adapted weight's input size (a conv's in_channels, an embedding's num_embeddings), which code
+        written for PEFT reads off any LoRA layer."""
+        return self.kind.in_out(self.stored_weight)[0]
+
+    @property
+    def out_features(self) -> int:
+        """PEFT's: the adapted weight's output size (a conv's out_channels, an embedding's embedding_dim)."""
+        return self.kind.in_out(self.stored_weight)[1]
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         routing = self.state.routing_now() if self.state.enabled else None

@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetError
-from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, own_parameter_names, parameter_kind
+from lorakit.kinds import MULTIHEAD_ATTENTION, Kind, kind_of, own_parameter_names, parameter_kind, stored_parameter
 from lorakit.layer import LoraLayer
 from lorakit.saved import SavedModule
 
@@ -203,28 +203,33 @@ def find_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
                 "name the embedding instead: trainable_token_indices={'<embedding name>': [ids]}"
             )
         wanted = {path: wanted}
-    found = [(_one_embedding(model, name), ids) for name, ids in wanted.items()]
-    for path, ids in found:
-        rows = model.get_submodule(path).num_embeddings
-        if max(ids) >= rows:
-            raise TargetError(f"token ids {[i for i in ids if i >= rows]} are outside {path}'s table of {rows} rows")
-    return found
+    return [_one_embedding(model, name, ids) for name, ids in wanted.items()]
 
 
-def _one_embedding(model: nn.Module, name: str) -> str:
-    paths = [p for p, m in logical_modules(model) if _suffix_match(p, name) and isinstance(m, nn.Embedding)]
-    if len(paths) != 1:
-        found = "matches no nn.Embedding" if not paths else f"matches several: {paths}"
-        raise TargetError(f"trainable_token_indices names {name!r}, which {found}; name one embedding by its path")
-    weight = kind_of(model.get_submodule(paths[0])).weight_of(model.get_submodule(paths[0]))
-    tied = [p for p, m in logical_modules(model) if p != paths[0] and any(w is weight for w in m.parameters(False))]
+def _one_embedding(model: nn.Module, name: str, ids: list[int]) -> tuple[str, list[int]]:
+    """The embedding `name` selects, checked. It is looked up among the logical modules, since an earlier adapter
+    may have wrapped it (a LoRA on it, or token rows that parametrize its weight)."""
+    found = [(p, m) for p, m in logical_modules(model) if _suffix_match(p, name) and isinstance(m, nn.Embedding)]
+    if len(found) != 1:
+        which = "matches no nn.Embedding" if not found else f"matches several: {[p for p, _ in found]}"
+        raise TargetError(f"trainable_token_indices names {name!r}, which {which}; name one embedding by its path")
+    path, embedding = found[0]
+    weight = stored_parameter(embedding, "weight")
+    tied = [  # modules below it hold the weight where an earlier adapter parametrizes it: not a tie
+        p
+        for p, m in logical_modules(model)
+        if p != path and not p.startswith(f"{path}.") and any(w is weight for w in m.parameters(False))
+    ]
     if tied:
         raise TargetError(
-            f"{paths[0]} shares its weight with {tied} (tied embeddings); trainable tokens on a tied table are not "
+            f"{path} shares its weight with {tied} (tied embeddings); trainable tokens on a tied table are not "
             "supported in lorakit: untie them (model.config.tie_word_embeddings=False and a copy of the weight) "
             "or train these tokens with PEFT"
         )
-    return paths[0]
+    rows = embedding.num_embeddings
+    if max(ids) >= rows:
+        raise TargetError(f"token ids {[i for i in ids if i >= rows]} are outside {path}'s table of {rows} rows")
+    return path, ids
 
 
 def modules_to_save(config: LoraConfig) -> list[str]:
