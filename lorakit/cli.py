@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -206,12 +207,19 @@ def adapter_info(adapter: AdapterArg) -> None:
 def _config_table(config: LoraConfig) -> Table:
     table = Table(box=None, show_header=False)
     table.add_row("peft_type", config.peft_type)
-    defaults = LoraConfig()
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in _ALWAYS_SHOWN or (value != getattr(defaults, f.name) and f.name != "inference_mode"):
+        if f.name in _ALWAYS_SHOWN or (value != _default(f) and f.name != "inference_mode"):
             table.add_row(f.name, _show(value))
     return table
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default, read from the dataclass: VeRA's and trainable tokens' configs have fields LoraConfig
+    lacks, and TrainableTokensConfig has a required one, so no default instance can be built."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
 def _weights_summary(adapter: Path, weights: dict[str, Tensor]) -> str:
@@ -244,11 +252,16 @@ def _group_label(item: TensorRole, config: LoraConfig) -> str:
         return item.module.rsplit(".", 1)[-1]
     if item.role == "saved":
         return f"{item.module.rsplit('.', 1)[-1]} (trained in full)"
-    return f"biases (bias={config.bias})"
+    if item.key.endswith(".bias") and getattr(config, "bias", "none") != "none":
+        return f"biases (bias={config.bias})"
+    # a variant's own tensor (DoRA's magnitudes, trainable tokens, lora_bias): its path, layer numbers as *
+    return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", f"{item.module}.{item.key.rsplit('.', 1)[-1]}")
 
 
 def _subadapter_dirs(adapter: Path) -> list[Path]:
     """PEFT saves every adapter but 'default' in ADAPTER/<name>/."""
+    if adapter.is_file():
+        raise LorakitError(f"{adapter} is a file; pass the adapter folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not adapter.is_dir():
         raise LorakitError(f"adapter folder {adapter} does not exist")
     return sorted(p for p in adapter.iterdir() if (p / CONFIG_NAME).is_file())
@@ -294,17 +307,22 @@ def merge_adapter(
 
     The model class comes from the adapter's task_type (SEQ_CLS: a sequence classifier with as many labels as the
     adapter's trained head); merging is safe: NaN or inf weights stop it with nothing written."""
+    _check_not_an_input(out, {"adapter folder": adapter, "base model folder": Path(base).expanduser()})
     _check_out(out, overwrite)
     config = read_config(adapter)  # a broken adapter fails here, before the base model (minutes for a large one) loads
     weights = read_weights(adapter)
+    base_dir = models.model_folder(base) if not models.is_factory(base) else None
+    base_dir = base_dir if base_dir is not None and base_dir.is_dir() else None
     model = LoraModel.from_pretrained(load_model(base, config.task_type, **_head_size(config, weights)), adapter)
     merged = model.merge_and_unload(safe_merge=True)
     if dtype is not None:
         merged = merged.to(getattr(torch, dtype.value))
-    base_dir = models.model_folder(base) if not models.is_factory(base) else None
-    _write_atomically(out, lambda tmp: _save_merged(merged, tmp, base_dir if base_dir and base_dir.is_dir() else None))
+    try:
+        _write_atomically(out, lambda tmp: _save_merged(merged, tmp, base_dir))
+    except OSError as err:  # not writable, under a file, disk full: nothing was left behind
+        raise LorakitError(f"cannot write the merged model to {out} ({err}); choose a folder you can write to") from err
     params = sum(p.numel() for p in merged.parameters())
-    _console().print(f"merged {adapter} into {base}: {params:,} parameters written to {out}")
+    _console().print(f"merged {adapter} into {base}: {params:,} parameters written to {out}", soft_wrap=True)
 
 
 def _head_size(config: LoraConfig, weights: dict[str, Tensor]) -> dict[str, int]:
@@ -323,6 +341,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise LorakitError(f"{out} is a file; pass a folder path for the merged model")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LorakitError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+
+
+def _check_not_an_input(out: Path, inputs: dict[str, Path]) -> None:
+    """--overwrite replaces OUT as a whole: never when that would delete the adapter or the base being merged."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if not path.is_dir():
+            continue
+        if target == path.resolve():
+            raise LorakitError(f"{out} is the {what} this merge reads; choose another folder for the merged model")
+        if target in path.resolve().parents:
+            raise LorakitError(
+                f"{out} holds the {what} {path} that this merge reads; choose another folder for the merged model"
+            )
 
 
 def _save_merged(model: nn.Module, folder: Path, base_dir: Path | None) -> None:
@@ -364,8 +396,8 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
 
 # -- small helpers --------------------------------------------------------------------------------------------------
 def _console(stderr: bool = False) -> Console:
-    """Markup off: paths and messages are printed as they are, even with [brackets] in them."""
-    return Console(stderr=stderr, markup=False, highlight=False)
+    """Markup and emoji codes off: paths and messages are printed as they are, even with [brackets] or :b: in them."""
+    return Console(stderr=stderr, markup=False, highlight=False, emoji=False)
 
 
 def _one_line(message: str) -> str:

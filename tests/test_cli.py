@@ -376,3 +376,77 @@ def test_merge_reads_num_labels_from_the_head_not_a_module_named_like_it():
         "base_model.model.pre_classifier.bias": torch.zeros(32),
     }
     assert _head_size(config, weights) == {"num_labels": 3}
+
+
+# -- hostile input: what a careless script passes -------------------------------------------------------------------
+def test_merge_never_replaces_the_folders_it_reads(gpt2_folder, adapter, tmp_path):
+    """--overwrite replaces OUT as a whole, so OUT being (or holding) the adapter or the base would delete them."""
+    folder = tmp_path / "run" / "adapter"
+    shutil.copytree(adapter[0], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    _fails(["merge", str(gpt2_folder), str(folder), str(folder), "--overwrite"], "is the adapter folder this merge")
+    _fails(["merge", str(gpt2_folder), str(folder), str(tmp_path / "run"), "--overwrite"], "holds the adapter folder")
+    _fails(["merge", str(gpt2_folder), str(folder), str(gpt2_folder), "--overwrite"], "is the base model folder")
+    _fails(["merge", str(gpt2_folder), str(folder), str(gpt2_folder)], "is the base model folder")  # not "--overwrite"
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert (gpt2_folder / "model.safetensors").is_file() and not (gpt2_folder / "adapter_config.json").exists()
+
+
+def test_merge_into_a_place_that_cannot_be_written_is_one_line(gpt2_folder, adapter, tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "merged"
+    _fails(["merge", str(gpt2_folder), str(adapter[0]), str(out)], "cannot write the merged model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary folder left behind
+
+
+def test_info_on_a_file_says_it_is_a_file(adapter):
+    _fails(["info", str(adapter[0] / WEIGHTS_NAME)], "is a file; pass the adapter folder")
+
+
+def test_paths_are_printed_as_written_never_as_emoji(tmp_path):
+    line = _fails(["info", str(tmp_path / "run:b:1")], "does not exist")
+    assert "run:b:1" in line
+
+
+def _peft_adapter(gpt2_folder, folder, config):
+    torch.manual_seed(3)
+    peft.get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_folder), config).save_pretrained(folder)
+    return folder
+
+
+def test_info_describes_vera_trainable_tokens_and_dora_tensors(gpt2_folder, tmp_path):
+    vera = _peft_adapter(gpt2_folder, tmp_path / "vera", peft.VeraConfig(r=4, target_modules=["c_fc"]))
+    out = _ok(["info", str(vera)])
+    assert "VERA" in out and "transformer.h.*.mlp.c_fc.vera_lambda_b     x2" in out
+    tokens = peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[1, 2, 3])
+    out = _ok(["info", str(_peft_adapter(gpt2_folder, tmp_path / "tokens", tokens))])
+    assert ["token_indices", "1,", "2,", "3"] in [line.split() for line in out.splitlines()]
+    dora = peft.LoraConfig(r=4, target_modules=["c_attn"], use_dora=True)
+    out = _ok(["info", str(_peft_adapter(gpt2_folder, tmp_path / "dora", dora))])
+    rows = [line.split() for line in out.split("by target module", 1)[1].splitlines()]
+    assert ["transformer.h.*.attn.c_attn.lora_magnitude_vector", "x2", "-", f"{2 * 96}"] in rows  # not "biases"
+    assert not any("biases" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], use_dora=True, init_lora_weights=False),
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], use_rslora=True, init_lora_weights=False),
+        peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"], init_lora_weights=False),
+        peft.LoraConfig(r=4, target_modules=["wte", "c_attn"], init_lora_weights=False),
+    ],
+    ids=["dora", "rslora", "modules_to_save", "embedding"],
+)
+def test_merge_of_a_peft_adapter_gives_peft_s_adapted_outputs(gpt2_folder, tmp_path, config):
+    """The merged model against PEFT's own unmerged model on the same folder (PEFT's merge_and_unload agrees but
+    for the embedding: merging into GPT-2's tied wte changes its output head too)."""
+    folder = _peft_adapter(gpt2_folder, tmp_path / "adapter", config)
+    _ok(["merge", str(gpt2_folder), str(folder), str(tmp_path / "merged")])
+    ids = torch.tensor([[1, 5, 9, 3, 7, 99, 0]])
+    reference = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_folder), folder)
+    merged = _logits(GPT2LMHeadModel.from_pretrained(tmp_path / "merged"), ids)
+    torch.testing.assert_close(merged, _logits(reference, ids), atol=1e-5, rtol=0)
+    if "wte" not in config.target_modules:
+        torch.testing.assert_close(merged, _logits(reference.merge_and_unload(), ids), atol=1e-5, rtol=0)
+    assert not torch.allclose(merged, _logits(GPT2LMHeadModel.from_pretrained(gpt2_folder), ids), atol=1e-3)
