@@ -18,7 +18,7 @@ from rich.table import Table
 from lorakit import LoraModel
 from lorakit.errors import ConfigError
 from lorakit.io import CONFIG_NAME
-from lorakit.train import jobs, tasks
+from lorakit.train import jobs, loop, tasks
 from lorakit.train.config import load_config
 from lorakit.train.loop import ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE, RunResult, evaluate, train
 from lorakit.train.plots import plot_compare
@@ -68,6 +68,7 @@ def eval_command(
 ) -> None:
     """Metrics of the base model and of base + adapter on the config's eval data."""
     adapter, config_file = _adapter_and_config(run_or_adapter, config)
+    _check_plain_config(config_file, "lorakit eval")
     cfg = load_config(config_file, _overrides(ctx.args))
     prepared = tasks.prepare(cfg)
     model = LoraModel.from_pretrained(tasks.build_model(cfg, prepared), adapter)
@@ -86,12 +87,14 @@ def compare_command(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders written by `lorakit train`")],
     plot: Annotated[Path | None, typer.Option(help="Write the curves of all runs to this PNG")] = None,
 ) -> None:
+    if plot is not None:
+        _check_plot_path(plot)
     labels = _labels(runs)
     summaries = {label: _summary(run) for label, run in zip(labels, runs, strict=True)}
     _console().print(compare_table(summaries))
     if plot is not None:
-        metric = next(iter(summaries.values()))["metric"]
-        plot_compare({label: read_metrics(run) for label, run in zip(labels, runs, strict=True)}, metric, plot)
+        curves = {label: read_metrics(run) for label, run in zip(labels, runs, strict=True)}
+        plot_compare(curves, _shared_metric(summaries, curves), plot)
         _console().print(f"plot: {plot}")
 
 
@@ -106,19 +109,23 @@ def sweep_command(
     """Trains one run per value of --rank or --samples, then prints the comparison and writes compare.png."""
     if (rank is None) == (samples is None):
         raise ConfigError("pass exactly one of --rank 1,2,4,8 or --samples 100,1000")
-    key, values = ("lora.r", rank) if rank is not None else ("data.max_samples", samples)
-    try:
-        numbers = [int(v) for v in values.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--{key.split('.')[-1]} takes integers separated by commas, got {values!r}") from None
+    option, key, short, values = (
+        ("rank", "lora.r", "r", rank) if rank is not None else ("samples", "data.max_samples", "n", samples)
+    )
+    numbers = _sweep_values(option, values)
     config, base_overrides = _config_and_overrides(config, ctx.args)
-    summaries, curves = {}, {}
+    _check_plain_config(config, "lorakit sweep")
+    configs = {}  # every value's config and run folder checked before the first run trains
     for value in numbers:
-        label = f"{'r' if rank else 'n'}={value}"
+        label = f"{short}={value}"
         folder = out / label.replace("=", "-")
         cfg = load_config(config, [*base_overrides, f"{key}={value}", f"run.out_dir={json.dumps(str(folder))}"])
+        loop._check_folder(folder, cfg, overwrite, resume=False)
+        configs[label] = cfg
+    summaries, curves = {}, {}
+    for label, cfg in configs.items():
         result = train(cfg, overwrite=overwrite)
-        summaries[label], curves[label] = asdict(result), read_metrics(folder)
+        summaries[label], curves[label] = asdict(result), read_metrics(Path(cfg.run.out_dir))
     _console().print(compare_table(summaries))
     plot = plot_compare(curves, next(iter(summaries.values()))["metric"], out / "compare.png")
     _console().print(f"plot: {plot}")
@@ -199,6 +206,9 @@ def _overrides(args: list[str]) -> list[str]:
 
 
 def _adapter_and_config(path: Path, config: Path | None) -> tuple[Path, Path]:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a run folder (runs/<time>) or an adapter folder")
+    _check_not_jobs_parent(path, "one of them to lorakit eval: {runs}")
     if (path / ADAPTER_DIR / CONFIG_NAME).is_file():  # a run folder
         return path / ADAPTER_DIR, config or path / CONFIG_FILE
     if (path / CONFIG_NAME).is_file():
@@ -210,15 +220,84 @@ def _adapter_and_config(path: Path, config: Path | None) -> tuple[Path, Path]:
 
 def _labels(runs: list[Path]) -> list[str]:
     """Folder names when they tell the runs apart (short enough for a table and a legend), else full paths."""
-    names = [run.name for run in runs]
+    names = [run.resolve().name for run in runs]  # '.' and 'runs/a/' have names too
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
 def _summary(run: Path) -> dict[str, Any]:
+    if not run.is_dir():
+        state = "is a file" if run.exists() else "does not exist"
+        raise ConfigError(f"{run} {state}; pass run folders written by `lorakit train`")
+    _check_not_jobs_parent(run, "them: lorakit compare {runs}")
     path = run / SUMMARY_FILE
     if not path.is_file():
+        if not (run / CONFIG_FILE).is_file():
+            raise ConfigError(f"{run} is not a run folder (no {CONFIG_FILE}); pass folders written by `lorakit train`")
         raise ConfigError(f"{run} has no {SUMMARY_FILE}: not a finished run (resume it with --resume {run})")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is not valid JSON ({err}); the file is corrupt (lorakit eval {run} measures the adapter again)"
+        ) from None
+    missing = [k for k in _SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}; it was not written by `lorakit train`")
+    return summary
+
+
+_SUMMARY_KEYS = ("metric", "before", "after", "trainable_params", "total_params", "adapter_bytes", "steps", "seconds")
+
+
+def _check_not_jobs_parent(folder: Path, command: str) -> None:
+    """A jobs file's folder holds one run folder per adapter; the command takes those, so name them."""
+    if (folder / CONFIG_FILE).is_file() or not folder.is_dir():
+        return
+    runs = " ".join(str(p) for p in sorted(folder.iterdir()) if (p / CONFIG_FILE).is_file())
+    if runs:
+        raise ConfigError(f"{folder} holds run folders, not a run; pass {command.format(runs=runs)}")
+
+
+def _check_plain_config(config: Path | None, command: str) -> None:
+    """A jobs file describes several runs; eval and sweep take one run's config (a job's RUN/config.toml)."""
+    if jobs.is_jobs_file(config):
+        raise ConfigError(
+            f"{config} is a jobs file ([[adapters]]); {command} takes one run's config, such as a job's own "
+            "RUN/config.toml"
+        )
+
+
+def _sweep_values(option: str, values: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: integers, at least one, none twice (each value is one run folder)."""
+    try:
+        numbers = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{option} takes integers separated by commas (e.g. 1,2,4), got {values!r}") from None
+    if not numbers:
+        raise ConfigError(f"--{option} names no value; pass integers separated by commas, e.g. --{option} 1,2,4")
+    twice = sorted({n for n in numbers if numbers.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--{option} names {', '.join(map(str, twice))} twice; each value is one run, name it once")
+    return numbers
+
+
+def _check_plot_path(plot: Path) -> None:
+    """Refused before anything runs: matplotlib picks the format from the suffix, and appends .png to none."""
+    if plot.is_dir():
+        raise ConfigError(f"--plot {plot} is a folder; pass a file path such as {plot / 'compare.png'}")
+    if plot.suffix.lower() not in _PLOT_SUFFIXES:
+        raise ConfigError(f"--plot {plot} must end in one of {', '.join(_PLOT_SUFFIXES)} (the image format)")
+
+
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def _shared_metric(summaries: dict[str, dict[str, Any]], curves: dict[str, list[dict[str, Any]]]) -> str:
+    """The first run's metric when every run logged it, else the eval loss (every task has one), so runs of
+    different tasks each get a curve."""
+    metric = next(iter(summaries.values()))["metric"]
+    logged = all(any(r.get("kind") == "eval" and metric in r for r in records) for records in curves.values())
+    return metric if logged else "loss"
 
 
 def _size(n: int) -> str:
@@ -226,4 +305,8 @@ def _size(n: int) -> str:
 
 
 def _console() -> Console:
-    return Console(markup=False, highlight=False)
+    """Off a terminal (a pipe, a file) tables are as wide as their numbers, never cut to 80 columns with '…'."""
+    console = Console(markup=False, highlight=False, emoji=False)
+    if not console.is_terminal:
+        console.width = 1000
+    return console

@@ -82,10 +82,21 @@ def _wandb_offline(folder: Path, config: dict[str, Any]) -> Any:
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a damaged line is named, since plots and compare read every one."""
     path = folder / METRICS_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} is not a run folder (no {METRICS_FILE}); pass a folder `lorakit train` wrote")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or "kind" not in record:
+                raise ConfigError(f"{path} line {number} is not a metrics record; the file is corrupt")
+            records.append(record)
+    return records
 
 
 class Progress:
