@@ -256,7 +256,10 @@ def read_config(directory: str | Path) -> LoraConfig | VeraConfig:
     peft_type = data.get("peft_type", "LORA")
     if not isinstance(peft_type, str):
         raise ConfigError(f"peft_type in {directory / CONFIG_NAME} must be a string such as 'LORA', got {peft_type!r}")
-    return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_dict(data)
+    try:
+        return _CONFIG_CLASSES.get(peft_type, LoraConfig).from_dict(data)
+    except ConfigError as err:  # which file says it: a user with several adapter folders needs to know
+        raise type(err)(f"{directory / CONFIG_NAME}: {err}") from None
 
 
 def as_config(config: object) -> LoraConfig | VeraConfig | TrainableTokensConfig:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import AdapterFileError, LoraConfig, LorakitError, LoraModel, atomic, get_lora_model, io
+from lorakit import AdapterFileError, ConfigError, LoraConfig, LorakitError, LoraModel, atomic, get_lora_model, io
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_tensors
-from tests.cases import CASES, PEFT_OUTPUTS, Case, output, tiny_bert_cls, trained_files_load_both_ways
+from tests.cases import CASES, PEFT_OUTPUTS, Case, mlp, output, tiny_bert_cls, trained_files_load_both_ways
 
 ATOL = 1e-5
 
@@ -482,3 +483,12 @@ def test_save_writes_peft_s_model_card_once_and_keeps_the_users(tmp_path):
     (tmp_path / "b" / "README.md").write_text("my notes\n")
     model.save_pretrained(tmp_path / "b")
     assert (tmp_path / "b" / "README.md").read_text() == "my notes\n"
+
+
+def test_a_bad_value_in_a_folders_config_names_the_file(tmp_path):
+    model = get_lora_model(mlp(), LoraConfig(r=2, target_modules=["lin0"]))
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data | {"r": "4"}))
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / CONFIG_NAME)) + ": r must be a positive integer"):
+        LoraModel.from_pretrained(mlp(), tmp_path)
