@@ -430,6 +430,10 @@ class LoraModel(nn.Module):
         else:  # []: none, as PEFT; one name as a string: that adapter
             names = [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
         self.state.check_known(names)  # before anything is written
+        for name in names:  # as PEFT: where the base came from, so AutoLoraModel (or PEFT's Auto classes) can load it
+            config = self.peft_config[name]
+            if getattr(config, "base_model_name_or_path", "") is None:
+                config.base_model_name_or_path = self.model.__dict__.get("name_or_path") or None
         for name in names:
             target = Path(directory) if name == "default" else Path(directory) / name
             initial = path_initial_model_for_weight_conversion
