@@ -297,10 +297,10 @@ def test_save_pretrained_selected_adapters_as_peft_reads_them(tmp_path):
     with pytest.raises(LorakitError, match=r"unknown adapter\(s\) \['zz'\]"):
         ours.save_pretrained(tmp_path / "bad", selected_adapters=["a", "zz"])
     assert not (tmp_path / "bad").exists()  # nothing written before the names were checked
-    ours.save_pretrained(tmp_path / "one", selected_adapters=["b"])
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["b"]
+    ours.save_pretrained(tmp_path / "one", selected_adapters=["b"])  # the model card at the top, as PEFT writes it
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["README.md", "b"]
     ours.save_pretrained(tmp_path / "named", selected_adapters="b")
-    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["README.md", "b"]
     with pytest.raises(LorakitError, match=r"\['zz'\]"):  # one name, not its letters
         ours.save_pretrained(tmp_path / "bad", selected_adapters="zz")
 
