@@ -191,7 +191,7 @@ def test_stacked_factors_kept_between_calls_stay_within_their_byte_budget(monkey
             assert len(routed._STACKS) == 1 and held <= routed.STACKS_MAX_BYTES
 
 
-def test_kept_values_count_their_bytes_and_drop_dead_entries_first(monkeypatch):
+def test_kept_values_count_their_bytes_and_drop_dead_entries_at_once(monkeypatch):
     from lorakit.ops import routed
 
     monkeypatch.setattr(routed, "_CACHE_MAX", 9)
@@ -201,11 +201,13 @@ def test_kept_values_count_their_bytes_and_drop_dead_entries_first(monkeypatch):
         routed._memo(kept, ("alive", i), [t], lambda t=t: (t * 2, t[:1] * 3))
     dead = torch.zeros(100)
     routed._memo(kept, ("dead",), [dead], lambda: (torch.ones(100),))
-    del dead  # its entry can never be a hit again
+    del dead  # its entry can never be a hit again: dropped now, with its bytes
+    assert ("dead",) not in kept and len(kept) == 8
     kept[("alive", 0)] = kept[("alive", 0)]  # replacing an entry counts its bytes once
-    routed._memo(kept, ("last",), [alive[0]], lambda: (torch.zeros(1),))  # past _CACHE_MAX: pruned to 6 entries
-    assert ("dead",) not in kept and len(kept) == 6 and ("last",) in kept
-    assert list(kept)[:1] == [("alive", 3)]  # then the least recently used went
+    routed._memo(kept, ("last",), [alive[0]], lambda: (torch.zeros(1),))  # 9 entries: within _CACHE_MAX
+    routed._memo(kept, ("past",), [alive[1]], lambda: (torch.zeros(1),))  # past it: pruned to 6 entries
+    assert len(kept) == 6 and ("past",) in kept
+    assert list(kept)[:1] == [("alive", 4)]  # the least recently used went
     assert kept.nbytes == sum(t.nbytes for _, value in kept.values() for t in value)
     kept.popitem(last=False)
     del kept[("last",)]

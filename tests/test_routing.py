@@ -336,6 +336,34 @@ def _dense_everywhere(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("op", ["portable", "dense"])
+def test_what_routed_calls_kept_of_a_deleted_adapter_is_freed_with_it(op, monkeypatch):
+    """A server loads and unloads adapters for days: the stacks, side-by-side copies and plans its routed calls
+    kept must go with the adapter, not linger until the op caches fill up (thousands of entries, 512 MiB each)."""
+    import gc
+    import weakref
+
+    from lorakit.ops import routed, routed_dense
+
+    if op == "dense":
+        _dense_everywhere(monkeypatch)
+    caches = (routed._STACKS, routed._PLANS, routed_dense._FACTORS, routed_dense._MASKS)
+    model, x = _three_adapter_mlp(), torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    sizes, factors = None, []
+    for i in range(8):
+        model.add_adapter(f"new{i}", _CONFIG)
+        factors += [weakref.ref(a.lora_A) for a in _adapters(model, f"new{i}")]
+        with torch.inference_mode():
+            for names in (["a", f"new{i}", "b"] * 2, [f"new{i}"] * 6, [f"new{i}", "c"] * 3):
+                model(x=x, adapter_names=names)
+        model.delete_adapter(f"new{i}")
+        sizes = sizes or [len(c) for c in caches]  # after the first cycle: what the kept adapters' calls hold
+        assert [len(c) for c in caches] == sizes
+    gc.collect()
+    assert not any(ref() is not None for ref in factors)
+    assert routed._STACKS.nbytes == sum(t.nbytes for _, value in routed._STACKS.values() for t in value)
+
+
+@pytest.mark.parametrize("op", ["portable", "dense"])
 @pytest.mark.parametrize("names", [EVEN, UNEVEN, WHOLE], ids=["even", "uneven", "whole-batch"])
 @pytest.mark.parametrize("change", CHANGES, ids=str)
 def test_a_repeated_routed_call_sees_every_change_of_its_adapters(change, names, op, tmp_path, monkeypatch):

@@ -32,23 +32,28 @@ from lorakit.ops.reference import LoraFactors
 
 class Kept(OrderedDict):
     """What _memo keeps, least recently used first, with the bytes of the tensors the kept values hold counted as
-    entries come and go (a budget check reads one number, not every entry)."""
+    entries come and go (a budget check reads one number, not every entry). Each entry's bytes are noted as it comes
+    in, so dropping one reads no module global: entries may go from a weakref callback, at interpreter exit too."""
 
     nbytes = 0
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._sizes: dict[tuple, int] = {}
+
     def __setitem__(self, key: tuple, entry: tuple[list, object]) -> None:
-        if key in self:
-            self.nbytes -= _bytes(self[key][1])
+        size = _bytes(entry[1])
+        self.nbytes += size - self._sizes.get(key, 0)
         super().__setitem__(key, entry)
-        self.nbytes += _bytes(entry[1])
+        self._sizes[key] = size
 
     def __delitem__(self, key: tuple) -> None:
-        self.nbytes -= _bytes(self[key][1])
         super().__delitem__(key)
+        self.nbytes -= self._sizes.pop(key)
 
     def popitem(self, last: bool = True) -> tuple:
         key, entry = super().popitem(last)
-        self.nbytes -= _bytes(entry[1])
+        self.nbytes -= self._sizes.pop(key)
         return key, entry
 
 
@@ -235,18 +240,28 @@ def _memo(cache: Kept, key: tuple, tensors: Sequence[Tensor], build):
         return hit[1]
     with torch.inference_mode(False), torch.no_grad():  # kept for later calls, which may record gradients
         value = build()
-    cache[key] = ([weakref.ref(t) for t in tensors], value)
+    forget = _forgetter(cache, key)
+    cache[key] = ([weakref.ref(t, forget) for t in tensors], value)
     if len(cache) > _CACHE_MAX:
         _prune(cache)
     return value
 
 
+def _forgetter(cache: Kept, key: tuple):
+    """Drops `key`'s entry as soon as one of its tensors dies: what was built from a deleted adapter's factors or a
+    forgotten routing's rows is never a hit again, so it is freed then, not once the cache fills up."""
+
+    def forget(ref: weakref.ref) -> None:
+        hit = cache.get(key)
+        if hit is not None and ref in hit[0]:  # not a newer entry that took the same key
+            del cache[key]
+
+    return forget
+
+
 def _prune(cache: Kept) -> None:
-    """Drops the entries whose tensors are gone (what was built from them is never a hit again), then the least
-    recently used, down to three quarters of _CACHE_MAX: a pass over every entry once per quarter of the cache
-    filled, not at every miss (a server whose batches change adapters misses at every layer)."""
-    for stale in [k for k, v in cache.items() if any(ref() is None for ref in v[0])]:
-        del cache[stale]
+    """Drops the least recently used entries down to three quarters of _CACHE_MAX (entries whose tensors died are
+    gone already): once per quarter of the cache filled, not at every miss."""
     while len(cache) > _CACHE_MAX * 3 // 4:
         cache.popitem(last=False)
 

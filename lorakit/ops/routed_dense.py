@@ -95,7 +95,8 @@ def side_by_side(adapters: Sequence[LoraFactors], dtype: torch.dtype) -> tuple[T
 
     def build() -> tuple[Tensor, Tensor, bool]:
         if len(adapters) == 1:  # a prefill's one adapter: its own factors, no copy where the dtype is theirs already
-            a_all, b_all = adapters[0].lora_A.to(dtype), adapters[0].lora_B.to(dtype).contiguous()
+            # (detached: the entry must not keep the factors themselves alive, or it would outlive a deleted adapter)
+            a_all, b_all = adapters[0].lora_A.detach().to(dtype), adapters[0].lora_B.detach().to(dtype).contiguous()
         else:
             a_all = torch.cat([a.lora_A for a in adapters]).to(dtype)
             b_all = torch.cat([a.lora_B for a in adapters], dim=1).to(dtype).contiguous()
