@@ -364,3 +364,23 @@ def test_a_folder_that_carries_a_base_table_is_refused_with_its_reason(tmp_path)
     ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def test_slots_of_deleted_adapters_neither_keep_them_alive_nor_pile_up():
+    """A slot kept for a model must let its adapter go with delete_adapter, and slots prepared under ever-new names
+    (one per adapter served, then deleted) stay as many as the model's live slots."""
+    import weakref
+
+    from lorakit.multi import cache
+
+    model = get_lora_model(mlp(), LoraConfig(r=2, target_modules=["lin1"]), adapter_name="kept")
+    prepare_slot(model, "kept", rank=4)
+    factors = []
+    for i in range(10):
+        model.add_adapter(f"slot{i}", LoraConfig(r=2, target_modules=["lin1"]))
+        prepare_slot(model, f"slot{i}", rank=4)
+        factors.append(weakref.ref(model.model.lin1.adapters[f"slot{i}"].lora_A))
+        model.delete_adapter(f"slot{i}")
+        assert factors[-1]() is None
+        assert sorted(cache._SLOTS[model]) == ["kept", f"slot{i}"]  # the one deleted last goes at the next prepare
+    model.hotswap_adapter("kept", "kept")  # the kept slot is still the model's and still works

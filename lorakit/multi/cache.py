@@ -216,15 +216,20 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...] | None:
 
 @dataclass(eq=False)
 class Slot:
-    """A model adapter in slot form (rank R, scale 1 everywhere), with its parameters in a fixed order."""
+    """A model adapter in slot form (rank R, scale 1 everywhere), with its parameters in a fixed order. It holds its
+    adapters weakly: a slot kept for a model must not keep an adapter deleted from it alive."""
 
     name: str
     rank: int
     config: LoraConfig
     paths: list[str]
-    adapters: list[Adapter]
+    refs: list[weakref.ref[Adapter]]
     keys: dict[str, tuple[int, int]]  # file key -> (layer index, 0 for A / 1 for B)
     layout: tuple  # what staged tensors depend on: each factor's layer path, shape, dtype and device
+
+    @property
+    def adapters(self) -> list[Adapter | None]:
+        return [ref() for ref in self.refs]
 
     @property
     def tensors(self) -> list[Tensor]:
@@ -236,11 +241,14 @@ class Slot:
 
     def is_current(self, model: LoraModel) -> bool:
         """Still the model's adapter: not deleted, re-added, reshaped or moved (.to()) since this slot was built."""
-        first = self.adapters[0].lora_A
+        adapters = self.adapters
+        if any(a is None for a in adapters):  # deleted
+            return False
+        first = adapters[0].lora_A
         return (
             model.peft_config.get(self.name) is self.config
             and (first.dtype, first.device) == self.layout[0][2:]
-            and all(a.r == self.rank and a.scale == 1.0 and a.lora_A.shape[0] == self.rank for a in self.adapters)
+            and all(a.r == self.rank and a.scale == 1.0 and a.lora_A.shape[0] == self.rank for a in adapters)
         )
 
     def stage(self, factors: dict[int, tuple[Tensor, Tensor, float]], owned: bool = False) -> list[Tensor]:
@@ -310,7 +318,10 @@ def prepare_slot(model: LoraModel, adapter_name: str, rank: int | None = None) -
             use_rslora=False,
         )  # fmt: skip
     slot = _build_slot(model, adapter_name, rank, layers)
-    _SLOTS.setdefault(model, {})[adapter_name] = slot
+    slots = _SLOTS.setdefault(model, {})
+    for name in [n for n, s in slots.items() if not s.is_current(model)]:  # deleted or changed since: never reused
+        del slots[name]
+    slots[adapter_name] = slot
     return slot
 
 
@@ -360,7 +371,7 @@ def _build_slot(model: LoraModel, adapter_name: str, rank: int, layers: list[tup
         position[id(adapter.lora_A)], position[id(adapter.lora_B)] = (i, 0), (i, 1)
     keys = {k: position[id(t)] for k, t in io.adapter_tensors(model.model, adapter_name, config).items()}
     layout = tuple((p, tuple(t.shape), t.dtype, t.device) for p, a in layers for t in (a.lora_A, a.lora_B))
-    return Slot(adapter_name, rank, config, [p for p, _ in layers], [a for _, a in layers], keys, layout)
+    return Slot(adapter_name, rank, config, [p for p, _ in layers], [weakref.ref(a) for _, a in layers], keys, layout)
 
 
 # -- what goes into a slot ------------------------------------------------------------------------------
