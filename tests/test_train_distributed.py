@@ -55,7 +55,11 @@ def test_ddp_two_ranks_on_gloo_shard_the_data_and_save_one_adapter(ddp_run: tupl
     # 96 training rows, batch 8: one process takes 12 steps per epoch; two ranks with 48 rows each take 6
     assert summary["steps"] == 6
     assert sorted(_train_losses(out)) == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert {p.name for p in (out / "checkpoint").iterdir()} == {"state.safetensors"}  # one atomic file
     state = load_file(out / "checkpoint" / "state.safetensors")
     assert not torch.equal(state["rng.0.torch"], state["rng.1.torch"])  # each rank's own dropout stream
