@@ -18,7 +18,7 @@ from lorakit.errors import ConfigError
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>"
+INIT_MODES = (True, False, "gaussian", "orthogonal", "pissa", "olora")  # and "pissa_niter_<K>"
 VARIANTS = ("lora", "lora_fa", "delta_lora")  # DoRA is PEFT's use_dora; VeRA has its own VeraConfig
 LORAKIT_ONLY_FIELDS = ("variant",)  # not PEFT's: saved in lorakit_config.json, so PEFT reads its file silently
 _MAX_CONFIG_BYTES = 16 * 2**20
@@ -48,7 +48,13 @@ PEFT_UNSUPPORTED = {
 }
 # init_lora_weights values of PEFT that lorakit cannot compute. At load, those that leave the base weight alone
 # give a plain LoRA (PEFT's update_layer draws factors that the file then overwrites): read as True.
-_INIT_PLAIN_AT_LOAD = ("eva", "orthogonal", "mica")
+_INIT_PLAIN_AT_LOAD = {
+    "eva": "EVA initialises A from the SVD of layer inputs over a dataset; initialise it with PEFT (get_peft_model "
+    "with LoraConfig(init_lora_weights='eva', eva_config=...), then initialize_lora_eva_weights(model, dataloader)), "
+    "save it, and load that folder here (it is a plain LoRA)",
+    "mica": "MiCA trains A only, with B frozen from W's smallest singular vectors; train it with PEFT and load the "
+    "saved folder here for inference (it is a plain LoRA)",
+}
 _CONVERT_IN_PEFT = (
     "PEFT loads it only onto the base its init changed; convert it to a plain LoRA of the original base with PEFT: "
     "save_pretrained(out, path_initial_model_for_weight_conversion=<folder saved right after init>)"
@@ -221,8 +227,8 @@ def _init_mode(name: str, mode: Any) -> bool | str:
         raise ConfigError(f"init_lora_weights={mode!r} is not supported: {_INIT_REFUSED[mode]}")
     if isinstance(mode, str) and mode in _INIT_PLAIN_AT_LOAD:
         raise ConfigError(
-            f"init_lora_weights={mode!r} cannot be computed by lorakit; PEFT adapter files trained with it load as "
-            "plain LoRA. For a new adapter choose one of " + repr(INIT_MODES)
+            f"init_lora_weights={mode!r} cannot be computed by lorakit: {_INIT_PLAIN_AT_LOAD[mode]}; or choose one of "
+            + repr(INIT_MODES)
         )
     raise ConfigError(f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_<K>', got {mode!r}")
 
@@ -243,7 +249,7 @@ def token_ids(name: str, value: Any) -> list[int]:
 
 
 def _is_pissa_niter(mode: Any) -> bool:
-    return isinstance(mode, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", mode) is not None
+    return isinstance(mode, str) and re.fullmatch(r"pissa_niter_\d+", mode) is not None  # PEFT: K >= 0
 
 
 def _check_variant(config: LoraConfig) -> None:
@@ -273,6 +279,13 @@ def _check_variant(config: LoraConfig) -> None:
         raise ConfigError(
             f"lora_bias=True needs init_lora_weights True or False (as in PEFT), got {config.init_lora_weights!r}"
         )
+    if config.init_lora_weights == "orthogonal":
+        odd = sorted(r for r in {config.r, *config.rank_pattern.values()} if r % 2)
+        if odd:
+            raise ConfigError(
+                f"init_lora_weights='orthogonal' splits each rank into two orthogonal halves, so r and rank_pattern "
+                f"values must be even (as in PEFT); got {odd}"
+            )
     if config.variant == "delta_lora" and config.target_parameters:
         raise ConfigError(
             "variant='delta_lora' updates a layer's weight in place; use target_modules, not target_parameters"

@@ -78,8 +78,9 @@ def _check_weight_init(config: Any, targets: Targets) -> None:
     if isinstance(mode, str) and mode != "gaussian":
         bad = [path for path, kind, _ in targets if not kind.supports_weight_init]
         if bad:
+            what = "draws 2-D factors (PEFT: linear layers only)" if mode == "orthogonal" else "factorises a 2-D weight"
             raise TargetError(
-                f"init_lora_weights={mode!r} factorises a 2-D weight; {bad} are embeddings or convolutions: "
+                f"init_lora_weights={mode!r} {what}; {bad} are embeddings or convolutions: "
                 "exclude them, or use the default init"
             )
 

@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 WEIGHT_INITS = ("pissa", "olora")  # and "pissa_niter_<K>"
 
 
+def orthogonal_init(adapter: Adapter) -> None:
+    """PEFT's "orthogonal": A and B from the two halves of one random orthogonal matrix, so B A = 0 (the model
+    starts unchanged and W is left alone) while both factors are nonzero and train from the first step.
+    Drawn from the global generator in PEFT's order, so a seed gives PEFT's factors."""
+    r = adapter.r
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    in_f, out_f = adapter.lora_A.shape[1], adapter.lora_B.shape[0]
+    lora_A = (torch.randn(in_f, r // 2) @ q[0::2]).T / 10.0  # (r x in), rows in the span of Q's odd rows
+    lora_B = torch.randn(r // 2, out_f).T @ q[1::2] / 10.0  # (out x r), orthogonal to A's: B A = 0
+    adapter.lora_A.copy_(lora_A)
+    adapter.lora_B.copy_(lora_B)
+
+
 def init_from_weight(adapter: Adapter, weight: Tensor, mode: str) -> None:
     """Sets A, B from `weight` (out x in, or in x out for transposed kinds) and leaves W_res in `weight`."""
     w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))

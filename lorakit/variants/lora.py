@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
-from lorakit.variants.init import init_from_weight
+from lorakit.variants.init import init_from_weight, orthogonal_init
 
 if TYPE_CHECKING:
     from lorakit.adapter import Adapter
@@ -51,12 +51,15 @@ class Lora:
     def init_weights(self, adapter: Adapter, weight: Tensor, mode: bool | str, factory: dict) -> None:
         """B = 0 so training starts exactly at the base model; A random so gradients reach B.
 
-        "pissa", "pissa_niter_K" and "olora" take A, B from W's SVD / QR and leave the residual in W instead.
+        "pissa", "pissa_niter_K" and "olora" take A, B from W's SVD / QR and leave the residual in W instead;
+        "orthogonal" draws nonzero A, B with B A = 0.
         """
         if mode is False:
             return None  # both factors keep their random init: a non-identity adapter (tests, debugging)
         with torch.no_grad():
-            if isinstance(mode, str) and mode != "gaussian":
+            if mode == "orthogonal":
+                orthogonal_init(adapter)
+            elif isinstance(mode, str) and mode != "gaussian":
                 init_from_weight(adapter, weight, mode)
             elif adapter.kind.zero_factor == "lora_A":  # the factor an embedding looks up (PEFT, loralib)
                 nn.init.zeros_(adapter.lora_A)

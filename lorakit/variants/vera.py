@@ -99,7 +99,7 @@ class VeraConfig:
 _VERA_CHECKS: dict[str, checks.Check] = {
     "r": checks.rank,
     "target_modules": checks.names_or_regex,
-    "projection_prng_key": checks.integer,
+    "projection_prng_key": lambda name, value: _seed(name, checks.integer(name, value)),
     "save_projection": checks.boolean,
     "vera_dropout": checks.probability,
     "d_initial": checks.finite_number,
@@ -115,6 +115,13 @@ _VERA_CHECKS: dict[str, checks.Check] = {
     "exclude_modules": checks.names_or_regex,
 }
 checks.strict_init(VeraConfig, {})
+
+
+def _seed(name: str, value: int) -> int:
+    """A seed torch.Generator takes: anything else fails only when the model is adapted."""
+    if not -(2**63) <= value < 2**64:
+        raise ConfigError(f"{name} seeds torch.Generator, which takes -2**63 <= seed < 2**64, got {value}")
+    return value
 
 
 class Vera:
