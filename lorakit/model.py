@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit import after_step, card, io, merge, packed, status
 from lorakit.config import LoraConfig
-from lorakit.errors import LorakitError
+from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
@@ -483,6 +483,8 @@ class LoraModel(nn.Module):
             read_config, weights = self.adapter_cache.read(directory)
         else:
             read_config, weights = io.read_config(directory), io.read_weights(directory)
+        if config is not None:
+            _check_projection_key(directory, read_config, config)
         config = dataclasses.replace(config) if config is not None else read_config
         config.inference_mode = not is_trainable
         if key_mapping is None:
@@ -606,6 +608,19 @@ _REFUSED = {
     "push_to_hub": "it would upload the whole base model; lorakit has no hub: save_pretrained(folder) writes the "
     "adapter files (PEFT's format), upload that folder with huggingface_hub's upload_folder",
 }
+
+
+def _check_projection_key(directory: str | Path, saved: object, given: object) -> None:
+    """A VeRA folder saved without its shared projections holds only the key that recreates them: a config passed
+    in with another key would recreate another pair, and every output would silently change."""
+    if getattr(saved, "save_projection", True) or not hasattr(given, "projection_prng_key"):
+        return
+    if given.projection_prng_key != saved.projection_prng_key:
+        raise AdapterFileError(
+            f"{directory} was saved without its VeRA projections, which only projection_prng_key="
+            f"{saved.projection_prng_key} recreates; the config passed has {given.projection_prng_key}: leave the key "
+            "as saved (or drop config=)"
+        )
 
 
 def _check_save_options(safe_serialization: bool, convert_pissa_to_lora: str | Path | None) -> None:

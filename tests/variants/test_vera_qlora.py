@@ -149,3 +149,16 @@ def test_bitsandbytes_backend_matches_nf4_reference():
     theirs = quantize_model(nn.Sequential(linear), backend="bitsandbytes")[0]
     x = torch.randn(4, 128, device="cuda", dtype=torch.half)
     torch.testing.assert_close(theirs(x).float().cpu(), ours(x.cpu().float()).float(), atol=5e-2, rtol=0)
+
+
+def test_a_folder_without_projections_refuses_a_config_with_another_key(tmp_path):
+    """Only the saved key recreates the pair such a folder was trained with; another key would change every output."""
+    from lorakit import AdapterFileError
+
+    config = VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=False, projection_prng_key=3)
+    get_lora_model(tiny_llama(), config).save_pretrained(tmp_path)
+    other = VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=False, projection_prng_key=4)
+    with pytest.raises(AdapterFileError, match="projection_prng_key=3"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path, config=other)
+    same = VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=False, projection_prng_key=3)
+    LoraModel.from_pretrained(tiny_llama(), tmp_path, config=same)  # the saved key: loads
