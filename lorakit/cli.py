@@ -58,7 +58,10 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-_MODEL_HELP = "A transformers model folder (with config.json) or an import path 'package.module:factory'"
+_MODEL_HELP = (
+    "A transformers model folder (with config.json), pkg://package/sub/folder, lorakit://SmolLM2-135M-Instruct, "
+    "a hub id (where the hub is reachable) or an import path 'package.module:factory'"
+)
 _ADAPTER_HELP = "An adapter folder: adapter_config.json + adapter_model.safetensors"
 AdapterArg = Annotated[Path, typer.Argument(metavar="ADAPTER", help=_ADAPTER_HELP)]
 

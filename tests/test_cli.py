@@ -450,3 +450,14 @@ def test_merge_of_a_peft_adapter_gives_peft_s_adapted_outputs(gpt2_folder, tmp_p
     if "wte" not in config.target_modules:
         torch.testing.assert_close(merged, _logits(reference.merge_and_unload(), ids), atol=1e-5, rtol=0)
     assert not torch.allclose(merged, _logits(GPT2LMHeadModel.from_pretrained(gpt2_folder), ids), atol=1e-3)
+
+
+def test_help_names_the_model_sources_and_plot_formats_the_commands_take():
+    """--help agrees with docs/training.md: merge and inspect take every model.source form, and compare writes
+    any of the image formats it accepts."""
+    wide = {"COLUMNS": "400"}  # one line per help text, so no box character splits a phrase
+    for command in ("merge", "inspect", "serve"):
+        out = runner.invoke(app, [command, "--help"], env=wide).output
+        assert "pkg://" in out and "lorakit://" in out and "package.module:factory" in out, command
+    out = runner.invoke(app, ["compare", "--help"], env=wide).output
+    assert ".svg" in out and "PNG" not in out

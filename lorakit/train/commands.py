@@ -85,7 +85,9 @@ def eval_command(
 
 def compare_command(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders written by `lorakit train`")],
-    plot: Annotated[Path | None, typer.Option(help="Write the curves of all runs to this PNG")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the curves of all runs to this image (.png, .svg, .pdf, .jpg)")
+    ] = None,
 ) -> None:
     if plot is not None:
         _check_plot_path(plot)
