@@ -307,15 +307,15 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
 
 def load_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict[str, Tensor]) -> None:
     """Copies file tensors into adapter `name`; checks every key and shape before changing anything."""
-    weights = _without_peft_wrapper_names(weights)
+    weights = without_peft_wrapper_names(weights)
     expected = adapter_tensors(model, name, config) | base_weights_in_file(model, weights)
     problems = []
     missing = sorted(k for k in expected if k not in weights)
     unexpected = sorted(k for k in weights if k not in expected)
     if missing:
-        problems.append(f"missing from the file: {_few(missing)}")
+        problems.append(f"missing from the file: {few(missing)}")
     if unexpected:
-        problems.append(f"not in the model: {_few(unexpected)}")
+        problems.append(f"not in the model: {few(unexpected)}")
     for key, target in expected.items():
         if key in weights and weights[key].shape != target.shape:
             problems.append(
@@ -362,7 +362,7 @@ def _value_problem(key: str, tensor: Tensor, target: Tensor) -> str | None:
     return None
 
 
-def _without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+def without_peft_wrapper_names(weights: dict[str, Tensor]) -> dict[str, Tensor]:
     # With bias="all" PEFT also writes the biases inside its modules_to_save wrapper:
     # "<m>.modules_to_save.bias" (or "<m>.modules_to_save.<adapter>.<sub>.bias" for a module with submodules) is the
     # trained copy's bias, also under "<m>.bias" ("<m>.<sub>.bias"), and "<m>.original_module..." the frozen
@@ -400,5 +400,5 @@ def _adapter_dir(directory: str | Path) -> Path:
     return directory
 
 
-def _few(keys: list[str], n: int = 8) -> str:
+def few(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

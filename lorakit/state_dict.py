@@ -66,14 +66,14 @@ def set_peft_model_state_dict(
     peft_model_state_dict = {_prefixed(key): value for key, value in peft_model_state_dict.items()}
     if adapter_name in model.merged_adapters:  # the merged weight would keep the old delta, and unmerge the new one
         raise LorakitError(f"adapter {adapter_name!r} is merged into the weights; unmerge_adapter() before setting it")
-    weights = io._without_peft_wrapper_names(peft_model_state_dict)
+    weights = io.without_peft_wrapper_names(peft_model_state_dict)
     expected = io.adapter_tensors(model.model, adapter_name, config) | io.base_weights_in_file(model.model, weights)
     unexpected = sorted(k for k in weights if k not in expected)
     if unexpected:
         raise LorakitError(
             f"{len(unexpected)} keys are not tensors of adapter {adapter_name!r} of this model (a dict from another "
             "model, or an adapter with other target_modules, r or modules_to_save?); get_peft_model_state_dict's "
-            f"keys carry no adapter name: {io._few(unexpected)}"
+            f"keys carry no adapter name: {io.few(unexpected)}"
         )
     mismatched = [
         (key, tuple(weights[key].shape), tuple(target.shape))
@@ -133,7 +133,7 @@ def _from_state_dict(model: LoraModel, live: dict[str, Tensor], state_dict: dict
         own.setdefault(id(tensor), key)
     absent = [own[id(t)] for t in live.values() if id(t) in own and own[id(t)] not in state_dict]
     if absent:
-        raise LorakitError(f"the state_dict passed lacks tensors of this adapter: {io._few(absent)}")
+        raise LorakitError(f"the state_dict passed lacks tensors of this adapter: {io.few(absent)}")
     return {key: (state_dict[own[id(t)]] if id(t) in own else t).detach() for key, t in live.items()}
 
 
