@@ -1,4 +1,5 @@
-"""Optimizers for adapters: LoRA+ learning-rate groups (Hayou et al. 2024) and post-step hooks (Delta-LoRA).
+"""Optimizers for adapters: LoRA+ learning-rate groups (Hayou et al. 2024), post-step hooks (Delta-LoRA), and
+LoRA-FA's projected-gradient AdamW (lorakit.lorafa, here beside PEFT's other optimizer factory).
 
 LoRA+: B learns at lr * loraplus_lr_ratio, A at lr, adapters on embeddings at loraplus_lr_embedding
 (the paper's reference code and PEFT's create_loraplus_optimizer). Frozen factors (LoRA-FA's A, VeRA's
@@ -15,7 +16,16 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.inject import lora_layers
+from lorakit.lorafa import LoraFAOptimizer, create_lorafa_optimizer
 from lorakit.variants.delta_lora import register_delta_lora
+
+__all__ = [
+    "LoraFAOptimizer",
+    "create_loraplus_optimizer",
+    "create_lorafa_optimizer",
+    "create_optimizer",
+    "loraplus_groups",
+]
 
 
 def create_optimizer(

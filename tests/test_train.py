@@ -213,6 +213,9 @@ def test_data_formats_read_the_same_rows(tmp_path: Path, csv_data: Path, fmt: st
         (["data.path=/nowhere.csv"], "data file /nowhere.csv does not exist"),
         (["optim.name=Adamm"], "optim.name 'Adamm' is not a torch.optim optimizer"),
         (["optim.kwargs={momentm = 1}"], "torch.optim.AdamW does not take these arguments"),
+        (["optim.name=LoraFA", "optim.loraplus_lr_ratio=16"], "optim.name = 'LoraFA' and optim.loraplus_lr_ratio"),
+        (["optim.name=lorafa", "optim.kwargs={momentum = 0.9}"], "optim.kwargs ['momentum'] are not LoraFA's"),
+        (["optim.name=LoraFA", "lora.use_dora=true"], "LoRA-FA's projected gradient is for dW = s B A"),
         (['lora.target_modules=["qkv"]'], "qkv"),
     ],
 )

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_train_helpers import sentiment_csv, seq_cls_config, tiny_bert, tiny_gpt2, write_config
 
 from lorakit.errors import ConfigError
@@ -55,6 +57,41 @@ def test_resume_continues_to_the_same_losses(tmp_path: Path, inputs: tuple[Path,
     assert sorted(got) == list(range(1, 9))  # steps 5-6 of the interrupted run were replaced, not duplicated
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
     assert resumed.after == pytest.approx(straight.after, rel=1e-6)
+
+
+def test_lorafa_runs_resume_to_the_same_losses_and_keep_a_frozen(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """optim.name = LoraFA: its state (B's moments, step counts) goes through the checkpoint like AdamW's."""
+    bert, data = inputs
+    lorafa = ["optim.name=LoraFA", "optim.weight_decay=0.01"]
+    straight = train(load_config(seq_cls_config(_mk(tmp_path / "a"), bert, data), lorafa))
+    adamw = train(load_config(seq_cls_config(_mk(tmp_path / "w"), bert, data)))
+    config = load_config(seq_cls_config(_mk(tmp_path / "b"), bert, data), lorafa)
+    with pytest.raises(Interrupted):
+        train(config, on_step=_interrupt_at(6))
+    run = Path(config.run.out_dir)
+    train(load_config(run / "config.toml"), resume=run)
+    expected = _losses(Path(straight.folder))
+    assert _losses(run) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    a_of = {}
+    for folder in (Path(straight.folder), Path(adamw.folder)):
+        tensors = load_file(folder / "adapter" / "adapter_model.safetensors")
+        a_of[folder] = {k: v for k, v in tensors.items() if ".lora_A." in k}
+    first_a = _initial_a(load_config(seq_cls_config(_mk(tmp_path / "c"), bert, data), lorafa))
+    assert a_of[Path(straight.folder)].keys() == first_a.keys()
+    for key, tensor in first_a.items():
+        assert torch.equal(a_of[Path(straight.folder)][key], tensor), key  # LoRA-FA: A as initialised
+        assert not torch.equal(a_of[Path(adamw.folder)][key], tensor), key  # AdamW: A trained
+
+
+def _initial_a(config) -> dict[str, torch.Tensor]:
+    """The run's A before its first step, built as the loop builds it (the seed alone fixes the init)."""
+    from lorakit import LoraModel, get_peft_model_state_dict
+    from lorakit.multi.parallel import add_seeded_adapter
+    from lorakit.train import tasks
+
+    model = LoraModel(tasks.build_model(config, tasks.prepare(config)))
+    add_seeded_adapter(model, "default", config.lora_config(), config.seed)
+    return {k: v for k, v in get_peft_model_state_dict(model).items() if ".lora_A." in k}
 
 
 def test_resume_after_a_real_kill(tmp_path: Path, inputs: tuple[Path, Path]) -> None:

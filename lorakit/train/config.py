@@ -69,9 +69,9 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """The optimizer by its torch.optim name, its schedule and the batch arithmetic."""
+    """The optimizer by its torch.optim name (or LoraFA), its schedule and the batch arithmetic."""
 
-    name: str = "AdamW"
+    name: str = "AdamW"  # a torch.optim name, or LoraFA (lorakit.optim.create_lorafa_optimizer)
     lr: float = 5e-4
     weight_decay: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments, e.g. {momentum = 0.9}

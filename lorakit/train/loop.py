@@ -31,7 +31,7 @@ from torch import nn
 from lorakit import LoraModel
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.multi.parallel import add_seeded_adapter
-from lorakit.optim import create_optimizer
+from lorakit.optim import create_lorafa_optimizer, create_optimizer
 from lorakit.train import checkpoint, parallel, tasks
 from lorakit.train.config import DataSection, TrainConfig, load_config, to_toml
 from lorakit.train.data import batch_indices
@@ -495,15 +495,38 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """torch.optim.<name> over the trainable parameters (the adapter and modules_to_save copies), with LoRA+'s
     groups when optim.loraplus_lr_ratio is set; lorakit.optim builds it, as for any user's loop."""
     optim = config.optim
+    if optim.name.lower() == "lorafa":
+        return _lorafa_optimizer(model, config)
     cls = getattr(torch.optim, optim.name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         names = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper())
-        raise ConfigError(f"optim.name {optim.name!r} is not a torch.optim optimizer; choose one of {names}")
+        raise ConfigError(
+            f"optim.name {optim.name!r} is not a torch.optim optimizer; choose one of {names}, or LoraFA "
+            "(LoRA-FA's projected-gradient AdamW)"
+        )
     loraplus = {"loraplus_lr_ratio": optim.loraplus_lr_ratio, "loraplus_lr_embedding": optim.loraplus_lr_embedding}
     try:
         return create_optimizer(model, cls, lr=optim.lr, weight_decay=optim.weight_decay, **loraplus, **optim.kwargs)
     except TypeError as err:
         raise ConfigError(f"torch.optim.{optim.name} does not take these arguments ({err}); fix optim.kwargs") from None
+
+
+def _lorafa_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """optim.name = "LoraFA": lorakit.optim.create_lorafa_optimizer; optim.kwargs may hold betas, eps, correct_bias."""
+    optim = config.optim
+    if optim.loraplus_lr_ratio is not None:
+        raise ConfigError(
+            "optim.name = 'LoraFA' and optim.loraplus_lr_ratio do not combine (LoRA-FA steps B alone, A is frozen); "
+            "unset one of them"
+        )
+    unknown = sorted(set(optim.kwargs) - {"betas", "eps", "correct_bias"})
+    if unknown:
+        raise ConfigError(f"optim.kwargs {unknown} are not LoraFA's; it takes betas, eps and correct_bias")
+    lora = config.lora_config()
+    kwargs = {k: tuple(v) if k == "betas" else v for k, v in optim.kwargs.items()}
+    return create_lorafa_optimizer(
+        model, lora.r, lora.lora_alpha, lr=optim.lr, weight_decay=optim.weight_decay, **kwargs
+    )
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int) -> Any:
