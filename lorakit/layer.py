@@ -130,7 +130,8 @@ class LoraLayer(nn.Module):
             fast = self.__dict__["_fast"]
             if fast is not None:
                 return _packed_linear(self, x, base, fast)
-            self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
+            if x.device.type in packed.PACK_DEVICES and not self.state.pack_wanted:
+                self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
         plain = [f for f in factors if f is not None]

@@ -237,3 +237,17 @@ def test_generate_reads_the_buffer_from_its_second_call():
     assert all(m._fast is None for m in lora.modules() if isinstance(m, LoraLayer))
     torch.testing.assert_close(lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5), want)
     assert all(m._fast is not None for m in lora.modules() if isinstance(m, LoraLayer))
+
+
+def test_where_nothing_is_packed_a_compiled_step_compiles_once(monkeypatch):
+    # the first compiled step asked for a pack even on devices that never get one, and the flag it set failed the
+    # graph's guards: every compiled inference model recompiled on its second call
+    monkeypatch.setattr(packed, "PACK_DEVICES", ("cuda",))
+    model = _model().eval()
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # the LoraModel's own call traced too
+    ids = torch.arange(6).reshape(1, 6)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(input_ids=ids, use_cache=False)
+    assert len(backend.inputs) == 1
