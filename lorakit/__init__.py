@@ -15,7 +15,7 @@ from lorakit.injected import inject_adapter_in_model
 from lorakit.kbit import prepare_model_for_kbit_training
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
-from lorakit.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from lorakit.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 
 __version__ = "0.1.0"
@@ -42,5 +42,6 @@ __all__ = [
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
+    "load_peft_weights",
     "set_peft_model_state_dict",
 ]

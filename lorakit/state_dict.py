@@ -1,5 +1,6 @@
-"""PEFT's get_peft_model_state_dict / set_peft_model_state_dict for a LoraModel: one adapter's tensors under PEFT's
-keys (the adapter name left out), as PEFT's functions give and take them, for code written against PEFT.
+"""PEFT's get_peft_model_state_dict / set_peft_model_state_dict / load_peft_weights for a LoraModel: one adapter's
+tensors under PEFT's keys (the adapter name left out), as PEFT's functions give and take them, for code written
+against PEFT.
 
 The keys are io.py's (adapter_tensors, the ones save_pretrained writes), so a dict from either library loads in the
 other. Loading checks every key and shape before it changes anything. A model adapted by inject_adapter_in_model
@@ -9,6 +10,8 @@ other. Loading checks every key and shape before it changes anything. A model ad
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from lorakit import io
 from lorakit.errors import LorakitError
 from lorakit.injected import owner_of
-from lorakit.model import LoraModel
+from lorakit.model import LoraModel, _remapped
 
 
 def get_peft_model_state_dict(
@@ -97,6 +100,24 @@ def set_peft_model_state_dict(
     if bare:
         missing = [k.removeprefix(io.PEFT_PREFIX) for k in missing]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=[])
+
+
+def load_peft_weights(
+    model_id: str | Path, device: str | None = None, key_mapping: dict[str, str] | None = None, **kwargs: Any
+) -> dict[str, Tensor]:
+    """PEFT's: an adapter folder's tensors under the keys of its file, on `device` (CUDA where there is one, as
+    PEFT's), for set_peft_model_state_dict. Only safetensors files are read (adapter_model.bin is a pickle, refused
+    with the fix); key_mapping renames keys by regex as PEFT's; of PEFT's hub arguments, subfolder is taken."""
+    hub = sorted(k for k, v in kwargs.items() if k != "subfolder" and v is not None)
+    if hub:
+        raise LorakitError(
+            f"load_peft_weights got {hub}: lorakit reads local adapter folders only; download the adapter first "
+            "(huggingface_hub.snapshot_download(repo_id, revision=...)) and pass its folder"
+        )
+    folder = Path(model_id) / kwargs["subfolder"] if kwargs.get("subfolder") else Path(model_id)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights = {key: value.to(device) for key, value in io.read_weights(folder).items()}
+    return _remapped(weights, key_mapping)
 
 
 def _lora_model(model: object, unwrap_compiled: bool) -> tuple[LoraModel, bool]:

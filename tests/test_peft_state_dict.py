@@ -403,3 +403,30 @@ def test_settings_fixed_at_creation_are_refused_and_dropout_can_be_swapped():
     assert layer.adapters["default"].dropout is identity
     with pytest.raises(LorakitError, match="nn.Dropout or nn.Identity"):
         layer.lora_dropout["default"] = nn.ReLU()
+
+
+# -- load_peft_weights -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pair", PAIRS[:3], ids=str)
+def test_load_peft_weights_gives_peft_s_dict_and_loads_through_set(pair: Pair, tmp_path):
+    # PEFT's two-step load: load_peft_weights(folder) then set_peft_model_state_dict(model, weights)
+    pair.theirs().save_pretrained(tmp_path)
+    want = peft.utils.load_peft_weights(str(tmp_path), device="cpu")
+    got = lorakit.load_peft_weights(tmp_path, device="cpu")
+    _assert_same(got, want)
+    ours = get_lora_model(pair.build(), LoraConfig(**pair.config))
+    set_peft_model_state_dict(ours, got)
+    theirs = peft.PeftModel.from_pretrained(pair.build(), tmp_path).eval()
+    torch.testing.assert_close(pair.run(ours.eval(), "default"), pair.run(theirs, "default"), atol=ATOL, rtol=0)
+
+
+def test_load_peft_weights_key_mapping_and_refusals_as_peft(tmp_path):
+    get_lora_model(mlp(), LoraConfig(target_modules=["lin0", "lin1"])).save_pretrained(tmp_path / "sub")
+    mapping = {r"^lin0\.": "renamed."}
+    want = peft.utils.load_peft_weights(str(tmp_path / "sub"), device="cpu", key_mapping=mapping)
+    _assert_same(lorakit.load_peft_weights(tmp_path, device="cpu", key_mapping=mapping, subfolder="sub"), want)
+    assert any(".renamed." in k for k in want)
+    with pytest.raises(LorakitError, match=r"\['token'\]: lorakit reads local adapter folders"):
+        lorakit.load_peft_weights(tmp_path / "sub", token="hf_x")
+    torch.save({}, tmp_path / "adapter_model.bin")
+    with pytest.raises(LorakitError, match="pickle file, which lorakit never loads"):
+        lorakit.load_peft_weights(tmp_path)
