@@ -541,20 +541,22 @@ class LoraModel(nn.Module):
     # -- status ----------------------------------------------------------------------------------
     def get_layer_status(self) -> list[status.LayerStatus]:
         """PEFT's: every adapted layer (and module saved per adapter) with its adapters' state."""
-        return status.layer_status(self.model, self.state.enabled, self.active_adapters)
+        return status.layer_status(self.model, self.state.enabled, self.active_adapters, self._peft_types())
 
     def get_model_status(self) -> status.ModelStatus:
         """PEFT's: the layers' statuses folded together, "irregular" where layers disagree."""
-        types = {name: config.peft_type for name, config in self.peft_config.items()}
         counts = self.get_nb_trainable_parameters()
-        return status.model_status(self.model, self.state.enabled, self.active_adapters, types, counts)
+        return status.model_status(self.model, self.state.enabled, self.active_adapters, self._peft_types(), counts)
+
+    def _peft_types(self) -> dict[str, str]:
+        return {name: config.peft_type for name, config in self.peft_config.items()}
 
     # -- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) over every parameter, as PEFT counts: a modules_to_save module counts twice in the
-        total (its frozen original and its trained copy are both in the model)."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        total (its frozen original and its trained copy are both in the model), a 4-bit weight twice its storage."""
+        counts = [(status.stored_numel(p), p.requires_grad) for p in self.parameters()]
+        return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
     def print_trainable_parameters(self) -> None:
         """PEFT's line, character for character."""
