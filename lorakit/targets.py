@@ -196,6 +196,8 @@ def find_token_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
     if isinstance(wanted, list):
         getter = getattr(model, "get_input_embeddings", None)
         embedding = getter() if callable(getter) else None
+        while isinstance(getattr(embedding, "base_layer", None), nn.Module):  # wrapped by an earlier adapter
+            embedding = embedding.base_layer
         path = next((p for p, m in logical_modules(model) if m is embedding), None)
         if path is None:
             raise TargetError(

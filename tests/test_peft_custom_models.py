@@ -438,6 +438,37 @@ def test_token_adapters_on_one_table_active_together_give_peft_s_layer_outputs()
         theirs.base_model.set_adapter(["default", "other"])
 
 
+@pytest.mark.parametrize("how", ["add_adapter", "load_adapter"])
+def test_token_ids_as_a_list_reach_the_input_embedding_already_wrapped_by_an_earlier_adapter(how, tmp_path):
+    """trainable_token_indices=[ids] means get_input_embeddings(); once an earlier adapter's tokens wrap that table,
+    it returns the wrapper, which lorakit did not recognise (a TargetError). PEFT takes it; so does lorakit now,
+    with PEFT's outputs."""
+    from tests.cases import tiny_llama
+
+    first = {"target_modules": ["q_proj"], "init_lora_weights": False, "trainable_token_indices": [1, 2]}
+    second = {"target_modules": ["v_proj"], "init_lora_weights": False, "trainable_token_indices": [3, 5]}
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**first))
+    theirs.add_adapter("other", peft.LoraConfig(**second))
+    _token_rows_at_random(theirs, 1)
+    ours = get_lora_model(tiny_llama(), LoraConfig(**first))
+    if how == "add_adapter":
+        ours.add_adapter("other", LoraConfig(**second))
+        state = peft.get_peft_model_state_dict(theirs, adapter_name="other")
+        assert not set_peft_model_state_dict(ours, state, adapter_name="other").missing_keys
+    else:
+        theirs.save_pretrained(tmp_path, selected_adapters=["other"])
+        ours.load_adapter(tmp_path / "other", "other")
+    state = peft.get_peft_model_state_dict(theirs, adapter_name="default")
+    assert not set_peft_model_state_dict(ours, state).missing_keys
+    ids = torch.tensor([[1, 3, 5, 7]])
+    for name in ("default", "other"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("model", ["Conv2dGroups", "Conv1dGroups"])
 def test_dora_on_a_grouped_conv_is_refused_where_peft_computes_another_norm(model: str, tmp_path):
     """DoRA scales each output channel by m / ||W + dW||. A grouped conv's dW is dense (B's rank groups read every
