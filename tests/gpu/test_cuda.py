@@ -382,3 +382,32 @@ plots = false
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lorafa_optimizer_steps_on_cuda_follow_float64_math(dtype) -> None:
+    """create_lorafa_optimizer on the GPU: A A^T inverted in float32 on the device, B's step as float64 math says."""
+    from lorakit.optim import create_lorafa_optimizer
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to("cuda", dtype)
+    model = get_lora_model(base, LoraConfig(target_modules=["0", "2"], r=8, lora_alpha=16, init_lora_weights=False))
+    opt = create_lorafa_optimizer(model, 8, 16, lr=1e-3)
+    x = torch.randn(16, 64, device="cuda", dtype=dtype)
+    model(x).float().square().mean().backward()
+    before = {}
+    for name in ("0", "2"):
+        adapter = model.model._modules[name].adapters["default"]
+        before[name] = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone(), adapter.lora_B.grad.clone())
+    opt.step()
+    for name, (a, b, grad) in before.items():
+        adapter = model.model._modules[name].adapters["default"]
+        a64, g64 = a.double(), grad.double()
+        projected = g64 @ torch.linalg.inv(a64 @ a64.T + 1e-8 * torch.eye(8, dtype=torch.float64, device="cuda"))
+        projected = projected / adapter.scale**2
+        step = 1e-3 * (1 - 0.999) ** 0.5 / (1 - 0.9)
+        want = b.double() - step * (0.1 * projected) / ((0.001 * projected * projected).sqrt() + 1e-6)
+        tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 1e-2}
+        torch.testing.assert_close(adapter.lora_B.detach().double(), want, **tol)
+        assert torch.equal(adapter.lora_A, a)
