@@ -12,7 +12,9 @@ lora_alpha 32, all-linear, bf16 factors, random non-zero B (benchmarks/mixed_bat
 --compile puts every mode's transformers forward under torch.compile(mode="reduce-overhead") (CUDA graphs) with a
 static KV cache (its prefill run eagerly), so the host's launches leave the comparison.
 Cases, each mode on a fresh model (base: the model alone; ours: lorakit; ours-unpacked: lorakit without
-lorakit.packed's buffers; ours-unaligned: lorakit with the gathered kernels' element loads; peft: PEFT 0.21):
+lorakit.packed's buffers; ours-unaligned: lorakit with the gathered kernels' element loads; ours-state-first:
+lorakit with every layer reading the adapter state (enabled, routing, training) before its packed path, as before
+packed layers stopped reading it, so a compiled step guards the state again in every layer; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
@@ -45,11 +47,12 @@ from train_step_gpu import build_model
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from lorakit import packed
+from lorakit.layer import LoraLayer
 from lorakit.ops import gathered
 from lorakit.serve.routing import SERVING_ATTENTION
 
 CASES = ("decode-64", "one-adapter")
-MODES = ("base", "ours", "ours-unpacked", "ours-unaligned", "peft")
+MODES = ("base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "peft")
 QUICK = dict(
     layers=2,
     decode_layers=2,
@@ -176,6 +179,16 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
     return result
 
 
+_FORWARD = LoraLayer.forward
+
+
+def _state_first(self, x, *args, **kwargs):
+    """ours-state-first: the state and the layer's flags read first in every layer, then lorakit's forward."""
+    if self.state.enabled and self.state.routing_now() is None and not (self.acts_on_weight or self.training):
+        return _FORWARD(self, x, *args, **kwargs)
+    return _FORWARD(self, x, *args, **kwargs)
+
+
 def _inner(model, mode: str) -> torch.nn.Module:
     """The transformers model inside the mode's wrapper (lorakit's LoraModel.model, PEFT's base_model.model)."""
     return model.base_model.model if mode == "peft" else model if mode == "base" else model.model
@@ -201,6 +214,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     base = build_model(argparse.Namespace(**{**vars(args), "layers": layers}), args.device)
     packed.PACK_DEVICES = () if mode == "ours-unpacked" else ("cuda",)  # the same code with and without buffers
     gathered.VECTOR_LOADS = mode != "ours-unaligned"  # and with the gathered kernels' element loads
+    LoraLayer.forward = _state_first if mode == "ours-state-first" else _FORWARD
     model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
     result: dict = {"layers": layers, "build_s": time.perf_counter() - start}
     rows = args.decode_batch if case == "decode-64" else args.batch

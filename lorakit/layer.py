@@ -112,6 +112,9 @@ class LoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        fast = self.__dict__["_fast"]  # set only while one plain adapter is live, enabled, unrouted (lorakit.packed)
+        if fast is not None and _reads_pack(self, fast, args, kwargs):  # first: the state is not read, so a compiled
+            return _packed_linear(self, x, self._modules["base_layer"], fast)  # step guards none of it per layer
         routing = self.state.routing_now() if self.state.enabled else None
         outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
         if routing is not None and not outside:
@@ -126,12 +129,8 @@ class LoraLayer(nn.Module):
             out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if bare else base(x, *args, **kwargs)
             return _routed_outside_graph(self, x, out) if outside else self._routed(x, routing, out)
         base = self._modules["base_layer"]  # nn.Module's attribute lookup costs ~1 us a name, every layer, every call
-        if _reads_pack(self, base, args, kwargs):  # a compiled inference step
-            fast = self.__dict__["_fast"]
-            if fast is not None:
-                return _packed_linear(self, x, base, fast)
-            if x.device.type in packed.PACK_DEVICES and not self.state.pack_wanted:
-                self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
+        if fast is None and _wants_pack(self, base, x, args, kwargs):
+            self.state.pack_wanted = True  # the model's next unrouted call gives the layers their offsets
         adapters = self.live_adapters()
         factors = [_plain_factors(a) for a in adapters]
         plain = [f for f in factors if f is not None]
@@ -791,20 +790,33 @@ _UNROUTABLE = (
 )
 
 
-def _reads_pack(layer: LoraLayer, base: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """A compiled inference step of a bare linear layer: the graph reads the views of lorakit.packed's buffer,
-    one input for the model instead of two a layer. Eagerly the factors themselves (and their kept casts) serve."""
+def _reads_pack(layer: LoraLayer, fast: tuple, args: tuple, kwargs: dict) -> bool:
+    """A compiled inference step of a layer with offsets: the graph reads the views of lorakit.packed's buffer, one
+    input for the model instead of two a layer. Eagerly the factors themselves (and their kept casts) serve. In
+    training mode the adapter's dropout applies, so a layer whose dropout is on takes the factors then."""
+    return (
+        torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() or args or kwargs)
+        and not (fast[4] and layer.training)
+        and _is_bare_linear(layer._modules["base_layer"])
+    )
+
+
+def _wants_pack(layer: LoraLayer, base: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> bool:
+    """A compiled inference step of a bare linear layer on a device that gets packs, not asked for yet."""
     return (
         torch.compiler.is_compiling()
         and not (layer.training or torch.is_grad_enabled() or args or kwargs)
+        and x.device.type in packed.PACK_DEVICES
         and layer.state.enabled
+        and not layer.state.pack_wanted
         and _is_bare_linear(base)
     )
 
 
 def _packed_linear(layer: LoraLayer, x: Tensor, base: nn.Module, fast: tuple) -> Tensor:
     """base(x) + s B (A x) with A and B read from the buffer at the layer's offsets (eval mode: no dropout)."""
-    number, (a_at, a_rows, a_cols), (b_at, b_rows, b_cols), scale = fast
+    number, (a_at, a_rows, a_cols), (b_at, b_rows, b_cols), scale, _ = fast
     buffer = packed.BUFFERS[number]
     lora_a = buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols)
     lora_b = buffer[b_at : b_at + b_rows * b_cols].view(b_rows, b_cols)

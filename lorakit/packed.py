@@ -64,17 +64,17 @@ def _build(state: AdapterState, layers: Iterable) -> None:
         if a.dim() != 2 or b.dim() != 2 or (a.dtype, a.device) != (b.dtype, b.device):
             continue
         if a.device.type in PACK_DEVICES:
-            groups.setdefault((names[0], a.dtype, a.device), []).append((layer, a, b, factors.scale))
+            groups.setdefault((names[0], a.dtype, a.device), []).append((layer, a, b, factors.scale, factors.dropout))
     numbers, layers_now = held["numbers"], weakref.WeakSet()
     for key, members in groups.items():
-        factors = [t for _, a, b, _ in members for t in (a, b)]
+        factors = [t for _, a, b, _, _ in members for t in (a, b)]
         number = numbers.get(key)
         if number is None or not _inside(factors, BUFFERS[number]):
             BUFFERS.pop(number, None)
             tables_stale()  # the factors move: the gathered tables hold their old addresses
             number = numbers[key] = _move(factors)
-        for layer, a, b, scale in members:
-            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale)
+        for layer, a, b, scale, dropout in members:
+            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale, dropout)
             layers_now.add(layer)
     for key in [k for k in numbers if k[0] not in state.parents]:  # deleted adapters: their buffers go with them
         BUFFERS.pop(numbers.pop(key), None)

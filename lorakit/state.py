@@ -167,7 +167,7 @@ class AdapterState:
     def __init__(self) -> None:
         self.active: list[str] = []
         self.trainable: set[str] = set()
-        self.enabled: bool = True
+        self._enabled = True
         self.parents: dict[str, str | None] = {}
         self.routing: Routing | None = None
         self._routings: OrderedDict[tuple[str, ...], Routing] = OrderedDict()  # recent; cleared when the tree changes
@@ -233,6 +233,17 @@ class AdapterState:
         if unknown:
             raise LorakitError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.parents)}")
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        """Packed layers read their offsets without asking the state (lorakit.layer), so a change takes them away."""
+        if value != self._enabled:
+            packs_stale(self)
+        self._enabled = value
+
     # -- what takes part ---------------------------------------------------------------------------
     def activate(self, names: Sequence[str], trainable: Sequence[str] | None = None) -> None:
         """Active = the paths of `names`; trainable = `names` themselves unless given (ancestors stay frozen)."""
@@ -284,6 +295,7 @@ class AdapterState:
         if self.routing is not None:
             raise LorakitError("a routed forward is already running; routed calls do not nest")
         self.routing = routing
+        packs_stale(self)  # a routed step never reads the pack: its layers' offsets go until the next unrouted call
         try:
             for hook in ENTRY_HOOKS:
                 hook(self, routing)

@@ -129,7 +129,7 @@ def test_switching_back_to_an_adapter_compiles_nothing():
 
 @pytest.mark.parametrize(
     "change",
-    ["new_parameter", "scale", "merged", "deleted", "disabled", "switched", "two_active", "moved", "trained"],
+    ["new_parameter", "scale", "merged", "deleted", "disabled", "switched", "two_active", "moved", "trained", "routed"],
 )
 def test_every_change_is_seen_by_the_next_compiled_step(change):
     """At once, by the inner model called directly too (no check runs there), and through the LoraModel."""
@@ -157,6 +157,13 @@ def test_every_change_is_seen_by_the_next_compiled_step(change):
         optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=0.1)
         lora(input_ids=IDS, use_cache=False).logits.square().mean().backward()
         optimizer.step()
+    if change == "routed":  # packed layers read no state: a routed call must take their offsets away first
+        names = ["a1", "a0", "a1"]
+        with torch.no_grad():
+            routed = lora(input_ids=IDS, use_cache=False, adapter_names=names).logits
+            with torch.compiler.set_stance("force_eager"):
+                torch.testing.assert_close(routed, lora(input_ids=IDS, use_cache=False, adapter_names=names).logits)
+        assert (routed - _eager(lora)).abs().max() > 1e-3  # rows on a1 differ from the unrouted a0 step
     if change == "disabled":
         with lora.disable_adapter():
             torch.testing.assert_close(_direct(lora), _eager(lora), atol=ATOL, rtol=0)
@@ -164,6 +171,19 @@ def test_every_change_is_seen_by_the_next_compiled_step(change):
         return
     torch.testing.assert_close(_direct(lora), _eager(lora), atol=ATOL, rtol=0)
     torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+
+
+def test_the_enabled_flag_itself_takes_the_offsets_away():
+    # disable_adapter() also unmerges, which marks the pack stale; the flag alone must do it too, since packed
+    # layers never read it
+    lora = _compiled(_model(), Counting())
+    _warm(lora)
+    lora.state.enabled = False
+    assert _first_layer(lora)._fast is None
+    torch.testing.assert_close(_direct(lora), _eager(lora), atol=ATOL, rtol=0)
+    lora.state.enabled = True
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+    assert _first_layer(lora)._fast is not None  # the next unrouted call packs again
 
 
 def _direct(lora):
