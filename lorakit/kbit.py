@@ -38,14 +38,15 @@ def prepare_model_for_kbit_training(
             torch.cuda.empty_cache()  # the half-precision copies are gone: give their memory back
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
-            _inputs_require_grad(model)
+            inputs_require_grad(model)
         enable = model.gradient_checkpointing_enable
         takes_kwargs = "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters
         enable(**({"gradient_checkpointing_kwargs": kwargs} if takes_kwargs else {}))
     return model
 
 
-def _inputs_require_grad(model: nn.Module) -> None:
+def inputs_require_grad(model: nn.Module) -> None:
+    """The input embeddings' outputs require grad, so reentrant checkpointing passes gradients into its segments."""
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
         return

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit import after_step, card, io, merge, packed, status
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.inject import inject_adapter, lora_layers, remove_adapter, saved_modules
+from lorakit.kbit import inputs_require_grad
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
@@ -290,8 +292,8 @@ class LoraModel(nn.Module):
         self._train_adapters(dict.fromkeys(names, requires_grad))
 
     def delete_adapter(self, name: str) -> None:
-        if name not in self.peft_config:
-            raise LorakitError(f"unknown adapter {name!r}; known: {sorted(self.peft_config)}")
+        if name not in self.peft_config:  # PEFT's words first: code written for PEFT may match them
+            raise LorakitError(f"Adapter {name} does not exist; known adapters: {sorted(self.peft_config)}")
         children = self.state.children(name)
         if children:
             raise LorakitError(f"adapter {name!r} is the parent of {children}; delete those children first")
@@ -355,13 +357,38 @@ class LoraModel(nn.Module):
 
     # -- merging ---------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        merge.merge_adapters(self.model, self._with_paths(adapter_names), safe=safe_merge)
+        """Folds the active adapters (or `adapter_names`) into the base weights; warns, as PEFT does, where some or
+        all of them are merged already."""
+        names = self._with_paths(adapter_names)
+        self._warn_merged_already(names)
+        merge.merge_adapters(self.model, names, safe=safe_merge)
 
     def _with_paths(self, names: list[str] | None) -> list[str]:
         """The active adapters, or `names` with their tree ancestors: a node means the model at that node."""
+        if isinstance(names, str):  # PEFT's TypeError: read as a list, a name would be its letters
+            raise TypeError(f"adapter_names should be a list of strings, got {names!r}; pass [{names!r}]")
         return self.active_adapters if names is None else self.state.paths(names)
 
+    def _warn_merged_already(self, names: list[str]) -> None:
+        """PEFT's warnings (its words) when merging adapters of which some are in the weights already."""
+        merged = self.merged_adapters
+        if not merged:
+            return
+        new = [n for n in names if n not in merged]
+        if new:
+            message = (
+                f"Already following adapters were merged {','.join(merged)}. You are now additionally merging "
+                f"{','.join(new)}."
+            )
+        else:
+            message = "All adapters are already merged, nothing to do."
+        warnings.warn(message, UserWarning, stacklevel=3)
+
     def unmerge_adapter(self) -> None:
+        """Takes every merged adapter out of the base weights; warns, as PEFT does, when none is merged."""
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+            return
         merge.unmerge_adapters(self.model)
 
     def merge_and_unload(
@@ -370,7 +397,9 @@ class LoraModel(nn.Module):
         """The base model's own class with the adapters folded in; no LoRA module left, no extra latency.
 
         progressbar: accepted as PEFT's (same order of arguments); lorakit shows no bar, merging takes milliseconds."""
-        return merge.merge_and_unload(self.model, self._with_paths(adapter_names), safe=safe_merge)
+        names = self._with_paths(adapter_names)
+        self._warn_merged_already(names)
+        return merge.merge_and_unload(self.model, names, safe=safe_merge)
 
     def unload(self) -> nn.Module:
         """The base model's own class as it was before any adapter."""
@@ -468,9 +497,12 @@ class LoraModel(nn.Module):
         parent: str | None = None,
         config: LoraConfig | None = None,
         subfolder: str | None = None,
-    ) -> None:
+    ) -> _IncompatibleKeys:
         """Adds the adapter saved in `directory` under `adapter_name` (a tree node below `parent`, if given);
         nothing changes if it does not fit. A whole saved tree: lorakit.multi.tree.load_tree.
+
+        Returns PEFT's load result: its missing_keys and unexpected_keys are empty, as a file whose keys do not fit
+        the adapter is refused. As in PEFT, loading frozen (is_trainable=False) puts the whole model in eval mode.
 
         PEFT's arguments, in its order: torch_device, ephemeral_gpu_offload and low_cpu_mem_usage are accepted and
         change nothing (the factors are created on their layer's device, and loading copies into them);
@@ -498,6 +530,9 @@ class LoraModel(nn.Module):
             raise
         if is_trainable and parent is None:  # as PEFT: it trains while inactive, until the next set_adapter
             self._train_adapters({adapter_name: True})
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off, so a model loaded for inference gives repeatable outputs
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def hotswap_adapter(self, source: str | Path, adapter_name: str, rank: int | None = None) -> None:
         """Copies `source` (a loaded adapter's name, else a folder) into adapter `adapter_name` in place: fixed
@@ -522,9 +557,10 @@ class LoraModel(nn.Module):
         **kwargs,
     ) -> LoraModel:
         """Loads a lorakit or PEFT adapter folder onto `model`; frozen unless is_trainable. PEFT's arguments, in its
-        order, meaning what they mean in load_adapter; of PEFT's **kwargs, torch_device and subfolder are taken and
-        the hub's (revision, token, cache_dir, ...) refused: lorakit reads local folders only."""
-        allowed = {"torch_device", "subfolder"}
+        order, meaning what they mean in load_adapter; of PEFT's **kwargs, torch_device and subfolder are taken,
+        device_map is accepted and changes nothing (PEFT uses it only to dispatch a base offloaded to cpu or disk),
+        and the hub's (revision, token, cache_dir, ...) are refused: lorakit reads local folders only."""
+        allowed = {"torch_device", "subfolder", "device_map"}
         hub = sorted(k for k, v in kwargs.items() if k not in allowed and v is not None)
         if hub:
             raise LorakitError(
@@ -537,6 +573,14 @@ class LoraModel(nn.Module):
             ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, config=config, subfolder=kwargs.get("subfolder"),
         )  # fmt: skip
         return lora_model
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """PEFT's: `model`'s input embeddings give outputs that require grad (unless it is quantized), so that
+        reentrant activation checkpointing passes gradients on to the adapters inside its segments."""
+        quantized = ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")
+        if not any(getattr(model, flag, False) for flag in quantized) and hasattr(model, "get_input_embeddings"):
+            inputs_require_grad(model)
+        return model
 
     # -- status ----------------------------------------------------------------------------------
     def get_layer_status(self) -> list[status.LayerStatus]:
