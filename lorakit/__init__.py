@@ -15,7 +15,13 @@ from lorakit.injected import inject_adapter_in_model
 from lorakit.kbit import prepare_model_for_kbit_training
 from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, get_lora_model
-from lorakit.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from lorakit.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from lorakit.variants import TrainableTokensConfig, VeraConfig
 
 __version__ = "0.1.0"
@@ -41,7 +47,9 @@ __all__ = [
     "get_lora_model",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "load_peft_weights",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -1,6 +1,7 @@
 """PEFT's get_peft_model_state_dict / set_peft_model_state_dict / load_peft_weights for a LoraModel: one adapter's
 tensors under PEFT's keys (the adapter name left out), as PEFT's functions give and take them, for code written
-against PEFT.
+against PEFT; and get_ / set_base_model_state_dict: the base model's own tensors under the keys it had before any
+adapter (what FSDP and checkpoint code written for the bare model expect).
 
 The keys are io.py's (adapter_tensors, the ones save_pretrained writes), so a dict from either library loads in the
 other. Loading checks every key and shape before it changes anything. A model adapted by inject_adapter_in_model
@@ -16,11 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.utils import parametrize
 
 from lorakit import io
 from lorakit.errors import LorakitError
 from lorakit.injected import owner_of
+from lorakit.layer import LoraLayer
 from lorakit.model import LoraModel, _remapped
+from lorakit.saved import SavedModule
 
 
 def get_peft_model_state_dict(
@@ -118,6 +122,55 @@ def load_peft_weights(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = {key: value.to(device) for key, value in io.read_weights(folder).items()}
     return _remapped(weights, key_mapping)
+
+
+def get_base_model_state_dict(model: LoraModel | nn.Module) -> dict[str, Tensor]:
+    """PEFT's: the base model's tensors (merged adapters in them, if any) under its original keys, no adapter's."""
+    model, _ = _lora_model(model, unwrap_compiled=True)
+    state = model.model.state_dict()
+    return {original: state[key] for key, original in _original_keys(model.model).items() if key in state}
+
+
+def set_base_model_state_dict(
+    model: LoraModel | nn.Module, state_dict: dict[str, Tensor], strict: bool = True
+) -> _IncompatibleKeys:
+    """PEFT's: `state_dict` (the base model's original keys) copied into the wrapped base; adapters untouched.
+    strict: missing or unexpected keys raise (PEFT's RuntimeError), nothing loaded."""
+    model, _ = _lora_model(model, unwrap_compiled=True)
+    to_key = {original: key for key, original in _original_keys(model.model).items()}
+    unexpected = [k for k in state_dict if k not in to_key]
+    missing = [k for k in to_key if k not in state_dict]
+    if strict and (missing or unexpected):
+        errors = [f"Missing key(s) in state_dict: {missing}"] if missing else []
+        errors += [f"Unexpected key(s) in state_dict: {unexpected}"] if unexpected else []
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(errors))
+    model.model.load_state_dict({to_key[k]: v for k, v in state_dict.items() if k in to_key}, strict=False)
+    return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def _original_keys(module: nn.Module, key: str = "", original: str = "") -> dict[str, str]:
+    """state_dict key -> the key it had before adaptation, for the base's own tensors: a LoraLayer stands for its
+    base_layer (its adapters left out), a saved module for its original, a parametrized tensor for its original."""
+    if isinstance(module, LoraLayer):
+        return _original_keys(module.base_layer, _join(key, "base_layer"), original)
+    if isinstance(module, SavedModule):
+        return _original_keys(module.original_module, _join(key, "original_module"), original)
+    found = {}
+    own = {
+        **module._parameters,
+        **{n: b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set},
+    }
+    found |= {_join(key, n): _join(original, n) for n, t in own.items() if t is not None}
+    if parametrize.is_parametrized(module):
+        found |= {_join(key, f"parametrizations.{n}.original"): _join(original, n) for n in module.parametrizations}
+    for name, child in module._modules.items():
+        if child is not None and not (name == "parametrizations" and parametrize.is_parametrized(module)):
+            found |= _original_keys(child, _join(key, name), _join(original, name))
+    return found
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _lora_model(model: object, unwrap_compiled: bool) -> tuple[LoraModel, bool]:

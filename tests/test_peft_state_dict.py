@@ -430,3 +430,45 @@ def test_load_peft_weights_key_mapping_and_refusals_as_peft(tmp_path):
     torch.save({}, tmp_path / "adapter_model.bin")
     with pytest.raises(LorakitError, match="pickle file, which lorakit never loads"):
         lorakit.load_peft_weights(tmp_path)
+
+
+# -- get_ / set_base_model_state_dict --------------------------------------------------------------------------
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_base_model_state_dict_has_peft_s_original_keys_and_values(pair: Pair):
+    ours, theirs = pair.ours(), pair.theirs()
+    want = peft.utils.save_and_load.get_base_model_state_dict(theirs)
+    got = lorakit.get_base_model_state_dict(ours)
+    _assert_same(got, want)
+    assert sorted(got) == sorted(pair.build().state_dict())  # the keys the bare model has
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_set_base_model_state_dict_loads_the_bare_model_s_tensors_as_peft(pair: Pair):
+    from peft.utils.save_and_load import set_base_model_state_dict as peft_set
+
+    ours, theirs = pair.ours(), pair.theirs()
+    torch.manual_seed(7)
+    bare = pair.build()
+    with torch.no_grad():
+        for param in bare.parameters():  # tied weights stay tied
+            param.add_(0.05 * torch.randn_like(param))
+    other = bare.state_dict()
+    assert not any(lorakit.set_base_model_state_dict(ours, other))
+    peft_set(theirs, other)
+    _assert_same(lorakit.get_base_model_state_dict(ours), other)  # every tensor of the bare model loaded
+    _assert_same(lorakit.get_base_model_state_dict(ours), peft.utils.save_and_load.get_base_model_state_dict(theirs))
+    for name in pair.names:
+        torch.testing.assert_close(pair.run(ours, name), pair.run(theirs, name), atol=ATOL, rtol=0)
+
+
+def test_set_base_model_state_dict_strict_names_the_keys_as_peft():
+    ours = get_lora_model(mlp(), LoraConfig(target_modules=["lin0"]))
+    state = {k: v.clone() for k, v in mlp().state_dict().items()}
+    extra = {**state, "nope.weight": torch.zeros(1)}
+    del extra["lin1.bias"]
+    before = lorakit.get_base_model_state_dict(ours)["lin0.weight"].clone()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \['lin1.bias'\].*\n.*Unexpected key"):
+        lorakit.set_base_model_state_dict(ours, {**extra, "lin0.weight": before + 1})
+    assert torch.equal(ours.model.lin0.base_layer.weight, before)  # nothing loaded
+    result = lorakit.set_base_model_state_dict(ours, extra, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (["lin1.bias"], ["nope.weight"])
