@@ -254,9 +254,10 @@ class LoraLayer(nn.Module):
         scales = [self.adapters[n].weight_scale(weight) for n in names]
         merged = ops.rescaled_merge(weight, scales, [self.adapters[n].delta_weight() for n in names])
         if names and not torch.isfinite(merged).all():
-            raise LorakitError(
-                f"merging {names} would put NaN/inf into the weights of this "
-                f"{type(self.base_layer).__name__}; the adapter weights are broken, nothing was merged"
+            raise LorakitError(  # PEFT's words first: code written for PEFT may match them
+                f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken: merging "
+                f"{names} would put NaN/inf into the weights of this {type(self.base_layer).__name__}; nothing was "
+                "merged"
             )
 
     def _store_weight(self, weight: Tensor, value: Tensor) -> Tensor:

@@ -264,10 +264,9 @@ def test_safe_merge_refuses_broken_factors_as_peft(value):
             for name, param in model.named_parameters():
                 if "lora_A" in name:
                     param[0] = value
-    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
-        theirs.merge_and_unload(safe_merge=True)
-    with pytest.raises(ValueError, match="NaN/inf"):
-        ours.merge_and_unload(safe_merge=True)
+    for model in (theirs, ours):  # PEFT's words in both, so code matching them works unchanged
+        with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems"):
+            model.merge_and_unload(safe_merge=True)
     assert ours.merged_adapters == []
 
 
