@@ -118,6 +118,11 @@ def create_lorafa_optimizer(
     _check_positive("lora_alpha", lora_alpha)
     frozen_a = _pairs(model, use_rslora)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(
+            "create_lorafa_optimizer found nothing to train: every adapter is frozen (loaded with "
+            "is_trainable=False?); make one trainable (set_adapter(name), or load it with is_trainable=True)"
+        )
     optimizer = LoraFAOptimizer(
         params, frozen_a, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias
     )
@@ -136,6 +141,11 @@ def _pairs(model: nn.Module, use_rslora: bool | None) -> dict[Tensor, nn.Module]
             trained = any(p.requires_grad for p in adapter.parameters())
             if not trained or adapter.variant.name in _AS_THEY_ARE:
                 continue  # adapters trained later (another job's) keep their A as it is
+            if any(type(t).__name__ == "DTensor" for t in (a, b)):  # FSDP2 shards A, whose A A^T needs it whole
+                raise ConfigError(
+                    f"adapter {name!r} on {path} is sharded (FSDP): LoRA-FA's projection needs each A whole; train "
+                    "it with DDP (run.distributed = 'ddp') or one process"
+                )
             if isinstance(a, nn.Parameter):
                 a.requires_grad_(False)
             _check_projectable(path, name, layer, adapter)

@@ -197,9 +197,23 @@ def test_adapters_lorafa_cannot_train_are_refused_by_name(make, message):
         ((8, 8), {"lr": 1e-3, "weight_decay": -0.1}, "weight_decay must be"),
         ((8, 8), {"lr": 1e-3, "betas": (0.9, 1.0)}, "betas"),
         ((8, 8), {"lr": 1e-3, "use_rslora": True}, "use_rslora"),
+        ((8, 8), {"lr": 1e-3, "frozen": True}, "found nothing to train"),
     ],
 )
 def test_bad_arguments_get_one_clear_error(args, kwargs, message):
     model = get_lora_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
+    if kwargs.pop("frozen", False):
+        model.set_requires_grad("default", False)
     with pytest.raises(ConfigError, match=message):
         create_lorafa_optimizer(model, *args, **kwargs)
+
+
+def test_a_sharded_factor_is_refused_with_the_way_out():
+    class DTensor(torch.Tensor):  # what FSDP2 makes of a parameter, as far as the check looks
+        pass
+
+    model = get_lora_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
+    adapter = model.model._modules["0"].adapters["default"]
+    adapter.lora_A = nn.Parameter(torch.Tensor._make_subclass(DTensor, adapter.lora_A.detach()))
+    with pytest.raises(ConfigError, match="sharded .FSDP.: LoRA-FA's projection needs each A whole"):
+        create_lorafa_optimizer(model, 8, 8, lr=1e-3)
