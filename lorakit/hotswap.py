@@ -50,8 +50,7 @@ def prepare_model_for_compiled_hotswap(
             "the model holds no adapter: load the first adapter (LoraModel.from_pretrained(base, folder)), then call "
             "prepare_model_for_compiled_hotswap, then torch.compile"
         )
-    for name in list(lora.peft_config):
-        cache.prepare_slot(lora, name, target_rank)
+    cache.prepare_slots(lora, list(lora.peft_config), target_rank)  # all checked first: none half converted
     if config and target_rank is not None:
         for each in config.values() if isinstance(config, dict) else [config]:
             each.r = target_rank

@@ -118,3 +118,17 @@ def test_subfolder_is_read_as_peft_reads_it(folders, tmp_path):
     with torch.no_grad():
         expected = LoraModel.from_pretrained(mlp(), folders[1]).eval()(x)
         torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=0)
+
+
+def test_an_adapter_that_cannot_be_prepared_leaves_every_adapter_as_it_was(folders):
+    model = LoraModel.from_pretrained(mlp(), folders[0]).eval()
+    model.load_adapter(folders[2], "big")  # rank 8: a target of 4 cannot hold it
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(LorakitError, match="rank must be an integer >= 8"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert model.peft_config["default"].lora_alpha == 8  # "default" fits rank 4, yet was not converted either
+    model.add_adapter("dora", LoraConfig(target_modules=["lin0"], use_dora=True))
+    with pytest.raises(LorakitError, match="'dora' is not plain LoRA"):
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert model.peft_config["default"].lora_alpha == 8

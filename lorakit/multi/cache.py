@@ -302,14 +302,7 @@ def prepare_slot(model: LoraModel, adapter_name: str, rank: int | None = None) -
     slot = _SLOTS.get(model, {}).get(adapter_name)
     if slot is not None and slot.is_current(model) and rank in (None, slot.rank):
         return slot
-    _check_slot_adapter(model, adapter_name)
-    layers = [
-        (p, layer.adapters[adapter_name]) for p, layer in lora_layers(model.model) if adapter_name in layer.adapters
-    ]
-    largest = max(a.lora_A.shape[0] for _, a in layers)
-    rank = largest if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < largest:
-        raise CacheError(f"rank must be an integer >= {largest} (the adapter's largest rank), got {rank!r}")
+    layers, rank = _slot_layers(model, adapter_name, rank)
     if any(a.lora_A.shape[0] != rank or a.scale != 1.0 for _, a in layers):
         for _, adapter in layers:
             _pad_in_place(adapter, rank)
@@ -323,6 +316,27 @@ def prepare_slot(model: LoraModel, adapter_name: str, rank: int | None = None) -
         del slots[name]
     slots[adapter_name] = slot
     return slot
+
+
+def prepare_slots(model: LoraModel, adapter_names: list[str], rank: int | None = None) -> None:
+    """prepare_slot for several adapters, every one checked before any changes: all converted, or none."""
+    for name in adapter_names:
+        _slot_layers(model, name, rank)
+    for name in adapter_names:
+        prepare_slot(model, name, rank)
+
+
+def _slot_layers(model: LoraModel, adapter_name: str, rank: int | None) -> tuple[list, int]:
+    """The adapter's (path, Adapter) pairs and the slot's rank, checked: plain LoRA, rank an integer >= its own."""
+    _check_slot_adapter(model, adapter_name)
+    layers = [
+        (p, layer.adapters[adapter_name]) for p, layer in lora_layers(model.model) if adapter_name in layer.adapters
+    ]
+    largest = max(a.lora_A.shape[0] for _, a in layers)
+    rank = largest if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < largest:
+        raise CacheError(f"rank must be an integer >= {largest} (the adapter's largest rank), got {rank!r}")
+    return layers, rank
 
 
 def _check_slot_adapter(model: LoraModel, adapter_name: str) -> None:
