@@ -76,6 +76,31 @@ def tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def tiny_opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=24,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+    )
+    return OPTForCausalLM(config)
+
+
+def tiny_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 24, "num_layers": 2, "num_heads": 2}
+    config = T5Config(**sizes, decoder_start_token_id=0, dropout_rate=0.0)
+    return T5ForConditionalGeneration(config)
+
+
 def mha_block() -> nn.Module:
     torch.manual_seed(0)
     return MHABlock()

@@ -16,34 +16,9 @@ from torch import nn
 import lorakit
 from lorakit import LoraModel, get_lora_model, set_peft_model_state_dict
 from lorakit.inject import lora_layers, saved_modules
-from tests.cases import tiny_bert_cls, tiny_gpt2, tiny_llama
+from tests.cases import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5
 
 ATOL = 1e-5
-
-
-def tiny_opt() -> nn.Module:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        ffn_dim=24,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        word_embed_proj_dim=16,
-    )
-    return OPTForCausalLM(config)
-
-
-def tiny_t5() -> nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    sizes = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 24, "num_layers": 2, "num_heads": 2}
-    config = T5Config(**sizes, decoder_start_token_id=0, dropout_rate=0.0)
-    return T5ForConditionalGeneration(config)
 
 
 IDS = torch.tensor([[5, 9, 3, 17, 2], [8, 1, 30, 4, 11]])
