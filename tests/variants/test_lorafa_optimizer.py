@@ -217,3 +217,22 @@ def test_a_sharded_factor_is_refused_with_the_way_out():
     adapter.lora_A = nn.Parameter(torch.Tensor._make_subclass(DTensor, adapter.lora_A.detach()))
     with pytest.raises(ConfigError, match="sharded .FSDP.: LoRA-FA's projection needs each A whole"):
         create_lorafa_optimizer(model, 8, 8, lr=1e-3)
+
+
+def test_lora_bias_trains_by_adamw_beside_the_projected_b():
+    # PEFT pairs tensors by "lora" in their names, so lora_B's bias would be taken for the next layer's A there
+    model = get_lora_model(
+        conv_mlp(), LoraConfig(target_modules=["lin1", "lin2"], lora_bias=True, init_lora_weights=False)
+    )
+    opt = create_lorafa_optimizer(model, 8, 8, lr=1e-3)
+    adapter = model.model.lin1.adapters["default"]
+    _loss(model, positional(ids_input(20))).backward()
+    a, b, grad = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone(), adapter.lora_B.grad.clone()
+    bias, bias_grad = adapter.lora_B_bias.detach().clone(), adapter.lora_B_bias.grad.clone()
+    opt.step()
+    want = _float64_step(a, b, grad, adapter.scale, 1e-3).reshape(b.shape)
+    torch.testing.assert_close(adapter.lora_B.detach().double(), want, atol=1e-7, rtol=1e-6)
+    step = 1e-3 * (1 - 0.999) ** 0.5 / (1 - 0.9)  # adamw-hf's first step on the bias's own gradient
+    g = bias_grad.double()
+    want_bias = bias.double() - step * (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-6)
+    torch.testing.assert_close(adapter.lora_B_bias.detach().double(), want_bias, atol=1e-7, rtol=1e-6)
