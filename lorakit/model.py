@@ -107,7 +107,9 @@ class LoraModel(nn.Module):
                 f"adapter_names has {routing.batch_size} entries but the batch has {batch_size} rows; give one "
                 "adapter name (or '__base__') per row"
             )
-        self._check_routable(list(routing.rows))
+        if not routing._cache.get("routable"):  # a Routing lives only while the adapters it names are unchanged
+            self._check_routable(list(routing.rows))
+            routing._cache["routable"] = True
         with self.state.routed(routing):
             yield
 

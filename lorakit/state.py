@@ -263,10 +263,18 @@ class AdapterState:
     def routing_for(self, adapter_names: Sequence[str]) -> Routing:
         """The Routing for one adapter name (or BASE) per batch row; a tree node stands for its whole path. The same
         list of names gets the same Routing while the tree is unchanged (a server's decode steps repeat it)."""
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
-        key = tuple(adapter_names)
-        routing = self._routings.pop(key, None) or self._new_routing(adapter_names)
+        wrong = LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        if isinstance(adapter_names, str):
+            raise wrong
+        try:
+            key = tuple(adapter_names)
+            routing = self._routings.pop(key, None)  # a key kept here was checked when its Routing was made
+        except TypeError:  # not iterable, or a name that is not even hashable
+            raise wrong from None
+        if routing is None:
+            if not all(isinstance(n, str) for n in key):
+                raise wrong
+            routing = self._new_routing(key)
         self._routings[key] = routing  # now the most recent
         while len(self._routings) > ROUTINGS_KEPT:
             self._routings.popitem(last=False)

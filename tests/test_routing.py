@@ -228,7 +228,19 @@ def test_row_count_must_match_the_batch():
         model(torch.randn(2, 6), adapter_names=["a", "b", "a"])
     with pytest.raises(LorakitError, match="a list of adapter names, one per row"):
         model(torch.randn(2, 6), adapter_names="a")
+    model(torch.randn(2, 6), adapter_names=["a", "b"])  # kept: the next checks must not pass through the cache
+    for bad in (["a", 3], [["a"], "b"], 5, ["a", None]):
+        with pytest.raises(LorakitError, match="a list of adapter names, one per row"):
+            model(torch.randn(2, 6), adapter_names=bad)
     assert model.state.routing is None
+
+
+def test_an_adapter_that_cannot_be_routed_is_refused_on_every_call_not_only_the_first():
+    model = get_lora_model(mlp(), LoraConfig(r=2, init_lora_weights=False, target_modules=["lin1"]), "a")
+    model.add_adapter("w", LoraConfig(target_parameters=["lin0.weight"]))
+    for _ in range(2):
+        with pytest.raises(LorakitError, match=r"adapters \['w'\] use target_parameters"):
+            model(torch.randn(2, 6), adapter_names=["a", "w"])
 
 
 def test_routing_is_cleared_when_the_forward_raises():
