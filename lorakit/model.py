@@ -523,7 +523,7 @@ class LoraModel(nn.Module):
         config.inference_mode = not is_trainable
         if key_mapping is None:
             key_mapping = getattr(self.model, "_checkpoint_conversion_mapping", None)
-        weights = _remapped(weights, key_mapping)
+        weights = remap_keys(weights, key_mapping)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, parent=parent)
         try:
             io.load_weights(self.model, adapter_name, self.peft_config[adapter_name], weights)
@@ -701,7 +701,7 @@ def _unshared_state(model: LoraModel, state: dict, prefix: str, _metadata: dict)
             state[key] = state[key].clone()
 
 
-def _remapped(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+def remap_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
     """PEFT's key_mapping: the first regex that matches a key (after its base_model[.model]. prefix) renames it."""
     if not key_mapping:
         return weights

@@ -23,7 +23,7 @@ from lorakit import io
 from lorakit.errors import LorakitError
 from lorakit.injected import owner_of
 from lorakit.layer import LoraLayer
-from lorakit.model import LoraModel, _remapped
+from lorakit.model import LoraModel, remap_keys
 from lorakit.saved import SavedModule
 
 
@@ -121,7 +121,7 @@ def load_peft_weights(
     folder = Path(model_id) / kwargs["subfolder"] if kwargs.get("subfolder") else Path(model_id)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = {key: value.to(device) for key, value in io.read_weights(folder).items()}
-    return _remapped(weights, key_mapping)
+    return remap_keys(weights, key_mapping)
 
 
 def get_base_model_state_dict(model: LoraModel | nn.Module) -> dict[str, Tensor]:

@@ -290,3 +290,27 @@ def trained_files_load_both_ways(ours, theirs, build, run, tmp_path) -> None:
     torch.testing.assert_close(run(back), run(ours), atol=1e-5, rtol=0)
     loaded = LoraModel.from_pretrained(build(), tmp_path / "theirs").eval()
     torch.testing.assert_close(run(loaded), run(theirs), atol=1e-5, rtol=0)
+
+
+def same_adapter_weights(build: Callable[[], nn.Module], config: dict[str, Any]):
+    """(lorakit model, PEFT model) on `build()`'s base with the same random adapter, both in train mode."""
+    import peft
+
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.io import adapter_tensors
+
+    torch.manual_seed(2)
+    ours = get_lora_model(build(), LoraConfig(init_lora_weights=False, **config))
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
+    tensors = adapter_tensors(ours.model, "default", ours.peft_config["default"])
+    peft.set_peft_model_state_dict(theirs, {k: v.detach().clone() for k, v in tensors.items()})
+    return ours.train(), theirs.train()
+
+
+def step_side_by_side(models, optimizers, inputs: Callable[[], dict[str, torch.Tensor]], steps: int) -> None:
+    """`steps` optimizer steps of each model on the mean square of its outputs for the same inputs."""
+    for _ in range(steps):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            output(model(**inputs())).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()

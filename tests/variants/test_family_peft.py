@@ -13,7 +13,7 @@ from lorakit import ConfigError, LoraConfig, LoraModel, TargetError, VeraConfig,
 from lorakit.io import adapter_tensors
 from lorakit.optim import create_loraplus_optimizer
 from lorakit.variants import init as weight_init
-from tests.cases import conv_mlp, ids_input, positional, tiny_bert_cls
+from tests.cases import conv_mlp, ids_input, positional, same_adapter_weights, step_side_by_side, tiny_bert_cls
 
 
 def _mlp() -> nn.Module:
@@ -22,16 +22,6 @@ def _mlp() -> nn.Module:
 
 
 _SAVED = ["classifier", "LayerNorm"]
-
-
-def _same_weights(build, config: dict) -> tuple[LoraModel, nn.Module]:
-    torch.manual_seed(2)
-    ours = get_lora_model(build(), LoraConfig(init_lora_weights=False, **config))
-    theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
-    tensors = adapter_tensors(ours.model, "default", ours.peft_config["default"])
-    state = {k: v.detach().clone() for k, v in tensors.items()}
-    peft.set_peft_model_state_dict(theirs, state)
-    return ours.train(), theirs.train()
 
 
 # -- LoRA+ ------------------------------------------------------------------------------------------------
@@ -48,18 +38,13 @@ def _same_weights(build, config: dict) -> tuple[LoraModel, nn.Module]:
 def test_loraplus_steps_equal_peft(build, inputs, config, decay):
     # PEFT's groups: every 1-D tensor learns at lr * ratio (DoRA's magnitude on an embedding, biases), each group
     # decays by loraplus_weight_decay (0 by default, not the optimizer's own) except biases and LayerNorm weights
-    ours, theirs = _same_weights(build, config)
+    ours, theirs = same_adapter_weights(build, config)
     kwargs = {"lr": 1e-2, "loraplus_lr_ratio": 4, "loraplus_lr_embedding": 1e-3, **decay}
     opts = [
         create_loraplus_optimizer(ours, torch.optim.AdamW, **kwargs),
         peft_loraplus_optimizer(theirs, torch.optim.AdamW, **kwargs),
     ]
-    for _ in range(2):
-        for model, opt in zip((ours, theirs), opts, strict=True):
-            out = model(**inputs())
-            (out.logits if hasattr(out, "logits") else out).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
+    step_side_by_side((ours, theirs), opts, inputs, steps=2)
     want = peft.get_peft_model_state_dict(theirs)
     got = adapter_tensors(ours.model, "default", ours.peft_config["default"])
     assert sorted(got) == sorted(want)

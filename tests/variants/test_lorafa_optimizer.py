@@ -14,18 +14,15 @@ from torch import nn
 from lorakit import ConfigError, LoraConfig, VeraConfig, get_lora_model
 from lorakit.io import adapter_tensors
 from lorakit.optim import LoraFAOptimizer, create_lorafa_optimizer
-from tests.cases import conv_mlp, ids_input, positional, tiny_bert_cls, tiny_llama
-
-
-def _same_weights(build, config: dict):
-    torch.manual_seed(2)
-    ours = get_lora_model(build(), LoraConfig(init_lora_weights=False, **config))
-    theirs = peft.get_peft_model(build(), peft.LoraConfig(**config))
-    state = {
-        k: v.detach().clone() for k, v in adapter_tensors(ours.model, "default", ours.peft_config["default"]).items()
-    }
-    peft.set_peft_model_state_dict(theirs, state)
-    return ours.train(), theirs.train()
+from tests.cases import (
+    conv_mlp,
+    ids_input,
+    positional,
+    same_adapter_weights,
+    step_side_by_side,
+    tiny_bert_cls,
+    tiny_llama,
+)
 
 
 def _loss(model, inputs) -> torch.Tensor:
@@ -53,7 +50,7 @@ def test_steps_equal_peft(monkeypatch, build, inputs, config, weight_decay):
     # PEFT projects under bf16 autocast wherever bf16 exists (the CPU too), which rounds the gradient; with that
     # off, both compute the same float32 math, so three steps agree to rounding
     monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda: False)
-    ours, theirs = _same_weights(build, config)
+    ours, theirs = same_adapter_weights(build, config)
     r, alpha = config["r"], config.get("lora_alpha", 8)
     opts = [
         create_lorafa_optimizer(ours, r, alpha, lr=1e-2, weight_decay=weight_decay),
@@ -62,11 +59,7 @@ def test_steps_equal_peft(monkeypatch, build, inputs, config, weight_decay):
     before = {
         k: v.detach().clone() for k, v in adapter_tensors(ours.model, "default", ours.peft_config["default"]).items()
     }
-    for _ in range(3):
-        for model, opt in zip((ours, theirs), opts, strict=True):
-            _loss(model, inputs).backward()
-            opt.step()
-            opt.zero_grad()
+    step_side_by_side((ours, theirs), opts, inputs, steps=3)
     want = peft.get_peft_model_state_dict(theirs)
     got = adapter_tensors(ours.model, "default", ours.peft_config["default"])
     assert sorted(got) == sorted(want)
