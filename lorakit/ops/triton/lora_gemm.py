@@ -74,7 +74,22 @@ def _lora_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _gemm_tile(
+        pid_m, pid_n, x_ptr, w_ptr, a_ptr, t_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R, scale,
+        stride_xm, stride_wn, stride_am, stride_tm, stride_bn, stride_ym,
+        HAS_BIAS, HAS_LORA, SHRINK, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+    )  # fmt: skip
 
+
+@triton.jit
+def _gemm_tile(
+    pid_m, pid_n, x_ptr, w_ptr, a_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scale,
+    stride_xm, stride_wn, stride_am, stride_tm, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """One output tile of y = x W^T + s t B^T + b."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -121,6 +136,40 @@ def _lora_gemm_kernel(
         acc += tl.load(bias_ptr + rn_in)[None, :].to(tl.float32)
     out = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def _lora_gemm_group_kernel(
+    x_ptr, M, K, stride_xm,
+    w0, a0, b0, c0, y0, n0, r0, s0, sw0, sa0, sb0, sy0,
+    w1, a1, b1, c1, y1, n1, r1, s1, sw1, sa1, sb1, sy1,
+    w2, a2, b2, c2, y2, n2, r2, s2, sw2, sa2, sb2, sy2,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Up to three projections of the same few rows x (q, k and v; gate and up) in one launch: the programs of
+    all of them at once keep the card's memory busier than each projection's own launch (k and v alone have 32
+    column blocks). Program p is column block p of part 0, then of part 1, then of part 2 (n2 = 0: two parts).
+    One tile body for all parts, its operands selected per program: a body per part would triple the kernel's
+    pipeline buffers and leave fewer programs on each SM. A part without bias points its bias at a zero row
+    (lora_gemm_group)."""
+    pid = tl.program_id(0)
+    end0 = tl.cdiv(n0, BLOCK_N)
+    end1 = end0 + tl.cdiv(n1, BLOCK_N)
+    p1 = pid >= end0
+    p2 = pid >= end1
+    _gemm_tile(
+        0, pid - tl.where(p2, end1, tl.where(p1, end0, 0)), x_ptr,
+        tl.where(p2, w2, tl.where(p1, w1, w0)), tl.where(p2, a2, tl.where(p1, a1, a0)),
+        tl.where(p2, a2, tl.where(p1, a1, a0)), tl.where(p2, b2, tl.where(p1, b1, b0)),
+        tl.where(p2, c2, tl.where(p1, c1, c0)), tl.where(p2, y2, tl.where(p1, y1, y0)),
+        M, tl.where(p2, n2, tl.where(p1, n1, n0)), K, tl.where(p2, r2, tl.where(p1, r1, r0)),
+        tl.where(p2, s2, tl.where(p1, s1, s0)), stride_xm,
+        tl.where(p2, sw2, tl.where(p1, sw1, sw0)), tl.where(p2, sa2, tl.where(p1, sa1, sa0)),
+        tl.where(p2, sa2, tl.where(p1, sa1, sa0)), tl.where(p2, sb2, tl.where(p1, sb1, sb0)),
+        tl.where(p2, sy2, tl.where(p1, sy1, sy0)),
+        HAS_BIAS, True, True, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -234,6 +283,59 @@ def _lora_gemm_op(
 
 # what compiled code calls: a triton_op, so the compiled step (and its CUDA graph) launches the kernel itself
 lora_gemm_op = torch.library.triton_op("lorakit::lora_gemm", _lora_gemm_op, mutates_args=())
+
+
+def lora_gemm_group(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_as: list[Tensor], lora_bs: list[Tensor],
+    scales: list[float], tiles: Tiles | None = None, wrapped: bool = False,
+) -> list[Tensor]:  # fmt: skip
+    """[x W_i^T + s_i (x A_i^T) B_i^T + b_i] for two or three projections of the same few rows x, one launch."""
+    rows, n_in = x.shape
+    parts = len(weights)
+    if not 2 <= parts <= 3 or rows > DECODE_ROWS:
+        raise ValueError(f"lora_gemm_group takes 2 or 3 projections of at most {DECODE_ROWS} rows")
+    outs = [x.new_empty(rows, w.shape[0]) for w in weights]
+    rank = max(a.shape[0] for a in lora_as)
+    tiles = tiles or group_tiles(rows, sum(w.shape[0] for w in weights), rank)
+    biased = any(b is not None for b in biases)
+    stand_in = x  # the bias of parts without one: read by no program (no tensor passed twice where one is written:
+    if biased:  # compiled, each argument written is cloned apart, and a second one would hide the write)
+        stand_in = x.new_zeros(max(w.shape[0] for w in weights), dtype=next(b for b in biases if b is not None).dtype)
+    args = []
+    for i in range(3):
+        j = min(i, parts - 1)  # a third part of none: part 1's operands, no columns, an output of its own
+        w, a, b = weights[j], lora_as[j], lora_bs[j]
+        y = outs[j] if i < parts else x.new_empty(1, 1)
+        bias = biases[j] if biases[j] is not None and i < parts else stand_in
+        args += [w, a, b, bias, y, w.shape[0] if i < parts else 0, a.shape[0], float(scales[j])]
+        args += [w.stride(0), a.stride(0), b.stride(0), y.stride(0)]
+    grid = (sum(triton.cdiv(w.shape[0], tiles.block_n) for w in weights),)
+    _wrap(_lora_gemm_group_kernel, wrapped)[grid](
+        x, rows, n_in, x.stride(0), *args, HAS_BIAS=biased, EVEN_K=n_in % tiles.block_k == 0,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_stages=tiles.stages, num_warps=tiles.warps,
+    )  # fmt: skip
+    return outs
+
+
+def group_tiles(rows: int, n_out: int, rank: int) -> Tiles:
+    """lora_gemm_group's tiles for parts of n_out outputs together, from benchmarks/lora_gemm_group_gpu.py's sweep
+    (H200): q, k, v (3072 outputs) 32 x 256, gate and up (16384) 64 x 128, four stages, two warps."""
+    block_m, block_r = max(16, triton.next_power_of_2(rows)), max(16, triton.next_power_of_2(rank))
+    block_n, block_k = (64, 128) if n_out >= 8192 else (32, 256)
+    while (block_m + block_n + block_r) * block_k * 2 > 96 << 10 and block_k > 64:  # two stages must fit
+        block_k //= 2
+    return Tiles(block_m, block_n, block_k, _stages(block_m + block_n + block_r, block_k, 4), 2, 1)
+
+
+def _lora_gemm_group_op(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_as: list[Tensor], lora_bs: list[Tensor],
+    scales: list[float],
+) -> list[Tensor]:  # fmt: skip
+    return lora_gemm_group(x, weights, biases, lora_as, lora_bs, scales, wrapped=True)
+
+
+lora_gemm_group_op = torch.library.triton_op("lorakit::lora_gemm_group", _lora_gemm_group_op, mutates_args=())
 
 
 # -- many rows: the persistent kernel ---------------------------------------------------------------------------
