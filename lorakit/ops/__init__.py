@@ -66,6 +66,7 @@ def _dispatch(name: str, portable: Callable | None = None) -> Callable:
 
 
 lora_linear = _dispatch("lora_linear")
+lora_linear_group = _dispatch("lora_linear_group")
 add_lora = _dispatch("add_lora")
 
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel

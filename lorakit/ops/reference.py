@@ -121,6 +121,14 @@ def lora_linear(
     return add_lora(out, x, adapters, training)
 
 
+def lora_linear_group(
+    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool
+) -> list[Tensor]:
+    """Semantics: [lora_linear(x, W_i, bias_i, [adapter_i], training) for each part]: projections that read the
+    same input (q, k and v; gate and up), which a kernel may compute in one launch."""
+    return [lora_linear(x, weight, bias, [factors], training) for weight, bias, factors in parts]
+
+
 def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
     """Semantics: out + sum_a s_a * B_a(A_a(dropout_a(x))), summed in the factors' dtype, rounded once to out's."""
     acc = None

@@ -12,12 +12,13 @@ try:
 except ImportError:
     KERNELS: dict[str, Callable] = {}
 else:
-    from lorakit.ops.triton.fused_linear import add_lora, lora_linear
+    from lorakit.ops.triton.fused_linear import add_lora, lora_linear, lora_linear_group
     from lorakit.ops.triton.gathered import add_gathered_lora
     from lorakit.ops.triton.routed import add_routed_lora, prepare_routed_lora
 
     KERNELS = {
         "lora_linear": lora_linear,
+        "lora_linear_group": lora_linear_group,
         "add_lora": add_lora,
         "add_routed_lora": add_routed_lora,
         "add_gathered_lora": add_gathered_lora,

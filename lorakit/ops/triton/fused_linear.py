@@ -52,6 +52,39 @@ def lora_linear(
     return _fused(x, weight, bias, None, adapters, training)
 
 
+def lora_linear_group(
+    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool
+) -> list[Tensor]:
+    """reference.lora_linear_group's semantics: a compiled decode step's few rows through lora_gemm_group (one
+    launch for all the parts), else each part as lora_linear."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if _group_fusable(x2, parts, training):
+        weights, biases = [w for w, _, _ in parts], [b for _, b, _ in parts]
+        factors = [f for _, _, f in parts]
+        outs = lora_gemm.lora_gemm_group_op(
+            x2, weights, biases, [f.lora_A for f in factors], [f.lora_B for f in factors], [f.scale for f in factors]
+        )
+        return outs if x.dim() == 2 else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
+    return [lora_linear(x, weight, bias, [factors], training) for weight, bias, factors in parts]
+
+
+def _group_fusable(x2: Tensor, parts, training: bool) -> bool:
+    """What lora_gemm_group takes: compiled, no gradient or dropout, few rows on CUDA, each part what lora_gemm
+    takes, biases (where there are) of one dtype."""
+    if lora_gemm is None or not torch.compiler.is_compiling() or not 2 <= len(parts) <= 3:
+        return False
+    if not x2.is_cuda or x2.shape[0] > lora_gemm.DECODE_ROWS or torch.is_grad_enabled() or _autocast_changes(x2):
+        return False
+    biases = {b.dtype for _, b, _ in parts if b is not None}
+    return len(biases) <= 1 and all(
+        not (training and f.dropout)
+        and not weight.requires_grad
+        and (bias is None or (bias.stride(0) == 1 and not bias.requires_grad))
+        and lora_gemm.fusable(x2, weight, f.lora_A, f.lora_B)
+        for weight, bias, f in parts
+    )
+
+
 def add_lora(out: Tensor, x: Tensor, adapters: Sequence[LoraFactors], training: bool) -> Tensor:
     """reference.add_lora's semantics: out + the adapters' terms, with the same saved tensors as lora_linear."""
     if not adapters or not _fusable(x, None, None, out, adapters):
