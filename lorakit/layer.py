@@ -114,7 +114,9 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         fast = self.__dict__["_fast"]  # set only while one plain adapter is live, enabled, unrouted (lorakit.packed)
         if fast is not None and _reads_pack(self, fast, args, kwargs):  # first: the state is not read, so a compiled
-            return _packed_linear(self, x, self._modules["base_layer"], fast)  # step guards none of it per layer
+            y = _packed_linear(self, x, fast)  # step guards none of it per layer
+            if y is not None:
+                return y
         routing = self.state.routing_now() if self.state.enabled else None
         outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
         if routing is not None and not outside:
@@ -792,14 +794,14 @@ _UNROUTABLE = (
 
 
 def _reads_pack(layer: LoraLayer, fast: tuple, args: tuple, kwargs: dict) -> bool:
-    """A compiled inference step of a layer with offsets: the graph reads the views of lorakit.packed's buffer, one
-    input for the model instead of two a layer. Eagerly the factors themselves (and their kept casts) serve. In
-    training mode the adapter's dropout applies, so a layer whose dropout is on takes the factors then."""
+    """A compiled inference step of a layer with offsets (its base a bare linear, _packed_linear): the graph reads
+    the views of lorakit.packed's buffer, one input for the model instead of two a layer. Eagerly the factors
+    themselves (and their kept casts) serve. In training mode the adapter's dropout applies, so a layer whose
+    dropout is on takes the factors then."""
     return (
         torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() or args or kwargs)
         and not (fast[4] and layer.training)
-        and _is_bare_linear(layer._modules["base_layer"])
     )
 
 
@@ -815,14 +817,73 @@ def _wants_pack(layer: LoraLayer, base: nn.Module, x: Tensor, args: tuple, kwarg
     )
 
 
-def _packed_linear(layer: LoraLayer, x: Tensor, base: nn.Module, fast: tuple) -> Tensor:
-    """base(x) + s B (A x) with A and B read from the buffer at the layer's offsets (eval mode: no dropout)."""
-    number, (a_at, a_rows, a_cols), (b_at, b_rows, b_cols), scale, _ = fast
-    buffer = packed.BUFFERS[number]
-    lora_a = buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols)
-    lora_b = buffer[b_at : b_at + b_rows * b_cols].view(b_rows, b_cols)
-    factors = [ops.LoraFactors(lora_a, lora_b, scale, 0.0)]
+def _packed_linear(layer: LoraLayer, x: Tensor, fast: tuple) -> Tensor | None:
+    """base(x) + s B (A x) with A and B read from the buffer at the layer's offsets (eval mode: no dropout); a
+    member of a group of siblings gets its output from the group's one launch (_grouped). None where the base is
+    not a bare linear. A member served from the stash reads nothing of its own (the group's first member read its
+    base and offsets), so no module is reached twice in the graph and none needs an aliasing guard."""
+    number, a_span, b_span, scale, _, group = fast
+    if group is not None:
+        y = _taken(x, group)
+        if y is not None:
+            return y
+    base = layer._modules["base_layer"]
+    if not _is_bare_linear(base):
+        return None
+    if group is not None:
+        y = _grouped(x, base, group)
+        if y is not None:
+            return y
+    factors = [ops.LoraFactors(*_views(number, a_span, b_span), scale, 0.0)]
     return ops.lora_linear(x, _tensor(base, "weight"), _tensor(base, "bias"), factors, False)
+
+
+def _views(number: int, a_span: tuple, b_span: tuple) -> tuple[Tensor, Tensor]:
+    buffer = packed.BUFFERS[number]
+    (a_at, a_rows, a_cols), (b_at, b_rows, b_cols) = a_span, b_span
+    return buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols), buffer[b_at : b_at + b_rows * b_cols].view(
+        b_rows, b_cols
+    )
+
+
+def _taken(x: Tensor, group: tuple) -> Tensor | None:
+    """This member's output where its group's first member, called with this same x, left it in the stash. Runs
+    only while a step is traced: "the same x" is the traced tensor itself, so the graph carries no check of it. A
+    stash left untaken when another member runs, or a member called with another input, marks its group broken
+    (lorakit.packed: the next pack leaves those layers apart)."""
+    number, index, _ = group
+    pending = packed.STASH.pending
+    if pending is None:
+        return None
+    if pending[0] == number and pending[1] is x and pending[2][index] is not None:
+        outs = pending[2]
+        rest = tuple(None if i == index else y for i, y in enumerate(outs))
+        packed.STASH.pending = None if all(y is None for y in rest) else (number, x, rest)
+        return outs[index]
+    packed.BROKEN.add(pending[0])  # its other members did not follow with its input
+    packed.STASH.pending = None
+    return None
+
+
+def _grouped(x: Tensor, base: nn.Module, group: tuple) -> Tensor | None:
+    """All members' outputs for x in one op (ops.lora_linear_group), this member's returned and the others' left
+    in the stash; None where the group cannot serve (a member's base with hooks, a member's dropout drawn)."""
+    number, index, _ = group
+    group_of = packed.GROUPS.get(number)
+    if group_of is None:
+        return None
+    own_bases, dropouts = group_of
+    spans = group[2]
+    bases = [base if i == index else b for i, b in enumerate(own_bases)]  # this member's own: no second source
+    if not all(_is_bare_linear(b) for b in bases) or (dropouts and any(d is not None and d.training for d in dropouts)):
+        return None
+    parts = [
+        (_tensor(b, "weight"), _tensor(b, "bias"), ops.LoraFactors(*_views(buf, a_span, b_span), scale, 0.0))
+        for b, (buf, a_span, b_span, scale) in zip(bases, spans, strict=True)
+    ]
+    outs = ops.lora_linear_group(x, parts, False)
+    packed.STASH.pending = (number, x, tuple(None if i == index else y for i, y in enumerate(outs)))
+    return outs[index]
 
 
 def _plain_factors(adapter: Adapter) -> ops.LoraFactors | None:

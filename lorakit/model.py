@@ -95,7 +95,7 @@ class LoraModel(nn.Module):
     def _unrouted(self) -> None:
         """An unrouted call starts: compiled inference steps read the live adapter from one buffer (lorakit.packed)."""
         if self.state.pack_wanted and not torch.compiler.is_compiling():  # a compiled LoraModel: never traced
-            packed.prepare(self.state, lambda: (layer for _, layer in lora_layers(self.model)))
+            packed.prepare(self.state, lambda: lora_layers(self.model))
 
     @contextmanager
     def routed(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:

@@ -13,6 +13,12 @@ change (an adapter set, added, deleted, merged, rescaled or moved; a factor repl
 once (lorakit.state.packs_stale) until the next such call makes them again. Not seen, as by the gathered tables:
 a factor's `.data` assigned by hand. The factors of one adapter then share a storage as views that do not overlap,
 which safetensors and torch.save store as they are.
+
+Siblings: projections of one parent that a model calls with the same input (q, k and v; gate and up: SIBLINGS)
+form a group (GROUPS), and in a compiled decode step the first of them to be called computes all their outputs
+in one launch (ops.lora_linear_group), the others taking theirs from STASH. That the input is the same is checked
+as the step is traced (the tensor itself); where it is not (a cross-attention's q and k), the group is found broken
+(BROKEN) and the next pack leaves those layers apart.
 """
 
 from __future__ import annotations
@@ -30,21 +36,44 @@ PACK_DEVICES = ("cuda",)  # where a compiled step's host time is what the buffer
 ALIGN = 64  # elements: every view starts 16-byte aligned, so kernels keep their vector loads
 BUFFERS: dict[int, Tensor] = {}  # number -> buffer, read by the compiled graphs (one source for all layers)
 _NUMBERS = itertools.count()
+_GROUP_NUMBERS = itertools.count()
+SIBLINGS = tuple(
+    frozenset(names)
+    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("q", "k", "v"),
+                  ("wi_0", "wi_1"), ("w1", "w3"), ("fc1", "fc2_gate"))
+)  # fmt: skip
+GROUPS: dict[int, tuple] = {}  # group number -> (its members' base layers, their dropout modules or None where none
+# has dropout), read by compiled graphs (one source for every member); their offsets are in each member's _fast
+BROKEN: set[int] = set()  # groups whose members a trace saw called with other inputs: packed apart next time
+
+
+class _Stash:
+    """The outputs a group's first member computed for the others: (group, input, outputs, None where taken)."""
+
+    def __init__(self) -> None:
+        self.pending: tuple | None = None  # in the instance from the start: a trace that sets it changes no guard
+
+
+STASH = _Stash()
 _HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDictionary()  # state -> its buffers, layers
 
 
 def prepare(state: AdapterState, layers: Callable[[], Iterable]) -> None:
     """As an unrouted call of the model starts: the layers' offsets made again where a compiled step wants them."""
+    if STASH.pending is not None:  # a group's outputs the last step left untaken: its members do not go together
+        BROKEN.add(STASH.pending[0])
+        STASH.pending = None
     if not state.pack_wanted or not state.enabled or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
-    if state.pack_fresh and state.pack_owner == id(state) and state.pack_active == tuple(state.active):
+    fresh = state.pack_fresh and state.pack_owner == id(state) and state.pack_active == tuple(state.active)
+    if fresh and not (BROKEN and BROKEN & _held(state)["groups"].keys()):
         return
     if not any(d != "cuda" or torch.cuda.is_available() for d in PACK_DEVICES):
         return
     _build(state, layers())
 
 
-def _build(state: AdapterState, layers: Iterable) -> None:
+def _build(state: AdapterState, layers: Iterable[tuple[str, object]]) -> None:
     """Every layer whose forward is one plain LoRA adapter on a linear weight gets its offsets; others None. An
     adapter's factors already in its buffer stay there (same number: the compiled graph is kept, and switching
     back to an adapter compiles nothing); otherwise they move into a new one."""
@@ -52,7 +81,8 @@ def _build(state: AdapterState, layers: Iterable) -> None:
 
     held = _held(state)
     groups: dict[tuple, list] = {}  # (adapter name, dtype, device) -> its layers and factors
-    for layer in layers:
+    named = []
+    for path, layer in layers:
         layer.__dict__["_fast"] = None
         if layer.acts_on_weight or layer.merged_adapters:
             continue
@@ -65,6 +95,7 @@ def _build(state: AdapterState, layers: Iterable) -> None:
             continue
         if a.device.type in PACK_DEVICES:
             groups.setdefault((names[0], a.dtype, a.device), []).append((layer, a, b, factors.scale, factors.dropout))
+            named.append((path, layer, layer.adapters._modules[names[0]]._modules.get("dropout")))
     numbers, layers_now = held["numbers"], weakref.WeakSet()
     for key, members in groups.items():
         factors = [t for _, a, b, _, _ in members for t in (a, b)]
@@ -74,20 +105,55 @@ def _build(state: AdapterState, layers: Iterable) -> None:
             tables_stale()  # the factors move: the gathered tables hold their old addresses
             number = numbers[key] = _move(factors)
         for layer, a, b, scale, dropout in members:
-            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale, dropout)
+            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale, dropout, None)
             layers_now.add(layer)
     for key in [k for k in numbers if k[0] not in state.parents]:  # deleted adapters: their buffers go with them
         BUFFERS.pop(numbers.pop(key), None)
+    _group(held, named)
     held["layers"] = layers_now
     state.pack_owner, state.pack_active = id(state), tuple(state.active)
     packs_fresh(state)
 
 
+def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
+    """Siblings with offsets in one buffer, of one input size, become a group: each member's offsets name it and
+    its place in it. A group's number is kept while its members and buffer are (switching back to an adapter
+    compiles nothing)."""
+    for number in held["groups"]:
+        GROUPS.pop(number, None)
+    for number in BROKEN & held["groups"].keys():
+        held["apart"].add(held["groups"][number])
+        BROKEN.discard(number)
+    held["groups"] = {}
+    by_parent: dict[tuple, list] = {}
+    for path, layer, dropout in named:
+        parent, _, leaf = path.rpartition(".")
+        fast = layer.__dict__["_fast"]
+        kin = next((i for i, names in enumerate(SIBLINGS) if leaf in names), None)
+        if kin is not None:
+            by_parent.setdefault((parent, kin, fast[0], fast[1][2]), []).append((path, layer, dropout))
+    for members in by_parent.values():
+        paths = tuple(path for path, _, _ in members)
+        if not 2 <= len(members) <= 3 or paths in held["apart"]:
+            continue
+        key = (paths, members[0][1].__dict__["_fast"][0])
+        number = held["ids"].setdefault(key, next(_GROUP_NUMBERS))
+        fasts = [layer.__dict__["_fast"] for _, layer, _ in members]
+        dropouts = tuple(dropout if fast[4] else None for (_, _, dropout), fast in zip(members, fasts, strict=True))
+        bases = tuple(layer._modules["base_layer"] for _, layer, _ in members)
+        GROUPS[number] = (bases, None if all(d is None for d in dropouts) else dropouts)
+        held["groups"][number] = paths
+        spans = tuple(fast[:4] for fast in fasts)  # in every member's offsets: constants, one guard for all
+        for index, (_, layer, _) in enumerate(members):
+            layer.__dict__["_fast"] = (*layer.__dict__["_fast"][:5], (number, index, spans))
+
+
 def _held(state: AdapterState) -> dict:
-    """The state's buffers and the layers given offsets; a deep copy's own (its factors are not in them)."""
+    """The state's buffers and groups and the layers given offsets; a deep copy's own (its factors are not in
+    them). "apart": the member paths of groups found broken; "ids": group numbers by members and buffer."""
     held = _HELD.get(state)
     if held is None:
-        held = _HELD[state] = {"numbers": {}, "layers": weakref.WeakSet()}
+        held = _HELD[state] = {"numbers": {}, "layers": weakref.WeakSet(), "groups": {}, "apart": set(), "ids": {}}
         weakref.finalize(state, _release, held)
     return held
 
@@ -95,6 +161,8 @@ def _held(state: AdapterState) -> dict:
 def _release(held: dict) -> None:
     for number in held["numbers"].values():
         BUFFERS.pop(number, None)
+    for number in held["groups"]:
+        GROUPS.pop(number, None)
 
 
 def _inside(factors: list[Tensor], buffer: Tensor) -> bool:
@@ -137,6 +205,8 @@ def _drop(state: AdapterState) -> None:
         for layer in list(held["layers"]):
             layer.__dict__["_fast"] = None
         held["layers"] = weakref.WeakSet()
+        for number in held["groups"]:  # kept in held: a broken one is still found at the next pack
+            GROUPS.pop(number, None)  # the base layers they hold go with them
 
 
 STALE_HOOKS.append(_drop)

@@ -271,3 +271,130 @@ def test_where_nothing_is_packed_a_compiled_step_compiles_once(monkeypatch):
         for _ in range(3):
             compiled(input_ids=ids, use_cache=False)
     assert len(backend.inputs) == 1
+
+
+# -- siblings (q, k, v; gate, up) computed by one op -----------------------------------------------------------
+@torch.library.custom_op("lorakit_test::group", mutates_args=())
+def _group_op(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor], scales: list[float],
+) -> list[torch.Tensor]:  # fmt: skip
+    from lorakit.ops.reference import LoraFactors, lora_linear
+
+    return [
+        lora_linear(x, w, b, [LoraFactors(a, b_, s, 0.0)], False)
+        for w, b, a, b_, s in zip(weights, biases, lora_as, lora_bs, scales, strict=True)
+    ]
+
+
+@_group_op.register_fake
+def _(x, weights, biases, lora_as, lora_bs, scales):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+class GroupCounting(Counting):
+    """Counting, and the group ops each graph calls, by their number of parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[list[int]] = []
+
+    def __call__(self, gm, example_inputs):
+        ops = [n for n in gm.graph.nodes if n.target is torch.ops.lorakit_test.group.default]
+        self.groups.append([len(n.args[1]) for n in ops])
+        return super().__call__(gm, example_inputs)
+
+
+@pytest.fixture
+def group_op(monkeypatch):
+    """lorakit's group op as one node of the graph (on CUDA, one kernel), the reference's math inside."""
+
+    def as_one_node(x, parts, training):
+        weights, biases, factors = zip(*parts, strict=True)
+        return _group_op(
+            x, list(weights), list(biases), [f.lora_A for f in factors], [f.lora_B for f in factors],
+            [f.scale for f in factors],
+        )  # fmt: skip
+
+    monkeypatch.setattr("lorakit.layer.ops.lora_linear_group", as_one_node)
+
+
+def _members(lora, suffix: str) -> list[LoraLayer]:
+    return [m for n, m in lora.named_modules() if n.endswith(suffix) and isinstance(m, LoraLayer)]
+
+
+def test_siblings_are_computed_by_one_op_with_the_eager_model_s_outputs(group_op):
+    counted = GroupCounting()
+    lora = _model()
+    expected = _eager(lora)
+    _compiled(lora, counted)
+    torch.testing.assert_close(_warm(lora), expected, atol=ATOL, rtol=0)
+    assert counted.groups == [[], [3, 2] * LAYERS]  # q, k, v and gate, up of every layer; o and down alone
+    assert all(m._fast[5] is not None for s in ("q_proj", "k_proj", "v_proj", "up_proj") for m in _members(lora, s))
+    assert all(m._fast[5] is None for s in ("o_proj", "down_proj") for m in _members(lora, s))
+    assert packed.STASH.pending is None and not packed.BROKEN
+    with torch.no_grad():  # in place, then another adapter: both read by the next step
+        _members(lora, "k_proj")[0].adapters["a0"].lora_B.mul_(-2.0)
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+    lora.set_adapter("a1")
+    torch.testing.assert_close(_step(lora), _eager(lora), atol=ATOL, rtol=0)
+    assert counted.groups[2:] == [[3, 2] * LAYERS]
+
+
+class CrossAttention(nn.Module):
+    """q from the input, k and v from another tensor (a cross-attention's memory): siblings by name only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 8) for _ in range(3))
+        self.o_proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        memory = torch.tanh(x)
+        return self.o_proj(self.q_proj(x) * self.k_proj(memory) + self.v_proj(memory))
+
+
+def test_siblings_called_with_other_inputs_are_packed_apart(group_op):
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = get_lora_model(CrossAttention(), config, "a0").eval()
+    x = torch.randn(3, 8)
+
+    def step():
+        with torch.no_grad():
+            return lora(x)
+
+    with torch.compiler.set_stance("force_eager"):
+        expected = step()
+    counted = GroupCounting()
+    lora.model.forward = torch.compile(lora.model.forward, backend=counted, fullgraph=True)
+    for _ in range(5):
+        torch.testing.assert_close(step(), expected, atol=ATOL, rtol=0)
+    assert counted.groups == [[], [3, 3], []]  # unpacked; the group, found broken; apart
+    assert lora.model.q_proj._fast is not None and lora.model.q_proj._fast[5] is None
+    assert packed.STASH.pending is None and not packed.BROKEN
+
+
+def test_a_hook_on_a_sibling_s_base_keeps_its_group_off(group_op):
+    lora = _model()
+    _members(lora, "k_proj")[0].base_layer.register_forward_hook(lambda module, args, out: out + 1.0)
+    expected = _eager(lora)
+    counted = GroupCounting()
+    _compiled(lora, counted)
+    torch.testing.assert_close(_warm(lora), expected, atol=ATOL, rtol=0)
+    assert counted.groups[-1] == [2] + [3, 2] * (LAYERS - 1)  # the first layer's q, k, v each on its own
+
+
+def test_groups_go_with_their_model_and_with_their_pack(group_op):
+    import gc
+
+    lora = _compiled(_model(), GroupCounting())
+    _warm(lora)
+    numbers = {m._fast[5][0] for s in ("q_proj", "up_proj") for m in _members(lora, s)}
+    assert len(numbers) == 2 * LAYERS and numbers <= packed.GROUPS.keys()
+    lora.set_adapter("a1")  # the pack goes stale: the groups hold the base layers no longer
+    assert not numbers & packed.GROUPS.keys()
+    _step(lora)
+    del lora
+    gc.collect()
+    assert not packed.GROUPS

@@ -233,3 +233,71 @@ def test_compiled_decode_launches_the_kernel_and_follows_changed_factors(mode):
         again = step(x).clone()
     assert _rel(again, _adapters_gold(x, w, bias, adapters)) < TOLERANCE[torch.bfloat16]
     assert _rel(again, y.double()) > 0.05
+
+
+GROUP_CASES = [  # rows, in, the parts' (out, rank, bias), dtype: two and three parts, odd shapes and ranks
+    (4, 2048, [(2048, 16, False), (512, 16, False), (512, 16, False)], BF16),
+    (1, 96, [(80, 1, True), (33, 7, False)], FP16),
+    (16, 520, [(48, 128, True), (200, 64, True), (7, 1, True)], BF16),
+    (5, 203, [(141, 33, False), (141, 16, True)], BF16),
+    (3, 2048, [(8192, 16, False), (8192, 16, False)], BF16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows,n_in,parts,dtype", GROUP_CASES)
+def test_lora_gemm_group_matches_float64_math_part_by_part(rows, n_in, parts, dtype):
+    from lorakit.ops.triton.lora_gemm import lora_gemm_group
+
+    x = _operands(rows, n_in, 8, 1, dtype, False)[0]
+    operands = [_operands(rows, n_in, n_out, rank, dtype, bias, seed=i + 1)[1:] for i, (n_out, rank, bias) in
+                enumerate(parts)]  # fmt: skip
+    scales = [0.5 + i for i in range(len(parts))]
+    outs = lora_gemm_group(x, *(list(t) for t in zip(*operands, strict=True)), scales)
+    for y, (w, bias, a, b), scale in zip(outs, operands, scales, strict=True):
+        gold, without = _gold(x, w, bias, a, b, scale), _gold(x, w, bias, a, b * 0, scale)
+        assert y.dtype == dtype and y.shape == (rows, w.shape[0])
+        assert _rel(y, gold) < TOLERANCE[dtype]
+        assert _rel(y.double() - without, gold - without) < 5 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", [GROUP_CASES[0], GROUP_CASES[2], GROUP_CASES[4]], ids=["qkv", "bias", "gate-up"])
+def test_the_compiled_group_op_writes_every_part(case):
+    """Compiled (the op's kernel launched from inductor's code, each written argument its own), as eagerly."""
+    from lorakit.ops.triton.lora_gemm import lora_gemm_group_op
+
+    torch._dynamo.reset()
+    rows, n_in, parts, dtype = case
+    x = _operands(rows, n_in, 8, 1, dtype, False)[0]
+    operands = [_operands(rows, n_in, n_out, rank, dtype, bias, seed=i + 1)[1:] for i, (n_out, rank, bias) in
+                enumerate(parts)]  # fmt: skip
+    weights, biases, lora_as, lora_bs = (list(t) for t in zip(*operands, strict=True))
+    scales = [0.5 + i for i in range(len(parts))]
+    step = torch.compile(lambda x: lora_gemm_group_op(x, weights, biases, lora_as, lora_bs, scales), fullgraph=True)
+    with torch.no_grad():
+        outs = step(x)
+    for y, (w, bias, a, b), scale in zip(outs, operands, scales, strict=True):
+        assert _rel(y, _gold(x, w, bias, a, b, scale)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("rows,grouped", [(4, True), (17, False)])
+def test_a_compiled_decode_step_runs_q_k_v_and_gate_up_as_one_launch_each(rows, grouped):
+    """A compiled step of a few rows computes each group of siblings (q, k, v; gate, up) with one kernel, the
+    others (o, down) with lora_gemm's own; more rows keep each layer's own path. Outputs as the eager model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lorakit import LoraConfig, get_lora_model, packed
+    from tests.gpu.models import tiny_llama
+
+    torch._dynamo.reset()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    model = get_lora_model(tiny_llama(BF16), config, "a0", adapter_dtype=BF16).eval()
+    ids = torch.randint(0, 256, (rows, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits.float()
+        model.model.forward = torch.compile(model.model.forward, fullgraph=True)
+        model(input_ids=ids, use_cache=False)  # asks for the pack
+        out, code = run_and_get_code(lambda: model(input_ids=ids, use_cache=False).logits.float())
+    text = "\n".join(code)
+    assert ("lora_gemm_group_kernel" in text) == grouped
+    assert packed.STASH.pending is None and not packed.BROKEN
+    assert (out - eager).abs().max().item() < 2e-2 * eager.abs().max().item()
