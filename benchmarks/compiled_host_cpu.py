@@ -4,10 +4,11 @@ the host does around a graph that CUDA graphs would replay: the entry hooks, the
 inputs. The gathered path runs on the CPU here (lorakit.layer.GATHER_DEVICES), its op a no-op stand-in.
 
 A tiny Llama (hidden 32) of --layers layers, --adapters r4 all-linear adapters, 64 rows each on adapter i mod
---adapters, eval mode, no gradient; `base` is the same model without adapters. Medians of --steps calls; guard
+--adapters (--case one-adapter: one adapter set active, 4 rows, no routing: the packed path), eval mode, no
+gradient; `base` is the same model without adapters. Medians of --steps calls; guard
 times the best of 7 rounds of --steps checks (this 2-core machine's other work moves single rounds).
 
-Run: PYTHONPATH=. python benchmarks/compiled_host_cpu.py [--layers 8] [--adapters 64]
+Run: PYTHONPATH=. python benchmarks/compiled_host_cpu.py [--layers 8] [--adapters 64] [--case decode-64|one-adapter]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit.layer
-from lorakit import LoraConfig, get_lora_model
+from lorakit import LoraConfig, get_lora_model, packed
 
 ROWS = 64
 
@@ -46,6 +47,8 @@ def build(mode: str, args: argparse.Namespace):
     if mode == "base":
         return model, model, {}
     lora = get_lora_model(model, LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"), "a0")
+    if args.case == "one-adapter":
+        return lora.eval(), lora.model, {}
     for i in range(1, args.adapters):
         lora.add_adapter(f"a{i}", LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"))
     return lora.eval(), lora.model, {"adapter_names": [f"a{i % args.adapters}" for i in range(ROWS)]}
@@ -68,7 +71,8 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
     model, inner, routing = build(mode, args)
     original = type(inner).forward
     inner.forward = torch.compile(inner.forward, backend=stubbed, fullgraph=True)
-    ids = torch.randint(0, 64, (ROWS, 1), generator=torch.Generator().manual_seed(1))
+    rows = ROWS if args.case == "decode-64" else 4
+    ids = torch.randint(0, 64, (rows, 1), generator=torch.Generator().manual_seed(1))
 
     def step():
         return model(input_ids=ids, use_cache=False, **routing)
@@ -104,12 +108,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--case", choices=("decode-64", "one-adapter"), default="decode-64")
     args = parser.parse_args()
     lorakit.layer.GATHER_DEVICES = ("cuda", "cpu")
     lorakit.layer.ops.add_gathered_lora = _gathered_stand_in
+    packed.PACK_DEVICES = ("cuda", "cpu")
     for mode in ("base", "ours"):
         result = measure(mode, args)
-        print(f"{mode}: {args.layers} layers, step {result['step_us']:.0f} us (graph stubbed), guards "
+        print(f"{args.case} {mode}: {args.layers} layers, step {result['step_us']:.0f} us (graph stubbed), guards "
               f"{result['guards_us']:.1f} us, {result['graphs']} graph(s)", flush=True)  # fmt: skip
 
 

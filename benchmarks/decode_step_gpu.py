@@ -52,7 +52,8 @@ from lorakit.ops import gathered
 from lorakit.serve.routing import SERVING_ATTENTION
 
 CASES = ("decode-64", "one-adapter")
-MODES = ("base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "peft")
+MODES = ("base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "ours-ungrouped", "peft")
+SIBLINGS = packed.SIBLINGS
 QUICK = dict(
     layers=2,
     decode_layers=2,
@@ -213,6 +214,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     start = time.perf_counter()
     base = build_model(argparse.Namespace(**{**vars(args), "layers": layers}), args.device)
     packed.PACK_DEVICES = () if mode == "ours-unpacked" else ("cuda",)  # the same code with and without buffers
+    packed.SIBLINGS = () if mode == "ours-ungrouped" else SIBLINGS  # and without groups of siblings
     gathered.VECTOR_LOADS = mode != "ours-unaligned"  # and with the gathered kernels' element loads
     LoraLayer.forward = _state_first if mode == "ours-state-first" else _FORWARD
     model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
