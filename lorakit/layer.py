@@ -839,11 +839,11 @@ def _packed_linear(layer: LoraLayer, x: Tensor, fast: tuple) -> Tensor | None:
 
 
 def _views(number: int, a_span: tuple, b_span: tuple) -> tuple[Tensor, Tensor]:
+    """A and B as views of buffer `number` at their spans (offset, rows, columns)."""
     buffer = packed.BUFFERS[number]
     (a_at, a_rows, a_cols), (b_at, b_rows, b_cols) = a_span, b_span
-    return buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols), buffer[b_at : b_at + b_rows * b_cols].view(
-        b_rows, b_cols
-    )
+    lora_a = buffer[a_at : a_at + a_rows * a_cols].view(a_rows, a_cols)
+    return lora_a, buffer[b_at : b_at + b_rows * b_cols].view(b_rows, b_cols)
 
 
 def _taken(x: Tensor, group: tuple) -> Tensor | None:
@@ -857,7 +857,7 @@ def _taken(x: Tensor, group: tuple) -> Tensor | None:
         return None
     if pending[0] == number and pending[1] is x and pending[2][index] is not None:
         outs = pending[2]
-        rest = tuple(None if i == index else y for i, y in enumerate(outs))
+        rest = _others(outs, index)
         packed.STASH.pending = None if all(y is None for y in rest) else (number, x, rest)
         return outs[index]
     packed.BROKEN.add(pending[0])  # its other members did not follow with its input
@@ -868,13 +868,12 @@ def _taken(x: Tensor, group: tuple) -> Tensor | None:
 def _grouped(x: Tensor, base: nn.Module, group: tuple) -> Tensor | None:
     """All members' outputs for x in one op (ops.lora_linear_group), this member's returned and the others' left
     in the stash; None where the group cannot serve (a member's base with hooks, a member's dropout drawn)."""
-    number, index, _ = group
-    group_of = packed.GROUPS.get(number)
-    if group_of is None:
+    number, index, spans = group
+    held = packed.GROUPS.get(number)
+    if held is None:
         return None
-    own_bases, dropouts = group_of
-    spans = group[2]
-    bases = [base if i == index else b for i, b in enumerate(own_bases)]  # this member's own: no second source
+    member_bases, dropouts = held
+    bases = [base if i == index else b for i, b in enumerate(member_bases)]  # this member's own: no second source
     if not all(_is_bare_linear(b) for b in bases) or (dropouts and any(d is not None and d.training for d in dropouts)):
         return None
     parts = [
@@ -882,8 +881,13 @@ def _grouped(x: Tensor, base: nn.Module, group: tuple) -> Tensor | None:
         for b, (buf, a_span, b_span, scale) in zip(bases, spans, strict=True)
     ]
     outs = ops.lora_linear_group(x, parts, False)
-    packed.STASH.pending = (number, x, tuple(None if i == index else y for i, y in enumerate(outs)))
+    packed.STASH.pending = (number, x, _others(outs, index))
     return outs[index]
+
+
+def _others(outs, index: int) -> tuple:
+    """The outputs still to be taken: all but `index`'s (None there)."""
+    return tuple(None if i == index else y for i, y in enumerate(outs))
 
 
 def _plain_factors(adapter: Adapter) -> ops.LoraFactors | None:
