@@ -39,9 +39,15 @@ _NUMBERS = itertools.count()
 _GROUP_NUMBERS = itertools.count()
 SIBLINGS = tuple(
     frozenset(names)
-    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("q", "k", "v"),
-                  ("wi_0", "wi_1"), ("w1", "w3"), ("fc1", "fc2_gate"))
-)  # fmt: skip
+    for names in (
+        ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, Gemma, OPT, BART, Whisper
+        ("gate_proj", "up_proj"),  # the gated MLPs of the same
+        ("query", "key", "value"),  # BERT and its kin
+        ("q", "k", "v"),  # T5
+        ("wi_0", "wi_1"),  # T5's gated MLP
+        ("w1", "w3"),  # Mixtral's experts, the original Llama's MLP
+    )
+)
 GROUPS: dict[int, tuple] = {}  # group number -> (its members' base layers, their dropout modules or None where none
 # has dropout), read by compiled graphs (one source for every member); their offsets are in each member's _fast
 BROKEN: set[int] = set()  # groups whose members a trace saw called with other inputs: packed apart next time
