@@ -398,3 +398,32 @@ def test_groups_go_with_their_model_and_with_their_pack(group_op):
     del lora
     gc.collect()
     assert not packed.GROUPS
+
+
+def test_t5_s_self_attentions_group_and_its_cross_attentions_are_packed_apart(group_op):
+    """In a real encoder-decoder: q, k, v of every self-attention read one input and stay a group; a cross-
+    attention's q reads the decoder's states and its k and v the encoder's, so its groups are found broken and
+    packed apart after one step. Every step's outputs are the eager model's."""
+    from tests.cases import tiny_t5
+
+    lora = get_lora_model(tiny_t5(), LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"), "a0")
+    lora = lora.eval()
+    gen = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(0, 64, (3, 5), generator=gen), "use_cache": False}
+    batch["decoder_input_ids"] = torch.randint(0, 64, (3, 2), generator=gen)
+
+    def step():
+        with torch.no_grad():
+            return lora(**batch).logits
+
+    with torch.compiler.set_stance("force_eager"):
+        expected = step()
+    counted = GroupCounting()
+    lora.model.forward = torch.compile(lora.model.forward, backend=counted, fullgraph=True)
+    for _ in range(4):
+        torch.testing.assert_close(step(), expected, atol=ATOL, rtol=0)
+    grouped = {n for n, m in lora.named_modules() if isinstance(m, LoraLayer) and m._fast[5] is not None}
+    cross = {n for n, m in lora.named_modules() if isinstance(m, LoraLayer) and "EncDecAttention" in n}
+    assert len(counted.groups) == 3  # unpacked; every group; the cross-attentions' apart
+    assert not grouped & cross and {n.rsplit(".", 1)[1] for n in grouped} == {"q", "k", "v"}
+    assert counted.groups[-1].count(3) == 4  # the encoder's two self-attentions and the decoder's two
