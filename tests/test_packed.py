@@ -341,6 +341,17 @@ def test_siblings_are_computed_by_one_op_with_the_eager_model_s_outputs(group_op
     assert counted.groups[2:] == [[3, 2] * LAYERS]
 
 
+def _compiled_steps_match_eager(lora, step, steps: int) -> GroupCounting:
+    """`steps` calls of `step` with the inner model compiled, each with the eager model's outputs; the graphs."""
+    with torch.compiler.set_stance("force_eager"):
+        expected = step()
+    counted = GroupCounting()
+    lora.model.forward = torch.compile(lora.model.forward, backend=counted, fullgraph=True)
+    for _ in range(steps):
+        torch.testing.assert_close(step(), expected, atol=ATOL, rtol=0)
+    return counted
+
+
 class CrossAttention(nn.Module):
     """q from the input, k and v from another tensor (a cross-attention's memory): siblings by name only."""
 
@@ -364,12 +375,7 @@ def test_siblings_called_with_other_inputs_are_packed_apart(group_op):
         with torch.no_grad():
             return lora(x)
 
-    with torch.compiler.set_stance("force_eager"):
-        expected = step()
-    counted = GroupCounting()
-    lora.model.forward = torch.compile(lora.model.forward, backend=counted, fullgraph=True)
-    for _ in range(5):
-        torch.testing.assert_close(step(), expected, atol=ATOL, rtol=0)
+    counted = _compiled_steps_match_eager(lora, step, 5)
     assert counted.groups == [[], [3, 3], []]  # unpacked; the group, found broken; apart
     assert lora.model.q_proj._fast is not None and lora.model.q_proj._fast[5] is None
     assert packed.STASH.pending is None and not packed.BROKEN
@@ -416,12 +422,7 @@ def test_t5_s_self_attentions_group_and_its_cross_attentions_are_packed_apart(gr
         with torch.no_grad():
             return lora(**batch).logits
 
-    with torch.compiler.set_stance("force_eager"):
-        expected = step()
-    counted = GroupCounting()
-    lora.model.forward = torch.compile(lora.model.forward, backend=counted, fullgraph=True)
-    for _ in range(4):
-        torch.testing.assert_close(step(), expected, atol=ATOL, rtol=0)
+    counted = _compiled_steps_match_eager(lora, step, 4)
     grouped = {n for n, m in lora.named_modules() if isinstance(m, LoraLayer) and m._fast[5] is not None}
     cross = {n for n, m in lora.named_modules() if isinstance(m, LoraLayer) and "EncDecAttention" in n}
     assert len(counted.groups) == 3  # unpacked; every group; the cross-attentions' apart
