@@ -131,6 +131,8 @@ def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
         held["apart"].add(held["groups"][number])
         BROKEN.discard(number)
     held["groups"] = {}
+    buffers = set(held["numbers"].values())  # a deleted adapter's groups are not kept for a switch back
+    held["ids"] = {key: number for key, number in held["ids"].items() if key[1] in buffers}
     by_parent: dict[tuple, list] = {}
     for path, layer, dropout in named:
         parent, _, leaf = path.rpartition(".")
