@@ -46,22 +46,23 @@ class Kernels:
         self.chunk = triton.cdiv(min(n_in, 512 if aligned else 128), self.block_k) * self.block_k
         self.chunks = triton.cdiv(n_in, self.chunk)
         self.block_n = max(16, min(256, TILE // block_r))
-        self.part = torch.empty((self.chunks, n_tokens, 1, block_r), dtype=torch.float32, device=x.device)
+        self.part = torch.empty((self.chunks, 1, n_tokens, 1, block_r), dtype=torch.float32, device=x.device)
         self.block_r, self.n_out = block_r, n_out
 
     def shrink(self, x, slots, table) -> None:
         n_tokens, n_in = x.shape
+        entries = table.entries
         _shrink_kernel[(n_tokens, 1, self.chunks)](
-            x, slots, table.entries, self.part, n_tokens, n_in, self.chunk,
-            PATHS=1, BLOCK_R=self.block_r, BLOCK_K=self.block_k, CODE=table.code, ALIGNED=self.aligned,
+            x, slots, entries, entries, entries, self.part, n_tokens, n_in, self.chunk, self.chunks,
+            PARTS=1, PATHS=1, BLOCK_R=self.block_r, BLOCK_K=self.block_k, CODE=table.code, ALIGNED=self.aligned,
             num_warps=self.shrink_warps,
         )  # fmt: skip
 
     def expand(self, out, slots, table) -> None:
         n_tokens = out.shape[0]
         _expand_kernel[(n_tokens, triton.cdiv(self.n_out, self.block_n))](
-            self.part, slots, table.entries, out, n_tokens, self.n_out,
-            CHUNKS=self.chunks, PATHS=1, BLOCK_R=self.block_r, BLOCK_N=self.block_n, CODE=table.code,
+            self.part, slots, *[table.entries] * 3, *[out] * 3, self.n_out, 0, 0, n_tokens,
+            CHUNKS=self.chunks, PARTS=1, PATHS=1, BLOCK_R=self.block_r, BLOCK_N=self.block_n, CODE=table.code,
             ALIGNED=self.aligned, num_warps=4,
         )  # fmt: skip
 

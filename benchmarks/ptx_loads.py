@@ -51,19 +51,20 @@ def main() -> None:
     args = parser.parse_args()
     shrink = ptx(
         gathered._shrink_kernel,
-        dict(x_ptr="*bf16", slots_ptr="*i32", entries_ptr="*i64", part_ptr="*fp32", n_tokens="i32", n_in="i32",
-             chunk="i32"),
-        dict(PATHS=1, BLOCK_R=16, BLOCK_K=128, CODE=0, ALIGNED=args.aligned),
-        aligned=(0, 1, 2, 3, 5, 6),
+        dict(x_ptr="*bf16", slots_ptr="*i32", e0="*i64", e1="*i64", e2="*i64", part_ptr="*fp32", n_tokens="i32",
+             n_in="i32", chunk="i32", chunks="i32"),
+        dict(PARTS=1, PATHS=1, BLOCK_R=16, BLOCK_K=128, CODE=0, ALIGNED=args.aligned),
+        aligned=(0, 1, 2, 3, 4, 5, 7, 8),
         warps=1,
     )  # fmt: skip
     expand = ptx(
         gathered._expand_kernel,
-        dict(part_ptr="*fp32", slots_ptr="*i32", entries_ptr="*i64", out_ptr="*bf16", n_tokens="i32", n_out="i32"),
-        dict(CHUNKS=16, PATHS=1, BLOCK_R=16, BLOCK_N=256, CODE=0, ALIGNED=args.aligned),
-        aligned=(0, 1, 2, 3, 5),
+        dict(part_ptr="*fp32", slots_ptr="*i32", e0="*i64", e1="*i64", e2="*i64", y0="*bf16", y1="*bf16",
+             y2="*bf16", n0="i32", n1="i32", n2="i32", n_tokens="i32"),
+        dict(CHUNKS=16, PARTS=1, PATHS=1, BLOCK_R=16, BLOCK_N=256, CODE=0, ALIGNED=args.aligned),
+        aligned=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
         warps=4,
-    )
+    )  # fmt: skip
     print(f"triton {triton.__version__}, sm_90, aligned: {args.aligned}")
     print(f"shrink global loads by width: {counts(shrink)}")
     print(f"expand global loads by width: {counts(expand)}")

@@ -71,6 +71,7 @@ add_lora = _dispatch("add_lora")
 
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 add_gathered_lora = _dispatch("add_gathered_lora", gathered.add_gathered_lora)  # the kernel adds into out itself
+add_gathered_lora_group = _dispatch("add_gathered_lora_group", gathered.add_gathered_lora_group)  # x first
 gather_table = gathered.gather_table
 
 
@@ -185,6 +186,7 @@ def prepare_routed_lora(
 __all__ = [
     "LoraFactors",
     "add_gathered_lora",
+    "add_gathered_lora_group",
     "add_lora",
     "add_routed_lora",
     "add_spanned_lora",

@@ -109,3 +109,8 @@ def _rows(factors: Sequence[LoraFactors | None]) -> list[list[int]]:
 def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, table: GatherTable) -> Tensor:
     """reference.add_gathered_lora over the table's adapters: x (T x in), out (T x out), slots (T x P)."""
     return reference.add_gathered_lora(out, x, slots, table.factors)
+
+
+def add_gathered_lora_group(x: Tensor, outs: Sequence[Tensor], slots: Tensor, tables: Sequence[GatherTable]) -> list:
+    """reference.add_gathered_lora_group over the tables' adapters: one table and output a sibling."""
+    return reference.add_gathered_lora_group(x, outs, slots, [t.factors for t in tables])

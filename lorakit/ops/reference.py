@@ -177,3 +177,11 @@ def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, adapters: Sequence[
         count = (slots == g).sum(-1, keepdim=True)
         acc = acc + torch.where(count > 0, term * count.to(dtype), 0)  # other rows: nothing, not 0 * a NaN
     return acc.to(out.dtype)
+
+
+def add_gathered_lora_group(
+    x: Tensor, outs: Sequence[Tensor], slots: Tensor, parts: Sequence[Sequence[LoraFactors | None]]
+) -> list[Tensor]:
+    """Semantics: [add_gathered_lora(out_q, x, slots, parts[q])] for siblings over the same x (q, k and v): each
+    output with its own adapters, by the same numbers in slots."""
+    return [add_gathered_lora(out, x, slots, adapters) for out, adapters in zip(outs, parts, strict=True)]

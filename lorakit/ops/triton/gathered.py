@@ -1,7 +1,10 @@
 """add_gathered_lora on CUDA: two kernels that read each row's adapters through the layer's table of addresses.
 
-    shrink   part[c, t, p, :] = A_g[:, chunk c] x[t, chunk c]      g = slots[t, p]; grid (T, P, chunks of in)
-    expand   out[t, cols]    += sum_p s_g * B_g[cols, :] sum_c part[c, t, p, :]          grid (T, column blocks)
+    shrink   part[c, q, t, p, :] = A_g[:, chunk c] x[t, chunk c]   g = slots[t, p] in table q; grid (T, P, chunks)
+    expand   out_q[t, cols]   += sum_p s_g * B_g[cols, :] sum_c part[c, q, t, p, :]       grid (T, column blocks)
+
+q is a part: siblings that take the same x (q, k and v; gate and up) run as one shrink and one expand over their
+tables and outputs (add_gathered_lora_group), fewer launches and more programs each than a pair per projection.
 
 A decode step has a few rows, each on its own adapter, so every factor is read once per row that uses it and the
 step is bound by reading them: the shrink splits `in` into chunks for enough programs to read at the card's speed,
@@ -39,10 +42,15 @@ def _address(raw, CODE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, slots_ptr, entries_ptr, part_ptr, n_tokens, n_in, chunk,
-    PATHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CODE: tl.constexpr, ALIGNED: tl.constexpr,
+    x_ptr, slots_ptr, e0, e1, e2, part_ptr, n_tokens, n_in, chunk, chunks,
+    PARTS: tl.constexpr, PATHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    t, p, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (T, P, chunks x parts): program (t, p, q chunks + c) reads chunk c of part q's A (siblings' tables
+    e0, e1, e2 over the same x: one launch for q, k and v)."""
+    t, p, qc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q, c = qc // chunks, qc % chunks
+    entries_ptr = tl.where(q == 2, e2, tl.where(q == 1, e1, e0))
     g = tl.load(slots_ptr + t * PATHS + p)
     if g >= 0:
         rank = tl.load(entries_ptr + 4 * g + 2).to(tl.int32)
@@ -51,10 +59,9 @@ def _shrink_kernel(
             ranks = tl.arange(0, BLOCK_R)
             acc = tl.zeros((BLOCK_R,), tl.float32)
             start = c * chunk
-            stop = tl.minimum(start + chunk, n_in)
-            for k0 in range(start, stop, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                inside = cols < stop
+            for k0 in range(0, chunk, BLOCK_K):
+                cols = start + k0 + tl.arange(0, BLOCK_K)
+                inside = cols < n_in
                 x = tl.load(x_ptr + t.to(tl.int64) * n_in + cols, mask=inside, other=0.0).to(tl.float32)
                 a = tl.load(
                     a_ptr + ranks[:, None] * n_in + cols[None, :],
@@ -62,17 +69,34 @@ def _shrink_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 acc += tl.sum(a * x[None, :], axis=1)
-            tl.store(part_ptr + ((c * n_tokens + t) * PATHS + p) * BLOCK_R + ranks, acc)
+            tl.store(part_ptr + (((c * PARTS + q) * n_tokens + t) * PATHS + p) * BLOCK_R + ranks, acc)
+
+
+@triton.jit
+def _part_of(block, n0, n1, BLOCK_N: tl.constexpr):
+    """Column block `block` of parts laid end to end (n0, n1, then the rest): (part, its own column block)."""
+    end0 = tl.cdiv(n0, BLOCK_N)
+    end1 = end0 + tl.cdiv(n1, BLOCK_N)
+    q = tl.where(block >= end1, 2, tl.where(block >= end0, 1, 0))
+    return q, block - tl.where(q == 2, end1, tl.where(q == 1, end0, 0))
+
+
+@triton.jit
+def _pick(q, v0, v1, v2):
+    return tl.where(q == 2, v2, tl.where(q == 1, v1, v0))
 
 
 @triton.jit
 def _expand_kernel(
-    part_ptr, slots_ptr, entries_ptr, out_ptr, n_tokens, n_out,
-    CHUNKS: tl.constexpr, PATHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CODE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    part_ptr, slots_ptr, e0, e1, e2, y0, y1, y2, n0, n1, n2, n_tokens,
+    CHUNKS: tl.constexpr, PARTS: tl.constexpr, PATHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    CODE: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
+    """Grid (T, column blocks of all parts end to end): out_q[t, cols] += the row's terms of part q."""
     t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q, block = _part_of(tl.program_id(1), n0, n1, BLOCK_N)
+    entries_ptr, out_ptr, n_out = _pick(q, e0, e1, e2), _pick(q, y0, y1, y2), _pick(q, n0, n1, n2)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = cols < n_out
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -87,7 +111,7 @@ def _expand_kernel(
                 scale = tl.load(entries_ptr + 4 * g + 3).to(tl.float64, bitcast=True).to(tl.float32)
                 s = tl.zeros((BLOCK_R,), tl.float32)
                 for c in tl.static_range(CHUNKS):
-                    s += tl.load(part_ptr + ((c * n_tokens + t) * PATHS + p) * BLOCK_R + ranks)
+                    s += tl.load(part_ptr + (((c * PARTS + q) * n_tokens + t) * PATHS + p) * BLOCK_R + ranks)
                 b = tl.load(
                     b_ptr + cols[:, None].to(tl.int64) * rank + ranks[None, :],
                     mask=inside[:, None] & (ranks[None, :] < rank),
@@ -113,6 +137,26 @@ def add_gathered_lora_(
     launch(out, x, slots, entries, block_r, code, aligned)
 
 
+def add_gathered_lora_group(x: Tensor, outs: list[Tensor], slots: Tensor, tables: list) -> list[Tensor]:
+    """ops.gathered.add_gathered_lora_group on CUDA: adds into each of `outs` itself (tables of one dtype, widest
+    rank and alignment, as the layer's groups are made)."""
+    first, parts = tables[0], len(outs)
+    entries = _three([t.entries for t in tables])
+    add_gathered_lora_group_(
+        *_written(outs), x.contiguous(), slots, *entries, parts, first.block_r, first.code, first.aligned
+    )  # fmt: skip
+    return outs
+
+
+@triton_op("lorakit::add_gathered_lora_group_", mutates_args={"out0", "out1", "out2"})
+def add_gathered_lora_group_(
+    out0: Tensor, out1: Tensor, out2: Tensor, x: Tensor, slots: Tensor, e0: Tensor, e1: Tensor, e2: Tensor,
+    parts: int, block_r: int, code: int, aligned: bool,
+) -> None:  # fmt: skip
+    """out_q += the terms of table e_q for q < parts (2 or 3), in place; a missing part's output is a stand-in."""
+    launch_group([out0, out1, out2][:parts], x, slots, [e0, e1, e2][:parts], block_r, code, aligned)
+
+
 def launch(
     out: Tensor, x: Tensor, slots: Tensor, entries: Tensor, block_r: int, code: int, aligned: bool = False,
     chunk_cols: int | None = None, shrink_warps: int | None = None, expand_cols: int = 256, expand_warps: int = 4,
@@ -121,21 +165,54 @@ def launch(
     aligned: every factor address and row 16-byte aligned (vector loads); chunk_cols: columns of `in` per shrink
     program (more programs for few rows), expand_cols: outputs per expand program, both before fitting the
     rank-wide tile into TILE elements."""
+    tiles = (chunk_cols, shrink_warps, expand_cols, expand_warps)
+    launch_group([out], x, slots, [entries], block_r, code, aligned, *tiles)
+
+
+def launch_group(
+    outs: list[Tensor], x: Tensor, slots: Tensor, entries: list[Tensor], block_r: int, code: int,
+    aligned: bool = False, chunk_cols: int | None = None, shrink_warps: int | None = None, expand_cols: int = 256,
+    expand_warps: int = 4,
+) -> None:  # fmt: skip
+    """launch for one to three projections of the same x (siblings), each its own table and output: one shrink
+    and one expand for all of them."""
+    part, chunks = _shrink(x, slots, entries, block_r, code, aligned, chunk_cols, shrink_warps)
+    block_n = max(16, min(expand_cols, TILE // block_r))
+    sizes = [o.shape[1] for o in outs]
+    blocks = sum(triton.cdiv(n, block_n) for n in sizes)
+    wrap_triton(_expand_kernel)[(x.shape[0], blocks)](
+        part, slots, *_three(entries), *_written(outs), *_three(sizes, 0), x.shape[0],
+        CHUNKS=chunks, PARTS=len(outs), PATHS=slots.shape[1], BLOCK_R=block_r, BLOCK_N=block_n, CODE=code,
+        ALIGNED=aligned, num_warps=expand_warps,
+    )  # fmt: skip
+
+
+def _three(values: list, rest=None) -> list:
+    """Three arguments from one to three parts: the missing ones repeat the last (read by no program), or `rest`."""
+    return [*values, *[values[-1] if rest is None else rest] * (3 - len(values))]
+
+
+def _written(outs: list[Tensor]) -> list[Tensor]:
+    """Three outputs: a missing part's a tensor of its own (compiled, a tensor passed twice where one is written is
+    cloned apart for each, and one of the writes is lost)."""
+    return [*outs, *[outs[0].new_empty(1, 1) for _ in range(3 - len(outs))]]
+
+
+def _shrink(
+    x: Tensor, slots: Tensor, entries: list[Tensor], block_r: int, code: int, aligned: bool,
+    chunk_cols: int | None = None, shrink_warps: int | None = None,
+) -> tuple[Tensor, int]:  # fmt: skip
+    """part[c, q, t, p, :] = A_g[:, chunk c] x[t, chunk c] for every part q (table entries[q]); and the chunks."""
     n_tokens, n_in = x.shape
-    n_out, paths = out.shape[1], slots.shape[1]
     if chunk_cols is None or shrink_warps is None:  # 16-byte loads: longer chunks, more warps to keep them in flight
         chunk_cols, shrink_warps = (512, 8) if aligned else (128, 1)
     block_k = max(16, min(128, TILE // block_r))
     chunk = triton.cdiv(min(n_in, chunk_cols), block_k) * block_k
-    chunks = triton.cdiv(n_in, chunk)
-    part = torch.empty((chunks, n_tokens, paths, block_r), dtype=torch.float32, device=x.device)
-    wrap_triton(_shrink_kernel)[(n_tokens, paths, chunks)](
-        x, slots, entries, part, n_tokens, n_in, chunk,
-        PATHS=paths, BLOCK_R=block_r, BLOCK_K=block_k, CODE=code, ALIGNED=aligned, num_warps=shrink_warps,
+    chunks, parts, paths = triton.cdiv(n_in, chunk), len(entries), slots.shape[1]
+    part = torch.empty((chunks, parts, n_tokens, paths, block_r), dtype=torch.float32, device=x.device)
+    wrap_triton(_shrink_kernel)[(n_tokens, paths, chunks * parts)](
+        x, slots, *_three(entries), part, n_tokens, n_in, chunk, chunks,
+        PARTS=parts, PATHS=paths, BLOCK_R=block_r, BLOCK_K=block_k, CODE=code, ALIGNED=aligned,
+        num_warps=shrink_warps,
     )  # fmt: skip
-    block_n = max(16, min(expand_cols, TILE // block_r))
-    wrap_triton(_expand_kernel)[(n_tokens, triton.cdiv(n_out, block_n))](
-        part, slots, entries, out, n_tokens, n_out,
-        CHUNKS=chunks, PATHS=paths, BLOCK_R=block_r, BLOCK_N=block_n, CODE=code, ALIGNED=aligned,
-        num_warps=expand_warps,
-    )  # fmt: skip
+    return part, chunks
