@@ -37,6 +37,12 @@ def _gathered_stand_in(out, x, slots, table, *rest):
     return out
 
 
+def _group_stand_in(x, outs, slots, tables):
+    for out, table in zip(outs, tables, strict=True):
+        _stand_in(out, x, slots, table.entries)
+    return outs
+
+
 def build(mode: str, args: argparse.Namespace):
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -112,6 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     lorakit.layer.GATHER_DEVICES = ("cuda", "cpu")
     lorakit.layer.ops.add_gathered_lora = _gathered_stand_in
+    lorakit.layer.ops.add_gathered_lora_group = _group_stand_in
     packed.PACK_DEVICES = ("cuda", "cpu")
     for mode in ("base", "ours"):
         result = measure(mode, args)

@@ -187,6 +187,7 @@ def _wrapped(model: nn.Module, path: str, kind: Kind) -> LoraLayer:
             "remove it from one of the lists"
         )
     layer = LoraLayer(module, kind)
+    layer.path = path  # its siblings (q, k and v) are found by it: lorakit.layer's gathered groups
     _replace(model, path, layer)
     return layer
 

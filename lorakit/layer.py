@@ -59,6 +59,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
         self._gather: ops.gathered.GatherTable | None = None  # the adapters by number, see _gathered
+        self._gather_group: tuple | None = None  # (key, index) among siblings gathered in one launch, see _siblings
         self._fast: tuple | None = None  # where lorakit.packed put the live adapter's factors, see _packed_linear
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         _register(self)
@@ -125,6 +126,10 @@ class LoraLayer(nn.Module):
             if routing is not None and any(n in self.adapters for n in routing.rows):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
+        if outside and not (args or kwargs) and self.__dict__["_gather_group"] is not None:
+            y = _siblings(self, x)  # q, k and v of a decode step in one launch
+            if y is not None:
+                return y
         if routing is not None:
             base = self._modules["base_layer"]
             bare = not args and not kwargs and _is_bare_linear(base)  # F.linear itself: no module call's overhead
@@ -307,7 +312,7 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # a copy builds its own from its own adapters
-        return {**self.__dict__, "_routed_plans": {}, "_gather": None, "_fast": None}
+        return {**self.__dict__, "_routed_plans": {}, "_gather": None, "_gather_group": None, "_fast": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -315,6 +320,7 @@ class LoraLayer(nn.Module):
         _register(self)  # and the copy is a layer of its own to the compiled routed op
         self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
         self.__dict__.setdefault("_gather", None)
+        self.__dict__.setdefault("_gather_group", None)
         self.__dict__.setdefault("_fast", None)
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
@@ -685,7 +691,8 @@ def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
     if torch.is_grad_enabled() or not any(d != "cuda" or torch.cuda.is_available() for d in GATHER_DEVICES):
         return
     first = state.gather_owner != id(state)  # a deep copy builds its own
-    if first or not state.gather_fresh or (state.gather_wanted and not state.gather_built):
+    broken = _broken_groups(state)
+    if first or broken or not state.gather_fresh or (state.gather_wanted and not state.gather_built):
         # built at a state's first routed block (a model compiled after it traces them at once) and after a change
         # only where a compiled model has routed since: eager use would pay every adapter load for tables unread
         state.gather_owner = id(state)
@@ -711,6 +718,7 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
             devices.add(fresh.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
     state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
+    _group_tables(state)
     tables_fresh(state)  # what there is (tables, or none) matches the adapters until the next change
 
 
@@ -721,19 +729,105 @@ def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:
     table, state = layer._gather, layer.state
     if table is None or not state.gather_fresh:  # stale: a change since the routed block started
         return None
+    slots = _token_slots(state, x, table.n_in)
+    if slots is None or out.shape[-1] != table.n_out or not out.is_contiguous():
+        return None
+    tokens = slots.shape[0]
+    summed = ops.add_gathered_lora(out.view(tokens, table.n_out), x.reshape(tokens, table.n_in), slots, table)
+    return summed.view(out.shape)
+
+
+def _token_slots(state: AdapterState, x: Tensor, n_in: int) -> Tensor | None:
+    """Each token row's adapter numbers for a decode step's x through the tables, or None where the gathered path
+    does not apply (no slots, another device, more token rows than a decode step's, rows not a batch's)."""
     slots = state.gather_slots
-    if slots is None or x.dim() < 2:
+    if slots is None or x.dim() < 2 or x.shape[-1] != n_in or x.device != slots.device:
         return None
-    n_in, n_out, rows = table.n_in, table.n_out, slots.shape[0]
-    if x.shape[-1] != n_in or out.shape[-1] != n_out or x.device != slots.device or not out.is_contiguous():
-        return None
-    tokens = x.numel() // n_in
+    tokens, rows = x.numel() // n_in, slots.shape[0]
     if x.shape[0] % rows or tokens > ops.gathered.MAX_TOKENS:
         return None
     each = tokens // rows  # row i of the batch is token rows i * each .. (Routing.rows_for)
-    token_slots = slots if each == 1 else slots.repeat_interleave(each, dim=0)
-    summed = ops.add_gathered_lora(out.view(tokens, n_out), x.reshape(tokens, n_in), token_slots, table)
-    return summed.view(out.shape)
+    return slots if each == 1 else slots.repeat_interleave(each, dim=0)
+
+
+# -- siblings in one gathered launch -------------------------------------------------------------
+# q, k and v (gate and up) of a routed decode step take the same x, each with its own table. As the tables are built,
+# siblings (lorakit.packed.SIBLINGS, by the paths the layers were injected at) whose tables are alike form a group;
+# in a compiled decode step the first member called computes every member's output, its base products and one
+# shrink and one expand for all (ops.add_gathered_lora_group), and leaves the others' in lorakit.packed.STASH, as
+# the packed groups do. A member called with another input, or an output left untaken, marks the group broken, and
+# the next routed block builds the tables with those layers apart.
+_GROUPS_HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDictionary()  # keys by paths, apart
+
+
+def _group_tables(state: AdapterState) -> None:
+    held = _GROUPS_HELD.setdefault(state, {"keys": {}, "apart": set()})
+    by_parent: dict[tuple, list] = {}
+    for layer in list(_LAYERS.values()):
+        if layer.state is not state:
+            continue
+        layer.__dict__["_gather_group"] = None
+        table, path = layer._gather, layer.__dict__.get("path")
+        if table is None or path is None:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        kin = packed.sibling_kin(leaf)
+        if kin is not None:
+            alike = (table.entries.device, table.dtype, table.n_in, table.block_r, table.aligned)
+            by_parent.setdefault((parent, kin, *alike), []).append((path, layer))
+    groups = {}
+    for members in by_parent.values():
+        paths = tuple(path for path, _ in members)
+        if not 2 <= len(members) <= 3 or paths in held["apart"]:
+            continue
+        key = held["keys"].get(paths)
+        if key is None:  # kept: a rebuild with the same members compiles nothing
+            key = held["keys"][paths] = packed.group_number()
+        layers = [layer for _, layer in members]
+        groups[key] = (tuple(m._modules["base_layer"] for m in layers), tuple(m._gather for m in layers))
+        for index, (_, layer) in enumerate(members):
+            layer.__dict__["_gather_group"] = (key, index)
+    state.gather_groups = groups
+
+
+def _broken_groups(state: AdapterState) -> bool:
+    """Whether a group of the state was found broken since its tables were built (its members then go apart)."""
+    if packed.STASH.pending is not None:  # outputs the last step left untaken
+        packed.BROKEN.add(packed.STASH.pending[0])
+        packed.STASH.pending = None
+    broken = packed.BROKEN & state.gather_groups.keys()
+    if broken:
+        held = _GROUPS_HELD.setdefault(state, {"keys": {}, "apart": set()})
+        held["apart"].update(paths for paths, key in held["keys"].items() if key in broken)
+        packed.BROKEN.difference_update(broken)
+    return bool(broken)
+
+
+def _siblings(layer: LoraLayer, x: Tensor) -> Tensor | None:
+    """This member's output: from the stash, or with every member's computed in one launch; None where the group
+    cannot serve (stale tables, a member's base with hooks, not a decode step's x)."""
+    layer.state.gather_wanted = True  # as _routed_outside_graph: a compiled model routes through these tables
+    key, index = layer.__dict__["_gather_group"]
+    y = _taken(x, (key, index, None))
+    if y is not None:
+        return y
+    state, own = layer.state, layer._gather
+    members = state.gather_groups.get(key)
+    if members is None or own is None or not state.gather_fresh:
+        return None
+    bases = [layer._modules["base_layer"] if i == index else b for i, b in enumerate(members[0])]  # its own: no
+    tables = [own if i == index else t for i, t in enumerate(members[1])]  # second source for them in the graph
+    slots = _token_slots(state, x, own.n_in)
+    if slots is None or not all(_is_bare_linear(b) for b in bases):
+        return None
+    flat = x.reshape(-1, own.n_in)
+    outs = [F.linear(flat, _tensor(b, "weight"), _tensor(b, "bias")) for b in bases]
+    if any(o.shape[-1] != t.n_out for o, t in zip(outs, tables, strict=True)):
+        return None
+    outs = ops.add_gathered_lora_group(flat, outs, slots, tables)
+    outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    packed.STASH.pending = (key, x, _others(outs, index))
+    return outs[index]
 
 
 def _one_token_a_row(key: tuple) -> bool:

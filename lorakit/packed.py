@@ -53,6 +53,17 @@ GROUPS: dict[int, tuple] = {}  # group number -> (its members' base layers, thei
 BROKEN: set[int] = set()  # groups whose members a trace saw called with other inputs: packed apart next time
 
 
+def group_number() -> int:
+    """A new group's number, unique among the packed groups and lorakit.layer's gathered ones (the stash and
+    BROKEN name both kinds by it)."""
+    return next(_GROUP_NUMBERS)
+
+
+def sibling_kin(leaf: str) -> int | None:
+    """Which name set of SIBLINGS a module's own name is in, if any."""
+    return next((i for i, names in enumerate(SIBLINGS) if leaf in names), None)
+
+
 class _Stash:
     """The outputs a group's first member computed for the others: (group, input, outputs, None where taken)."""
 
@@ -137,7 +148,7 @@ def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
     for path, layer, dropout in named:
         parent, _, leaf = path.rpartition(".")
         fast = layer.__dict__["_fast"]
-        kin = next((i for i, names in enumerate(SIBLINGS) if leaf in names), None)
+        kin = sibling_kin(leaf)
         if kin is not None:
             by_parent.setdefault((parent, kin, fast[0], fast[1][2]), []).append((path, layer, dropout))
     for members in by_parent.values():
@@ -145,7 +156,9 @@ def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
         if not 2 <= len(members) <= 3 or paths in held["apart"]:
             continue
         key = (paths, members[0][1].__dict__["_fast"][0])
-        number = held["ids"].setdefault(key, next(_GROUP_NUMBERS))
+        number = held["ids"].get(key)
+        if number is None:
+            number = held["ids"][key] = group_number()
         fasts = [layer.__dict__["_fast"] for _, layer, _ in members]
         dropouts = tuple(dropout if fast[4] else None for (_, _, dropout), fast in zip(members, fasts, strict=True))
         bases = tuple(layer._modules["base_layer"] for _, layer, _ in members)

@@ -762,3 +762,113 @@ def test_tables_are_built_once_per_change_not_at_every_routed_block(gathered, mo
     assert builds == [True, False]  # the second drops what the first built: no compiled model read them
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert all(layer._gather is None for layer in layers)
+
+
+# -- siblings of a decode step in one gathered launch (lorakit.layer._siblings) --------------------------------------
+@torch.library.custom_op("lorakit_test::gathered_group", mutates_args=())
+def _group_marker(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """What the graph shows for one group call (on CUDA, one shrink and one expand for all its members)."""
+    return x.new_zeros(())
+
+
+@_group_marker.register_fake
+def _(x, parts):
+    return x.new_zeros(())
+
+
+@pytest.fixture
+def group_marker(monkeypatch):
+    """The group op's reference, with a marker node per call in the graph; the gathered path on the CPU."""
+    import lorakit.layer
+
+    _gathered_on_cpu(monkeypatch)
+    real = lorakit.layer.ops.add_gathered_lora_group
+
+    def marked(x, outs, slots, tables):
+        summed = real(x, outs, slots, tables)
+        return [summed[0] + _group_marker(x, len(outs)), *summed[1:]]
+
+    monkeypatch.setattr(lorakit.layer.ops, "add_gathered_lora_group", marked)
+
+
+def _parts(graphs) -> list[list[int]]:
+    target = torch.ops.lorakit_test.gathered_group.default
+    return [[n.args[1] for n in g.graph.nodes if n.target is target] for g in graphs]
+
+
+def _eager_routed(model: LoraModel, names: list[str], **inputs) -> torch.Tensor:
+    with model.routed(names):
+        out = model.model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_a_compiled_decode_step_computes_siblings_in_one_op_with_the_eager_outputs(group_marker):
+    """q, k and v (gate and up) of every layer: one group op in the graph, with each member's own adapters (b is on
+    q and v only), every routing and a factor changed in place equal to the eager model's."""
+    from lorakit import packed
+
+    model = _decode_model()
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    ids = _ids(64, 4, 1)
+    with torch.no_grad():
+        for names in DECODE_ROUTINGS:
+            got = _compiled_decode(model, names, ids, compiled)
+            torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+        k_proj = next(m for n, m in model.named_modules() if n.endswith("k_proj") and isinstance(m, LoraLayer))
+        k_proj.adapters["c"].lora_B.mul_(-2.0)
+        got = _compiled_decode(model, DECODE_ROUTINGS[1], ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, DECODE_ROUTINGS[1], input_ids=ids, use_cache=False))
+    assert _parts(graphs) == [[3, 2] * 2]  # one graph; q, k, v and gate, up of both layers; o and down alone
+    assert packed.STASH.pending is None and not packed.BROKEN & model.state.gather_groups.keys()
+
+
+class _CrossAttention(torch.nn.Module):
+    """q of its own input, k and v of another: siblings by name that never share an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = torch.tanh(x)
+        return self.q_proj(x) * self.k_proj(memory) + self.v_proj(memory)
+
+
+def _cross_model() -> LoraModel:
+    torch.manual_seed(5)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), _CrossAttention())
+    config = LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj"])
+    model = get_lora_model(base, config, adapter_name="a")
+    model.add_adapter("b", config)
+    return model.eval()
+
+
+def test_siblings_called_with_other_inputs_are_gathered_apart_after_one_step(group_marker):
+    """A cross-attention's q, k and v: the first step's group is found broken (its outputs still right: v takes
+    what k's call computed for their shared input), and the next routed block builds the tables with them apart."""
+    model = _cross_model()
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    x, names = torch.randn(4, 1, 8), ["a", "b", "__base__", "b"]
+    with torch.no_grad():
+        want = _eager_routed(model, names, input=x)
+        for _ in range(3):
+            with model.routed(names):
+                torch.testing.assert_close(compiled(x), want)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert [len(p) for p in _parts(graphs)] == [2, 0] and all(m._gather_group is None for m in layers)
+    assert all(m._gather is not None for m in layers)  # apart, each through its own table
+
+
+def test_a_hook_on_a_sibling_s_base_keeps_its_group_off(group_marker):
+    model = _decode_model()
+    k_proj = next(m for n, m in model.named_modules() if n.endswith("k_proj") and isinstance(m, LoraLayer))
+    k_proj.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    ids, names = _ids(64, 4, 1), DECODE_ROUTINGS[0]
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+    assert _parts(graphs) == [[2, 3, 2]]  # the first layer's attention members each alone; the second's together

@@ -84,6 +84,39 @@ def test_the_kernels_with_16_byte_loads_match_float64_math(dtype, offset):
     torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("sizes", [(2048, 512, 512), (8192, 8192), (33, 100, 7)], ids=["qkv", "gate-up", "odd"])
+@pytest.mark.parametrize("paths", [1, 2])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_group_kernels_add_each_siblings_adapters_as_float64_math_does(dtype, sizes, paths, compiled):
+    """One shrink and one expand for siblings over the same x, each part its own table and output; compiled too,
+    where a part's write hidden by an argument passed twice would leave that output as it was."""
+    from lorakit import ops
+
+    n_in = 96 if sizes[0] == 33 else 2048
+    parts = [_factors(n_in, n, dtype, absent=(q,)) for q, n in enumerate(sizes)]  # each part lacks another adapter
+    tables = [gather_table(f) for f in parts]
+    gen = torch.Generator(CUDA).manual_seed(3)
+    tokens = 19
+    x = torch.randn(tokens, n_in, device=CUDA, generator=gen).to(dtype)
+    outs = [torch.randn(tokens, n, device=CUDA, generator=gen).to(dtype) for n in sizes]
+    slots = torch.randint(-1, len(RANKS), (tokens, paths), device=CUDA, generator=gen, dtype=torch.int32)
+    want = [
+        reference.add_gathered_lora(o.double(), x.double(), slots, _wide(f)) for o, f in zip(outs, parts, strict=True)
+    ]
+    call = ops.add_gathered_lora_group
+    if compiled:
+        torch._dynamo.reset()  # each case compiles the same lambda: the recompile limit would count them all
+        call = torch.compile(lambda x, outs, slots: ops.add_gathered_lora_group(x, outs, slots, tables), fullgraph=True)
+        got = call(x, [o.clone() for o in outs], slots)
+    else:
+        got = call(x, [o.clone() for o in outs], slots, tables)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for g, w, o in zip(got, want, outs, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=tol * w.abs().max().item(), rtol=tol)
+        assert not torch.equal(g, o)  # every part written
+
+
 NAMES = [f"a{i}" for i in range(4)]
 
 
@@ -114,6 +147,8 @@ def test_compiled_decode_steps_follow_each_routing_in_one_graph(dtype):
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         assert all(layer._gather is not None for layer in layers)  # every routed layer reads its table
+        siblings = [m for m in layers if m.path.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "up_proj")]
+        assert siblings and all(m._gather_group is not None for m in siblings)  # in one launch with their siblings
         for got, want in zip(compiled, eager, strict=True):
             torch.testing.assert_close(got, want, **tol)
         assert not torch.allclose(compiled[0], compiled[1])
