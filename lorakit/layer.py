@@ -760,8 +760,14 @@ def _token_slots(state: AdapterState, x: Tensor, n_in: int) -> Tensor | None:
 _GROUPS_HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDictionary()  # keys by paths, apart
 
 
+def _held_groups(state: AdapterState) -> dict:
+    """The state's group keys by member paths (kept: a rebuild with the same members compiles nothing) and the
+    member paths found broken."""
+    return _GROUPS_HELD.setdefault(state, {"keys": {}, "apart": set()})
+
+
 def _group_tables(state: AdapterState) -> None:
-    held = _GROUPS_HELD.setdefault(state, {"keys": {}, "apart": set()})
+    held = _held_groups(state)
     by_parent: dict[tuple, list] = {}
     for layer in list(_LAYERS.values()):
         if layer.state is not state:
@@ -781,7 +787,7 @@ def _group_tables(state: AdapterState) -> None:
         if not 2 <= len(members) <= 3 or paths in held["apart"]:
             continue
         key = held["keys"].get(paths)
-        if key is None:  # kept: a rebuild with the same members compiles nothing
+        if key is None:
             key = held["keys"][paths] = packed.group_number()
         layers = [layer for _, layer in members]
         groups[key] = (tuple(m._modules["base_layer"] for m in layers), tuple(m._gather for m in layers))
@@ -797,7 +803,7 @@ def _broken_groups(state: AdapterState) -> bool:
         packed.STASH.pending = None
     broken = packed.BROKEN & state.gather_groups.keys()
     if broken:
-        held = _GROUPS_HELD.setdefault(state, {"keys": {}, "apart": set()})
+        held = _held_groups(state)
         held["apart"].update(paths for paths, key in held["keys"].items() if key in broken)
         packed.BROKEN.difference_update(broken)
     return bool(broken)
@@ -820,10 +826,11 @@ def _siblings(layer: LoraLayer, x: Tensor) -> Tensor | None:
     slots = _token_slots(state, x, own.n_in)
     if slots is None or not all(_is_bare_linear(b) for b in bases):
         return None
-    flat = x.reshape(-1, own.n_in)
-    outs = [F.linear(flat, _tensor(b, "weight"), _tensor(b, "bias")) for b in bases]
-    if any(o.shape[-1] != t.n_out for o, t in zip(outs, tables, strict=True)):
+    weights = [_tensor(b, "weight") for b in bases]
+    if any(w.shape[0] != t.n_out for w, t in zip(weights, tables, strict=True)):
         return None
+    flat = x.reshape(-1, own.n_in)
+    outs = [F.linear(flat, w, _tensor(b, "bias")) for w, b in zip(weights, bases, strict=True)]
     outs = ops.add_gathered_lora_group(flat, outs, slots, tables)
     outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
     packed.STASH.pending = (key, x, _others(outs, index))

@@ -41,6 +41,20 @@ def _address(raw, CODE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _part_of(block, n0, n1, BLOCK_N: tl.constexpr):
+    """Column block `block` of parts laid end to end (n0, n1, then the rest): (part, its own column block)."""
+    end0 = tl.cdiv(n0, BLOCK_N)
+    end1 = end0 + tl.cdiv(n1, BLOCK_N)
+    q = tl.where(block >= end1, 2, tl.where(block >= end0, 1, 0))
+    return q, block - tl.where(q == 2, end1, tl.where(q == 1, end0, 0))
+
+
+@triton.jit
+def _pick(q, v0, v1, v2):
+    return tl.where(q == 2, v2, tl.where(q == 1, v1, v0))
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, slots_ptr, e0, e1, e2, part_ptr, n_tokens, n_in, chunk, chunks,
     PARTS: tl.constexpr, PATHS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CODE: tl.constexpr,
@@ -50,7 +64,7 @@ def _shrink_kernel(
     e0, e1, e2 over the same x: one launch for q, k and v)."""
     t, p, qc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q, c = qc // chunks, qc % chunks
-    entries_ptr = tl.where(q == 2, e2, tl.where(q == 1, e1, e0))
+    entries_ptr = _pick(q, e0, e1, e2)
     g = tl.load(slots_ptr + t * PATHS + p)
     if g >= 0:
         rank = tl.load(entries_ptr + 4 * g + 2).to(tl.int32)
@@ -70,20 +84,6 @@ def _shrink_kernel(
                 ).to(tl.float32)
                 acc += tl.sum(a * x[None, :], axis=1)
             tl.store(part_ptr + (((c * PARTS + q) * n_tokens + t) * PATHS + p) * BLOCK_R + ranks, acc)
-
-
-@triton.jit
-def _part_of(block, n0, n1, BLOCK_N: tl.constexpr):
-    """Column block `block` of parts laid end to end (n0, n1, then the rest): (part, its own column block)."""
-    end0 = tl.cdiv(n0, BLOCK_N)
-    end1 = end0 + tl.cdiv(n1, BLOCK_N)
-    q = tl.where(block >= end1, 2, tl.where(block >= end0, 1, 0))
-    return q, block - tl.where(q == 2, end1, tl.where(q == 1, end0, 0))
-
-
-@triton.jit
-def _pick(q, v0, v1, v2):
-    return tl.where(q == 2, v2, tl.where(q == 1, v1, v0))
 
 
 @triton.jit
