@@ -9,7 +9,7 @@ that share an input (q, k, v; o; gate, up; down):
 Timing: triton.testing.do_bench_cudagraph (as a compiled decode step replays it), over --copies copies of the
 weights and adapters in turn, so they come from memory, not L2. Every form is checked against float64 math.
 
-Run (CUDA): PYTHONPATH=. python benchmarks/gathered_group_gpu.py [--sweep] [--json PATH]
+Run (CUDA): PYTHONPATH=.:benchmarks python benchmarks/gathered_group_gpu.py [--sweep] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ try:
 except ImportError:
     sys.exit("benchmarks/gathered_group_gpu.py needs triton and a CUDA GPU")
 
-from lorakit.ops import gather_table, reference
+from gathered_gpu import _tables
+
+from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
 from lorakit.ops.triton.gathered import launch, launch_group
 
@@ -48,24 +50,12 @@ def _time(call, copies: int) -> float:
     return 1000 * do_bench_cudagraph(lambda: [call(i) for i in range(copies)], rep=60) / copies  # us
 
 
-def _factors(n_in: int, n_out: int, args) -> list[LoraFactors]:
-    return [
-        LoraFactors(
-            (torch.randn(args.rank, n_in, device="cuda") / n_in**0.5).bfloat16(),
-            (torch.randn(n_out, args.rank, device="cuda") / args.rank**0.5).bfloat16(),
-            2.0,
-            0.0,
-        )
-        for _ in range(args.adapters)
-    ]
-
-
 def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
+    parts = [_tables(n_in, n, args) for n in sizes]  # each part's tables, a copy each
     copies = []
-    for _ in range(args.copies):
+    for i in range(args.copies):
         weights = [torch.randn(n, n_in, device="cuda").bfloat16() / n_in**0.5 for n in sizes]
-        tables = [gather_table(_factors(n_in, n, args)) for n in sizes]
-        copies.append((weights, tables))
+        copies.append((weights, [tables[i] for tables in parts]))
     x = torch.randn(args.rows, n_in, device="cuda").bfloat16()
     slots = (torch.arange(args.rows, device="cuda", dtype=torch.int32) % args.adapters)[:, None]
     weights, tables = copies[0]
