@@ -118,6 +118,9 @@ class LoraLayer(nn.Module):
             y = _packed_linear(self, x, fast)  # step guards none of it per layer
             if y is not None:
                 return y
+        group = self.__dict__["_gather_group"]  # a routed decode step's sibling whose output is already stashed:
+        if group is not None and not (args or kwargs) and _stashed(self, x, group):  # the state is not read either
+            return _taken(x, (*group, None))
         routing = self.state.routing_now() if self.state.enabled else None
         outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
         if routing is not None and not outside:
@@ -807,6 +810,20 @@ def _broken_groups(state: AdapterState) -> bool:
         held["apart"].update(paths for paths, key in held["keys"].items() if key in broken)
         packed.BROKEN.difference_update(broken)
     return bool(broken)
+
+
+def _stashed(layer: LoraLayer, x: Tensor, group: tuple) -> bool:
+    """Whether the group's first member, in this traced step, left this member's output for this same x (what it
+    did only where the routed step's conditions held). Anything else is for _siblings to judge."""
+    pending = packed.STASH.pending
+    return (
+        torch.compiler.is_compiling()
+        and pending is not None
+        and pending[0] == group[0]
+        and pending[1] is x
+        and pending[2][group[1]] is not None
+        and not (layer.training or torch.is_grad_enabled())
+    )
 
 
 def _siblings(layer: LoraLayer, x: Tensor) -> Tensor | None:
