@@ -782,7 +782,7 @@ def _group_tables(state: AdapterState) -> None:
         parent, _, leaf = path.rpartition(".")
         kin = packed.sibling_kin(leaf)
         if kin is not None:
-            alike = (table.entries.device, table.dtype, table.n_in, table.block_r, table.aligned)
+            alike = (table.entries.device, table.dtype, table.n_in)  # ranks may differ: the widest tile serves all
             by_parent.setdefault((parent, kin, *alike), []).append((path, layer))
     groups = {}
     for members in by_parent.values():

@@ -872,3 +872,22 @@ def test_a_hook_on_a_sibling_s_base_keeps_its_group_off(group_marker):
         got = _compiled_decode(model, names, ids, compiled)
         torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
     assert _parts(graphs) == [[2, 3, 2]]  # the first layer's attention members each alone; the second's together
+
+
+def test_siblings_of_different_ranks_still_share_one_op(group_marker):
+    """q's adapter of rank 20 (a wider rank tile than k's and v's): the group serves all three at the widest."""
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear", rank_pattern={"q_proj": 20})
+    model = get_lora_model(tiny_llama(), config, adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules="all-linear"))
+    model.eval()
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    ids, names = _ids(64, 4, 1), ["a", "b", "__base__", "a"]
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+    q_proj = next(m for n, m in model.named_modules() if n.endswith("q_proj") and isinstance(m, LoraLayer))
+    k_proj = next(m for n, m in model.named_modules() if n.endswith("k_proj") and isinstance(m, LoraLayer))
+    assert (q_proj._gather.block_r, k_proj._gather.block_r) == (32, 16)
+    assert _parts(graphs) == [[3, 2] * 2]

@@ -117,6 +117,29 @@ def test_the_group_kernels_add_each_siblings_adapters_as_float64_math_does(dtype
         assert not torch.equal(g, o)  # every part written
 
 
+def test_the_group_kernels_serve_siblings_of_different_rank_tiles_at_the_widest():
+    """q's table with ranks up to 128 (a 128-wide tile), k's and v's up to 16, one unaligned: each part's rows
+    masked by their own rank, as float64 math."""
+    from lorakit import ops
+
+    gen = torch.Generator(CUDA).manual_seed(4)
+    n_in, sizes, ranks = 256, (256, 64, 64), ((128, 3, 16), (16, 1, 8), (7, 16, 2))
+    parts = []
+    for n, rs in zip(sizes, ranks, strict=True):
+        a = [torch.randn(r, n_in, device=CUDA, generator=gen).div_(n_in**0.5).bfloat16() for r in rs]
+        b = [torch.randn(n, r, device=CUDA, generator=gen).div_(r**0.5).bfloat16() for r in rs]
+        parts.append([LoraFactors(a_, b_, 1.5 + g, 0.0) for g, (a_, b_) in enumerate(zip(a, b, strict=True))])
+    tables = [gather_table(f) for f in parts]
+    assert [t.block_r for t in tables] == [128, 16, 16] and not all(t.aligned for t in tables)
+    x = torch.randn(24, n_in, device=CUDA, generator=gen).bfloat16()
+    outs = [torch.randn(24, n, device=CUDA, generator=gen).bfloat16() for n in sizes]
+    slots = torch.randint(-1, 3, (24, 1), device=CUDA, generator=gen, dtype=torch.int32)
+    got = ops.add_gathered_lora_group(x, [o.clone() for o in outs], slots, tables)
+    for g, o, f in zip(got, outs, parts, strict=True):
+        want = reference.add_gathered_lora(o.double(), x.double(), slots, _wide(f))
+        torch.testing.assert_close(g.double(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
 NAMES = [f"a{i}" for i in range(4)]
 
 

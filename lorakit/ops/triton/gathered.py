@@ -138,12 +138,13 @@ def add_gathered_lora_(
 
 
 def add_gathered_lora_group(x: Tensor, outs: list[Tensor], slots: Tensor, tables: list) -> list[Tensor]:
-    """ops.gathered.add_gathered_lora_group on CUDA: adds into each of `outs` itself (tables of one dtype, widest
-    rank and alignment, as the layer's groups are made)."""
-    first, parts = tables[0], len(outs)
+    """ops.gathered.add_gathered_lora_group on CUDA: adds into each of `outs` itself (tables of one dtype, as the
+    layer's groups are made). The widest rank tile serves every part (each row's rank masks the rest), and 16-byte
+    loads only where every table has them."""
+    block_r, aligned = max(t.block_r for t in tables), all(t.aligned for t in tables)
     entries = _three([t.entries for t in tables])
     add_gathered_lora_group_(
-        *_written(outs), x.contiguous(), slots, *entries, parts, first.block_r, first.code, first.aligned
+        *_written(outs), x.contiguous(), slots, *entries, len(outs), block_r, tables[0].code, aligned
     )  # fmt: skip
     return outs
 
