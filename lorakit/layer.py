@@ -41,7 +41,7 @@ from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
 from lorakit.ops import routed_dense
-from lorakit.state import ENTRY_HOOKS, AdapterState, Routing, tables_fresh, tables_stale
+from lorakit.state import ENTRY_HOOKS, GATHERING, AdapterState, Routing, tables_fresh, tables_stale
 
 PLANS_KEPT = 16  # routed plans per layer: a server's decode steps between prefills of requests for other adapters
 
@@ -60,6 +60,7 @@ class LoraLayer(nn.Module):
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
         self._gather: ops.gathered.GatherTable | None = None  # the adapters by number, see _gathered
         self._gather_group: tuple | None = None  # (key, index) among siblings gathered in one launch, see _siblings
+        self._gather_token: int | None = None  # its state's key in state.GATHERING while _gather is current
         self._fast: tuple | None = None  # where lorakit.packed put the live adapter's factors, see _packed_linear
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         _register(self)
@@ -121,6 +122,11 @@ class LoraLayer(nn.Module):
         group = self.__dict__["_gather_group"]  # a routed decode step's sibling whose output is already stashed:
         if group is not None and not (args or kwargs) and _stashed(self, x, group):  # the state is not read either
             return _taken(x, (*group, None))
+        token = self.__dict__["_gather_token"]  # a compiled routed decode step: the state read from GATHERING
+        if token is not None and not (args or kwargs) and torch.compiler.is_compiling():
+            y = _gathered_step(self, x, group, GATHERING.get(token))
+            if y is not None:
+                return y
         routing = self.state.routing_now() if self.state.enabled else None
         outside = routing is not None and _outside_graph(self)  # compiled inference: checked when the op runs
         if routing is not None and not outside:
@@ -130,7 +136,7 @@ class LoraLayer(nn.Module):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
         if outside and not (args or kwargs) and self.__dict__["_gather_group"] is not None:
-            y = _siblings(self, x)  # q, k and v of a decode step in one launch
+            y = _siblings(self, x, self.state)  # q, k and v of a decode step in one launch
             if y is not None:
                 return y
         if routing is not None:
@@ -315,7 +321,10 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # a copy builds its own from its own adapters
-        return {**self.__dict__, "_routed_plans": {}, "_gather": None, "_gather_group": None, "_fast": None}
+        return {
+            **self.__dict__, "_routed_plans": {}, "_gather": None, "_gather_group": None, "_gather_token": None,
+            "_fast": None,
+        }  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -324,6 +333,7 @@ class LoraLayer(nn.Module):
         self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
         self.__dict__.setdefault("_gather", None)
         self.__dict__.setdefault("_gather_group", None)
+        self.__dict__.setdefault("_gather_token", None)
         self.__dict__.setdefault("_fast", None)
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
@@ -661,7 +671,7 @@ def _outside_graph(layer: LoraLayer) -> bool:
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
     layer.state.gather_wanted = True  # a compiled model routes through this state: its tables are kept up to date
-    gathered = _gathered(layer, x, out)  # a decode step: in the graph itself
+    gathered = _gathered(layer, x, out, layer.state)  # a decode step: in the graph itself
     if gathered is not None:
         return gathered
     if _UNSAFE_IN_GRAPHS is None:  # a CUDA graph would replay the op's recording: break the graph instead
@@ -687,22 +697,45 @@ def _routed_eagerly(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
 # factors, after which the tables are stale until the next routed block rebuilds them (a change inside a block: the
 # compiled graph, guarding one flag, takes the op instead). Not seen: a factor's `.data` assigned directly.
 GATHER_DEVICES = ("cuda",)
+_TOKENS = itertools.count()  # AdapterState.gather_token
 
 
-@torch.compiler.disable  # device tensors made and kept: never traced (a compiled LoraModel enters routed() itself)
 def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
-    if torch.is_grad_enabled() or not any(d != "cuda" or torch.cuda.is_available() for d in GATHER_DEVICES):
-        return
+    if torch.compiler.is_compiling():  # a compiled LoraModel enters routed() itself
+        _prepare_gathered_untraced(state, routing)
+    elif not torch.is_grad_enabled() and _gather_devices_here():
+        _prepare_now(state, routing)
+
+
+def _gather_devices_here() -> bool:
+    devices = GATHER_DEVICES
+    if devices not in _DEVICES_HERE:  # asked at every routed block: torch.cuda.is_available() costs a decode step
+        _DEVICES_HERE[devices] = any(d != "cuda" or torch.cuda.is_available() for d in devices)
+    return _DEVICES_HERE[devices]
+
+
+_DEVICES_HERE: dict[tuple[str, ...], bool] = {}
+
+
+def _prepare_now(state: AdapterState, routing: Routing) -> None:
     first = state.gather_owner != id(state)  # a deep copy builds its own
     broken = _broken_groups(state)
     if first or broken or not state.gather_fresh or (state.gather_wanted and not state.gather_built):
         # built at a state's first routed block (a model compiled after it traces them at once) and after a change
         # only where a compiled model has routed since: eager use would pay every adapter load for tables unread
         state.gather_owner = id(state)
+        if first:
+            state.gather_token = next(_TOKENS)
         state.gather_built = first or state.gather_wanted
         _build_tables(state, state.gather_built)
     if state.gather_device is not None:
         state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
+
+
+@torch.compiler.disable  # device tensors made and kept: never traced
+def _prepare_gathered_untraced(state: AdapterState, routing: Routing) -> None:
+    if not torch.is_grad_enabled() and _gather_devices_here():
+        _prepare_now(state, routing)
 
 
 ENTRY_HOOKS.append(_prepare_gathered)
@@ -717,6 +750,7 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
             continue
         fresh, old = layer._gather_table(numbers) if wanted else None, layer._gather
         layer._gather = fresh if old is None or fresh is None else ops.gathered.refill(old, fresh)
+        layer.__dict__["_gather_token"] = None if fresh is None else state.gather_token
         if fresh is not None:
             devices.add(fresh.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
@@ -725,11 +759,25 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     tables_fresh(state)  # what there is (tables, or none) matches the adapters until the next change
 
 
-def _gathered(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor | None:
+def _gathered_step(layer: LoraLayer, x: Tensor, group: tuple | None, state: AdapterState | None) -> Tensor | None:
+    """A traced layer with a current table while its state's routed block runs (`state` from GATHERING, None
+    otherwise): its output through the gathered path, or None where the usual path decides. Nothing here reads
+    layer.state, so a compiled step guards the state once, not once a layer."""
+    if state is None or not state.enabled or not _outside_graph(layer):
+        return None
+    if group is not None:
+        return _siblings(layer, x, state)
+    base = layer._modules["base_layer"]
+    out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if _is_bare_linear(base) else base(x)
+    state.gather_wanted = True  # as _routed_outside_graph
+    return _gathered(layer, x, out, state)
+
+
+def _gathered(layer: LoraLayer, x: Tensor, out: Tensor, state: AdapterState) -> Tensor | None:
     """out plus the routed terms through the layer's gathered table, or None where that path does not apply: no
     current table or slots, or more token rows than a decode step's. Traced only, where _outside_graph holds (eval
     mode, no gradient)."""
-    table, state = layer._gather, layer.state
+    table = layer._gather
     if table is None or not state.gather_fresh:  # stale: a change since the routed block started
         return None
     slots = _token_slots(state, x, table.n_in)
@@ -804,7 +852,7 @@ def _broken_groups(state: AdapterState) -> bool:
     if packed.STASH.pending is not None:  # outputs the last step left untaken
         packed.BROKEN.add(packed.STASH.pending[0])
         packed.STASH.pending = None
-    broken = packed.BROKEN & state.gather_groups.keys()
+    broken = packed.BROKEN and packed.BROKEN & state.gather_groups.keys()
     if broken:
         held = _held_groups(state)
         held["apart"].update(paths for paths, key in held["keys"].items() if key in broken)
@@ -826,15 +874,15 @@ def _stashed(layer: LoraLayer, x: Tensor, group: tuple) -> bool:
     )
 
 
-def _siblings(layer: LoraLayer, x: Tensor) -> Tensor | None:
+def _siblings(layer: LoraLayer, x: Tensor, state: AdapterState) -> Tensor | None:
     """This member's output: from the stash, or with every member's computed in one launch; None where the group
     cannot serve (stale tables, a member's base with hooks, not a decode step's x)."""
-    layer.state.gather_wanted = True  # as _routed_outside_graph: a compiled model routes through these tables
+    state.gather_wanted = True  # as _routed_outside_graph: a compiled model routes through these tables
     key, index = layer.__dict__["_gather_group"]
     y = _taken(x, (key, index, None))
     if y is not None:
         return y
-    state, own = layer.state, layer._gather
+    own = layer._gather
     members = state.gather_groups.get(key)
     if members is None or own is None or not state.gather_fresh:
         return None

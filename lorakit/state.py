@@ -68,6 +68,9 @@ class Routing:
         end of a row's path; P is `width` or the longest path if longer (a tree's depth: every routing of one
         tree then has the same shape, so a compiled model reads it without compiling again). What the gathered
         decode kernels read (ops.gathered)."""
+        last = self._cache.get("slots")  # a decode step asks again for the same: no 64-name key hashed
+        if last is not None and last[0] is numbers and last[1] == (device, width):
+            return last[2]
         key = ("slots", numbers, device, width)
         if key not in self._cache:
             position = {name: i for i, name in enumerate(numbers)}
@@ -79,6 +82,7 @@ class Routing:
             table = [row + [-1] * (width - len(row)) for row in per_row]
             with torch.inference_mode(False):
                 self._cache[key] = torch.tensor(table, dtype=torch.int32).to(device, non_blocking=True)
+        self._cache["slots"] = (numbers, (device, width), self._cache[key])
         return self._cache[key]
 
     def spans_for(self, n: int) -> dict[str, tuple[int, int]] | None:
@@ -110,6 +114,10 @@ def _ranges(rows: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, int]] | N
 
 
 ENTRY_HOOKS: list[Callable[[AdapterState, Routing], None]] = []  # run as a routed block starts (lorakit.layer's)
+# gather_token -> the state whose routed block is running, for the compiled layers that read its gathered tables:
+# every layer reaches the state through this one place, where a reference of its own each would make a compiled
+# step check, layer by layer, that they are all the same object
+GATHERING: dict[int, AdapterState] = {}
 _FRESH: weakref.WeakSet[AdapterState] = weakref.WeakSet()  # the states whose gathered tables or pack are current
 
 
@@ -156,6 +164,7 @@ class AdapterState:
     gather_width = 1
     gather_device: torch.device | None = None
     gather_owner: int | None = None  # id() of the state the tables were built for (a deep copy's differs)
+    gather_token: int | None = None  # this state's key in GATHERING, given as its tables are first built
     gather_wanted = False  # set by a compiled model's routed layers
     gather_built = False  # the tables are there (else dropped, until a compiled model wants them)
     gather_groups: dict = {}  # noqa: RUF012 (replaced whole, never changed in place) siblings' bases and tables by key
@@ -264,17 +273,16 @@ class AdapterState:
     def routing_for(self, adapter_names: Sequence[str]) -> Routing:
         """The Routing for one adapter name (or BASE) per batch row; a tree node stands for its whole path. The same
         list of names gets the same Routing while the tree is unchanged (a server's decode steps repeat it)."""
-        wrong = LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
         if isinstance(adapter_names, str):
-            raise wrong
+            raise _not_names(adapter_names)
         try:
             key = tuple(adapter_names)
             routing = self._routings.pop(key, None)  # a key kept here was checked when its Routing was made
         except TypeError:  # not iterable, or a name that is not even hashable
-            raise wrong from None
+            raise _not_names(adapter_names) from None
         if routing is None:
             if not all(isinstance(n, str) for n in key):
-                raise wrong
+                raise _not_names(adapter_names)
             routing = self._new_routing(key)
         self._routings[key] = routing  # now the most recent
         while len(self._routings) > ROUTINGS_KEPT:
@@ -305,14 +313,19 @@ class AdapterState:
             raise LorakitError("a routed forward is already running; routed calls do not nest")
         self.routing = routing
         packs_stale(self)  # a routed step never reads the pack: its layers' offsets go until the next unrouted call
+        token = None
         try:
             for hook in ENTRY_HOOKS:
                 hook(self, routing)
+            token = self.gather_token
+            if token is not None:
+                GATHERING[token] = self
             yield routing
         finally:
             self.routing = None
             if self.gather_slots is not None:
                 self.gather_slots = None
+            GATHERING.pop(token, None)
 
     def routing_now(self) -> Routing | None:
         """The routing a forward runs under: the routed block's, or, in a backward, the routing of the routed forward
@@ -342,6 +355,10 @@ class AdapterState:
         for tensor in _tensors(outputs):
             if tensor.requires_grad:
                 tensor.register_hook(mark)
+
+
+def _not_names(adapter_names: object) -> LorakitError:
+    return LorakitError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
 
 
 def _tensors(value: object) -> Iterator[Tensor]:

@@ -612,6 +612,32 @@ def test_compiled_decode_steps_route_through_the_gathered_tables_in_one_graph(mo
         assert not torch.allclose(mixed[0], mixed[3]) and not torch.allclose(mixed[0], mixed[2])  # a vs c, vs base
 
 
+def test_a_compiled_decode_step_reads_the_state_through_one_place(monkeypatch):
+    """Every layer of a compiled decode step reaches the routed state through state.GATHERING: the graph guards no
+    layer's own reference to it (each would be checked, layer by layer, to be the same object). The block leaves
+    nothing there, whether it ends or raises."""
+    from lorakit.state import GATHERING
+
+    _gathered_on_cpu(monkeypatch)
+    model, names = _decode_model(), DECODE_ROUTINGS[0]
+    guarded = []
+
+    def kept(entries):
+        guarded.extend(e.name for e in entries)
+        return [True] * len(entries)
+
+    compiled = torch.compile(model.model, backend="eager", fullgraph=True, options={"guard_filter_fn": kept})
+    ids = _ids(64, 4, 1)
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+        with pytest.raises(RuntimeError), model.routed(names):
+            assert {model.state.gather_token: model.state} == GATHERING
+            raise RuntimeError("inside the block")
+    assert guarded and not [name for name in guarded if ".state" in name]
+    assert any("GATHERING" in name for name in guarded) and not GATHERING
+
+
 def _delete_and_readd_b(model: LoraModel) -> None:
     model.delete_adapter("b")
     torch.manual_seed(11)
