@@ -62,7 +62,8 @@ class LoraModel(nn.Module):
             state = owner().state
             with owner().routed(adapter_names, _batch_size(args, kwargs)):
                 routing, out = state.routing, base(*args, **kwargs)
-            state.replay_in_backward(out, routing)  # activation checkpointing reruns the forward in backward
+            if torch.is_grad_enabled():  # activation checkpointing reruns the forward in backward
+                state.replay_in_backward(out, routing)
             return out
 
         forward.__wrapped__ = base.forward
