@@ -1004,6 +1004,18 @@ def _packed_linear(layer: LoraLayer, x: Tensor, fast: tuple) -> Tensor | None:
     return ops.lora_linear(x, _tensor(base, "weight"), _tensor(base, "bias"), factors, False)
 
 
+def _stacked_a(spans: tuple) -> Tensor | None:
+    """The members' A as one view of their buffer, where they lie there back to back (lorakit.packed puts them so),
+    else None. Decided from the offsets, constants of the graph: nothing of the buffer is read to know it."""
+    number, (at, _, cols) = spans[0][0], spans[0][1]
+    end = at
+    for buf, (a_at, a_rows, a_cols), _, _ in spans:
+        if buf != number or a_at != end or a_cols != cols:
+            return None
+        end = a_at + a_rows * a_cols
+    return packed.BUFFERS[number][at:end].view(-1, cols)
+
+
 def _views(number: int, a_span: tuple, b_span: tuple) -> tuple[Tensor, Tensor]:
     """A and B as views of buffer `number` at their spans (offset, rows, columns)."""
     buffer = packed.BUFFERS[number]
@@ -1046,7 +1058,7 @@ def _grouped(x: Tensor, base: nn.Module, group: tuple) -> Tensor | None:
         (_tensor(b, "weight"), _tensor(b, "bias"), ops.LoraFactors(*_views(buf, a_span, b_span), scale, 0.0))
         for b, (buf, a_span, b_span, scale) in zip(bases, spans, strict=True)
     ]
-    outs = ops.lora_linear_group(x, parts, False)
+    outs = ops.lora_linear_group(x, parts, False, _stacked_a(spans))
     packed.STASH.pending = (number, x, _others(outs, index))
     return outs[index]
 

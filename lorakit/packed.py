@@ -115,7 +115,8 @@ def _build(state: AdapterState, layers: Iterable[tuple[str, object]]) -> None:
             named.append((path, layer, layer.adapters._modules[names[0]]._modules.get("dropout")))
     numbers, layers_now = held["numbers"], weakref.WeakSet()
     for key, members in groups.items():
-        factors = [t for _, a, b, _, _ in members for t in (a, b)]
+        # every A before every B, in the layers' order: siblings' A side by side, one tensor for a shrink of them all
+        factors = [a for _, a, _, _, _ in members] + [b for _, _, b, _, _ in members]
         number = numbers.get(key)
         if number is None or not _inside(factors, BUFFERS[number]):
             BUFFERS.pop(number, None)

@@ -309,7 +309,7 @@ class GroupCounting(Counting):
 def group_op(monkeypatch):
     """lorakit's group op as one node of the graph (on CUDA, one kernel), the reference's math inside."""
 
-    def as_one_node(x, parts, training):
+    def as_one_node(x, parts, training, stacked_a=None):
         weights, biases, factors = zip(*parts, strict=True)
         return _group_op(
             x, list(weights), list(biases), [f.lora_A for f in factors], [f.lora_B for f in factors],
@@ -317,6 +317,23 @@ def group_op(monkeypatch):
         )  # fmt: skip
 
     monkeypatch.setattr("lorakit.layer.ops.lora_linear_group", as_one_node)
+
+
+def test_a_group_s_factors_of_a_shrink_lie_side_by_side(group_op):
+    """The buffer holds every A before every B, so q's, k's and v's A (gate's and up's) are one view of it: the
+    tensor a kernel reads for one x A^T of the whole group, equal to their concatenation."""
+    from lorakit.layer import _stacked_a
+
+    lora = _model()
+    _compiled(lora, "eager")
+    _warm(lora)
+    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        members = [_members(lora, name)[0] for name in names]
+        spans = members[0]._fast[5][2]
+        stacked = _stacked_a(spans)
+        factors = [m.adapters["a0"].lora_A for m in members]
+        assert torch.equal(stacked, torch.cat(factors)) and stacked.data_ptr() == factors[0].data_ptr()
+    assert _stacked_a((spans[1], spans[0])) is None  # not back to back in that order
 
 
 def _members(lora, suffix: str) -> list[LoraLayer]:

@@ -122,10 +122,13 @@ def lora_linear(
 
 
 def lora_linear_group(
-    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool
-) -> list[Tensor]:
+    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool,
+    stacked_a: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
     """Semantics: [lora_linear(x, W_i, bias_i, [adapter_i], training) for each part]: projections that read the
-    same input (q, k and v; gate and up), which a kernel may compute in one launch."""
+    same input (q, k and v; gate and up), which a kernel may compute in one launch. stacked_a, where the caller
+    holds the parts' A side by side: the same values as one (sum of ranks x in) tensor, which lets a kernel make
+    every part's x A^T in one product; it changes no result."""
     return [lora_linear(x, weight, bias, [factors], training) for weight, bias, factors in parts]
 
 

@@ -301,3 +301,47 @@ def test_a_compiled_decode_step_runs_q_k_v_and_gate_up_as_one_launch_each(rows, 
     assert ("lora_gemm_group_kernel" in text) == grouped
     assert packed.STASH.pending is None and not packed.BROKEN
     assert (out - eager).abs().max().item() < 2e-2 * eager.abs().max().item()
+
+
+PREFILL_GROUP = [(1024, 16, True), (512, 8, False), (512, 5, True)]  # (out, rank, bias): t's columns off 16 bytes too
+
+
+def _prefill_group(rows: int = 2048, n_in: int = 512, dtype=BF16):
+    x = _operands(rows, n_in, 8, 1, dtype, False)[0]
+    parts = [_operands(rows, n_in, n, r, dtype, bias, seed=i + 1)[1:] for i, (n, r, bias) in enumerate(PREFILL_GROUP)]
+    return x, parts
+
+
+@needs_tma
+def test_prefill_group_matches_float64_math_part_by_part():
+    """s x A^T of every part from one GEMM over the stacked A, each part's kernel reading its columns of it (the
+    last part's start and width off the TMA unit's 16 bytes: copied apart first)."""
+    from lorakit.ops.triton.lora_gemm import lora_gemm_prefill_group
+
+    x, parts = _prefill_group()
+    weights, biases, lora_as, lora_bs = (list(t) for t in zip(*parts, strict=True))
+    outs = lora_gemm_prefill_group(x, weights, biases, torch.cat(lora_as), lora_bs, 0.75)
+    for y, (w, bias, a, b) in zip(outs, parts, strict=True):
+        gold, without = _gold(x, w, bias, a, b, 0.75), _gold(x, w, bias, a, b * 0, 0.75)
+        assert y.shape == (x.shape[0], w.shape[0]) and _rel(y, gold) < TOLERANCE[BF16]
+        assert _rel(y.double() - without, gold - without) < 5 * TOLERANCE[BF16]
+
+
+@needs_tma
+def test_a_compiled_prefill_group_takes_one_shrink_for_its_parts():
+    """Compiled, lora_linear_group with the parts' A side by side runs the group op; with one part's scale
+    different (it rides in the one GEMM) each part keeps its own path. Outputs as float64 math either way."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    x, parts = _prefill_group()
+    stacked = torch.cat([a for _, _, a, _ in parts])
+    for scales, grouped in (([0.5] * 3, True), ([0.5, 0.5, 2.0], False)):
+        group = [(w, bias, LoraFactors(a, b, s, 0.0)) for (w, bias, a, b), s in zip(parts, scales, strict=True)]
+        step = torch.compile(lambda x, g=group: ops.lora_linear_group(x, g, False, stacked), fullgraph=True)
+        with torch.no_grad():
+            outs, code = run_and_get_code(step, x)
+        assert ("lora_gemm_prefill_group" in "\n".join(code)) == grouped
+        for y, (w, bias, a, b), s in zip(outs, parts, scales, strict=True):
+            assert _rel(y, _gold(x, w, bias, a, b, s)) < TOLERANCE[BF16]
+        torch._dynamo.reset()

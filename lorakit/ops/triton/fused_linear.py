@@ -53,19 +53,47 @@ def lora_linear(
 
 
 def lora_linear_group(
-    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool
-) -> list[Tensor]:
+    x: Tensor, parts: Sequence[tuple[Tensor, Tensor | None, LoraFactors]], training: bool,
+    stacked_a: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
     """reference.lora_linear_group's semantics: a compiled decode step's few rows through lora_gemm_group (one
-    launch for all the parts), else each part as lora_linear."""
+    launch for all the parts); a prefill's many rows, where the parts' A are stacked_a's rows, through
+    lora_gemm_prefill_group (x A^T for all the parts in one GEMM); else each part as lora_linear."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    weights, biases = [w for w, _, _ in parts], [b for _, b, _ in parts]
+    factors = [f for _, _, f in parts]
+    outs = None
     if _group_fusable(x2, parts, training):
-        weights, biases = [w for w, _, _ in parts], [b for _, b, _ in parts]
-        factors = [f for _, _, f in parts]
         outs = lora_gemm.lora_gemm_group_op(
             x2, weights, biases, [f.lora_A for f in factors], [f.lora_B for f in factors], [f.scale for f in factors]
         )
-        return outs if x.dim() == 2 else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
-    return [lora_linear(x, weight, bias, [factors], training) for weight, bias, factors in parts]
+    elif stacked_a is not None and _prefill_group_takes(x2, parts, stacked_a, training):
+        run = (
+            lora_gemm.lora_gemm_prefill_group_op if torch.compiler.is_compiling() else lora_gemm.lora_gemm_prefill_group
+        )
+        outs = run(x2, weights, biases, stacked_a, [f.lora_B for f in factors], factors[0].scale)
+    if outs is None:
+        return [lora_linear(x, weight, bias, [f], training) for weight, bias, f in parts]
+    return outs if x.dim() == 2 else [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
+
+
+def _prefill_group_takes(x2: Tensor, parts, stacked_a: Tensor, training: bool) -> bool:
+    """Where each part alone would take the persistent kernel (_kernel_for's many rows), no gradient or dropout,
+    one scale for all (it rides in the one GEMM), and stacked_a in x's dtype."""
+    if lora_gemm is None or not x2.is_cuda or torch.is_grad_enabled() or _autocast_changes(x2):
+        return False
+    rows, compiling = x2.shape[0], torch.compiler.is_compiling()
+    scales = {f.scale for _, _, f in parts}
+    if len(scales) != 1 or stacked_a.dtype != x2.dtype or stacked_a.stride(-1) != 1:
+        return False
+    return all(
+        not (training and f.dropout)
+        and not weight.requires_grad
+        and (compiling or rows * weight.numel() >= _EAGER_WORK)
+        and lora_gemm.prefill_ready(x2, weight, bias, f.lora_A, f.lora_B)
+        and lora_gemm.prefill_pays(rows, weight.shape[0], f.lora_A.shape[0], x2.device)
+        for weight, bias, f in parts
+    )
 
 
 def _group_fusable(x2: Tensor, parts, training: bool) -> bool:

@@ -408,21 +408,25 @@ def prefill_tiles(n_out: int, rank: int) -> tuple[Tiles, bool]:
 
 def lora_gemm_prefill(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None, scale: float,
-    tiles: Tiles | None = None, shrink: bool | None = None,
+    tiles: Tiles | None = None, shrink: bool | None = None, t: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """x W^T + scale (x A^T) B^T + b by the persistent kernel (A None: x W^T + b); operands the TMA unit cannot
-    address (or output rows it cannot store) go through cuBLAS instead. `tiles` and `shrink` override
-    prefill_tiles (benchmarks)."""
+    """x W^T + scale (x A^T) B^T + b by the persistent kernel (A None: x W^T + b; `t` given: x W^T + t B^T + b, t
+    being s x A^T made already, a group's columns of one GEMM); operands the TMA unit cannot address (or output rows
+    it cannot store) go through cuBLAS instead. `tiles` and `shrink` override prefill_tiles (benchmarks)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    has_lora = lora_a is not None
-    if weight.shape[0] % 8 or not all(_addressable(t) for t in (x, weight, lora_a) if t is not None):
+    has_lora = lora_a is not None or t is not None
+    if weight.shape[0] % 8 or not all(_addressable(u) for u in (x, weight, lora_a) if u is not None):
         y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+        if t is not None:
+            return y.addmm_(t, lora_b.T)
         return y.addmm_(torch.mm(x, lora_a.T), lora_b.T, alpha=scale) if has_lora else y
     rows, n_in = x.shape
-    n_out, rank = weight.shape[0], lora_a.shape[0] if has_lora else 1
+    n_out = weight.shape[0]
+    rank = t.shape[1] if t is not None else lora_a.shape[0] if has_lora else 1
     default_tiles, default_shrink = prefill_tiles(n_out, rank)
-    tiles, shrink = tiles or default_tiles, has_lora and (default_shrink if shrink is None else shrink)
+    tiles = tiles or default_tiles
+    shrink = has_lora and t is None and (default_shrink if shrink is None else shrink)
     m, n, k, block_r = tiles.block_m, tiles.block_n, tiles.block_k, max(16, triton.next_power_of_2(rank))
     y = x.new_empty(rows, n_out)
     x_desc = TensorDescriptor.from_tensor(x, [m, k])
@@ -430,9 +434,10 @@ def lora_gemm_prefill(
     if shrink:
         a_desc = TensorDescriptor.from_tensor(lora_a, [block_r, k])
     elif has_lora:
-        t = torch.addmm(x.new_empty(rows, rank), x, lora_a.T, beta=0, alpha=scale)  # s t, rounded once
-        if rank % 8:  # rows of t 16-byte aligned for the TMA unit
-            t = torch.nn.functional.pad(t, (0, 8 - rank % 8))
+        if t is None:
+            t = torch.addmm(x.new_empty(rows, rank), x, lora_a.T, beta=0, alpha=scale)  # s t, rounded once
+        if not _addressable(t):  # rows of t 16-byte aligned for the TMA unit (a rank not a multiple of 8)
+            t = torch.nn.functional.pad(t, (0, -rank % 8)) if rank % 8 else t.contiguous()
         t_desc = TensorDescriptor.from_tensor(t, [m, block_r])
     grid = (min(_programs(x.device), triton.cdiv(rows, m) * triton.cdiv(n_out, n)),)
     _persistent_kernel[grid](
@@ -457,3 +462,32 @@ def lora_gemm_prefill_op(
 @lora_gemm_prefill_op.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def lora_gemm_prefill_group(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], stacked_a: Tensor, lora_bs: list[Tensor],
+    scale: float,
+) -> list[Tensor]:  # fmt: skip
+    """[x W_i^T + s (x A_i^T) B_i^T + b_i] for projections of the same x whose A_i are stacked_a's rows in order:
+    s x A^T for all of them from one cuBLAS GEMM, which reads x once where a shrink a projection read it again,
+    then each projection's persistent kernel with its columns of it."""
+    t = torch.addmm(x.new_empty(x.shape[0], stacked_a.shape[0]), x, stacked_a.T, beta=0, alpha=scale)
+    outs, col = [], 0
+    for weight, bias, lora_b in zip(weights, biases, lora_bs, strict=True):
+        rank = lora_b.shape[1]
+        outs.append(lora_gemm_prefill(x, weight, bias, None, lora_b, 1.0, t=t[:, col : col + rank]))
+        col += rank
+    return outs
+
+
+@torch.library.custom_op("lorakit::lora_gemm_prefill_group", mutates_args=())
+def lora_gemm_prefill_group_op(
+    x: Tensor, weights: list[Tensor], biases: list[Tensor | None], stacked_a: Tensor, lora_bs: list[Tensor],
+    scale: float,
+) -> list[Tensor]:  # fmt: skip
+    return lora_gemm_prefill_group(x, weights, biases, stacked_a, lora_bs, scale)
+
+
+@lora_gemm_prefill_group_op.register_fake
+def _(x, weights, biases, stacked_a, lora_bs, scale):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
