@@ -14,7 +14,8 @@ static KV cache (its prefill run eagerly), so the host's launches leave the comp
 Cases, each mode on a fresh model (base: the model alone; ours: lorakit; ours-unpacked: lorakit without
 lorakit.packed's buffers; ours-unaligned: lorakit with the gathered kernels' element loads; ours-state-first:
 lorakit with every layer reading the adapter state (enabled, routing, training) before its packed path, as before
-packed layers stopped reading it, so a compiled step guards the state again in every layer; peft: PEFT 0.21):
+packed layers stopped reading it, so a compiled step guards the state again in every layer; ours-shrink-apart:
+lorakit with each sibling's own x A^T in a prefill, as before one GEMM served the group; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
@@ -46,13 +47,17 @@ from torch.nn.attention import sdpa_kernel
 from train_step_gpu import build_model
 from transformers.cache_utils import DynamicCache, StaticCache
 
+import lorakit.layer
 from lorakit import packed
 from lorakit.layer import LoraLayer
 from lorakit.ops import gathered
 from lorakit.serve.routing import SERVING_ATTENTION
 
 CASES = ("decode-64", "one-adapter")
-MODES = ("base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "ours-ungrouped", "peft")
+MODES = (
+    "base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "ours-ungrouped", "ours-shrink-apart",
+    "peft",
+)  # fmt: skip
 SIBLINGS = packed.SIBLINGS
 QUICK = dict(
     layers=2,
@@ -104,7 +109,7 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
         first = step().float().cpu()
         return median_ms(step, args.warmup, args.steps, args.device), first, step
     config = model.config
-    extra = 5 + (2 * args.steps + 32 if args.host else 0)  # 3 profiled; --host's steps
+    extra = 5 + (3 * args.steps + 32 if args.host else 0)  # 3 profiled; --host's steps
     cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + extra)
     with torch.compiler.set_stance("force_eager"):  # the cache's tensors made eagerly: static addresses for graphs
         model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
@@ -161,6 +166,8 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
     sync()
     result = {"host_ms": 1000 * statistics.median(host)}
     if args.compile:
+        result.update(host_split(step, args))
+    if args.compile:
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         try:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
@@ -180,7 +187,67 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
     return result
 
 
+def host_split(step: Callable[[], object], args: argparse.Namespace) -> dict[str, float]:
+    """--host under --compile: the host's call cut where it enters each layer of torch's machinery, medians over
+    --steps calls (each started with the device idle): split_outside_ms, before and after the compiled forward (the
+    wrapper's Python: lorakit's routed block); split_frame_ms, the compiled frame around its graph (dynamo's guards,
+    the bytecode that gathers the graph's inputs, AOT's wrappers); split_graph_ms, inductor's call around the CUDA
+    graph tree (its input checks and copies, the outputs rebuilt); split_replay_ms, the replay's launch."""
+    from torch._inductor import cudagraph_trees, output_code
+
+    spans: dict[str, float] = {}
+    patched = []
+
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spans[label] = spans.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+        patched.append((owner, name, original))
+
+    inner = [m for m in _COMPILED if m is not None]
+    for module in inner:
+        timed(module, "forward", "frame")
+    timed(output_code.CompiledFxGraph, "__call__", "graph")
+    timed(cudagraph_trees.CUDAGraphTreeManager, "run", "tree")
+    timed(torch.cuda.CUDAGraph, "replay", "replay")
+    sync, rows = synchronizer(args.device), []
+    try:
+        for _ in range(args.steps):
+            sync()
+            spans.clear()
+            start = time.perf_counter()
+            step()
+            rows.append((time.perf_counter() - start, dict(spans)))
+        sync()
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+    def median(f) -> float:
+        return 1000 * statistics.median(f(total, s) for total, s in rows)
+
+    return {
+        "split_call_ms": median(lambda t, s: t),
+        "split_outside_ms": median(lambda t, s: t - s.get("frame", 0.0)),
+        "split_frame_ms": median(lambda t, s: s.get("frame", 0.0) - s.get("graph", 0.0)),
+        "split_graph_ms": median(lambda t, s: s.get("graph", 0.0) - s.get("tree", 0.0)),
+        "split_tree_ms": median(lambda t, s: s.get("tree", 0.0) - s.get("replay", 0.0)),
+        "split_replay_ms": median(lambda t, s: s.get("replay", 0.0)),
+    }
+
+
+_COMPILED: dict = {}  # the transformers module whose forward --compile compiled -> that compiled forward
+
+
 _FORWARD = LoraLayer.forward
+_STACKED_A = lorakit.layer._stacked_a
 
 
 def _state_first(self, x, *args, **kwargs):
@@ -204,6 +271,8 @@ def compiled(model, mode: str, args: argparse.Namespace):
         backend = "inductor" if args.device == "cuda" else "aot_eager"
         mode = "reduce-overhead" if args.device == "cuda" else None
         inner.forward = torch.compile(inner.forward, backend=backend, mode=mode)
+        _COMPILED.clear()
+        _COMPILED[inner] = inner.forward
     return model
 
 
@@ -217,6 +286,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     packed.SIBLINGS = () if mode == "ours-ungrouped" else SIBLINGS  # and without groups of siblings
     gathered.VECTOR_LOADS = mode != "ours-unaligned"  # and with the gathered kernels' element loads
     LoraLayer.forward = _state_first if mode == "ours-state-first" else _FORWARD
+    lorakit.layer._stacked_a = (lambda spans: None) if mode == "ours-shrink-apart" else _STACKED_A
     model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
     result: dict = {"layers": layers, "build_s": time.perf_counter() - start}
     rows = args.decode_batch if case == "decode-64" else args.batch
@@ -234,6 +304,8 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
                 return model(input_ids=prompt, use_cache=False)
 
             result["forward_ms"] = median_ms(forward, args.warmup, args.steps, args.device)
+            if mode in args.profile.split(","):
+                print(f"== profile of {case} {mode}'s forward: " + profiled(forward, args), flush=True)
         result["decode_ms"], result["logits"], step = decode_ms(model, prompt, routing, args)
         if mode in args.profile.split(","):
             print(f"== profile of {case} {mode}'s decode step: " + profiled(step, args), flush=True)
@@ -334,7 +406,9 @@ def parse_args() -> argparse.Namespace:
         help="every mode under torch.compile with CUDA graphs "
         "(reduce-overhead) and a static KV cache, as transformers' compiled generate runs",
     )
-    parser.add_argument("--profile", default="", help="modes whose decode step to profile (printed), e.g. base,ours")
+    parser.add_argument(
+        "--profile", default="", help="modes whose decode step (and one-adapter forward) to profile, e.g. base,ours"
+    )
     parser.add_argument(
         "--host", action="store_true", help="also time the host's share of a decode step and print its profile"
     )
