@@ -84,7 +84,8 @@ def _prefill_group_takes(x2: Tensor, parts, stacked_a: Tensor, training: bool) -
         return False
     rows, compiling = x2.shape[0], torch.compiler.is_compiling()
     scales = {f.scale for _, _, f in parts}
-    if len(scales) != 1 or stacked_a.dtype != x2.dtype or stacked_a.stride(-1) != 1:
+    stacked = (sum(f.lora_A.shape[0] for _, _, f in parts), x2.shape[1])
+    if len(scales) != 1 or stacked_a.dtype != x2.dtype or stacked_a.stride(-1) != 1 or stacked_a.shape != stacked:
         return False
     return all(
         not (training and f.dropout)
