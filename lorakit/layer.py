@@ -702,9 +702,17 @@ _TOKENS = itertools.count()  # AdapterState.gather_token
 
 def _prepare_gathered(state: AdapterState, routing: Routing) -> None:
     if torch.compiler.is_compiling():  # a compiled LoraModel enters routed() itself
-        _prepare_gathered_untraced(state, routing)
-    elif not torch.is_grad_enabled() and _gather_devices_here():
+        _prepare_untraced(state, routing)
+    else:  # eagerly without torch.compiler.disable's cost, at every routed call
+        _prepare_where_wanted(state, routing)
+
+
+def _prepare_where_wanted(state: AdapterState, routing: Routing) -> None:
+    if not torch.is_grad_enabled() and _gather_devices_here():
         _prepare_now(state, routing)
+
+
+_prepare_untraced = torch.compiler.disable(_prepare_where_wanted)  # device tensors made and kept: never traced
 
 
 def _gather_devices_here() -> bool:
@@ -730,12 +738,6 @@ def _prepare_now(state: AdapterState, routing: Routing) -> None:
         _build_tables(state, state.gather_built)
     if state.gather_device is not None:
         state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
-
-
-@torch.compiler.disable  # device tensors made and kept: never traced
-def _prepare_gathered_untraced(state: AdapterState, routing: Routing) -> None:
-    if not torch.is_grad_enabled() and _gather_devices_here():
-        _prepare_now(state, routing)
 
 
 ENTRY_HOOKS.append(_prepare_gathered)
