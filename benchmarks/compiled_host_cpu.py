@@ -37,10 +37,12 @@ def _gathered_stand_in(out, x, slots, table, *rest):
     return out
 
 
-def _group_stand_in(x, outs, slots, tables):
-    for out, table in zip(outs, tables, strict=True):
-        _stand_in(out, x, slots, table.entries)
-    return outs
+def _linear_group_stand_in(x, weights, biases, slots, tables):
+    outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    terms = [x.new_zeros(x.shape[0], w.shape[0]) for w in weights]
+    for term, table in zip(terms, tables, strict=True):
+        _stand_in(term, x, slots, table.entries)
+    return outs, terms
 
 
 def build(mode: str, args: argparse.Namespace):
@@ -118,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     lorakit.layer.GATHER_DEVICES = ("cuda", "cpu")
     lorakit.layer.ops.add_gathered_lora = _gathered_stand_in
-    lorakit.layer.ops.add_gathered_lora_group = _group_stand_in
+    lorakit.layer.ops.gathered_linear_group = _linear_group_stand_in
     packed.PACK_DEVICES = ("cuda", "cpu")
     for mode in ("base", "ours"):
         result = measure(mode, args)

@@ -15,7 +15,9 @@ Cases, each mode on a fresh model (base: the model alone; ours: lorakit; ours-un
 lorakit.packed's buffers; ours-unaligned: lorakit with the gathered kernels' element loads; ours-state-first:
 lorakit with every layer reading the adapter state (enabled, routing, training) before its packed path, as before
 packed layers stopped reading it, so a compiled step guards the state again in every layer; ours-shrink-apart:
-lorakit with each sibling's own x A^T in a prefill, as before one GEMM served the group; peft: PEFT 0.21):
+lorakit with each sibling's own x A^T in a prefill, as before one GEMM served the group; ours-one-stream: lorakit
+with a routed decode step's terms made after the base products on one stream, not beside them; ours-in-place:
+lorakit with those terms added into the base products in place, as before they were made apart; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
@@ -56,7 +58,8 @@ from lorakit.serve.routing import SERVING_ATTENTION
 CASES = ("decode-64", "one-adapter")
 MODES = (
     "base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "ours-ungrouped", "ours-shrink-apart",
-    "peft",
+    "ours-one-stream",
+    "ours-in-place", "peft",
 )  # fmt: skip
 SIBLINGS = packed.SIBLINGS
 QUICK = dict(
@@ -153,10 +156,6 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
     not waited for (under CUDA graphs: guards, the inputs gathered, the replay launched); unguarded_ms: the whole
     step with dynamo's guards skipped (torch's skip_guard_eval_unsafe stance), so decode_ms - unguarded_ms is what
     the guards cost; and the functions that took the host's time over 30 steps (cProfile, printed)."""
-    import cProfile
-    import io
-    import pstats
-
     sync, host = synchronizer(args.device), []
     for _ in range(args.steps):
         sync()
@@ -175,7 +174,17 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
         except RuntimeError as err:  # the stance refuses to compile, and a step that breaks its graph may recompile
             print(f"no unguarded time: {str(err)[:200]}", flush=True)
         result["graphs_compiled_since"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-    profiler, text = cProfile.Profile(), io.StringIO()
+    host_profile(step, "decode steps", args)
+    return result
+
+
+def host_profile(step: Callable[[], object], what: str, args: argparse.Namespace) -> None:
+    """Prints the functions that took the host's time over 30 calls of `step` (cProfile) and dynamo's counters."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler, text, sync = cProfile.Profile(), io.StringIO(), synchronizer(args.device)
     profiler.enable()
     for _ in range(30):
         step()
@@ -183,8 +192,7 @@ def host_report(step: Callable[[], object], args: argparse.Namespace) -> dict[st
     profiler.disable()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if k in ("inductor", "stats")}
-    print(f"== host profile of 30 decode steps:\n{text.getvalue()}\ncounters: {counters}", flush=True)
-    return result
+    print(f"== host profile of 30 {what}:\n{text.getvalue()}\ncounters: {counters}", flush=True)
 
 
 def host_split(step: Callable[[], object], args: argparse.Namespace) -> dict[str, float]:
@@ -196,6 +204,7 @@ def host_split(step: Callable[[], object], args: argparse.Namespace) -> dict[str
     from torch._inductor import cudagraph_trees, output_code
 
     spans: dict[str, float] = {}
+    calls: dict[str, int] = {}  # how many times each was entered over the timed calls
     patched = []
 
     def timed(owner, name: str, label: str) -> None:
@@ -207,6 +216,7 @@ def host_split(step: Callable[[], object], args: argparse.Namespace) -> dict[str
                 return original(*a, **k)
             finally:
                 spans[label] = spans.get(label, 0.0) + time.perf_counter() - start
+                calls[label] = calls.get(label, 0) + 1
 
         setattr(owner, name, wrapper)
         patched.append((owner, name, original))
@@ -240,6 +250,7 @@ def host_split(step: Callable[[], object], args: argparse.Namespace) -> dict[str
         "split_graph_ms": median(lambda t, s: s.get("graph", 0.0) - s.get("tree", 0.0)),
         "split_tree_ms": median(lambda t, s: s.get("tree", 0.0) - s.get("replay", 0.0)),
         "split_replay_ms": median(lambda t, s: s.get("replay", 0.0)),
+        **{f"split_{label}_entered": n / len(rows) for label, n in calls.items()},
     }
 
 
@@ -248,6 +259,15 @@ _COMPILED: dict = {}  # the transformers module whose forward --compile compiled
 
 _FORWARD = LoraLayer.forward
 _STACKED_A = lorakit.layer._stacked_a
+_WITH_TERMS = lorakit.layer._with_terms
+
+
+def _in_place(x, weights, biases, slots, tables):
+    """ours-in-place: the base products, then the group's terms added into them (ops.add_gathered_lora_group)."""
+    flat = x.reshape(-1, x.shape[-1])
+    outs = [torch.nn.functional.linear(flat, w, b) for w, b in zip(weights, biases, strict=True)]
+    outs = lorakit.layer.ops.add_gathered_lora_group(flat, outs, slots, tables)
+    return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 
 def _state_first(self, x, *args, **kwargs):
@@ -285,6 +305,8 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     packed.PACK_DEVICES = () if mode == "ours-unpacked" else ("cuda",)  # the same code with and without buffers
     packed.SIBLINGS = () if mode == "ours-ungrouped" else SIBLINGS  # and without groups of siblings
     gathered.VECTOR_LOADS = mode != "ours-unaligned"  # and with the gathered kernels' element loads
+    gathered.BESIDE = mode != "ours-one-stream"  # and with the terms after the base products, one stream
+    lorakit.layer._with_terms = _in_place if mode == "ours-in-place" else _WITH_TERMS
     LoraLayer.forward = _state_first if mode == "ours-state-first" else _FORWARD
     lorakit.layer._stacked_a = (lambda spans: None) if mode == "ours-shrink-apart" else _STACKED_A
     model = compiled(adapt(mode, base, names, args.rank).eval(), mode, args)
@@ -304,6 +326,9 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
                 return model(input_ids=prompt, use_cache=False)
 
             result["forward_ms"] = median_ms(forward, args.warmup, args.steps, args.device)
+            if args.host and args.compile:  # the forward's host call, cut as a decode step's
+                result.update({f"forward_{k}": v for k, v in host_split(forward, args).items()})
+                host_profile(forward, f"{case} {mode} forwards", args)
             if mode in args.profile.split(","):
                 print(f"== profile of {case} {mode}'s forward: " + profiled(forward, args), flush=True)
         result["decode_ms"], result["logits"], step = decode_ms(model, prompt, routing, args)
@@ -410,7 +435,9 @@ def parse_args() -> argparse.Namespace:
         "--profile", default="", help="modes whose decode step (and one-adapter forward) to profile, e.g. base,ours"
     )
     parser.add_argument(
-        "--host", action="store_true", help="also time the host's share of a decode step and print its profile"
+        "--host",
+        action="store_true",
+        help="also time the host's share of a decode step (and of a compiled forward); print its profile",
     )
     parser.add_argument(
         "--recursive-dict-tags",

@@ -6,6 +6,10 @@ that share an input (q, k, v; o; gate, up; down):
   apart     cuBLAS, then the gathered shrink and expand of each projection (decode-64 before groups)
   grouped   cuBLAS, then one shrink and one expand for the whole group (ops/triton/gathered.launch_group, what
             lorakit runs); --sweep tries its tiles and prints the best
+  beside    the group's shrink on a second stream while cuBLAS runs, the expand after both (a graph's branches)
+  terms     the group's shrink and expand (its terms apart, fp32) on a second stream while cuBLAS runs, then the
+            terms added to the base outputs; terms-unadded without that last add (what it costs where the adds go
+            into the kernels that read the outputs next)
 Timing: triton.testing.do_bench_cudagraph (as a compiled decode step replays it), over --copies copies of the
 weights and adapters in turn, so they come from memory, not L2. Every form is checked against float64 math.
 
@@ -31,7 +35,7 @@ from gathered_gpu import _tables
 
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
-from lorakit.ops.triton.gathered import launch, launch_group
+from lorakit.ops.triton.gathered import _expand, _shrink, launch, launch_group, partials_for
 
 GROUPS = {  # input size, the outputs of each projection
     "q,k,v": (2048, (2048, 512, 512)),
@@ -80,12 +84,38 @@ def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
         launch_group(outs, x, slots, entries, first.block_r, first.code, first.aligned, *tiles)
         return outs
 
+    side = torch.cuda.Stream()
+
+    def beside(i):
+        main, entries = torch.cuda.current_stream(), [t.entries for t in copies[i][1]]
+        part = partials_for(x, slots, len(entries), first.block_r, first.aligned)  # made on the stream that frees it
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            _, chunks = _shrink(x, slots, entries, first.block_r, first.code, first.aligned, part=part)
+        outs = base(i)
+        main.wait_stream(side)
+        _expand(outs, part, chunks, slots, entries, first.block_r, first.code, first.aligned)
+        return outs
+
+    def terms(i, add=True):
+        main, entries = torch.cuda.current_stream(), [t.entries for t in copies[i][1]]
+        part = partials_for(x, slots, len(entries), first.block_r, first.aligned)
+        apart = [x.new_empty(args.rows, n, dtype=torch.float32) for n in sizes]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            _, chunks = _shrink(x, slots, entries, first.block_r, first.code, first.aligned, part=part)
+            _expand(apart, part, chunks, slots, entries, first.block_r, first.code, first.aligned, add=False)
+        outs = base(i)
+        main.wait_stream(side)
+        return [o.add_(d) for o, d in zip(outs, apart, strict=True)] if add else outs
+
     def error(outs) -> float:
         return max(((o.double() - r).abs().max() / r.abs().max()).item() for o, r in zip(outs, want, strict=True))
 
     row = {}
-    for name, form in (("base", base), ("apart", apart), ("grouped", grouped)):
-        if name != "base":
+    forms = (("base", base), ("apart", apart), ("grouped", grouped), ("beside", beside), ("terms", terms))
+    for name, form in (*forms, ("terms-unadded", lambda i: terms(i, add=False))):
+        if name not in ("base", "terms-unadded"):
             row[f"{name}_max_rel_error"] = error(form(0))
         row[f"{name}_us"] = _time(form, args.copies)
     if args.sweep:
@@ -120,7 +150,8 @@ def main() -> None:
         n_in, sizes = GROUPS[name]
         results[name] = row = _group(n_in, sizes, args)
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    summary = {f: sum(r[f"{f}_us"] for r in results.values()) for f in ("base", "apart", "grouped")}
+    forms = ("base", "apart", "grouped", "beside", "terms", "terms-unadded")
+    summary = {f: sum(r[f"{f}_us"] for r in results.values()) for f in forms}
     print("a layer's projections, us:", {k: round(v, 2) for k, v in summary.items()}, flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -770,9 +770,14 @@ def _gathered_step(layer: LoraLayer, x: Tensor, group: tuple | None, state: Adap
     if group is not None:
         return _siblings(layer, x, state)
     base = layer._modules["base_layer"]
-    out = F.linear(x, _tensor(base, "weight"), _tensor(base, "bias")) if _is_bare_linear(base) else base(x)
     state.gather_wanted = True  # as _routed_outside_graph
-    return _gathered(layer, x, out, state)
+    if _is_bare_linear(base):
+        table, weight = layer._gather, _tensor(base, "weight")
+        slots = _token_slots(state, x, table.n_in) if table is not None and state.gather_fresh else None
+        if slots is not None and weight.shape[0] == table.n_out:
+            return _with_terms(x, [weight], [_tensor(base, "bias")], slots, [table])[0]
+        return _gathered(layer, x, F.linear(x, weight, _tensor(base, "bias")), state)
+    return _gathered(layer, x, base(x), state)
 
 
 def _gathered(layer: LoraLayer, x: Tensor, out: Tensor, state: AdapterState) -> Tensor | None:
@@ -896,12 +901,18 @@ def _siblings(layer: LoraLayer, x: Tensor, state: AdapterState) -> Tensor | None
     weights = [_tensor(b, "weight") for b in bases]
     if any(w.shape[0] != t.n_out for w, t in zip(weights, tables, strict=True)):
         return None
-    flat = x.reshape(-1, own.n_in)
-    outs = [F.linear(flat, w, _tensor(b, "bias")) for w, b in zip(weights, bases, strict=True)]
-    outs = ops.add_gathered_lora_group(flat, outs, slots, tables)
-    outs = [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    biases = [_tensor(b, "bias") for b in bases]
+    outs = _with_terms(x, weights, biases, slots, tables)
     packed.STASH.pending = (key, x, _others(outs, index))
     return outs[index]
+
+
+def _with_terms(x: Tensor, weights: list, biases: list, slots: Tensor, tables: list) -> list[Tensor]:
+    """Each member's base product plus its routed terms (ops.gathered_linear_group: on a GPU the terms are made
+    beside the base products), the sum in the graph, where the compiler puts it into the kernel that reads the
+    output next; rounded once, as the terms added in place are."""
+    outs, terms = ops.gathered_linear_group(x.reshape(-1, x.shape[-1]), weights, biases, slots, tables)
+    return [(o + t).to(o.dtype).view(*x.shape[:-1], o.shape[-1]) for o, t in zip(outs, terms, strict=True)]
 
 
 def _one_token_a_row(key: tuple) -> bool:

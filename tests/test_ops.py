@@ -445,6 +445,27 @@ def test_gathered_lora_rounds_once_and_leaves_rows_of_a_broken_adapter_alone():
     torch.testing.assert_close(got[[1, 2, 4, 5, 6]].double(), want[[1, 2, 4, 5, 6]], atol=0, rtol=2**-8)
 
 
+def test_gathered_linear_group_gives_the_base_products_and_the_terms_that_sum_to_the_group():
+    """Each sibling's F.linear and its routed terms apart in fp32: their sum rounded to bf16 is the in-place group's
+    output (to its rounding: a row with two adapters may sum them in another order), a row with one adapter or none
+    exactly; the terms of a row with none are zero."""
+    factors, slots, x, _ = _gathered_case(torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(5, 6, generator=gen).bfloat16(), torch.randn(5, 6, generator=gen).bfloat16()]
+    biases = [torch.randn(5, generator=gen).bfloat16(), None]
+    tables = [ops.gather_table(factors), ops.gather_table([factors[3], factors[1], None, factors[0]])]
+    xb = x.bfloat16()
+    outs, terms = ops.gathered_linear_group(xb, weights, biases, slots, tables)
+    bases = [torch.nn.functional.linear(xb, w, b) for w, b in zip(weights, biases, strict=True)]
+    grouped = ops.add_gathered_lora_group(xb, [b.clone() for b in bases], slots, tables)
+    one = [0, 2, 4, 5]  # rows naming one adapter or none
+    for out, base, term, want in zip(outs, bases, terms, grouped, strict=True):
+        assert torch.equal(out, base) and term.dtype == torch.float32 and not term[2].any()
+        summed = (out + term).to(out.dtype)
+        assert torch.equal(summed[one], want[one])
+        torch.testing.assert_close(summed.double(), want.double(), atol=0, rtol=2**-7)
+
+
 @pytest.mark.parametrize(
     "change",
     ["mixed-dtypes", "rank-above-the-kernels", "transposed-factor", "other-shape", "none-held"],

@@ -808,13 +808,13 @@ def group_marker(monkeypatch):
     import lorakit.layer
 
     _gathered_on_cpu(monkeypatch)
-    real = lorakit.layer.ops.add_gathered_lora_group
+    real = lorakit.layer.ops.gathered_linear_group
 
-    def marked(x, outs, slots, tables):
-        summed = real(x, outs, slots, tables)
-        return [summed[0] + _group_marker(x, len(outs)), *summed[1:]]
+    def marked(x, weights, biases, slots, tables):
+        outs, terms = real(x, weights, biases, slots, tables)
+        return outs, [terms[0] + _group_marker(x, len(weights)), *terms[1:]]
 
-    monkeypatch.setattr(lorakit.layer.ops, "add_gathered_lora_group", marked)
+    monkeypatch.setattr(lorakit.layer.ops, "gathered_linear_group", marked)
 
 
 def _parts(graphs) -> list[list[int]]:
@@ -845,7 +845,7 @@ def test_a_compiled_decode_step_computes_siblings_in_one_op_with_the_eager_outpu
         k_proj.adapters["c"].lora_B.mul_(-2.0)
         got = _compiled_decode(model, DECODE_ROUTINGS[1], ids, compiled)
         torch.testing.assert_close(got, _eager_routed(model, DECODE_ROUTINGS[1], input_ids=ids, use_cache=False))
-    assert _parts(graphs) == [[3, 2] * 2]  # one graph; q, k, v and gate, up of both layers; o and down alone
+    assert _parts(graphs) == [[3, 1, 2, 1] * 2]  # one graph; q, k, v, o, gate and up, down of both layers
     assert packed.STASH.pending is None and not packed.BROKEN & model.state.gather_groups.keys()
 
 
@@ -883,7 +883,7 @@ def test_siblings_called_with_other_inputs_are_gathered_apart_after_one_step(gro
             with model.routed(names):
                 torch.testing.assert_close(compiled(x), want)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    assert [len(p) for p in _parts(graphs)] == [2, 0] and all(m._gather_group is None for m in layers)
+    assert _parts(graphs) == [[3, 3], [1, 1, 1]] and all(m._gather_group is None for m in layers)
     assert all(m._gather is not None for m in layers)  # apart, each through its own table
 
 
@@ -897,7 +897,9 @@ def test_a_hook_on_a_sibling_s_base_keeps_its_group_off(group_marker):
     with torch.no_grad():
         got = _compiled_decode(model, names, ids, compiled)
         torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
-    assert _parts(graphs) == [[2, 3, 2]]  # the first layer's attention members each alone; the second's together
+    # the first layer's q, k, v each through its own table (add_gathered_lora, no marker), its o (1), gate and up
+    # (2), down (1); the second layer's q, k, v together (3), o, gate and up, down
+    assert _parts(graphs) == [[1, 2, 1, 3, 1, 2, 1]]
 
 
 def test_siblings_of_different_ranks_still_share_one_op(group_marker):
@@ -916,4 +918,4 @@ def test_siblings_of_different_ranks_still_share_one_op(group_marker):
     q_proj = next(m for n, m in model.named_modules() if n.endswith("q_proj") and isinstance(m, LoraLayer))
     k_proj = next(m for n, m in model.named_modules() if n.endswith("k_proj") and isinstance(m, LoraLayer))
     assert (q_proj._gather.block_r, k_proj._gather.block_r) == (32, 16)
-    assert _parts(graphs) == [[3, 2] * 2]
+    assert _parts(graphs) == [[3, 1, 2, 1] * 2]  # q, k, v; o; gate, up; down of both layers

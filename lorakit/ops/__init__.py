@@ -72,6 +72,7 @@ add_lora = _dispatch("add_lora")
 add_routed_lora = _dispatch("add_routed_lora", routed.add_routed_lora)  # batched by rank off-kernel
 add_gathered_lora = _dispatch("add_gathered_lora", gathered.add_gathered_lora)  # the kernel adds into out itself
 add_gathered_lora_group = _dispatch("add_gathered_lora_group", gathered.add_gathered_lora_group)  # x first
+gathered_linear_group = _dispatch("gathered_linear_group", gathered.gathered_linear_group)  # x first
 gather_table = gathered.gather_table
 
 
@@ -187,6 +188,7 @@ __all__ = [
     "LoraFactors",
     "add_gathered_lora",
     "add_gathered_lora_group",
+    "gathered_linear_group",
     "add_lora",
     "add_routed_lora",
     "add_spanned_lora",

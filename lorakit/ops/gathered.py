@@ -27,6 +27,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels' factor d
 MAX_RANK = 128  # above this, the kernels' rank-wide tiles would spill registers: such layers keep the other paths
 MAX_TOKENS = 256  # token rows a step may have: each reads its adapters' factors whole, right for decode steps only
 VECTOR_LOADS = True  # aligned tables load 16 bytes at a time (benchmarks/decode_step_gpu.py turns it off to compare)
+BESIDE = True  # a CUDA graph makes the terms beside the base products (benchmarks/decode_step_gpu.py: off to compare)
 
 
 @dataclass(eq=False)
@@ -114,3 +115,11 @@ def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, table: GatherTable)
 def add_gathered_lora_group(x: Tensor, outs: Sequence[Tensor], slots: Tensor, tables: Sequence[GatherTable]) -> list:
     """reference.add_gathered_lora_group over the tables' adapters: one table and output a sibling."""
     return reference.add_gathered_lora_group(x, outs, slots, [t.factors for t in tables])
+
+
+def gathered_linear_group(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], slots: Tensor,
+    tables: Sequence[GatherTable],
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """reference.gathered_linear_group over the tables' adapters: one table, weight and bias a sibling."""
+    return reference.gathered_linear_group(x, weights, biases, slots, [t.factors for t in tables])

@@ -188,3 +188,16 @@ def add_gathered_lora_group(
     """Semantics: [add_gathered_lora(out_q, x, slots, parts[q])] for siblings over the same x (q, k and v): each
     output with its own adapters, by the same numbers in slots."""
     return [add_gathered_lora(out, x, slots, adapters) for out, adapters in zip(outs, parts, strict=True)]
+
+
+def gathered_linear_group(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], slots: Tensor,
+    parts: Sequence[Sequence[LoraFactors | None]],
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """Semantics: ([F.linear(x, W_q, b_q)], [the routed terms of part q in fp32 or wider]) for siblings over the
+    same x, the terms as add_gathered_lora sums them before it rounds: (out_q + term_q) rounded to out_q's dtype is
+    add_gathered_lora_group's output. Apart, so a GPU makes the terms while it makes the base products."""
+    outs = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    zeros = [x.new_zeros(x.shape[0], w.shape[0], dtype=wide) for w in weights]
+    return outs, add_gathered_lora_group(x, zeros, slots, parts)

@@ -140,6 +140,48 @@ def test_the_group_kernels_serve_siblings_of_different_rank_tiles_at_the_widest(
         torch.testing.assert_close(g.double(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
 
 
+@pytest.mark.parametrize("sizes", [(2048, 512, 512), (8192,), (33, 200)])
+def test_base_products_and_terms_apart_match_float64_math_eagerly_and_replayed_in_a_graph(sizes):
+    """ops.gathered_linear_group: each sibling's F.linear and its terms in fp32, summed as float64 math; recorded
+    into a CUDA graph (the terms on a second stream beside the GEMVs) and replayed with a new x and new slots, the
+    eager outputs for those: the graph waits for both branches."""
+    from lorakit import ops
+
+    n_in = 96 if sizes[0] == 33 else 2048
+    parts = [_factors(n_in, n, torch.bfloat16, absent=(q,)) for q, n in enumerate(sizes)]
+    tables = [gather_table(f) for f in parts]
+    gen = torch.Generator(CUDA).manual_seed(5)
+    weights = [torch.randn(n, n_in, device=CUDA, generator=gen).div_(n_in**0.5).bfloat16() for n in sizes]
+    biases = [torch.randn(n, device=CUDA, generator=gen).bfloat16() if q == 0 else None for q, n in enumerate(sizes)]
+    x = torch.randn(19, n_in, device=CUDA, generator=gen).bfloat16()
+    slots = torch.randint(-1, len(RANKS), (19, 2), device=CUDA, generator=gen, dtype=torch.int32)
+
+    def summed():
+        outs, terms = ops.gathered_linear_group(x, weights, biases, slots, tables)
+        assert all(t.dtype == torch.float32 for t in terms)
+        return [(o + t).to(o.dtype) for o, t in zip(outs, terms, strict=True)]
+
+    eager = summed()
+    for got, w, b, f in zip(eager, weights, biases, parts, strict=True):
+        base = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        want = reference.add_gathered_lora(base, x.double(), slots, _wide(f))
+        torch.testing.assert_close(got.double(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the default stream, as torch's graph recipe asks
+        summed()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        replayed = summed()
+    x.copy_(torch.randn(19, n_in, device=CUDA, generator=gen))
+    slots.copy_(torch.randint(-1, len(RANKS), (19, 2), device=CUDA, generator=gen, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(replayed, summed(), strict=True):  # what a replay that did not wait would miss: all of it
+        torch.testing.assert_close(got, want)
+
+
 NAMES = [f"a{i}" for i in range(4)]
 
 

@@ -13,7 +13,7 @@ except ImportError:
     KERNELS: dict[str, Callable] = {}
 else:
     from lorakit.ops.triton.fused_linear import add_lora, lora_linear, lora_linear_group
-    from lorakit.ops.triton.gathered import add_gathered_lora, add_gathered_lora_group
+    from lorakit.ops.triton.gathered import add_gathered_lora, add_gathered_lora_group, gathered_linear_group
     from lorakit.ops.triton.routed import add_routed_lora, prepare_routed_lora
 
     KERNELS = {
@@ -23,5 +23,6 @@ else:
         "add_routed_lora": add_routed_lora,
         "add_gathered_lora": add_gathered_lora,
         "add_gathered_lora_group": add_gathered_lora_group,
+        "gathered_linear_group": gathered_linear_group,
         "prepare_routed_lora": prepare_routed_lora,
     }
