@@ -771,13 +771,13 @@ def _gathered_step(layer: LoraLayer, x: Tensor, group: tuple | None, state: Adap
         return _siblings(layer, x, state)
     base = layer._modules["base_layer"]
     state.gather_wanted = True  # as _routed_outside_graph
-    if _is_bare_linear(base):
-        table, weight = layer._gather, _tensor(base, "weight")
-        slots = _token_slots(state, x, table.n_in) if table is not None and state.gather_fresh else None
-        if slots is not None and weight.shape[0] == table.n_out:
-            return _with_terms(x, [weight], [_tensor(base, "bias")], slots, [table])[0]
-        return _gathered(layer, x, F.linear(x, weight, _tensor(base, "bias")), state)
-    return _gathered(layer, x, base(x), state)
+    if not _is_bare_linear(base):
+        return _gathered(layer, x, base(x), state)
+    table, weight = layer._gather, _tensor(base, "weight")  # as _gathered, with the base product made beside
+    slots = _token_slots(state, x, table.n_in) if table is not None and state.gather_fresh else None
+    if slots is None or weight.shape[0] != table.n_out:
+        return None
+    return _with_terms(x, [weight], [_tensor(base, "bias")], slots, [table])[0]
 
 
 def _gathered(layer: LoraLayer, x: Tensor, out: Tensor, state: AdapterState) -> Tensor | None:
