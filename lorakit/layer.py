@@ -909,8 +909,8 @@ def _siblings(layer: LoraLayer, x: Tensor, state: AdapterState) -> Tensor | None
 
 def _with_terms(x: Tensor, weights: list, biases: list, slots: Tensor, tables: list) -> list[Tensor]:
     """Each member's base product plus its routed terms (ops.gathered_linear_group: on a GPU the terms are made
-    beside the base products), the sum in the graph, where the compiler puts it into the kernel that reads the
-    output next; rounded once, as the terms added in place are."""
+    beside the base products), summed by a pointwise op of the graph that the compiler can put into the kernel
+    that reads the output next; rounded once, as the terms added in place are."""
     outs, terms = ops.gathered_linear_group(x.reshape(-1, x.shape[-1]), weights, biases, slots, tables)
     return [(o + t).to(o.dtype).view(*x.shape[:-1], o.shape[-1]) for o, t in zip(outs, terms, strict=True)]
 
