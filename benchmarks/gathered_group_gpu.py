@@ -7,9 +7,10 @@ that share an input (q, k, v; o; gate, up; down):
   grouped   cuBLAS, then one shrink and one expand for the whole group (ops/triton/gathered.launch_group, what
             lorakit runs); --sweep tries its tiles and prints the best
   beside    the group's shrink on a second stream while cuBLAS runs, the expand after both (a graph's branches)
-  terms     the group's shrink and expand (its terms apart, fp32) on a second stream while cuBLAS runs, then the
-            terms added to the base outputs; terms-unadded without that last add (what it costs where the adds go
-            into the kernels that read the outputs next)
+  terms     lorakit's ops.gathered_linear_group (triton's gathered_linear_group_): the group's shrink and expand
+            (its terms apart, fp32) on a second stream while cuBLAS runs, then the terms added to the base outputs;
+            terms-unadded without that last add (what lorakit ships: the graph's add can go into the kernel that
+            reads the output next)
 Timing: triton.testing.do_bench_cudagraph (as a compiled decode step replays it), over --copies copies of the
 weights and adapters in turn, so they come from memory, not L2. Every form is checked against float64 math.
 
@@ -35,7 +36,7 @@ from gathered_gpu import _tables
 
 from lorakit.ops import reference
 from lorakit.ops.reference import LoraFactors
-from lorakit.ops.triton.gathered import _expand, _shrink, launch, launch_group, partials_for
+from lorakit.ops.triton.gathered import _expand, _shrink, gathered_linear_group_, launch, launch_group, partials_for
 
 GROUPS = {  # input size, the outputs of each projection
     "q,k,v": (2048, (2048, 512, 512)),
@@ -84,7 +85,7 @@ def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
         launch_group(outs, x, slots, entries, first.block_r, first.code, first.aligned, *tiles)
         return outs
 
-    side = torch.cuda.Stream()
+    side, form = torch.cuda.Stream(), (first.block_r, first.code, first.aligned)
 
     def beside(i):
         main, entries = torch.cuda.current_stream(), [t.entries for t in copies[i][1]]
@@ -97,16 +98,10 @@ def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
         _expand(outs, part, chunks, slots, entries, first.block_r, first.code, first.aligned)
         return outs
 
-    def terms(i, add=True):
-        main, entries = torch.cuda.current_stream(), [t.entries for t in copies[i][1]]
-        part = partials_for(x, slots, len(entries), first.block_r, first.aligned)
-        apart = [x.new_empty(args.rows, n, dtype=torch.float32) for n in sizes]
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            _, chunks = _shrink(x, slots, entries, first.block_r, first.code, first.aligned, part=part)
-            _expand(apart, part, chunks, slots, entries, first.block_r, first.code, first.aligned, add=False)
-        outs = base(i)
-        main.wait_stream(side)
+    def terms(i, add=True):  # what lorakit runs: its op, recorded with the terms beside the base products
+        weights, entries = copies[i][0], [t.entries for t in copies[i][1]]
+        made = gathered_linear_group_(x, weights, [None] * len(weights), slots, entries, *form)
+        outs, apart = made[: len(weights)], made[len(weights) :]
         return [o.add_(d) for o, d in zip(outs, apart, strict=True)] if add else outs
 
     def error(outs) -> float:
