@@ -17,7 +17,8 @@ lorakit with every layer reading the adapter state (enabled, routing, training) 
 packed layers stopped reading it, so a compiled step guards the state again in every layer; ours-shrink-apart:
 lorakit with each sibling's own x A^T in a prefill, as before one GEMM served the group; ours-one-stream: lorakit
 with a routed decode step's terms made after the base products on one stream, not beside them; ours-in-place:
-lorakit with those terms added into the base products in place, as before they were made apart; peft: PEFT 0.21):
+lorakit with those terms added into the base products in place, as before they were made apart; ours-unstacked:
+lorakit with a tensor of its own for every routed layer's table, as before they shared one; peft: PEFT 0.21):
   decode-64   --decode-batch rows after a prefill of --decode-prompt tokens each (KV cache, DynamicCache); one
               decode step = one new token per row, row i on adapter i mod --adapters (model(..., adapter_names=)).
   one-adapter one adapter made active with set_adapter, not routed: "forward" = a prefill forward of
@@ -59,7 +60,7 @@ CASES = ("decode-64", "one-adapter")
 MODES = (
     "base", "ours", "ours-unpacked", "ours-unaligned", "ours-state-first", "ours-ungrouped", "ours-shrink-apart",
     "ours-one-stream",
-    "ours-in-place", "peft",
+    "ours-in-place", "ours-unstacked", "peft",
 )  # fmt: skip
 SIBLINGS = packed.SIBLINGS
 QUICK = dict(
@@ -306,6 +307,7 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     packed.SIBLINGS = () if mode == "ours-ungrouped" else SIBLINGS  # and without groups of siblings
     gathered.VECTOR_LOADS = mode != "ours-unaligned"  # and with the gathered kernels' element loads
     gathered.BESIDE = mode != "ours-one-stream"  # and with the terms after the base products, one stream
+    gathered.STACKED = mode != "ours-unstacked"  # and with a tensor of its own for every layer's table
     lorakit.layer._with_terms = _in_place if mode == "ours-in-place" else _WITH_TERMS
     LoraLayer.forward = _state_first if mode == "ours-state-first" else _FORWARD
     lorakit.layer._stacked_a = (lambda spans: None) if mode == "ours-shrink-apart" else _STACKED_A

@@ -85,7 +85,7 @@ def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
         launch_group(outs, x, slots, entries, first.block_r, first.code, first.aligned, *tiles)
         return outs
 
-    side, form = torch.cuda.Stream(), (first.block_r, first.code, first.aligned)
+    side, spec = torch.cuda.Stream(), (first.block_r, first.code, first.aligned)
 
     def beside(i):
         main, entries = torch.cuda.current_stream(), [t.entries for t in copies[i][1]]
@@ -100,7 +100,7 @@ def _group(n_in: int, sizes: tuple[int, ...], args) -> dict:
 
     def terms(i, add=True):  # what lorakit runs: its op, recorded with the terms beside the base products
         weights, entries = copies[i][0], [t.entries for t in copies[i][1]]
-        made = gathered_linear_group_(x, weights, [None] * len(weights), slots, entries, *form)
+        made = gathered_linear_group_(x, weights, [None] * len(weights), slots, entries, *spec)
         outs, apart = made[: len(weights)], made[len(weights) :]
         return [o.add_(d) for o, d in zip(outs, apart, strict=True)] if add else outs
 

@@ -747,14 +747,13 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     """Every layer of `state` gets its table afresh, written into its old one where that keeps compiled graphs; or,
     not wanted, none (what they kept alive is freed)."""
     numbers, devices = tuple(state.parents), set()
-    for layer in list(_LAYERS.values()):
-        if layer.state is not state:
-            continue
-        fresh, old = layer._gather_table(numbers) if wanted else None, layer._gather
-        layer._gather = fresh if old is None or fresh is None else ops.gathered.refill(old, fresh)
-        layer.__dict__["_gather_token"] = None if fresh is None else state.gather_token
-        if fresh is not None:
-            devices.add(fresh.entries.device)
+    layers = [layer for layer in list(_LAYERS.values()) if layer.state is state]
+    fresh = [layer._gather_table(numbers) if wanted else None for layer in layers]
+    for layer, table in zip(layers, ops.gathered.restack([la._gather for la in layers], fresh), strict=True):
+        layer._gather = table
+        layer.__dict__["_gather_token"] = None if table is None else state.gather_token
+        if table is not None:
+            devices.add(table.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
     state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
     _group_tables(state)

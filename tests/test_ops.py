@@ -499,6 +499,40 @@ def test_a_gather_table_keeps_what_its_addresses_point_into():
     assert table.entries[1, 1].item() == old
 
 
+def test_restacked_tables_share_one_tensor_refilled_in_place_while_alike():
+    """A model's tables are rows of one tensor (a compiled step then takes one input for all its layers); a rebuild
+    alike writes into it (graphs keep reading the same address), one unlike gets a new one, and a tensor no table
+    holds is let go."""
+    import gc
+
+    factors, *_ = _gathered_case(torch.float32)
+    other = [factors[3], factors[1], None, factors[0]]
+
+    def build(parts):
+        return [None if p is None else ops.gather_table(p) for p in parts]
+
+    def rows(parts):
+        return [None if p is None else ops.gather_table(p).entries for p in parts]
+
+    first = ops.gathered.restack([None, None, None], build([factors, None, other]))
+    home, stack = first[0].home, ops.gathered.STACKS[first[0].home]
+    assert first[1] is None and first[2].home == home and stack.shape == (2, 4, 4)
+    assert torch.equal(first[0].entries, rows([factors])[0]) and torch.equal(first[2].entries, rows([other])[0])
+    assert first[2].entries.data_ptr() == stack[1].data_ptr()
+
+    swapped = ops.gathered.restack(first, build([other, None, factors]))  # alike: written in place
+    assert swapped[0] is first[0] and swapped[0].home == home and ops.gathered.STACKS[home] is stack
+    assert torch.equal(stack[0], rows([other])[0]) and torch.equal(stack[1], rows([factors])[0])
+    assert swapped[0].factors == other
+
+    wider = [ops.LoraFactors(torch.randn(32, 6), torch.randn(5, 32), 1.0, 0.0)] * 4  # another rank tile
+    unlike = ops.gathered.restack(swapped, build([factors, None, wider]))
+    assert unlike[0].home == unlike[2].home != home and unlike[2].block_r == 32
+    del first, swapped, stack
+    gc.collect()
+    assert home not in ops.gathered.STACKS
+
+
 def test_a_gather_table_says_aligned_only_where_every_address_and_row_is():
     """The kernels load 16 bytes at a time only from an aligned table: one misaligned factor, or rows whose width
     is not a multiple of 16 bytes, and the whole table takes element loads (ops.gathered._aligned)."""

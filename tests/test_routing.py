@@ -638,6 +638,45 @@ def test_a_compiled_decode_step_reads_the_state_through_one_place(monkeypatch):
     assert any("GATHERING" in name for name in guarded) and not GATHERING
 
 
+@torch.library.custom_op("lorakit_test::read_entries", mutates_args=())
+def _read_entries(x: torch.Tensor, entries: list[torch.Tensor]) -> torch.Tensor:
+    """Stands for the CUDA kernels in a CPU graph: it takes the tables' entries as they do."""
+    return x.new_zeros(())
+
+
+@_read_entries.register_fake
+def _(x, entries):
+    return x.new_zeros(())
+
+
+def test_a_compiled_decode_step_takes_every_layers_table_as_one_input(monkeypatch):
+    """The layers' tables are rows of one tensor, reached through one place: the graph takes one table input for
+    all the routed layers, where one each would be gathered and checked by the host at every step."""
+    import lorakit.layer
+
+    _gathered_on_cpu(monkeypatch)
+    real = lorakit.layer.ops.gathered_linear_group
+
+    def reading(x, weights, biases, slots, tables):
+        _read_entries(x, [t.entries for t in tables])
+        return real(x, weights, biases, slots, tables)
+
+    monkeypatch.setattr(lorakit.layer.ops, "gathered_linear_group", reading)
+    model, names, ids = _decode_model(), DECODE_ROUTINGS[0], _ids(64, 4, 1)
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    inputs = [n.meta["example_value"] for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    tables = [v for v in inputs if v.dtype == torch.int64 and v.shape[-1] == 4]
+    assert len({layer._gather.home for layer in layers}) == 1
+    assert len(tables) == 1 and tuple(tables[0].shape) == (len(layers), 3, 4)
+    marked = [n for n in graphs[0].graph.nodes if "read_entries" in str(n.target)]
+    assert len(marked) == 4 * 2  # q k v, o, gate up, down: two layers
+
+
 def _delete_and_readd_b(model: LoraModel) -> None:
     model.delete_adapter("b")
     torch.manual_seed(11)

@@ -13,7 +13,9 @@ never outlives what it points to.
 
 from __future__ import annotations
 
+import itertools
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,14 +30,22 @@ MAX_RANK = 128  # above this, the kernels' rank-wide tiles would spill registers
 MAX_TOKENS = 256  # token rows a step may have: each reads its adapters' factors whole, right for decode steps only
 VECTOR_LOADS = True  # aligned tables load 16 bytes at a time (benchmarks/decode_step_gpu.py turns it off to compare)
 BESIDE = True  # a CUDA graph makes the terms beside the base products (benchmarks/decode_step_gpu.py: off to compare)
+STACKED = True  # the tables of a model share one tensor (restack; the benchmarks: off to compare)
+
+
+STACKS: dict[int, Tensor] = {}  # home -> the entries of the tables that share it (GatherTable.home)
+_HOMES = itertools.count()
 
 
 @dataclass(eq=False)
 class GatherTable:
     """A layer's adapters by number: `entries` (G x 4, int64 on the device: A's address, B's address, rank, the
-    scale's float64 bits; zeros where the layer holds no such adapter), and what the kernels are specialised on."""
+    scale's float64 bits; zeros where the layer holds no such adapter), and what the kernels are specialised on.
+    The entries are row `row` of STACKS[home], a tensor the tables of one model's layers share (restack): a compiled
+    step reaches it for every layer through that one place, so its graph takes one tensor for all the routed
+    layers, not one each, and the host gathers and checks one input."""
 
-    entries: Tensor
+    home: int
     factors: list[LoraFactors | None]  # the same adapters, for the reference
     dtype: torch.dtype
     n_in: int
@@ -43,10 +53,34 @@ class GatherTable:
     block_r: int  # the widest rank, rounded up to a power of two (at least 16)
     storages: list[Tensor]  # aliases of the factors the entries point into: a `.data` assigned cannot free them
     aligned: bool = False  # every factor's address and row 16-byte aligned: the kernels load 16 bytes at a time
+    row: int = 0
+    keeper: object = None  # STACKS[home] lives while a table holding this does
+
+    @property
+    def entries(self) -> Tensor:
+        return STACKS[self.home][self.row]
 
     @property
     def code(self) -> int:
         return DTYPES.index(self.dtype)
+
+    @property
+    def form(self) -> tuple:
+        """What a compiled graph is specialised on besides the addresses: tables alike here can be refilled."""
+        return (self.entries.shape, self.entries.device, self.dtype, self.n_in, self.n_out, self.block_r, self.aligned)
+
+
+def _homed(stack: Tensor) -> tuple[int, object]:
+    """A home in STACKS for `stack`, and the keeper whose end frees it."""
+    home, keeper = next(_HOMES), _Keeper()
+    torch._dynamo.mark_static_address(stack)  # CUDA graphs read it in place; refills keep its address
+    STACKS[home] = stack
+    weakref.finalize(keeper, STACKS.pop, home, None)
+    return home, keeper
+
+
+class _Keeper:
+    pass
 
 
 def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
@@ -71,9 +105,9 @@ def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
     with torch.inference_mode(False):
         entries = torch.tensor(_rows(factors), dtype=torch.int64).to(device)
         storages = [t.detach() for f in held for t in (f.lora_A, f.lora_B)]
-    torch._dynamo.mark_static_address(entries)  # CUDA graphs read it in place; refills keep its address
     aligned = VECTOR_LOADS and all(_aligned(f) for f in held)
-    return GatherTable(entries, list(factors), dtype, n_in, n_out, block_r, storages, aligned)
+    home, keeper = _homed(entries[None])
+    return GatherTable(home, list(factors), dtype, n_in, n_out, block_r, storages, aligned, keeper=keeper)
 
 
 def _aligned(f: LoraFactors) -> bool:
@@ -83,17 +117,38 @@ def _aligned(f: LoraFactors) -> bool:
 
 
 def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
-    """`fresh` written into `table`'s own tensor where both are specialised alike (a compiled graph keeps reading
+    """`fresh` written into `table`'s own entries where both are specialised alike (a compiled graph keeps reading
     the same address, so nothing recompiles or records again), else `fresh` itself."""
-    same = (table.entries.shape, table.dtype, table.n_in, table.n_out, table.block_r, table.aligned) == (
-        fresh.entries.shape, fresh.dtype, fresh.n_in, fresh.n_out, fresh.block_r, fresh.aligned
-    )  # fmt: skip
-    if not same or table.entries.device != fresh.entries.device:
+    if table.form != fresh.form:
         return fresh
     with torch.inference_mode(False), torch.no_grad():
         table.entries.copy_(fresh.entries)
     table.factors, table.storages = fresh.factors, fresh.storages
     return table
+
+
+def restack(old: Sequence[GatherTable | None], fresh: Sequence[GatherTable | None]) -> list[GatherTable | None]:
+    """The tables of one model's layers (`fresh`, by layer; None where a layer has none) sharing one stack. Where
+    every layer's old table is alike its fresh one and they already share a stack, the fresh entries are written
+    into it and the old tables kept (a compiled graph reads the same address: nothing recompiles or records
+    again); else the fresh tables get a stack of their own. Tables on several devices stay apart, each refilled
+    into its old one where alike."""
+    held = [t for t in fresh if t is not None]
+    if STACKED and held and len({t.entries.device for t in held}) == 1:
+        kept = [t for t in old if t is not None]
+        shared = kept and all(t.home == kept[0].home for t in kept) and STACKS[kept[0].home].shape[0] == len(kept)
+        if shared and all(
+            (o is None) == (f is None) and (f is None or o.form == f.form) for o, f in zip(old, fresh, strict=True)
+        ):
+            for o, f in zip(kept, held, strict=True):
+                refill(o, f)
+            return list(old)
+        with torch.inference_mode(False):
+            home, keeper = _homed(torch.stack([t.entries for t in held]))
+        for row, table in enumerate(held):
+            table.home, table.row, table.keeper = home, row, keeper
+        return list(fresh)
+    return [f if o is None or f is None else refill(o, f) for o, f in zip(old, fresh, strict=True)]
 
 
 def _rows(factors: Sequence[LoraFactors | None]) -> list[list[int]]:
