@@ -80,7 +80,7 @@ def _homed(stack: Tensor) -> tuple[int, object]:
 
 
 class _Keeper:
-    pass
+    """What the tables of one stack hold (a plain object() takes no weak reference)."""
 
 
 def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
@@ -136,7 +136,8 @@ def restack(old: Sequence[GatherTable | None], fresh: Sequence[GatherTable | Non
     held = [t for t in fresh if t is not None]
     if STACKED and held and len({t.entries.device for t in held}) == 1:
         kept = [t for t in old if t is not None]
-        shared = kept and all(t.home == kept[0].home for t in kept) and STACKS[kept[0].home].shape[0] == len(kept)
+        shared = kept and all(t.home == kept[0].home and t.row == i for i, t in enumerate(kept))
+        shared = shared and STACKS[kept[0].home].shape[0] == len(kept)
         if shared and all(
             (o is None) == (f is None) and (f is None or o.form == f.form) for o, f in zip(old, fresh, strict=True)
         ):
