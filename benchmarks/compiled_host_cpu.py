@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit.layer
 from lorakit import LoraConfig, get_lora_model, packed
+from lorakit.ops import gathered
 
 ROWS = 64
 
@@ -33,7 +34,7 @@ def _stand_in(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, entries: 
 
 
 def _gathered_stand_in(out, x, slots, table, *rest):
-    _stand_in(out, x, slots, rest[0] if rest else table.entries)
+    _stand_in(out, x, slots, rest[0] if rest else gathered.entries_of(table))
     return out
 
 
@@ -41,7 +42,7 @@ def _linear_group_stand_in(x, weights, biases, slots, tables):
     outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
     terms = [x.new_zeros(x.shape[0], w.shape[0]) for w in weights]
     for term, table in zip(terms, tables, strict=True):
-        _stand_in(term, x, slots, table.entries)
+        _stand_in(term, x, slots, gathered.entries_of(table))
     return outs, terms
 
 

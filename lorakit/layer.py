@@ -36,7 +36,7 @@ from torch.nn.modules.module import (
 )
 from torch.nn.utils import parametrize
 
-from lorakit import ops, packed
+from lorakit import ops, packed, plans
 from lorakit.adapter import Adapter
 from lorakit.errors import LorakitError
 from lorakit.kinds import Kind, own_parameter_names
@@ -58,10 +58,8 @@ class LoraLayer(nn.Module):
         self.state = state or AdapterState()  # the model's, once a LoraModel owns this layer
         self.merged_adapters: list[str] = []
         self._routed_plans: dict[tuple, _RoutedPlan] = {}  # the last few routed forwards', see _routed
-        self._gather: ops.gathered.GatherTable | None = None  # the adapters by number, see _gathered
-        self._gather_group: tuple | None = None  # (key, index) among siblings gathered in one launch, see _siblings
-        self._gather_token: int | None = None  # its state's key in state.GATHERING while _gather is current
-        self._fast: tuple | None = None  # where lorakit.packed put the live adapter's factors, see _packed_linear
+        self._plan = plans.EMPTY  # what a compiled step is specialised on here, by number (lorakit.plans)
+        self._gather = None  # the adapters by number, see _gathered
         self._merge_steps: list[tuple[list[str], list[Tensor | float]]] = []
         _register(self)
         if kind.acts_on_weight:
@@ -70,6 +68,29 @@ class LoraLayer(nn.Module):
             nested = isinstance(base_layer, LoraLayer)
             self.weight_order = base_layer.weight_order if nested else tuple(own_parameter_names(host))
             parametrize.register_parametrization(host, kind.weight_name(), _WeightDelta(self))
+
+    @property
+    def _gather(self) -> ops.gathered.GatherTable | None:
+        return self.__dict__["_table"]
+
+    @_gather.setter
+    def _gather(self, table: ops.gathered.GatherTable | None) -> None:
+        """A layer without a table is routed the usual way: its plan loses the table and what reads through it."""
+        self.__dict__["_table"] = table
+        if table is None:
+            plans.set_plan(self, table=None, group=None, token=None)
+        else:
+            plans.set_plan(self, table=table.ref)
+
+    @property
+    def _fast(self) -> tuple | None:
+        """Where lorakit.packed put the live adapter's factors (see _packed_linear)."""
+        return plans.of(self).fast
+
+    @property
+    def _gather_group(self) -> tuple | None:
+        """(key, index, tables) among siblings gathered in one launch (see _siblings)."""
+        return plans.of(self).group
 
     @property
     def weight_host(self) -> nn.Module:
@@ -114,17 +135,18 @@ class LoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        fast = self.__dict__["_fast"]  # set only while one plain adapter is live, enabled, unrouted (lorakit.packed)
+        plan = plans.plan(self._plan)  # compiled: one guarded number, the rest constants of the graph
+        fast = plan.fast  # set only while one plain adapter is live, enabled, unrouted (lorakit.packed)
         if fast is not None and _reads_pack(self, fast, args, kwargs):  # first: the state is not read, so a compiled
             y = _packed_linear(self, x, fast)  # step guards none of it per layer
             if y is not None:
                 return y
-        group = self.__dict__["_gather_group"]  # a routed decode step's sibling whose output is already stashed:
+        group = plan.group  # a routed decode step's sibling whose output is already stashed:
         if group is not None and not (args or kwargs) and _stashed(self, x, group):  # the state is not read either
-            return _taken(x, (*group, None))
-        token = self.__dict__["_gather_token"]  # a compiled routed decode step: the state read from GATHERING
+            return _taken(x, (group[0], group[1], None))
+        token = plan.token  # a compiled routed decode step: the state read from GATHERING
         if token is not None and not (args or kwargs) and torch.compiler.is_compiling():
-            y = _gathered_step(self, x, group, GATHERING.get(token))
+            y = _gathered_step(self, x, plan, GATHERING.get(token))
             if y is not None:
                 return y
         routing = self.state.routing_now() if self.state.enabled else None
@@ -135,8 +157,8 @@ class LoraLayer(nn.Module):
             if routing is not None and any(n in self.adapters for n in routing.rows):
                 raise LorakitError(_UNROUTABLE)
             return self.base_layer(x, *args, **kwargs)  # the parametrization has already added the deltas
-        if outside and not (args or kwargs) and self.__dict__["_gather_group"] is not None:
-            y = _siblings(self, x, self.state)  # q, k and v of a decode step in one launch
+        if outside and not (args or kwargs) and plan.group is not None:
+            y = _siblings(self, x, plan, self.state)  # q, k and v of a decode step in one launch
             if y is not None:
                 return y
         if routing is not None:
@@ -321,20 +343,15 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # a copy builds its own from its own adapters
-        return {
-            **self.__dict__, "_routed_plans": {}, "_gather": None, "_gather_group": None, "_gather_token": None,
-            "_fast": None,
-        }  # fmt: skip
+        return {**self.__dict__, "_routed_plans": {}, "_table": None, "_plan": plans.EMPTY}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.kind.after_copy(self.weight_host)  # a deep copy: the kind makes the copied base its own
         _register(self)  # and the copy is a layer of its own to the compiled routed op
         self.__dict__.setdefault("acts_on_weight", self.kind.acts_on_weight)  # a layer pickled before the flag
-        self.__dict__.setdefault("_gather", None)
-        self.__dict__.setdefault("_gather_group", None)
-        self.__dict__.setdefault("_gather_token", None)
-        self.__dict__.setdefault("_fast", None)
+        self.__dict__.setdefault("_table", None)
+        self.__dict__.setdefault("_plan", plans.EMPTY)
 
     def _apply(self, fn, recurse: bool = True):  # model.to() / .cuda() / .half(): the plan's copies would stay behind
         self._routed_plans = {}
@@ -671,7 +688,8 @@ def _outside_graph(layer: LoraLayer) -> bool:
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
     layer.state.gather_wanted = True  # a compiled model routes through this state: its tables are kept up to date
-    gathered = _gathered(layer, x, out, layer.state)  # a decode step: in the graph itself
+    table = plans.plan(layer.__dict__["_plan"]).table
+    gathered = _gathered(x, out, layer.state, table)  # a decode step: in the graph itself
     if gathered is not None:
         return gathered
     if _UNSAFE_IN_GRAPHS is None:  # a CUDA graph would replay the op's recording: break the graph instead
@@ -751,7 +769,7 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     fresh = [layer._gather_table(numbers) if wanted else None for layer in layers]
     for layer, table in zip(layers, ops.gathered.restack([la._gather for la in layers], fresh), strict=True):
         layer._gather = table
-        layer.__dict__["_gather_token"] = None if table is None else state.gather_token
+        plans.set_plan(layer, token=None if table is None else state.gather_token)
         if table is not None:
             devices.add(table.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
@@ -760,30 +778,30 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     tables_fresh(state)  # what there is (tables, or none) matches the adapters until the next change
 
 
-def _gathered_step(layer: LoraLayer, x: Tensor, group: tuple | None, state: AdapterState | None) -> Tensor | None:
+def _gathered_step(layer: LoraLayer, x: Tensor, plan: plans.Plan, state: AdapterState | None) -> Tensor | None:
     """A traced layer with a current table while its state's routed block runs (`state` from GATHERING, None
     otherwise): its output through the gathered path, or None where the usual path decides. Nothing here reads
-    layer.state, so a compiled step guards the state once, not once a layer."""
-    if state is None or not state.enabled or not _outside_graph(layer):
+    layer.state, so a compiled step guards the state once, not once a layer; nor the layer's table, a constant of
+    its plan (a layer that acts on the weight has none)."""
+    if state is None or not state.enabled or layer.training or torch.is_grad_enabled():
         return None
-    if group is not None:
-        return _siblings(layer, x, state)
+    if plan.group is not None:
+        return _siblings(layer, x, plan, state)
     base = layer._modules["base_layer"]
     state.gather_wanted = True  # as _routed_outside_graph
     if not _is_bare_linear(base):
-        return _gathered(layer, x, base(x), state)
-    table, weight = layer._gather, _tensor(base, "weight")  # as _gathered, with the base product made beside
+        return _gathered(x, base(x), state, plan.table)
+    table, weight = plan.table, base.weight  # as _gathered, with the base product made beside (traced: see _siblings)
     slots = _token_slots(state, x, table.n_in) if table is not None and state.gather_fresh else None
     if slots is None or weight.shape[0] != table.n_out:
         return None
-    return _with_terms(x, [weight], [_tensor(base, "bias")], slots, [table])[0]
+    return _with_terms(x, [weight], [base.bias], slots, [table])[0]
 
 
-def _gathered(layer: LoraLayer, x: Tensor, out: Tensor, state: AdapterState) -> Tensor | None:
+def _gathered(x: Tensor, out: Tensor, state: AdapterState, table: ops.gathered.TableRef | None) -> Tensor | None:
     """out plus the routed terms through the layer's gathered table, or None where that path does not apply: no
     current table or slots, or more token rows than a decode step's. Traced only, where _outside_graph holds (eval
     mode, no gradient)."""
-    table = layer._gather
     if table is None or not state.gather_fresh:  # stale: a change since the routed block started
         return None
     slots = _token_slots(state, x, table.n_in)
@@ -829,7 +847,7 @@ def _group_tables(state: AdapterState) -> None:
     for layer in list(_LAYERS.values()):
         if layer.state is not state:
             continue
-        layer.__dict__["_gather_group"] = None
+        plans.set_plan(layer, group=None)
         table, path = layer._gather, layer.__dict__.get("path")
         if table is None or path is None:
             continue
@@ -847,9 +865,10 @@ def _group_tables(state: AdapterState) -> None:
         if key is None:
             key = held["keys"][paths] = packed.group_number()
         layers = [layer for _, layer in members]
-        groups[key] = (tuple(m._modules["base_layer"] for m in layers), tuple(m._gather for m in layers))
+        groups[key] = tuple(m._modules["base_layer"] for m in layers)
+        refs = tuple(m._gather.ref for m in layers)  # constants of every member's plan
         for index, (_, layer) in enumerate(members):
-            layer.__dict__["_gather_group"] = (key, index)
+            plans.set_plan(layer, group=(key, index, refs))
     state.gather_groups = groups
 
 
@@ -880,27 +899,26 @@ def _stashed(layer: LoraLayer, x: Tensor, group: tuple) -> bool:
     )
 
 
-def _siblings(layer: LoraLayer, x: Tensor, state: AdapterState) -> Tensor | None:
+def _siblings(layer: LoraLayer, x: Tensor, plan: plans.Plan, state: AdapterState) -> Tensor | None:
     """This member's output: from the stash, or with every member's computed in one launch; None where the group
     cannot serve (stale tables, a member's base with hooks, not a decode step's x)."""
     state.gather_wanted = True  # as _routed_outside_graph: a compiled model routes through these tables
-    key, index = layer.__dict__["_gather_group"]
+    key, index, tables = plan.group
     y = _taken(x, (key, index, None))
     if y is not None:
         return y
-    own = layer._gather
     members = state.gather_groups.get(key)
-    if members is None or own is None or not state.gather_fresh:
+    if members is None or not state.gather_fresh:
         return None
-    bases = [layer._modules["base_layer"] if i == index else b for i, b in enumerate(members[0])]  # its own: no
-    tables = [own if i == index else t for i, t in enumerate(members[1])]  # second source for them in the graph
-    slots = _token_slots(state, x, own.n_in)
+    # this member's own base, not the group's reference to it: no second source for its weight in the graph
+    bases = [layer._modules["base_layer"] if i == index else b for i, b in enumerate(members)]
+    slots = _token_slots(state, x, tables[index].n_in)
     if slots is None or not all(_is_bare_linear(b) for b in bases):
         return None
-    weights = [_tensor(b, "weight") for b in bases]
+    weights = [b.weight for b in bases]  # traced only: nn.Linear's own reads, guarded as its forward's would be
     if any(w.shape[0] != t.n_out for w, t in zip(weights, tables, strict=True)):
         return None
-    biases = [_tensor(b, "bias") for b in bases]
+    biases = [b.bias for b in bases]
     outs = _with_terms(x, weights, biases, slots, tables)
     packed.STASH.pending = (key, x, _others(outs, index))
     return outs[index]
@@ -1013,7 +1031,7 @@ def _packed_linear(layer: LoraLayer, x: Tensor, fast: tuple) -> Tensor | None:
         if y is not None:
             return y
     factors = [ops.LoraFactors(*_views(number, a_span, b_span), scale, 0.0)]
-    return ops.lora_linear(x, _tensor(base, "weight"), _tensor(base, "bias"), factors, False)
+    return ops.lora_linear(x, base.weight, base.bias, factors, False)  # traced only, as _siblings
 
 
 def _stacked_a(spans: tuple) -> Tensor | None:
@@ -1067,7 +1085,7 @@ def _grouped(x: Tensor, base: nn.Module, group: tuple) -> Tensor | None:
     if not all(_is_bare_linear(b) for b in bases) or (dropouts and any(d is not None and d.training for d in dropouts)):
         return None
     parts = [
-        (_tensor(b, "weight"), _tensor(b, "bias"), ops.LoraFactors(*_views(buf, a_span, b_span), scale, 0.0))
+        (b.weight, b.bias, ops.LoraFactors(*_views(buf, a_span, b_span), scale, 0.0))
         for b, (buf, a_span, b_span, scale) in zip(bases, spans, strict=True)
     ]
     outs = ops.lora_linear_group(x, parts, False, _stacked_a(spans))

@@ -4,7 +4,7 @@ A compiled step takes every adapted layer's factors as graph inputs: two tensors
 its place among the CUDA graph's inputs, which cost a one-adapter decode step more host time than its LoRA math
 (benchmarks/README.md, "One adapter's factors in one buffer"). With the factors moved into one buffer, the step
 takes that buffer once (from BUFFERS, one place for every layer) and each layer a view of it at its own offset
-(`LoraLayer._fast`).
+(`LoraLayer._fast`, in the layer's plan: lorakit.plans).
 
 Made where it helps: once a compiled unrouted inference step has run (`AdapterState.pack_wanted`), as the
 LoraModel's next unrouted call starts without gradients. The factors then live in the buffer (their own storage
@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from lorakit import plans
 from lorakit.state import STALE_HOOKS, AdapterState, packs_fresh, tables_stale
 
 PACK_DEVICES = ("cuda",)  # where a compiled step's host time is what the buffer saves (tests add "cpu")
@@ -100,7 +101,7 @@ def _build(state: AdapterState, layers: Iterable[tuple[str, object]]) -> None:
     groups: dict[tuple, list] = {}  # (adapter name, dtype, device) -> its layers and factors
     named = []
     for path, layer in layers:
-        layer.__dict__["_fast"] = None
+        plans.set_plan(layer, fast=None)
         if layer.acts_on_weight or layer.merged_adapters:
             continue
         names = state.live(list(layer.adapters._modules))
@@ -123,7 +124,7 @@ def _build(state: AdapterState, layers: Iterable[tuple[str, object]]) -> None:
             tables_stale()  # the factors move: the gathered tables hold their old addresses
             number = numbers[key] = _move(factors)
         for layer, a, b, scale, dropout in members:
-            layer.__dict__["_fast"] = (number, _span(a), _span(b), scale, dropout, None)
+            plans.set_plan(layer, fast=(number, _span(a), _span(b), scale, dropout, None))
             layers_now.add(layer)
     for key in [k for k in numbers if k[0] not in state.parents]:  # deleted adapters: their buffers go with them
         BUFFERS.pop(numbers.pop(key), None)
@@ -148,7 +149,7 @@ def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
     by_parent: dict[tuple, list] = {}
     for path, layer, dropout in named:
         parent, _, leaf = path.rpartition(".")
-        fast = layer.__dict__["_fast"]
+        fast = plans.of(layer).fast
         kin = sibling_kin(leaf)
         if kin is not None:
             by_parent.setdefault((parent, kin, fast[0], fast[1][2]), []).append((path, layer, dropout))
@@ -156,18 +157,18 @@ def _group(held: dict, named: list[tuple[str, object, object]]) -> None:
         paths = tuple(path for path, _, _ in members)
         if not 2 <= len(members) <= 3 or paths in held["apart"]:
             continue
-        key = (paths, members[0][1].__dict__["_fast"][0])
+        key = (paths, plans.of(members[0][1]).fast[0])
         number = held["ids"].get(key)
         if number is None:
             number = held["ids"][key] = group_number()
-        fasts = [layer.__dict__["_fast"] for _, layer, _ in members]
+        fasts = [plans.of(layer).fast for _, layer, _ in members]
         dropouts = tuple(dropout if fast[4] else None for (_, _, dropout), fast in zip(members, fasts, strict=True))
         bases = tuple(layer._modules["base_layer"] for _, layer, _ in members)
         GROUPS[number] = (bases, None if all(d is None for d in dropouts) else dropouts)
         held["groups"][number] = paths
         spans = tuple(fast[:4] for fast in fasts)  # in every member's offsets: constants, one guard for all
         for index, (_, layer, _) in enumerate(members):
-            layer.__dict__["_fast"] = (*layer.__dict__["_fast"][:5], (number, index, spans))
+            plans.set_plan(layer, fast=(*plans.of(layer).fast[:5], (number, index, spans)))
 
 
 def _held(state: AdapterState) -> dict:
@@ -225,7 +226,7 @@ def _drop(state: AdapterState) -> None:
     held = _HELD.get(state)
     if held is not None:
         for layer in list(held["layers"]):
-            layer.__dict__["_fast"] = None
+            plans.set_plan(layer, fast=None)
         held["layers"] = weakref.WeakSet()
         for number in held["groups"]:  # kept in held: a broken one is still found at the next pack
             GROUPS.pop(number, None)  # the base layers they hold go with them

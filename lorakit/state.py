@@ -167,7 +167,7 @@ class AdapterState:
     gather_token: int | None = None  # this state's key in GATHERING, given as its tables are first built
     gather_wanted = False  # set by a compiled model's routed layers
     gather_built = False  # the tables are there (else dropped, until a compiled model wants them)
-    gather_groups: dict = {}  # noqa: RUF012 (replaced whole, never changed in place) siblings' bases and tables by key
+    gather_groups: dict = {}  # noqa: RUF012 (replaced whole, never changed in place) siblings' bases by key
     # lorakit.packed's: the live adapter's factors in one buffer for compiled unrouted inference steps
     pack_fresh = False  # no change since the layers were given their offsets
     pack_wanted = False  # set by a compiled model's unrouted inference step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from functools import partial
 
 import peft
@@ -658,7 +659,7 @@ def test_a_compiled_decode_step_takes_every_layers_table_as_one_input(monkeypatc
     real = lorakit.layer.ops.gathered_linear_group
 
     def reading(x, weights, biases, slots, tables):
-        _read_entries(x, [t.entries for t in tables])
+        _read_entries(x, [lorakit.layer.ops.gathered.entries_of(t) for t in tables])
         return real(x, weights, biases, slots, tables)
 
     monkeypatch.setattr(lorakit.layer.ops, "gathered_linear_group", reading)
@@ -675,6 +676,36 @@ def test_a_compiled_decode_step_takes_every_layers_table_as_one_input(monkeypatc
     assert len(tables) == 1 and tuple(tables[0].shape) == (len(layers), 3, 4)
     marked = [n for n in graphs[0].graph.nodes if "read_entries" in str(n.target)]
     assert len(marked) == 4 * 2  # q k v, o, gate up, down: two layers
+
+
+def _guarded_sources(compiled_code) -> list[str]:
+    """What a compiled frame's guards read, as dynamo names them (L['args'][0]._modules[...]...)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    entries = _debug_get_cache_entry_list(compiled_code)
+    assert len(entries) == 1
+    return re.findall(r"source=(.*?), accessed_by=", str(entries[0].guard_manager))
+
+
+def test_a_compiled_decode_step_guards_one_number_a_layer(monkeypatch):
+    """What a routed layer's path depends on (its table's place and sizes, its siblings, its state's key, the
+    packed offsets) is one plan: the compiled step guards the plan's number in each layer, never those values one
+    by one, which the host would check at every step."""
+    _gathered_on_cpu(monkeypatch)
+    model, names, ids = _decode_model(), DECODE_ROUTINGS[0], _ids(64, 4, 1)
+    compiled = torch.compile(model.model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+    sources = _guarded_sources(type(model.model).forward.__code__)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert all(m._gather is not None for m in layers) and any(m._gather_group is not None for m in layers)
+    plan_reads = [s for s in sources if s.endswith("._plan")]
+    assert len(plan_reads) == len(layers)
+    per_layer = ("_gather", "_table", "_gather_group", "_gather_token", "_fast", "acts_on_weight")
+    table_fields = ("row", "home", "n_in", "n_out", "block_r", "aligned", "dtype")
+    leaked = [s for s in sources if re.search(rf"\.({'|'.join(per_layer + table_fields)})$|\['_(gather|fast)", s)]
+    assert not leaked
 
 
 def _delete_and_readd_b(model: LoraModel) -> None:

@@ -18,6 +18,7 @@ import struct
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,7 +35,31 @@ STACKED = True  # the tables of a model share one tensor (restack; the benchmark
 
 
 STACKS: dict[int, Tensor] = {}  # home -> the entries of the tables that share it (GatherTable.home)
+FACTORS: dict[int, list] = {}  # home -> by row, the factors its tables point at (the reference reads them)
 _HOMES = itertools.count()
+
+
+class TableRef(NamedTuple):
+    """A table as a compiled step reaches it: through its home and row, and the sizes and tiles the kernels are
+    specialised on. Plain constants (lorakit.plans), so a step guards none of them; what changes in place, the
+    entries, is read from STACKS (entries_of), one input for all the tables of a stack."""
+
+    home: int
+    row: int
+    n_in: int
+    n_out: int
+    block_r: int
+    code: int
+    aligned: bool
+
+
+def entries_of(table: TableRef | GatherTable) -> Tensor:
+    return STACKS[table.home][table.row]
+
+
+def factors_of(table: TableRef | GatherTable) -> list[LoraFactors | None]:
+    """The table's adapters by number, for the reference."""
+    return FACTORS[table.home][table.row]
 
 
 @dataclass(eq=False)
@@ -46,7 +71,6 @@ class GatherTable:
     layers, not one each, and the host gathers and checks one input."""
 
     home: int
-    factors: list[LoraFactors | None]  # the same adapters, for the reference
     dtype: torch.dtype
     n_in: int
     n_out: int
@@ -58,11 +82,19 @@ class GatherTable:
 
     @property
     def entries(self) -> Tensor:
-        return STACKS[self.home][self.row]
+        return entries_of(self)
+
+    @property
+    def factors(self) -> list[LoraFactors | None]:
+        return factors_of(self)
 
     @property
     def code(self) -> int:
         return DTYPES.index(self.dtype)
+
+    @property
+    def ref(self) -> TableRef:
+        return TableRef(self.home, self.row, self.n_in, self.n_out, self.block_r, self.code, self.aligned)
 
     @property
     def form(self) -> tuple:
@@ -70,13 +102,18 @@ class GatherTable:
         return (self.entries.shape, self.entries.device, self.dtype, self.n_in, self.n_out, self.block_r, self.aligned)
 
 
-def _homed(stack: Tensor) -> tuple[int, object]:
-    """A home in STACKS for `stack`, and the keeper whose end frees it."""
+def _homed(stack: Tensor, factors: list[list]) -> tuple[int, object]:
+    """A home in STACKS for `stack` (and in FACTORS for its rows' factors), and the keeper whose end frees it."""
     home, keeper = next(_HOMES), _Keeper()
     torch._dynamo.mark_static_address(stack)  # CUDA graphs read it in place; refills keep its address
-    STACKS[home] = stack
-    weakref.finalize(keeper, STACKS.pop, home, None)
+    STACKS[home], FACTORS[home] = stack, factors
+    weakref.finalize(keeper, _free, home)
     return home, keeper
+
+
+def _free(home: int) -> None:
+    STACKS.pop(home, None)
+    FACTORS.pop(home, None)
 
 
 class _Keeper:
@@ -106,8 +143,8 @@ def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
         entries = torch.tensor(_rows(factors), dtype=torch.int64).to(device)
         storages = [t.detach() for f in held for t in (f.lora_A, f.lora_B)]
     aligned = VECTOR_LOADS and all(_aligned(f) for f in held)
-    home, keeper = _homed(entries[None])
-    return GatherTable(home, list(factors), dtype, n_in, n_out, block_r, storages, aligned, keeper=keeper)
+    home, keeper = _homed(entries[None], [list(factors)])
+    return GatherTable(home, dtype, n_in, n_out, block_r, storages, aligned, keeper=keeper)
 
 
 def _aligned(f: LoraFactors) -> bool:
@@ -123,7 +160,7 @@ def refill(table: GatherTable, fresh: GatherTable) -> GatherTable:
         return fresh
     with torch.inference_mode(False), torch.no_grad():
         table.entries.copy_(fresh.entries)
-    table.factors, table.storages = fresh.factors, fresh.storages
+    FACTORS[table.home][table.row], table.storages = fresh.factors, fresh.storages
     return table
 
 
@@ -145,7 +182,7 @@ def restack(old: Sequence[GatherTable | None], fresh: Sequence[GatherTable | Non
                 refill(o, f)
             return list(old)
         with torch.inference_mode(False):
-            home, keeper = _homed(torch.stack([t.entries for t in held]))
+            home, keeper = _homed(torch.stack([t.entries for t in held]), [t.factors for t in held])
         for row, table in enumerate(held):
             table.home, table.row, table.keeper = home, row, keeper
         return list(fresh)
@@ -165,12 +202,12 @@ def _rows(factors: Sequence[LoraFactors | None]) -> list[list[int]]:
 
 def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, table: GatherTable) -> Tensor:
     """reference.add_gathered_lora over the table's adapters: x (T x in), out (T x out), slots (T x P)."""
-    return reference.add_gathered_lora(out, x, slots, table.factors)
+    return reference.add_gathered_lora(out, x, slots, factors_of(table))
 
 
 def add_gathered_lora_group(x: Tensor, outs: Sequence[Tensor], slots: Tensor, tables: Sequence[GatherTable]) -> list:
     """reference.add_gathered_lora_group over the tables' adapters: one table and output a sibling."""
-    return reference.add_gathered_lora_group(x, outs, slots, [t.factors for t in tables])
+    return reference.add_gathered_lora_group(x, outs, slots, [factors_of(t) for t in tables])
 
 
 def gathered_linear_group(
@@ -178,4 +215,4 @@ def gathered_linear_group(
     tables: Sequence[GatherTable],
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """reference.gathered_linear_group over the tables' adapters: one table, weight and bias a sibling."""
-    return reference.gathered_linear_group(x, weights, biases, slots, [t.factors for t in tables])
+    return reference.gathered_linear_group(x, weights, biases, slots, [factors_of(t) for t in tables])

@@ -130,7 +130,8 @@ def _expand_kernel(
 
 def add_gathered_lora(out: Tensor, x: Tensor, slots: Tensor, table) -> Tensor:
     """ops.gathered.add_gathered_lora on CUDA: adds into `out` itself (the caller's own, contiguous)."""
-    add_gathered_lora_(out, x.contiguous(), slots, table.entries, table.block_r, table.code, table.aligned)
+    entries = portable.entries_of(table)
+    add_gathered_lora_(out, x.contiguous(), slots, entries, table.block_r, table.code, table.aligned)
     return out
 
 
@@ -147,7 +148,7 @@ def add_gathered_lora_group(x: Tensor, outs: list[Tensor], slots: Tensor, tables
     layer's groups are made). The widest rank tile serves every part (each row's rank masks the rest), and 16-byte
     loads only where every table has them."""
     block_r, aligned = max(t.block_r for t in tables), all(t.aligned for t in tables)
-    entries = _three([t.entries for t in tables])
+    entries = _three([portable.entries_of(t) for t in tables])
     add_gathered_lora_group_(
         *_written(outs), x.contiguous(), slots, *entries, len(outs), block_r, tables[0].code, aligned
     )  # fmt: skip
@@ -168,7 +169,7 @@ def gathered_linear_group(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """ops.gathered_linear_group on CUDA (tables of one dtype, as the layer's groups are made)."""
     block_r, aligned = max(t.block_r for t in tables), all(t.aligned for t in tables)
-    entries = [t.entries for t in tables]
+    entries = [portable.entries_of(t) for t in tables]
     made = gathered_linear_group_(x.contiguous(), weights, biases, slots, entries, block_r, tables[0].code, aligned)
     return made[: len(weights)], made[len(weights) :]
 
