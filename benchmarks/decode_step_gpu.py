@@ -28,7 +28,10 @@ Attention: every mode runs without cuDNN's attention, as `lorakit serve` does (l
 plan for every new key length, i.e. every decode step, which made the base's step 40 ms for 8 layers before).
 Timing: torch.cuda.synchronize + perf_counter around each call, median of --steps after --warmup; decode steps
 follow one another, so the KV cache grows by one token a step, equally in every mode. logits_vs_base is the largest
-difference of the first decode step's logits from the base's (nonzero: the adapters act).
+difference of the first decode step's logits from the base's (nonzero: the adapters act). By default each mode runs
+on its own model, built after the last mode's was freed; --interleave keeps every mode's model (base, ours, peft)
+and times their calls in turns, one of each a round, so the host's pace, which drifts within a process and
+differs between processes, weighs on every mode alike.
 
 Run (CUDA): PYTHONPATH=. python benchmarks/decode_step_gpu.py [--layers 16] [--compile] [--json PATH]
 Smoke run (CPU, tiny model, seconds): PYTHONPATH=. python benchmarks/decode_step_gpu.py --quick --json /tmp/d.json
@@ -43,6 +46,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from mixed_batch_gpu import adapt
@@ -98,9 +102,15 @@ def median_ms(call: Callable[[], object], warmup: int, steps: int, device: str) 
 
 
 def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple:
-    """(median ms of one decode step after a prefill of `prompt`, the first step's logits, the step). Under --compile
-    the cache is static (the KV tensors preallocated for every step, so each step has the same shapes and one CUDA graph
-    serves them all) and the next position is a tensor updated in place, as transformers' compiled generate does."""
+    """(median ms of one decode step after a prefill of `prompt`, the first step's logits, the step)."""
+    step, first = decode_step(model, prompt, routing, args)
+    return median_ms(step, args.warmup, args.steps, args.device), first, step
+
+
+def decode_step(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespace) -> tuple:
+    """(one decode step after a prefill of `prompt`, the first step's logits). Under --compile the cache is static
+    (the KV tensors preallocated for every step, so each step has the same shapes and one CUDA graph serves them all)
+    and the next position is a tensor updated in place, as transformers' compiled generate does."""
     rows, length = prompt.shape
     token = torch.randint(0, args.vocab, (rows, 1), device=prompt.device, generator=_generator(args, 2))
     if not args.compile:
@@ -110,10 +120,9 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
         def step() -> torch.Tensor:
             return model(input_ids=token, past_key_values=cache, use_cache=True, **routing).logits[:, -1]
 
-        first = step().float().cpu()
-        return median_ms(step, args.warmup, args.steps, args.device), first, step
+        return step, step().float().cpu()
     config = model.config
-    extra = 5 + (3 * args.steps + 32 if args.host else 0)  # 3 profiled; --host's steps
+    extra = 5 + (3 * args.steps + 32 if args.host else 0) + (args.steps if args.interleave else 0)  # 3 profiled
     cache = StaticCache(config=config, max_cache_len=length + args.warmup + args.steps + extra)
     with torch.compiler.set_stance("force_eager"):  # the cache's tensors made eagerly: static addresses for graphs
         model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **routing)
@@ -133,8 +142,7 @@ def decode_ms(model, prompt: torch.Tensor, routing: dict, args: argparse.Namespa
         position.add_(1)
         return logits
 
-    first = step().float().cpu()
-    return median_ms(step, args.warmup, args.steps, args.device), first, step
+    return step, step().float().cpu()
 
 
 def profiled(step: Callable[[], object], args: argparse.Namespace) -> str:
@@ -285,19 +293,35 @@ def _inner(model, mode: str) -> torch.nn.Module:
 
 def compiled(model, mode: str, args: argparse.Namespace):
     """--compile: the transformers model's forward under torch.compile with CUDA graphs (mode reduce-overhead: a
-    step replays recorded kernels, no Python, no launches), the wrapper left as it is; every mode alike."""
+    step replays recorded kernels, no Python, no launches), the wrapper left as it is; every mode alike. With
+    --interleave every mode's models stay alive, each compiled through a function of its own (own_code)."""
     if args.compile:
-        torch._dynamo.reset()  # the modes share transformers' forward: each compiles and counts recompiles afresh
         inner = _inner(model, mode)
+        forward = inner.forward
+        if args.interleave:
+            forward = own_code(forward, mode.replace("-", "_"))
+        else:
+            torch._dynamo.reset()  # the modes share transformers' forward: each compiles and counts recompiles afresh
         backend = "inductor" if args.device == "cuda" else "aot_eager"
         mode = "reduce-overhead" if args.device == "cuda" else None
-        inner.forward = torch.compile(inner.forward, backend=backend, mode=mode)
-        _COMPILED.clear()
+        inner.forward = torch.compile(forward, backend=backend, mode=mode)
+        if not args.interleave:
+            _COMPILED.clear()
         _COMPILED[inner] = inner.forward
     return model
 
 
-def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float | torch.Tensor]:
+def own_code(forward: Callable, tag: str) -> Callable:
+    """`forward` called through a function with a code object of its own. Dynamo keeps its compiled entries on the
+    code it compiles: two models compiled through transformers' one forward would share them, and each step would
+    first check the other model's guards."""
+    space = {"forward": forward}
+    exec(f"def forward_{tag}(*args, **kwargs):\n    return forward(*args, **kwargs)\n", space)  # noqa: S102
+    return space[f"forward_{tag}"]
+
+
+def _setup(case: str, mode: str, args: argparse.Namespace) -> tuple:
+    """The mode's model for the case, built and compiled, its prompt and routing, and its result so far."""
     n_adapters = args.adapters if case == "decode-64" else 1
     names = [f"a{i}" for i in range(n_adapters)]
     layers = args.decode_layers if case == "decode-64" else args.layers
@@ -321,6 +345,11 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
         routing = {"adapter_names": [names[i % n_adapters] for i in range(rows)]}
     elif mode != "base":
         model.set_adapter(names[0])
+    return model, prompt, routing, result
+
+
+def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float | torch.Tensor]:
+    model, prompt, routing, result = _setup(case, mode, args)
     with torch.no_grad():
         if case == "one-adapter":
 
@@ -342,6 +371,50 @@ def measure(case: str, mode: str, args: argparse.Namespace) -> dict[str, float |
     return result
 
 
+INTERLEAVED = ("base", "ours", "peft")  # modes that --interleave takes: none changes lorakit's switches
+
+
+def interleaved(case: str, args: argparse.Namespace) -> dict[str, dict]:
+    """--interleave: every mode's model of the case alive at once, their calls taking turns (alternating), so the
+    process's drift over time (the host's pace moves by up to 1.4x between processes and within one) falls on
+    every mode alike. The forwards first, then the decode steps, as measure() orders them."""
+    setups = {mode: _setup(case, mode, args) for mode in args.modes.split(",")}
+    results = {mode: setup[3] for mode, setup in setups.items()}
+    with torch.no_grad():
+        if case == "one-adapter":
+            forwards = {mode: partial(_forward, model, prompt) for mode, (model, prompt, _, _) in setups.items()}
+            for mode, ms in alternating(forwards, args).items():
+                results[mode]["forward_ms"] = ms
+        steps = {}
+        for mode, (model, prompt, routing, _) in setups.items():
+            steps[mode], results[mode]["logits"] = decode_step(model, prompt, routing, args)
+        for mode, ms in alternating(steps, args).items():
+            results[mode]["decode_ms"] = ms
+    return results
+
+
+def _forward(model, prompt: torch.Tensor) -> object:
+    return model(input_ids=prompt, use_cache=False)
+
+
+def alternating(calls: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
+    """Median ms of each call, the calls taking turns: --warmup rounds, then --steps rounds of one call each, every
+    call timed alone (the device drained before and after)."""
+    sync = synchronizer(args.device)
+    for _ in range(args.warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.steps):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(spans) for name, spans in times.items()}
+
+
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -351,28 +424,32 @@ def _generator(args: argparse.Namespace, seed: int) -> torch.Generator:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Every (case, mode), base first so the others' logits compare with it; the JSON is rewritten after each."""
+    """Every (case, mode), base first so the others' logits compare with it; the JSON is rewritten after each.
+    --interleave: every case's modes at once (interleaved)."""
     results: dict[str, dict[str, float]] = {}
     base_logits = {}
-    for mode in args.modes.split(","):
-        for case in args.cases.split(","):
-            try:
-                result = measure(case, mode, args)
-            except Exception as err:  # kept in the JSON; the other cases still run (one GPU call, no second try)
-                traceback.print_exc()
-                result = {"error": f"{type(err).__name__}: {err}"[:2000], "logits": None}
+    cases, modes = args.cases.split(","), args.modes.split(",")
+    pairs = [(case, None) for case in cases] if args.interleave else [(case, m) for m in modes for case in cases]
+    for case, mode in pairs:
+        try:
+            by_mode = interleaved(case, args) if mode is None else {mode: measure(case, mode, args)}
+        except Exception as err:  # kept in the JSON; the other cases still run (one GPU call, no second try)
+            traceback.print_exc()
+            failed = {"error": f"{type(err).__name__}: {err}"[:2000], "logits": None}
+            by_mode = {m: dict(failed) for m in ([mode] if mode else modes)}
+        for name, result in by_mode.items():
             logits = result.pop("logits")
-            if mode == "base":
+            if name == "base":
                 base_logits[case] = logits
             elif case in base_logits and logits is not None:
                 result["logits_vs_base"] = (logits - base_logits[case]).abs().max().item()
-            results[f"{case} {mode}"] = result
-            print(f"{case} {mode}: " + ", ".join(f"{k} {_short(v)}" for k, v in result.items()), flush=True)
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            if args.json:
-                write_json(args.json, args, results)
+            results[f"{case} {name}"] = result
+            print(f"{case} {name}: " + ", ".join(f"{k} {_short(v)}" for k, v in result.items()), flush=True)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        if args.json:
+            write_json(args.json, args, results)
     return results
 
 
@@ -446,6 +523,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="dynamo's use_recursive_dict_tags_for_guards (skips the guards of modules whose dicts did not change)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help=f"every mode's model alive at once, their calls taking turns (modes among {','.join(INTERLEAVED)})",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model on CPU, a few steps: a smoke run")
     parser.add_argument("--json", help="also write the results here (rewritten after every case)")
     if parser.parse_args().quick:  # its sizes are defaults: flags given beside --quick still win
@@ -454,6 +536,10 @@ def parse_args() -> argparse.Namespace:
     for flag, given, known in (("--modes", args.modes, MODES), ("--cases", args.cases, CASES)):
         if not set(given.split(",")) <= set(known):
             parser.error(f"{flag} takes a comma-separated subset of {','.join(known)}, got {given!r}")
+    if args.interleave and not set(args.modes.split(",")) <= set(INTERLEAVED):
+        parser.error(f"--interleave takes modes among {','.join(INTERLEAVED)} (the others change lorakit's switches)")
+    if args.interleave and (args.host or args.profile):
+        parser.error("--interleave times the calls only: run --host and --profile without it")
     return args
 
 
