@@ -23,7 +23,7 @@ from lorakit.kbit import inputs_require_grad
 from lorakit.layer import LoraLayer
 from lorakit.names import check_adapter_name
 from lorakit.saved import SavedModule
-from lorakit.state import AdapterState
+from lorakit.state import AdapterState, Routing
 from lorakit.targets import TASK_HEADS
 
 if TYPE_CHECKING:
@@ -59,9 +59,11 @@ class LoraModel(nn.Module):
             if adapter_names is None:
                 owner()._unrouted()
                 return base(*args, **kwargs)
-            state = owner().state
-            with owner().routed(adapter_names, _batch_size(args, kwargs)):
-                routing, out = state.routing, base(*args, **kwargs)
+            lora = owner()
+            routing = lora._routing(adapter_names, _batch_size(args, kwargs))
+            state = lora.state
+            with state.routed(routing):  # routed() without its own block: a decode step's host time
+                out = base(*args, **kwargs)
             if torch.is_grad_enabled():  # activation checkpointing reruns the forward in backward
                 state.replay_in_backward(out, routing)
             return out
@@ -102,6 +104,11 @@ class LoraModel(nn.Module):
     def routed(self, adapter_names: list[str], batch_size: int | None = None) -> Iterator[None]:
         """Inside the block, row i of every batch the model runs uses adapter_names[i] ("__base__": no adapter; a
         tree node: its whole path) instead of the active adapters; trains too (each adapter gets its rows' grads)."""
+        with self.state.routed(self._routing(adapter_names, batch_size)):
+            yield
+
+    def _routing(self, adapter_names: list[str], batch_size: int | None) -> Routing:
+        """The checked Routing of `adapter_names` for a batch of `batch_size` rows (None: not known)."""
         routing = self.state.routing_for(adapter_names)
         if batch_size is not None and batch_size != routing.batch_size:
             raise LorakitError(
@@ -111,8 +118,7 @@ class LoraModel(nn.Module):
         if not routing._cache.get("routable"):  # a Routing lives only while the adapters it names are unchanged
             self._check_routable(list(routing.rows))
             routing._cache["routable"] = True
-        with self.state.routed(routing):
-            yield
+        return routing
 
     def _check_routable(self, names: list[str]) -> None:
         """Refuses what no row can be routed to. Merged adapters are refused by each layer holding them as the

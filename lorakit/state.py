@@ -19,7 +19,6 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -306,26 +305,10 @@ class AdapterState:
             rows_t = {n: torch.tensor(i, dtype=torch.long) for n, i in rows.items()}
         return Routing(len(adapter_names), rows_t, groups, _ranges(rows))
 
-    @contextmanager
-    def routed(self, routing: Routing) -> Iterator[Routing]:
-        """Routes rows for the duration of the block; cleared on the way out, exceptions included."""
-        if self.routing is not None:
-            raise LorakitError("a routed forward is already running; routed calls do not nest")
-        self.routing = routing
-        packs_stale(self)  # a routed step never reads the pack: its layers' offsets go until the next unrouted call
-        token = None
-        try:
-            for hook in ENTRY_HOOKS:
-                hook(self, routing)
-            token = self.gather_token
-            if token is not None:
-                GATHERING[token] = self
-            yield routing
-        finally:
-            self.routing = None
-            if self.gather_slots is not None:
-                self.gather_slots = None
-            GATHERING.pop(token, None)
+    def routed(self, routing: Routing) -> _Routed:
+        """Routes rows for the duration of the block (`with state.routed(routing):`); cleared on the way out,
+        exceptions included."""
+        return _Routed(self, routing)
 
     def routing_now(self) -> Routing | None:
         """The routing a forward runs under: the routed block's, or, in a backward, the routing of the routed forward
@@ -355,6 +338,40 @@ class AdapterState:
         for tensor in _tensors(outputs):
             if tensor.requires_grad:
                 tensor.register_hook(mark)
+
+
+class _Routed:
+    """AdapterState.routed's block: a class, not a generator, as it is entered at every routed call (a server's
+    decode steps)."""
+
+    __slots__ = ("routing", "state", "token")
+
+    def __init__(self, state: AdapterState, routing: Routing) -> None:
+        self.state, self.routing, self.token = state, routing, None
+
+    def __enter__(self) -> Routing:
+        state = self.state
+        if state.routing is not None:
+            raise LorakitError("a routed forward is already running; routed calls do not nest")
+        state.routing = self.routing
+        packs_stale(state)  # a routed step never reads the pack: its layers' offsets go until the next unrouted call
+        try:
+            for hook in ENTRY_HOOKS:
+                hook(state, self.routing)
+            self.token = state.gather_token
+            if self.token is not None:
+                GATHERING[self.token] = state
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.routing
+
+    def __exit__(self, *exc: object) -> None:
+        state = self.state
+        state.routing = None
+        if state.gather_slots is not None:
+            state.gather_slots = None
+        GATHERING.pop(self.token, None)
 
 
 def _not_names(adapter_names: object) -> LorakitError:
