@@ -688,7 +688,7 @@ def _outside_graph(layer: LoraLayer) -> bool:
 
 def _routed_outside_graph(layer: LoraLayer, x: Tensor, out: Tensor) -> Tensor:
     layer.state.gather_wanted = True  # a compiled model routes through this state: its tables are kept up to date
-    table = plans.plan(layer.__dict__["_plan"]).table
+    table = plans.plan(layer._plan).table
     gathered = _gathered(x, out, layer.state, table)  # a decode step: in the graph itself
     if gathered is not None:
         return gathered
