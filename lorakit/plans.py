@@ -8,7 +8,8 @@ of them (benchmarks/compiled_host_cpu.py). Here they are one Plan, interned: a l
 traced code reads that number (one guard) and gets the plan itself from `plan`, whose result the compiler takes as
 a constant of the graph. A number is never given to another plan, so a step guarded on it is right as long as the
 number is the layer's; a change makes a new number, or finds the old one of an equal plan (switching back compiles
-nothing).
+nothing). The number must be a constant to the compiler, as integer attributes of modules are by default: with
+dynamo's allow_unspec_int_on_nn_module on, each adapted layer breaks the graph there.
 """
 
 from __future__ import annotations
