@@ -755,10 +755,33 @@ def _prepare_now(state: AdapterState, routing: Routing) -> None:
         state.gather_built = first or state.gather_wanted
         _build_tables(state, state.gather_built)
     if state.gather_device is not None:
-        state.gather_slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
+        slots = routing.slots_for(state.gather_numbers, state.gather_device, state.gather_width)
+        state.gather_slots = _held_slots(state, routing, slots)
 
 
 ENTRY_HOOKS.append(_prepare_gathered)
+
+# The slots a state's decode steps read, one tensor per shape, refilled only when the routing changes: a compiled
+# step's CUDA graph reads it where it is (a static address), where each routing's own tensor would be copied into
+# the graph at every replay, a launch of its own (its int32 does not join the token ids' copy).
+_SLOTS_HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDictionary()
+
+
+def _held_slots(state: AdapterState, routing: Routing, slots: Tensor) -> Tensor:
+    kept = routing._cache.get("held_slots")  # [the tensor, the slots it holds, id(state)]: a decode step repeating
+    if kept is None or kept[1] is not slots or kept[2] != id(state):  # its routing copies nothing (a deep copy's own)
+        held = _SLOTS_HELD.setdefault(state, {})
+        kept = held.get((slots.device, slots.dtype, slots.shape))
+        if kept is None:
+            with torch.inference_mode(False):  # read by steps outside inference mode too, as the routing's own
+                buffer = torch.empty_like(slots)
+            torch._dynamo.mark_static_address(buffer)  # unguarded: a refill keeps the graphs; a new shape records
+            kept = held[(slots.device, slots.dtype, slots.shape)] = [buffer, None, id(state)]
+        if kept[1] is not slots:  # in stream order: the steps before this block read the routing they were given
+            kept[0].copy_(slots)
+            kept[1] = slots
+        routing._cache["held_slots"] = kept
+    return kept[0]
 
 
 def _build_tables(state: AdapterState, wanted: bool) -> None:

@@ -678,6 +678,50 @@ def test_a_compiled_decode_step_takes_every_layers_table_as_one_input(monkeypatc
     assert len(marked) == 4 * 2  # q k v, o, gate up, down: two layers
 
 
+def test_a_compiled_decode_step_reads_every_routing_s_slots_at_one_static_address(monkeypatch):
+    """The routing's slots reach the graph in one tensor per shape, marked static and refilled when the routing
+    changes: CUDA graphs read it in place, where a tensor per routing would be copied in at every replay."""
+    _gathered_on_cpu(monkeypatch)
+    model, ids = _decode_model(), _ids(64, 4, 1)
+    seen = []
+
+    def backend(gm, _):
+        values = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        slots_at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.dtype == torch.int32]
+        assert len(slots_at) == 1
+
+        def run(*args):
+            seen.append(args[slots_at[0]])
+            return gm.forward(*args)
+
+        return run
+
+    compiled = torch.compile(model.model, backend=backend, fullgraph=True)
+    numbers = None
+    with torch.no_grad():
+        for names in DECODE_ROUTINGS + DECODE_ROUTINGS[:1]:
+            got = _compiled_decode(model, names, ids, compiled)
+            torch.testing.assert_close(got, _eager_routed(model, names, input_ids=ids, use_cache=False))
+            numbers = model.state.gather_numbers
+            want = model.state.routing_for(names).slots_for(numbers, ids.device, model.state.gather_width)
+            assert torch.equal(seen[-1], want)  # the values this routing gives, read at the step
+    assert len(seen) == len(DECODE_ROUTINGS) + 1 and all(s is seen[0] for s in seen)
+    assert seen[0]._dynamo_static_input_type == "unguarded"
+    with torch.no_grad():  # another shape: a tensor of its own, and the first kept for the first shape
+        _compiled_decode(model, ["a"] * 8, _ids(64, 8, 1), compiled)
+        assert seen[-1] is not seen[0] and seen[-1].shape[0] == 8
+        _compiled_decode(model, DECODE_ROUTINGS[1], ids, compiled)
+        assert seen[-1] is seen[0]
+        twin = copy.deepcopy(model)  # its routings' kept tensors are copies: it holds slots of its own
+        twin_compiled = torch.compile(twin.model, backend=backend, fullgraph=True)
+        start = len(seen)
+        for names in DECODE_ROUTINGS[:2] * 2:
+            got = _compiled_decode(twin, names, ids, twin_compiled)
+            torch.testing.assert_close(got, _compiled_decode(model, names, ids, compiled))
+        twins, originals = seen[start::2], seen[start + 1 :: 2]
+        assert all(s is twins[0] for s in twins) and twins[0] is not seen[0] and all(s is seen[0] for s in originals)
+
+
 def _guarded_sources(compiled_code) -> list[str]:
     """What a compiled frame's guards read, as dynamo names them (L['args'][0]._modules[...]...)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
