@@ -142,7 +142,7 @@ class LoraLayer(nn.Module):
             if y is not None:
                 return y
         group = plan.group  # a routed decode step's sibling whose output is already stashed:
-        if group is not None and not (args or kwargs) and _stashed(self, x, group):  # the state is not read either
+        if group is not None and not (args or kwargs) and _stashed(self, x, plan):  # the state is not read either
             return _taken(x, (group[0], group[1], None))
         token = plan.token  # a compiled routed decode step: the state read from GATHERING
         if token is not None and not (args or kwargs) and torch.compiler.is_compiling():
@@ -792,7 +792,8 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     fresh = [layer._gather_table(numbers) if wanted else None for layer in layers]
     for layer, table in zip(layers, ops.gathered.restack([la._gather for la in layers], fresh), strict=True):
         layer._gather = table
-        plans.set_plan(layer, token=None if table is None else state.gather_token)
+        token = None if table is None else state.gather_token
+        plans.set_plan(layer, token=token, no_dropout=table is not None and _draws_no_mask(layer))
         if table is not None:
             devices.add(table.entries.device)
     state.gather_numbers, state.gather_width = numbers, max(1, state.depth())
@@ -806,7 +807,7 @@ def _gathered_step(layer: LoraLayer, x: Tensor, plan: plans.Plan, state: Adapter
     otherwise): its output through the gathered path, or None where the usual path decides. Nothing here reads
     layer.state, so a compiled step guards the state once, not once a layer; nor the layer's table, a constant of
     its plan (a layer that acts on the weight has none)."""
-    if state is None or not state.enabled or layer.training or torch.is_grad_enabled():
+    if state is None or not state.enabled or torch.is_grad_enabled() or _dropout_on(layer, plan):
         return None
     if plan.group is not None:
         return _siblings(layer, x, plan, state)
@@ -877,7 +878,8 @@ def _group_tables(state: AdapterState) -> None:
         parent, _, leaf = path.rpartition(".")
         kin = packed.sibling_kin(leaf)
         if kin is not None:
-            alike = (table.entries.device, table.dtype, table.n_in)  # ranks may differ: the widest tile serves all
+            # ranks may differ (the widest tile serves all); a group draws its members' dropout alike or none
+            alike = (table.entries.device, table.dtype, table.n_in, plans.of(layer).no_dropout)
             by_parent.setdefault((parent, kin, *alike), []).append((path, layer))
     groups = {}
     for members in by_parent.values():
@@ -908,17 +910,29 @@ def _broken_groups(state: AdapterState) -> bool:
     return bool(broken)
 
 
-def _stashed(layer: LoraLayer, x: Tensor, group: tuple) -> bool:
+def _draws_no_mask(layer: LoraLayer) -> bool:
+    """No adapter of the layer has a dropout (Adapter makes an Identity for p = 0; a change of the module is a
+    change the tables see): in training mode the gathered terms are then the same as in eval mode."""
+    return all(type(a.dropout) is nn.Identity for a in layer.adapters.values())
+
+
+def _dropout_on(layer: LoraLayer, plan: plans.Plan) -> bool:
+    """Whether a dropout mask would be drawn. The training flag is read only where the plan has a dropout: a compiled
+    step's guard on it, checked in every layer at every step, is then spared."""
+    return not plan.no_dropout and layer.training
+
+
+def _stashed(layer: LoraLayer, x: Tensor, plan: plans.Plan) -> bool:
     """Whether the group's first member, in this traced step, left this member's output for this same x (what it
     did only where the routed step's conditions held). Anything else is for _siblings to judge."""
-    pending = packed.STASH.pending
+    pending, group = packed.STASH.pending, plan.group
     return (
         torch.compiler.is_compiling()
         and pending is not None
         and pending[0] == group[0]
         and pending[1] is x
         and pending[2][group[1]] is not None
-        and not (layer.training or torch.is_grad_enabled())
+        and not (torch.is_grad_enabled() or _dropout_on(layer, plan))
     )
 
 

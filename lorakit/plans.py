@@ -29,6 +29,7 @@ class Plan(NamedTuple):
     group: tuple | None = None  # (key, index, the members' table refs): siblings in one gathered launch
     token: int | None = None  # the state's key in state.GATHERING while the table is current
     table: Any = None  # ops.gathered.TableRef of the layer's table, or None
+    no_dropout: bool = False  # no adapter of the table draws a dropout mask: the gathered path reads no training flag
 
 
 EMPTY = 0

@@ -752,6 +752,52 @@ def test_a_compiled_decode_step_guards_one_number_a_layer(monkeypatch):
     assert not leaked
 
 
+def _guarded_flags(model: LoraModel) -> set[str]:
+    """The adapted layers whose training flag the compiled step (its newest entry) guards, by their leaf name."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    newest = _debug_get_cache_entry_list(type(model.model).forward.__code__)[0]
+    sources = re.findall(r"source=(.*?), accessed_by=", str(newest.guard_manager))
+    layers = {n.rsplit(".", 1)[-1] for n, m in model.model.named_modules() if isinstance(m, LoraLayer)}
+    return {m.group(1) for s in sources if (m := re.search(r"\['(\w+)'\]\.training$", s)) and m.group(1) in layers}
+
+
+def test_without_dropout_a_compiled_decode_step_in_training_mode_reads_no_training_flag(monkeypatch):
+    """Adapters that draw no dropout mask give the same terms in training mode: the step goes through the tables,
+    equal to the eval model's, and guards no adapted layer's training flag."""
+    _gathered_on_cpu(monkeypatch)
+    model, names, ids = _decode_model().train(), DECODE_ROUTINGS[0], _ids(64, 4, 1)
+    graphs = []
+    compiled = torch.compile(model.model, backend=lambda g, _: graphs.append(g) or g.forward, fullgraph=True)
+    with torch.no_grad():
+        got = _compiled_decode(model, names, ids, compiled)
+        want = _eager_routed(model.eval(), names, input_ids=ids, use_cache=False)
+    torch.testing.assert_close(got, want)
+    assert _no_routed_op(graphs) and not _guarded_flags(model)
+
+
+def test_a_compiled_decode_step_draws_the_dropout_of_adapters_that_have_one(monkeypatch):
+    """In training mode a layer with an adapter's dropout draws its mask (not the tables' undropped terms), and
+    only such layers have their training flag guarded."""
+    _gathered_on_cpu(monkeypatch)
+    torch.manual_seed(3)
+    drops = LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    model = get_lora_model(tiny_llama(), drops, adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules="all-linear"))
+    names, ids = ["a", "b", "a", "b"], _ids(64, 4, 1)
+    compiled = torch.compile(model.model.train(), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = _compiled_decode(model, names, ids, compiled)
+        torch.manual_seed(1)
+        second = _compiled_decode(model, names, ids, compiled)
+        model.eval()
+        undropped = _eager_routed(model, names, input_ids=ids, use_cache=False)
+    assert not torch.allclose(first[0], second[0]) and not torch.allclose(first[0], undropped[0])  # a's rows drop
+    torch.testing.assert_close(first[1], undropped[1])  # b's rows: no dropout anywhere
+    assert _guarded_flags(model) == {"q_proj", "v_proj"}
+
+
 def _delete_and_readd_b(model: LoraModel) -> None:
     model.delete_adapter("b")
     torch.manual_seed(11)
