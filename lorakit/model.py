@@ -727,7 +727,10 @@ def remap_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | N
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
     """Rows of the batch: the first dimension of the first tensor argument (input_ids, pixel_values, x, ...)."""
-    first = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    first = kwargs.get("input_ids")
+    if isinstance(first, torch.Tensor) and first.dim():  # a decode step's: no tuple of every argument built
+        return first.shape[0]
+    first = kwargs.get("inputs_embeds")
     for value in (first, *args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
