@@ -770,13 +770,13 @@ _SLOTS_HELD: weakref.WeakKeyDictionary[AdapterState, dict] = weakref.WeakKeyDict
 def _held_slots(state: AdapterState, routing: Routing, slots: Tensor) -> Tensor:
     kept = routing._cache.get("held_slots")  # [the tensor, the slots it holds, id(state)]: a decode step repeating
     if kept is None or kept[1] is not slots or kept[2] != id(state):  # its routing copies nothing (a deep copy's own)
-        held = _SLOTS_HELD.setdefault(state, {})
-        kept = held.get((slots.device, slots.dtype, slots.shape))
+        held, form = _SLOTS_HELD.setdefault(state, {}), (slots.device, slots.dtype, slots.shape)
+        kept = held.get(form)
         if kept is None:
             with torch.inference_mode(False):  # read by steps outside inference mode too, as the routing's own
                 buffer = torch.empty_like(slots)
             torch._dynamo.mark_static_address(buffer)  # unguarded: a refill keeps the graphs; a new shape records
-            kept = held[(slots.device, slots.dtype, slots.shape)] = [buffer, None, id(state)]
+            kept = held[form] = [buffer, None, id(state)]
         if kept[1] is not slots:  # in stream order: the steps before this block read the routing they were given
             kept[0].copy_(slots)
             kept[1] = slots
