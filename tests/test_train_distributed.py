@@ -90,6 +90,27 @@ def test_fsdp2_shards_the_model_and_trains_as_ddp_does(
     assert {k: v.shape for k, v in fsdp_state.items()} == {k: v.shape for k, v in ddp_state.items()}
 
 
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_a_finished_run_has_joined_its_process_group_s_threads_when_train_returns(
+    tmp_path: Path, inputs: tuple[Path, Path], mode: str
+) -> None:
+    """A gloo worker still alive when the interpreter shuts down aborts a rank whose run succeeded (SIGABRT, as it
+    takes the GIL to free a finished collective's tensors). Under FSDP2 the model's modules and the device mesh keep
+    the group, and so its workers, alive past destroy_process_group; train() must leave none of them running."""
+    bert, data = inputs
+    config = seq_cls_config(tmp_path, bert, data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    port = {"fsdp": 29535, "ddp": 29536}[mode]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(ROOT / "tests" / "torchrun_threads.py"), str(config), str(tmp_path / "run"), mode]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / "run" / f"threads.{rank}.json").read_text())
+        assert "pt_gloo_runloop" in seen["during"]  # the group's workers, as torch names them
+        assert not [name for name in seen["after"] if name.startswith(("pt_gloo", "gloo"))], seen["after"]
+
+
 def test_ddp_scores_a_causal_lm_through_the_chunked_head_to_the_same_losses(tmp_path: Path) -> None:
     """Under ddp every rank calls the model itself, so the chunked head loss runs there too, and two ranks get the
     losses of the full-logits loss: the split decoder and head take the same averaged steps."""

@@ -92,6 +92,7 @@ class _Env:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # train() started the process group, so it ends it (a caller's own it leaves alone)
 
     @property
     def main(self) -> bool:
@@ -128,11 +129,13 @@ def train(
         _check_folder(Path(resume), config, overwrite, resume=True)
         if (Path(resume) / SUMMARY_FILE).is_file():  # written last: the run is complete, resuming changes nothing
             saved = json.loads((Path(resume) / SUMMARY_FILE).read_text())
+            if env.owns_group:
+                parallel.end([])
             return RunResult(**{**saved, "already_finished": True})
     run = _setup(config, env, overwrite, resume)
     try:
         with _signals_interrupt():
-            return _run(config, env, run, resume, on_step)
+            result = _run(config, env, run, resume, on_step)
     except KeyboardInterrupt:
         raise TrainingInterrupted(_interrupt_message(run.folder)) from None
     finally:
@@ -140,6 +143,11 @@ def train(
             os.close(run.lock)
         if run.compiled.graphs:
             _release_graphs()
+    if env.owns_group:  # after a run that succeeded only: a failed one may leave a collective waiting on a peer
+        sharded_over = parallel.meshes(run.wrapped)
+        del run  # the model holds the process group: it goes first
+        parallel.end(sharded_over)
+    return result
 
 
 @contextmanager
@@ -238,10 +246,7 @@ def _run(
     tracker.log("eval", max_steps, after)
     progress.eval(max_steps, after)
     tracker.close()
-    result = _finish(folder, model, config, env, before, after, max_steps, prepared, run, timing)
-    if env.world > 1:
-        dist.destroy_process_group()
-    return result
+    return _finish(folder, model, config, env, before, after, max_steps, prepared, run, timing)
 
 
 @torch.no_grad()
@@ -364,11 +369,12 @@ def _setup_env() -> _Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Env(int(os.environ.get("RANK", "0")), world, device)
+    return _Env(int(os.environ.get("RANK", "0")), world, device, owns)
 
 
 def _check_folder(folder: Path, config: TrainConfig, overwrite: bool, resume: bool) -> None:

@@ -12,6 +12,7 @@ live in the same blocks; only the adapters get gradients.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -41,6 +42,27 @@ def wrap(model: nn.Module, mode: str, world: int, device: torch.device) -> nn.Mo
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # what is left: embeddings, head, modules_to_save copies
     return model
+
+
+def meshes(wrapped: nn.Module) -> list[Any]:
+    """The device meshes FSDP2 sharded `wrapped` over (none under ddp or in one process)."""
+    from torch.distributed.tensor import DTensor
+
+    found = {id(p.device_mesh): p.device_mesh for p in wrapped.parameters() if isinstance(p, DTensor)}
+    return list(found.values())
+
+
+def end(sharded_over: list[Any]) -> None:
+    """Ends the process group and joins its worker threads while the interpreter still runs; call it once the model
+    is dropped. A gloo worker frees each finished collective's tensors, which takes the GIL, and a worker that
+    still does so when the interpreter shuts down aborts the process (SIGABRT) after a run that succeeded. The group
+    lives as long as anything holds it: FSDP2's modules do (hence the collection, as they sit in reference cycles),
+    and so does each device mesh, which torch's DTensor caches keep past `destroy_process_group`: `sharded_over`
+    (from `meshes`) let go of it."""
+    gc.collect()
+    dist.destroy_process_group()
+    for mesh in sharded_over:
+        getattr(mesh, "_pg_registry", {}).clear()
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
