@@ -789,6 +789,7 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     not wanted, none (what they kept alive is freed)."""
     numbers, devices = tuple(state.parents), set()
     layers = [layer for layer in list(_LAYERS.values()) if layer.state is state]
+    wanted = wanted and not _sharded(layers)
     fresh = [layer._gather_table(numbers) if wanted else None for layer in layers]
     for layer, table in zip(layers, ops.gathered.restack([la._gather for la in layers], fresh), strict=True):
         layer._gather = table
@@ -800,6 +801,12 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
     state.gather_device = devices.pop() if len(devices) == 1 else None  # layers on several devices: not gathered
     _group_tables(state)
     tables_fresh(state)  # what there is (tables, or none) matches the adapters until the next change
+
+
+def _sharded(layers: list[LoraLayer]) -> bool:
+    """Whether FSDP2 shards the model (its factors DTensors outside a forward): then no layer gets a table, not even
+    one whose factors are whole now (the root's, left gathered by the last forward: FSDP frees them later)."""
+    return any(not ops.gathered.whole(p) for layer in layers for p in layer.adapters.parameters())
 
 
 def _gathered_step(layer: LoraLayer, x: Tensor, plan: plans.Plan, state: AdapterState | None) -> Tensor | None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lorakit import plans
+from lorakit.ops.gathered import whole
 from lorakit.state import STALE_HOOKS, AdapterState, packs_fresh, tables_stale
 
 PACK_DEVICES = ("cuda",)  # where a compiled step's host time is what the buffer saves (tests add "cpu")
@@ -114,6 +115,8 @@ def _build(state: AdapterState, layers: Iterable[tuple[str, object]]) -> None:
         if a.device.type in PACK_DEVICES:
             groups.setdefault((names[0], a.dtype, a.device), []).append((layer, a, b, factors.scale, factors.dropout))
             named.append((path, layer, layer.adapters._modules[names[0]]._modules.get("dropout")))
+    if any(not whole(t) for members in groups.values() for _, a, b, _, _ in members for t in (a, b)):
+        groups, named = {}, []  # FSDP2 shards the model: its storage is FSDP's (see layer._sharded)
     numbers, layers_now = held["numbers"], weakref.WeakSet()
     for key, members in groups.items():
         # every A before every B, in the layers' order: siblings' A side by side, one tensor for a shrink of them all

@@ -25,8 +25,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny_bert(tmp_path_factory.mktemp("bert")), sentiment_csv(tmp_path_factory.mktemp("d") / "s.csv")
 
 
+def _cpu_env() -> dict[str, str]:
+    """Two ranks on the CPU over gloo, also on a machine with GPUs (which would give rank 1 a second one)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+
+
 def _torchrun(tmp_path: Path, config: Path, out: Path, port: int, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = _cpu_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                "-m", "lorakit", "train", str(config), f"--run.out_dir={out}", "--optim.max_steps=0",
                "--optim.epochs=1", *overrides]  # fmt: skip
@@ -99,7 +105,7 @@ def test_a_finished_run_has_joined_its_process_group_s_threads_when_train_return
     the group, and so its workers, alive past destroy_process_group; train() must leave none of them running."""
     bert, data = inputs
     config = seq_cls_config(tmp_path, bert, data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = _cpu_env()
     port = {"fsdp": 29535, "ddp": 29536}[mode]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                str(ROOT / "tests" / "torchrun_threads.py"), str(config), str(tmp_path / "run"), mode]  # fmt: skip
@@ -182,6 +188,58 @@ def test_ddp_averages_every_gradient_in_one_reduction_and_starts_from_rank_0(tmp
         mean = steps * (0.5 if name == "a.bias" else 1.5)  # (1 + 2) / 2, or (1 + 0) / 2 where rank 1 had none
         torch.testing.assert_close(grad.double(), mean, rtol=0, atol=0)
         assert grad.dtype == (torch.float64 if name.startswith("b.") else torch.float32)
+
+
+def _sharded_inference_on_rank(rank: int, port: int, results: dict) -> None:
+    """Rank `rank` of two (gloo): a tiny Llama with two adapters, its outputs in one process, then sharded by FSDP2
+    with packing and gathered tables allowed on the CPU: an unrouted and a routed inference call, twice each."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit.layer
+    from lorakit import packed
+    from lorakit.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        packed.PACK_DEVICES, lorakit.layer.GATHER_DEVICES = ("cuda", "cpu"), ("cuda", "cpu")
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        model = get_lora_model(LlamaForCausalLM(config).eval(), LoraConfig(r=4, init_lora_weights=False), "a")
+        model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False))
+        ids, names = torch.randint(0, 64, (4, 5)), ["a", "b", "__base__", "b"]
+        with torch.no_grad():
+            expected = (model(input_ids=ids).logits, model(input_ids=ids, adapter_names=names).logits)
+        parallel.wrap(model, "fsdp", 2, torch.device("cpu"))
+        model.state.pack_wanted = True  # as after a compiled step: the next unrouted call packs where it may
+        got = []
+        with torch.no_grad():
+            for _ in range(2):  # the second call after FSDP left the root's parameters gathered
+                got.append((model(input_ids=ids).logits, model(input_ids=ids, adapter_names=names).logits))
+        results[rank] = {"expected": expected, "got": got, "packed": dict(packed.BUFFERS)}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_model_infers_as_one_process_does_without_packing_its_shards(tmp_path: Path) -> None:
+    """FSDP2's factors are DTensors between forwards, their storage one rank's shard: the one-buffer pack (which
+    moved them with copy_) and the gathered tables (which read their addresses) must leave them alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_sharded_inference_on_rank, args=(port, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        expected, got = results[rank]["expected"], results[rank]["got"]
+        assert results[rank]["packed"] == {}
+        for unrouted, routed in got:
+            torch.testing.assert_close(unrouted, expected[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(routed, expected[1], rtol=1e-5, atol=1e-6)
 
 
 def test_lora_model_trains_inside_transformers_trainer(tmp_path: Path, inputs: tuple[Path, Path]) -> None:

@@ -120,9 +120,15 @@ class _Keeper:
     """What the tables of one stack hold (a plain object() takes no weak reference)."""
 
 
+def whole(t: Tensor) -> bool:
+    """Whether `t`'s storage is the matrix it shows: an ordinary tensor, not a subclass such as FSDP2's sharded
+    DTensor, whose storage holds one rank's shard (its address read as the whole matrix's would be wrong)."""
+    return type(t) in (Tensor, torch.nn.Parameter)
+
+
 def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
     """The table of `factors` (by number; None where absent), or None where the kernels do not apply: factors not
-    2-D contiguous matrices of one dtype on one device, ranks above MAX_RANK, or no adapter at all."""
+    whole (see `whole`) 2-D contiguous matrices of one dtype on one device, ranks above MAX_RANK, or no adapter."""
     held = [f for f in factors if f is not None]
     if not held:
         return None
@@ -131,7 +137,7 @@ def gather_table(factors: Sequence[LoraFactors | None]) -> GatherTable | None:
     device = first.lora_A.device
     for f in held:
         a, b = f.lora_A, f.lora_B
-        if not (a.dim() == b.dim() == 2 and a.is_contiguous() and b.is_contiguous()):
+        if not (whole(a) and whole(b) and a.dim() == b.dim() == 2 and a.is_contiguous() and b.is_contiguous()):
             return None
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device or dtype not in DTYPES:
             return None
