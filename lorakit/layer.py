@@ -805,8 +805,10 @@ def _build_tables(state: AdapterState, wanted: bool) -> None:
 
 def _sharded(layers: list[LoraLayer]) -> bool:
     """Whether FSDP2 shards the model (its factors DTensors outside a forward): then no layer gets a table, not even
-    one whose factors are whole now (the root's, left gathered by the last forward: FSDP frees them later)."""
-    return any(not ops.gathered.whole(p) for layer in layers for p in layer.adapters.parameters())
+    one whose factors are whole now (the root's, left gathered by the last forward: FSDP frees them later). FSDP2
+    shards a module's parameters all alike, so each layer's first one tells (this runs at every adapter switch)."""
+    firsts = (next(layer.adapters.parameters(), None) for layer in layers)
+    return any(p is not None and not ops.gathered.whole(p) for p in firsts)
 
 
 def _gathered_step(layer: LoraLayer, x: Tensor, plan: plans.Plan, state: AdapterState | None) -> Tensor | None:

@@ -12,7 +12,7 @@ released), so whatever changes them in place (optimizer steps, copy_, hot swaps)
 change (an adapter set, added, deleted, merged, rescaled or moved; a factor replaced) takes the offsets away at
 once (lorakit.state.packs_stale) until the next such call makes them again. Not seen, as by the gathered tables:
 a factor's `.data` assigned by hand. The factors of one adapter then share a storage as views that do not overlap,
-which safetensors and torch.save store as they are.
+which safetensors and torch.save store as they are. Not made for a model FSDP2 shards: its factors' storage is FSDP's.
 
 Siblings: projections of one parent that a model calls with the same input (q, k and v; gate and up: SIBLINGS)
 form a group (GROUPS), and in a compiled decode step the first of them to be called computes all their outputs
